@@ -1,0 +1,3 @@
+from datadistill.cli import main
+
+raise SystemExit(main())

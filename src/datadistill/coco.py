@@ -1,0 +1,598 @@
+"""COCO json in and out, with validation that reports every problem.
+
+Inside datadistill a data set is a :class:`CocoDataset`: images, per-image :class:`ImageLabels` (boxes as
+absolute pixel xyxy, labels as contiguous class indices, keypoints ``[N, K, 3]``) and categories that
+carry the keypoint schema (names, skeleton, flip map, OKS sigmas). COCO's ``bbox`` is xywh; the
+conversion happens here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datadistill.errors import DataError
+from datadistill.io import write_json_atomic
+from datadistill.images import image_size, read_image, resolve_image_path
+
+log = logging.getLogger(__name__)
+
+# COCO's person keypoints and their OKS sigmas (pycocotools cocoeval.py).
+COCO_PERSON_KEYPOINTS = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+    "right_knee", "left_ankle", "right_ankle",
+)  # fmt: skip
+COCO_PERSON_SIGMAS = (
+    0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087,
+    0.087, 0.089, 0.089,
+)  # fmt: skip
+DEFAULT_SIGMA = 0.05
+BOX_TOLERANCE_PX = 1.0  # boxes may exceed the image by rounding; more than this is an error
+
+
+@dataclass(frozen=True)
+class Category:
+    """A COCO category. ``skeleton`` is 1-based as in COCO; ``flip_index[i]`` is the mirror of keypoint i."""
+
+    id: int
+    name: str
+    supercategory: str = ""
+    keypoints: tuple[str, ...] = ()
+    skeleton: tuple[tuple[int, int], ...] = ()
+    flip_index: tuple[int, ...] = ()
+    sigmas: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    file_name: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ImageLabels:
+    """The annotations of one image, as arrays.
+
+    ids ``[N]`` int64, boxes ``[N, 4]`` float32 xyxy px, labels ``[N]`` int64 class indices,
+    iscrowd ``[N]`` bool, area ``[N]`` float32, keypoints ``[N, K, 3]`` float32 or None,
+    scores ``[N]`` float32 or None (pseudo-labels and predictions), agreement ``[N]`` int64 or None.
+    """
+
+    ids: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    iscrowd: np.ndarray
+    area: np.ndarray
+    keypoints: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    agreement: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @staticmethod
+    def empty(num_keypoints: int = 0) -> ImageLabels:
+        return ImageLabels(
+            ids=np.zeros((0,), np.int64),
+            boxes=np.zeros((0, 4), np.float32),
+            labels=np.zeros((0,), np.int64),
+            iscrowd=np.zeros((0,), bool),
+            area=np.zeros((0,), np.float32),
+            keypoints=np.zeros((0, num_keypoints, 3), np.float32) if num_keypoints else None,
+        )
+
+
+@dataclass(frozen=True)
+class CocoDataset:
+    """A COCO data set held in memory. ``labels`` maps image id to its :class:`ImageLabels`."""
+
+    images: tuple[ImageRecord, ...]
+    labels: dict[int, ImageLabels]
+    categories: tuple[Category, ...]
+    path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.categories)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def keypoint_category(self) -> Category | None:
+        """The category that defines the keypoint schema (all keypoint categories share it)."""
+        return next((c for c in self.categories if c.keypoints), None)
+
+    @property
+    def num_keypoints(self) -> int:
+        cat = self.keypoint_category
+        return len(cat.keypoints) if cat else 0
+
+    @property
+    def task(self) -> str:
+        """``"keypoints"`` when any category has keypoints, else ``"boxes"``."""
+        return "keypoints" if self.num_keypoints else "boxes"
+
+    @property
+    def num_annotations(self) -> int:
+        return sum(len(v) for v in self.labels.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# keypoint metadata
+
+
+def derive_flip_index(names: Iterable[str]) -> tuple[int, ...]:
+    """The mirror of each keypoint, from ``left``/``right`` in the names (``left_knee`` <-> ``right_knee``).
+
+    Names are split into words on ``_``, ``-``, ``.`` and spaces; a name whose words contain ``left`` is
+    paired with the name that has ``right`` in the same place (any case). Keypoints with no partner
+    (``nose``) map to themselves.
+    """
+    names = list(names)
+    swap = {"left": "right", "right": "left", "l": "r", "r": "l"}
+    lookup = {n.lower(): i for i, n in enumerate(names)}
+    index = list(range(len(names)))
+    for i, name in enumerate(names):
+        parts = re.split(r"([_\-. ])", name.lower())
+        words = [p for p in parts if p not in "_-. "]
+        sided = [w for w in words if w in ("left", "right")] or [w for w in words if w in ("l", "r")]
+        if len(sided) != 1:
+            continue
+        mirrored = "".join(swap.get(p, p) if p == sided[0] else p for p in parts)
+        j = lookup.get(mirrored)
+        if j is not None:
+            index[i] = j
+    return tuple(index)
+
+
+def _flip_index_from_pairs(pairs: Any, names: tuple[str, ...], where: str, problems: list[str]) -> tuple[int, ...]:
+    k = len(names)
+    index = list(range(k))
+    if not isinstance(pairs, list):
+        problems.append(f"{where}: flip_pairs must be a list of [a, b] pairs, got {type(pairs).__name__}")
+        return tuple(index)
+    lookup = {n: i for i, n in enumerate(names)}
+    for pair in pairs:
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            problems.append(f"{where}: flip_pairs entry {pair!r} is not a pair")
+            continue
+        ab = []
+        for x in pair:
+            if isinstance(x, str) and x in lookup:
+                ab.append(lookup[x])
+            elif isinstance(x, int) and not isinstance(x, bool) and 0 <= x < k:
+                ab.append(x)
+            else:
+                problems.append(f"{where}: flip_pairs entry {pair!r} names no keypoint (0-based index or name)")
+                break
+        if len(ab) == 2:
+            index[ab[0]], index[ab[1]] = ab[1], ab[0]
+    return tuple(index)
+
+
+def default_sigmas(names: tuple[str, ...]) -> tuple[float, ...]:
+    """COCO's sigmas for COCO's 17 person keypoints, else a uniform default (logged)."""
+    if names == COCO_PERSON_KEYPOINTS:
+        return COCO_PERSON_SIGMAS
+    if names:
+        log.warning("no OKS 'sigmas' in the category; using %.3f for all %d keypoints", DEFAULT_SIGMA, len(names))
+    return (DEFAULT_SIGMA,) * len(names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# parsing with validation
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _finite(values: list[Any]) -> bool:
+    return all(_is_number(v) and math.isfinite(v) for v in values)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Parse a json file; a DataError names the file, line and column of a syntax error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except IsADirectoryError as exc:
+        raise DataError(f"{path}: is a folder, expected a json file") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid json at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: invalid json: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
+    if not isinstance(raw, list):
+        problems.append(f"'categories' must be a list, got {type(raw).__name__}")
+        return ()
+    cats: list[Category] = []
+    seen: set[int] = set()
+    schema: tuple[str, ...] | None = None
+    for i, c in enumerate(raw):
+        where = f"category #{i}"
+        if not isinstance(c, dict):
+            problems.append(f"{where}: must be an object, got {type(c).__name__}")
+            continue
+        cid, name = c.get("id"), c.get("name")
+        if not _is_int(cid):
+            problems.append(f"{where}: 'id' must be an integer, got {cid!r}")
+            continue
+        where = f"category {cid}"
+        if cid in seen:
+            problems.append(f"{where}: duplicate category id")
+            continue
+        seen.add(cid)
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}: 'name' must be a non-empty string, got {name!r}")
+            continue
+        kp_names = c.get("keypoints") or []
+        if not (isinstance(kp_names, list) and all(isinstance(n, str) for n in kp_names)):
+            problems.append(f"{where}: 'keypoints' must be a list of names")
+            kp_names = []
+        kp = tuple(kp_names)
+        if kp and len(set(kp)) != len(kp):
+            problems.append(f"{where}: duplicate keypoint names")
+        if kp:
+            if schema is None:
+                schema = kp
+            elif kp != schema:
+                problems.append(f"{where}: keypoint names differ from another category's (one schema per data set)")
+        skeleton_raw = c.get("skeleton") or []
+        skeleton: list[tuple[int, int]] = []
+        if not isinstance(skeleton_raw, list):
+            problems.append(f"{where}: 'skeleton' must be a list of [a, b] pairs")
+            skeleton_raw = []
+        for edge in skeleton_raw:
+            if (
+                isinstance(edge, list | tuple)
+                and len(edge) == 2
+                and all(_is_int(e) and 1 <= e <= len(kp) for e in edge)
+            ):
+                skeleton.append((int(edge[0]), int(edge[1])))
+            else:
+                problems.append(f"{where}: skeleton edge {edge!r} is not a pair of 1-based keypoint indices")
+        if "flip_pairs" in c:
+            flip = _flip_index_from_pairs(c["flip_pairs"], kp, where, problems)
+        else:
+            flip = derive_flip_index(kp)
+        sigmas_raw = c.get("sigmas")
+        if sigmas_raw is None:
+            sigmas = default_sigmas(kp)
+        elif isinstance(sigmas_raw, list) and len(sigmas_raw) == len(kp) and _finite(sigmas_raw) and all(
+            s > 0 for s in sigmas_raw
+        ):
+            sigmas = tuple(float(s) for s in sigmas_raw)
+        else:
+            problems.append(f"{where}: 'sigmas' must be {len(kp)} positive numbers, got {sigmas_raw!r}")
+            sigmas = default_sigmas(kp)
+        supercategory = c.get("supercategory", "")
+        cats.append(
+            Category(
+                id=cid,
+                name=name,
+                supercategory=supercategory if isinstance(supercategory, str) else "",
+                keypoints=kp,
+                skeleton=tuple(skeleton),
+                flip_index=flip,
+                sigmas=sigmas,
+            )
+        )
+    return tuple(cats)
+
+
+def _parse_images(raw: Any, image_root: Path | None, problems: list[str]) -> tuple[ImageRecord, ...]:
+    if not isinstance(raw, list):
+        problems.append(f"'images' must be a list, got {type(raw).__name__}")
+        return ()
+    images: list[ImageRecord] = []
+    seen_ids: set[int] = set()
+    seen_names: dict[str, int] = {}
+    for i, im in enumerate(raw):
+        where = f"image #{i}"
+        if not isinstance(im, dict):
+            problems.append(f"{where}: must be an object, got {type(im).__name__}")
+            continue
+        iid = im.get("id")
+        if not _is_int(iid):
+            problems.append(f"{where}: 'id' must be an integer, got {iid!r}")
+            continue
+        where = f"image {iid}"
+        if iid in seen_ids:
+            problems.append(f"{where}: duplicate image id")
+            continue
+        seen_ids.add(iid)
+        name, width, height = im.get("file_name"), im.get("width"), im.get("height")
+        ok = True
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}: 'file_name' must be a non-empty string, got {name!r}")
+            ok = False
+        elif name in seen_names:
+            problems.append(f"{where}: file_name {name!r} already used by image {seen_names[name]}")
+            ok = False
+        else:
+            seen_names[name] = iid
+            if image_root is not None:
+                try:
+                    resolve_image_path(image_root, name)
+                except DataError as exc:
+                    problems.append(f"{where}: {exc}")
+                    ok = False
+        for key, value in (("width", width), ("height", height)):
+            if not (_is_int(value) or (_is_number(value) and float(value).is_integer())) or value <= 0:
+                problems.append(f"{where}: '{key}' must be a positive integer, got {value!r}")
+                ok = False
+        if ok:
+            images.append(ImageRecord(id=iid, file_name=name, width=int(width), height=int(height)))
+    return tuple(images)
+
+
+def _parse_annotations(
+    raw: Any, images: tuple[ImageRecord, ...], categories: tuple[Category, ...], problems: list[str]
+) -> dict[int, ImageLabels]:
+    if not isinstance(raw, list):
+        problems.append(f"'annotations' must be a list, got {type(raw).__name__}")
+        raw = []
+    image_by_id = {im.id: im for im in images}
+    class_of = {c.id: i for i, c in enumerate(categories)}
+    kp_count = len(next((c.keypoints for c in categories if c.keypoints), ()))
+    rows: dict[int, list[tuple]] = {im.id: [] for im in images}
+    has_scores = has_agreement = False
+    seen: set[int] = set()
+    for i, a in enumerate(raw):
+        where = f"annotation #{i}"
+        if not isinstance(a, dict):
+            problems.append(f"{where}: must be an object, got {type(a).__name__}")
+            continue
+        aid = a.get("id")
+        if not _is_int(aid):
+            problems.append(f"{where}: 'id' must be an integer, got {aid!r}")
+            continue
+        if aid in seen:
+            problems.append(f"annotation {aid}: duplicate annotation id")
+            continue
+        seen.add(aid)
+        iid = a.get("image_id")
+        where = f"annotation {aid} (image {iid})"
+        if iid not in image_by_id:
+            problems.append(f"{where}: unknown image_id {iid!r}")
+            continue
+        img = image_by_id[iid]
+        cid = a.get("category_id")
+        if cid not in class_of or not _is_int(cid):
+            problems.append(f"{where}: unknown category_id {cid!r}")
+            continue
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and _finite(bbox)):
+            problems.append(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0:
+            problems.append(f"{where}: box has non-positive width or height (w={w:g}, h={h:g})")
+            continue
+        tol = BOX_TOLERANCE_PX
+        if x < -tol or y < -tol or x + w > img.width + tol or y + h > img.height + tol:
+            problems.append(
+                f"{where}: box [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the {img.width}x{img.height} image"
+            )
+            continue
+        iscrowd = a.get("iscrowd", 0)
+        if iscrowd not in (0, 1) or isinstance(iscrowd, float):
+            problems.append(f"{where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+            continue
+        kps = None
+        if kp_count:
+            kp_raw = a.get("keypoints")
+            if kp_raw is None and not categories[class_of[cid]].keypoints:
+                kp_raw = [0] * (3 * kp_count)
+            if not (isinstance(kp_raw, list) and len(kp_raw) == 3 * kp_count):
+                got = len(kp_raw) if isinstance(kp_raw, list) else type(kp_raw).__name__
+                problems.append(f"{where}: 'keypoints' must hold {3 * kp_count} numbers ({kp_count} x, y, v), got {got}")
+                continue
+            if not _finite(kp_raw):
+                problems.append(f"{where}: 'keypoints' must be finite numbers")
+                continue
+            kps = np.asarray(kp_raw, np.float32).reshape(kp_count, 3)
+            if "score" not in a and not np.isin(kps[:, 2], (0, 1, 2)).all():
+                problems.append(f"{where}: keypoint visibility must be 0, 1 or 2")
+                continue
+        elif a.get("keypoints"):
+            problems.append(f"{where}: has keypoints but its category {cid} defines none")
+            continue
+        score = a.get("score")
+        if score is not None:
+            if not (_is_number(score) and math.isfinite(score) and 0 <= score <= 1):
+                problems.append(f"{where}: 'score' must be a number in [0, 1], got {score!r}")
+                continue
+            has_scores = True
+        agreement = a.get("agreement")
+        if agreement is not None:
+            if not _is_int(agreement) or agreement < 0:
+                problems.append(f"{where}: 'agreement' must be a non-negative integer, got {agreement!r}")
+                continue
+            has_agreement = True
+        area = a.get("area")
+        area = float(area) if _is_number(area) and math.isfinite(area) and area >= 0 else w * h
+        rows[iid].append(
+            (aid, (x, y, x + w, y + h), class_of[cid], bool(iscrowd), area, kps, score, agreement)
+        )
+    out: dict[int, ImageLabels] = {}
+    for iid, rs in rows.items():
+        if not rs:
+            empty = ImageLabels.empty(kp_count)
+            if has_scores:
+                empty = ImageLabels(**{**empty.__dict__, "scores": np.zeros((0,), np.float32)})
+            out[iid] = empty
+            continue
+        out[iid] = ImageLabels(
+            ids=np.array([r[0] for r in rs], np.int64),
+            boxes=np.array([r[1] for r in rs], np.float32).reshape(-1, 4),
+            labels=np.array([r[2] for r in rs], np.int64),
+            iscrowd=np.array([r[3] for r in rs], bool),
+            area=np.array([r[4] for r in rs], np.float32),
+            keypoints=np.stack([r[5] for r in rs]) if kp_count else None,
+            scores=np.array([1.0 if r[6] is None else r[6] for r in rs], np.float32) if has_scores else None,
+            agreement=np.array([0 if r[7] is None else r[7] for r in rs], np.int64) if has_agreement else None,
+        )
+    return out
+
+
+def parse_coco(
+    raw: Any, *, image_root: str | os.PathLike[str] | None = None, path: Path | None = None
+) -> tuple[CocoDataset, list[str]]:
+    """Build a :class:`CocoDataset` from parsed json, collecting every problem found (one line each).
+
+    Records with problems are left out of the returned data set; callers decide whether problems are
+    fatal (:func:`load_coco`) or only reported (:func:`validate_coco`).
+    """
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        return CocoDataset(images=(), labels={}, categories=(), path=path), [
+            f"top level must be a json object with 'images', 'annotations' and 'categories', got {type(raw).__name__}"
+        ]
+    for key in ("images", "categories"):
+        if key not in raw:
+            problems.append(f"missing key '{key}'")
+    root = Path(image_root) if image_root is not None else None
+    categories = _parse_categories(raw.get("categories", []), problems)
+    images = _parse_images(raw.get("images", []), root, problems)
+    labels = _parse_annotations(raw.get("annotations", []), images, categories, problems)
+    info = {k: raw[k] for k in ("info", "licenses") if k in raw}
+    return CocoDataset(images=images, labels=labels, categories=categories, path=path, info=info), problems
+
+
+def load_coco(path: str | os.PathLike[str], *, image_root: str | os.PathLike[str] | None = None) -> CocoDataset:
+    """Read a COCO json; any problem raises a one-line DataError that points to ``datadistill validate``."""
+    path = Path(path)
+    try:
+        raw = read_json(path)
+    except DataError as exc:
+        raise DataError(f"{exc}; run `datadistill validate {path}` to see every problem") from exc
+    dataset, problems = parse_coco(raw, image_root=image_root, path=path)
+    if problems:
+        images_hint = f" --images {image_root}" if image_root is not None else " --images DIR"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(
+            f"{path}: {problems[0]}{more}; run `datadistill validate {path}{images_hint}` to see every problem"
+        )
+    return dataset
+
+
+def check_images(dataset: CocoDataset, image_root: str | os.PathLike[str]) -> list[str]:
+    """Problems with the image files: missing, unreadable, or a size that differs from the json."""
+    problems = []
+    for im in dataset.images:
+        where = f"image {im.id} ({im.file_name})"
+        try:
+            file = resolve_image_path(image_root, im.file_name)
+            width, height = image_size(file)
+            read_image(file)  # a full decode: truncated files pass the header check
+        except DataError as exc:
+            msg = str(exc)
+            problems.append(f"{where}: {msg.split(': ', 1)[-1] if msg.startswith(str(image_root)) else msg}")
+            continue
+        if (width, height) != (im.width, im.height):
+            problems.append(
+                f"{where}: recorded size {im.width}x{im.height} differs from the file's {width}x{height}"
+            )
+    return problems
+
+
+def validate_coco(
+    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """Every problem of a COCO json (and its images, when ``image_root`` is given), one line each."""
+    try:
+        raw = read_json(path)
+    except DataError as exc:
+        return [str(exc).removeprefix(f"{path}: ")]
+    dataset, problems = parse_coco(raw, image_root=image_root, path=Path(path))
+    if image_root is not None:
+        problems += check_images(dataset, image_root)
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+
+
+def _num(x: float) -> float | int:
+    """Json-friendly number: integral floats stay floats, but without numpy types."""
+    return float(x)
+
+
+def category_to_coco(cat: Category) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": cat.id, "name": cat.name, "supercategory": cat.supercategory}
+    if cat.keypoints:
+        out["keypoints"] = list(cat.keypoints)
+        out["skeleton"] = [list(e) for e in cat.skeleton]
+        out["flip_pairs"] = [[i, j] for i, j in enumerate(cat.flip_index) if i < j]
+        out["sigmas"] = list(cat.sigmas)
+    return out
+
+
+def to_coco_dict(dataset: CocoDataset) -> dict[str, Any]:
+    """The COCO json form of a data set (xywh boxes, flat keypoints, ``score``/``agreement`` when set)."""
+    images = [
+        {"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height} for im in dataset.images
+    ]
+    cat_ids = [c.id for c in dataset.categories]
+    annotations = []
+    for im in dataset.images:
+        lab = dataset.labels.get(im.id)
+        if lab is None:
+            continue
+        for j in range(len(lab)):
+            x1, y1, x2, y2 = (float(v) for v in lab.boxes[j])
+            ann: dict[str, Any] = {
+                "id": int(lab.ids[j]),
+                "image_id": im.id,
+                "category_id": cat_ids[int(lab.labels[j])],
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": float(lab.area[j]),
+                "iscrowd": int(lab.iscrowd[j]),
+            }
+            if lab.keypoints is not None:
+                kp = lab.keypoints[j]
+                ann["keypoints"] = [_num(v) for v in kp.reshape(-1)]
+                ann["num_keypoints"] = int((kp[:, 2] > 0).sum())
+            if lab.scores is not None:
+                ann["score"] = float(lab.scores[j])
+            if lab.agreement is not None:
+                ann["agreement"] = int(lab.agreement[j])
+            annotations.append(ann)
+    out: dict[str, Any] = dict(dataset.info)
+    out.update(
+        images=images,
+        annotations=annotations,
+        categories=[category_to_coco(c) for c in dataset.categories],
+    )
+    return out
+
+
+def save_coco(dataset: CocoDataset, path: str | os.PathLike[str]) -> None:
+    """Write a data set as COCO json, atomically (a temporary file renamed into place)."""
+    write_json_atomic(path, to_coco_dict(dataset))

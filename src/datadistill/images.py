@@ -1,0 +1,104 @@
+"""Image files: safe path resolution under an image root, listing, and robust decoding to RGB."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from datadistill.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+_ORIENTATION_TAG = 0x0112
+# Orientations 5..8 rotate by 90 degrees: the displayed width and height are swapped.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def resolve_image_path(root: str | os.PathLike[str], file_name: str) -> Path:
+    """The path of ``file_name`` under ``root``; refuses names that leave the root.
+
+    Absolute names, ``..`` components and symlinks pointing outside the root are all refused, so a
+    hostile data set cannot make us read arbitrary files.
+    """
+    if not isinstance(file_name, str) or not file_name:
+        raise DataError(f"image file_name must be a non-empty string, got {file_name!r}")
+    if os.path.isabs(file_name) or file_name.startswith(("/", "\\")) or ":" in file_name[:3]:
+        raise DataError(f"image path {file_name!r} is absolute; it must be relative to the image root")
+    root_path = Path(root).resolve()
+    candidate = (root_path / file_name).resolve()
+    if not candidate.is_relative_to(root_path):
+        raise DataError(f"image path {file_name!r} leaves the image root {str(root)!r}")
+    return candidate
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[str]:
+    """Image files under ``folder`` (recursive), as sorted POSIX paths relative to it."""
+    root = Path(folder)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append((Path(dirpath) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` as displayed (EXIF orientation applied), read from the header only."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: image file not found") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: image too large to decode safely ({exc})") from exc
+    if orientation in _SWAPPING_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for any mode: 16-bit and 32-bit grayscale are rescaled, alpha is dropped, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("P", "PA", "LA", "RGBA") and "transparency" in img.info or img.mode in ("PA", "LA"):
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Decode an image to a ``[3, H, W]`` uint8 RGB tensor, EXIF orientation applied.
+
+    Raises DataError (one line, naming the file) for missing, empty, truncated, non-image or
+    oversized files.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                img = _to_rgb(img)
+                arr = np.asarray(img, dtype=np.uint8).copy()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: image file not found") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: image too large to decode safely ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        reason = "empty file" if Path(path).exists() and Path(path).stat().st_size == 0 else str(exc)
+        raise DataError(f"{path}: not a readable image ({reason})") from exc
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -1,0 +1,80 @@
+"""Files that are written whole or not at all, and the provenance every output folder records."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+from datadistill.errors import UserError
+
+PROVENANCE_PACKAGES = ("datadistill", "torch", "torchvision", "numpy", "pyarrow", "faster-coco-eval", "pillow")
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder, fsync it, then rename it into place.
+
+    A reader never sees a partial file: either the old content or the new. Errors (full disk, no
+    permission) become a one-line UserError and leave no temporary file behind.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> None:
+    data = json.dumps(obj, indent=indent, allow_nan=False).encode("utf-8")
+    write_atomic(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    data = text.encode("utf-8")
+    write_atomic(path, lambda f: f.write(data))
+
+
+def git_revision() -> str | None:
+    """The git revision of the datadistill source tree, if it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def provenance() -> dict[str, Any]:
+    """What every output folder records next to its results: versions, git revision, host."""
+    return {"versions": package_versions(), "git_revision": git_revision(), "host": platform.node()}
