@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from datadistill.errors import DataError
-from datadistill.io import write_json_atomic
 from datadistill.images import image_size, read_image, resolve_image_path
+from datadistill.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +282,11 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
         sigmas_raw = c.get("sigmas")
         if sigmas_raw is None:
             sigmas = default_sigmas(kp)
-        elif isinstance(sigmas_raw, list) and len(sigmas_raw) == len(kp) and _finite(sigmas_raw) and all(
-            s > 0 for s in sigmas_raw
+        elif (
+            isinstance(sigmas_raw, list)
+            and len(sigmas_raw) == len(kp)
+            and _finite(sigmas_raw)
+            and all(s > 0 for s in sigmas_raw)
         ):
             sigmas = tuple(float(s) for s in sigmas_raw)
         else:
@@ -410,7 +413,9 @@ def _parse_annotations(
                 kp_raw = [0] * (3 * kp_count)
             if not (isinstance(kp_raw, list) and len(kp_raw) == 3 * kp_count):
                 got = len(kp_raw) if isinstance(kp_raw, list) else type(kp_raw).__name__
-                problems.append(f"{where}: 'keypoints' must hold {3 * kp_count} numbers ({kp_count} x, y, v), got {got}")
+                problems.append(
+                    f"{where}: 'keypoints' must hold {3 * kp_count} numbers ({kp_count} x, y, v), got {got}"
+                )
                 continue
             if not _finite(kp_raw):
                 problems.append(f"{where}: 'keypoints' must be finite numbers")
@@ -436,9 +441,7 @@ def _parse_annotations(
             has_agreement = True
         area = a.get("area")
         area = float(area) if _is_number(area) and math.isfinite(area) and area >= 0 else w * h
-        rows[iid].append(
-            (aid, (x, y, x + w, y + h), class_of[cid], bool(iscrowd), area, kps, score, agreement)
-        )
+        rows[iid].append((aid, (x, y, x + w, y + h), class_of[cid], bool(iscrowd), area, kps, score, agreement))
     out: dict[int, ImageLabels] = {}
     for iid, rs in rows.items():
         if not rs:
@@ -506,24 +509,20 @@ def check_images(dataset: CocoDataset, image_root: str | os.PathLike[str]) -> li
     problems = []
     for im in dataset.images:
         where = f"image {im.id} ({im.file_name})"
+        file = Path(image_root) / im.file_name
         try:
             file = resolve_image_path(image_root, im.file_name)
             width, height = image_size(file)
             read_image(file)  # a full decode: truncated files pass the header check
         except DataError as exc:
-            msg = str(exc)
-            problems.append(f"{where}: {msg.split(': ', 1)[-1] if msg.startswith(str(image_root)) else msg}")
+            problems.append(f"{where}: {str(exc).removeprefix(f'{file}: ')}")
             continue
         if (width, height) != (im.width, im.height):
-            problems.append(
-                f"{where}: recorded size {im.width}x{im.height} differs from the file's {width}x{height}"
-            )
+            problems.append(f"{where}: recorded size {im.width}x{im.height} differs from the file's {width}x{height}")
     return problems
 
 
-def validate_coco(
-    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
-) -> list[str]:
+def validate_coco(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None) -> list[str]:
     """Every problem of a COCO json (and its images, when ``image_root`` is given), one line each."""
     try:
         raw = read_json(path)
@@ -556,9 +555,7 @@ def category_to_coco(cat: Category) -> dict[str, Any]:
 
 def to_coco_dict(dataset: CocoDataset) -> dict[str, Any]:
     """The COCO json form of a data set (xywh boxes, flat keypoints, ``score``/``agreement`` when set)."""
-    images = [
-        {"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height} for im in dataset.images
-    ]
+    images = [{"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height} for im in dataset.images]
     cat_ids = [c.id for c in dataset.categories]
     annotations = []
     for im in dataset.images:

@@ -47,6 +47,16 @@ def list_images(folder: str | os.PathLike[str]) -> list[str]:
     return sorted(found)
 
 
+def _unreadable(path: str | os.PathLike[str], exc: BaseException) -> DataError:
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        reason = "empty file"
+    elif isinstance(exc, UnidentifiedImageError):
+        reason = "not an image format PIL can read"
+    else:
+        reason = str(exc).replace(str(path), "").strip(" '") or type(exc).__name__
+    return DataError(f"{path}: not a readable image ({reason})")
+
+
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(width, height)`` as displayed (EXIF orientation applied), read from the header only."""
     try:
@@ -57,10 +67,10 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
                 orientation = img.getexif().get(_ORIENTATION_TAG, 1)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: image file not found") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{path}: image too large to decode safely ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise _unreadable(path, exc) from exc
     if orientation in _SWAPPING_ORIENTATIONS:
         return height, width
     return width, height
@@ -99,6 +109,5 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{path}: image too large to decode safely ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        reason = "empty file" if Path(path).exists() and Path(path).stat().st_size == 0 else str(exc)
-        raise DataError(f"{path}: not a readable image ({reason})") from exc
+        raise _unreadable(path, exc) from exc
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
