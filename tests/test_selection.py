@@ -1,0 +1,97 @@
+"""Threshold policies on hand-made score lists."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from datadistill.selection import (
+    count_threshold,
+    keypoint_threshold,
+    parse_policy,
+    select_count,
+    select_count_per_class,
+    select_fixed,
+)
+
+
+@pytest.mark.parametrize(
+    ("scores", "target", "threshold", "kept"),
+    [
+        pytest.param([0.9, 0.8, 0.7, 0.6], 2, 0.8, 2, id="exact"),
+        pytest.param([0.9, 0.8, 0.7, 0.6], 4, 0.6, 4, id="all"),
+        pytest.param([0.9, 0.8, 0.7, 0.6], 9, 0.6, 4, id="more-than-there-are"),
+        pytest.param([0.9, 0.8, 0.7, 0.6], 0, math.inf, 0, id="none"),
+        pytest.param([], 3, math.inf, 0, id="no-candidates"),
+        pytest.param([0.9, 0.5, 0.5, 0.5, 0.1], 3, 0.5, 4, id="tie-nearer-with-it"),
+        pytest.param([0.9, 0.5, 0.5, 0.5, 0.1], 2, 0.9, 1, id="tie-nearer-without-it"),
+        pytest.param([0.9, 0.7, 0.5, 0.5, 0.1], 3, 0.5, 4, id="tie-equal-distance-keeps"),
+        pytest.param([0.5, 0.5, 0.5], 1, 0.5, 3, id="all-tied"),
+        pytest.param([0.3, 0.9, 0.1, 0.6, 0.8], 3, 0.6, 3, id="unsorted"),
+    ],
+)
+def test_count_threshold(scores: list[float], target: int, threshold: float, kept: int) -> None:
+    t = count_threshold(np.array(scores), target)
+    assert t == threshold
+    assert int((np.array(scores) >= t).sum()) == kept
+
+
+def test_count_threshold_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="target count must be >= 0, got -1"):
+        count_threshold(np.array([0.5]), -1)
+    with pytest.raises(ValueError, match="NaN"):
+        count_threshold(np.array([0.5, np.nan]), 1)
+
+
+def test_count_policy_matches_labeled_mean() -> None:
+    # 4 unlabeled images, labeled data has 1.5 objects per image -> 6 objects kept.
+    scores = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.65, 0.6, 0.3, 0.2, 0.1])
+    labels = np.array([0, 1, 0, 0, 1, 0, 1, 0, 1, 0])
+    sel = select_count(scores, labels, num_images=4, per_image=1.5, num_classes=2)
+    assert sel.thresholds.tolist() == [0.65, 0.65]
+    assert int(sel.keep(scores, labels).sum()) == 6 and sel.achieved.tolist() == [4, 2]
+
+
+def test_count_per_class_gives_rare_classes_their_share() -> None:
+    # Class 1 is rare and scores low: one global threshold would keep none of it.
+    scores = np.array([0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.4, 0.3, 0.2])
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    glob = select_count(scores, labels, num_images=2, per_image=3.0, num_classes=2)
+    assert glob.achieved.tolist() == [6, 0]
+    sel = select_count_per_class(scores, labels, num_images=2, per_image=np.array([2.0, 1.0]), num_classes=2)
+    assert sel.thresholds.tolist() == [0.96, 0.3] and sel.achieved.tolist() == [4, 2]
+    assert sel.target.tolist() == [4, 2]
+
+
+def test_fixed_policy() -> None:
+    scores = np.array([0.5, 0.49, 0.51])
+    sel = select_fixed(scores, np.zeros(3, np.int64), threshold=0.5, num_classes=1)
+    assert sel.keep(scores, np.zeros(3, np.int64)).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("count", ("count", None)), ("count-per-class", ("count-per-class", None)), ("fixed:0.7", ("fixed", 0.7))],
+)
+def test_parse_policy(text: str, expected: tuple[str, float | None]) -> None:
+    assert parse_policy(text) == expected
+
+
+@pytest.mark.parametrize("text", ["fixed:1.5", "fixed:", "top-k", "COUNT"])
+def test_parse_policy_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="policy|threshold"):
+        parse_policy(text)
+
+
+def test_bad_labels_rejected() -> None:
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\), got values in \[0, 5\]"):
+        select_count(np.array([0.5, 0.6]), np.array([0, 5]), num_images=1, per_image=1.0, num_classes=2)
+
+
+def test_keypoint_threshold_matches_visible_mean() -> None:
+    # 2 instances x 4 keypoints; the labeled data shows 2.5 visible keypoints per instance -> 5 kept.
+    kp_scores = np.array([[0.9, 0.8, 0.2, 0.1], [0.7, 0.6, 0.5, 0.05]])
+    t = keypoint_threshold(kp_scores, visible_per_instance=2.5)
+    assert t == 0.5 and int((kp_scores >= t).sum()) == 5
