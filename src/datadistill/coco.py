@@ -8,6 +8,7 @@ conversion happens here and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -32,9 +33,9 @@ COCO_PERSON_KEYPOINTS = (
     "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
     "right_knee", "left_ankle", "right_ankle",
 )  # fmt: skip
-COCO_PERSON_SIGMAS = (
-    0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087,
-    0.087, 0.089, 0.089,
+# Written as pycocotools computes them (x / 10.0) so that the floats are bit-identical.
+COCO_PERSON_SIGMAS = tuple(
+    float(s) / 10.0 for s in (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89)
 )  # fmt: skip
 DEFAULT_SIGMA = 0.05
 BOX_TOLERANCE_PX = 1.0  # boxes may exceed the image by rounding; more than this is an error
@@ -65,9 +66,10 @@ class ImageRecord:
 class ImageLabels:
     """The annotations of one image, as arrays.
 
-    ids ``[N]`` int64, boxes ``[N, 4]`` float32 xyxy px, labels ``[N]`` int64 class indices,
-    iscrowd ``[N]`` bool, area ``[N]`` float32, keypoints ``[N, K, 3]`` float32 or None,
-    scores ``[N]`` float32 or None (pseudo-labels and predictions), agreement ``[N]`` int64 or None.
+    ids ``[N]`` int64, boxes ``[N, 4]`` float64 xyxy px, labels ``[N]`` int64 class indices,
+    iscrowd ``[N]`` bool, area ``[N]`` float64, keypoints ``[N, K, 3]`` float64 or None,
+    scores ``[N]`` float64 or None (pseudo-labels and predictions), agreement ``[N]`` int64 or None.
+    Float64 so that a file's numbers survive the xywh -> xyxy -> xywh round trip for evaluation.
     """
 
     ids: np.ndarray
@@ -86,11 +88,11 @@ class ImageLabels:
     def empty(num_keypoints: int = 0) -> ImageLabels:
         return ImageLabels(
             ids=np.zeros((0,), np.int64),
-            boxes=np.zeros((0, 4), np.float32),
+            boxes=np.zeros((0, 4), np.float64),
             labels=np.zeros((0,), np.int64),
             iscrowd=np.zeros((0,), bool),
-            area=np.zeros((0,), np.float32),
-            keypoints=np.zeros((0, num_keypoints, 3), np.float32) if num_keypoints else None,
+            area=np.zeros((0,), np.float64),
+            keypoints=np.zeros((0, num_keypoints, 3), np.float64) if num_keypoints else None,
         )
 
 
@@ -185,12 +187,17 @@ def _flip_index_from_pairs(pairs: Any, names: tuple[str, ...], where: str, probl
     return tuple(index)
 
 
+@functools.lru_cache(maxsize=8)
+def _warn_default_sigmas(k: int) -> None:
+    log.warning("no OKS 'sigmas' in the keypoint category; using %.3f for all %d keypoints", DEFAULT_SIGMA, k)
+
+
 def default_sigmas(names: tuple[str, ...]) -> tuple[float, ...]:
     """COCO's sigmas for COCO's 17 person keypoints, else a uniform default (logged)."""
     if names == COCO_PERSON_KEYPOINTS:
         return COCO_PERSON_SIGMAS
     if names:
-        log.warning("no OKS 'sigmas' in the category; using %.3f for all %d keypoints", DEFAULT_SIGMA, len(names))
+        _warn_default_sigmas(len(names))
     return (DEFAULT_SIGMA,) * len(names)
 
 
@@ -420,7 +427,7 @@ def _parse_annotations(
             if not _finite(kp_raw):
                 problems.append(f"{where}: 'keypoints' must be finite numbers")
                 continue
-            kps = np.asarray(kp_raw, np.float32).reshape(kp_count, 3)
+            kps = np.asarray(kp_raw, np.float64).reshape(kp_count, 3)
             if "score" not in a and not np.isin(kps[:, 2], (0, 1, 2)).all():
                 problems.append(f"{where}: keypoint visibility must be 0, 1 or 2")
                 continue
@@ -447,17 +454,17 @@ def _parse_annotations(
         if not rs:
             empty = ImageLabels.empty(kp_count)
             if has_scores:
-                empty = ImageLabels(**{**empty.__dict__, "scores": np.zeros((0,), np.float32)})
+                empty = ImageLabels(**{**empty.__dict__, "scores": np.zeros((0,), np.float64)})
             out[iid] = empty
             continue
         out[iid] = ImageLabels(
             ids=np.array([r[0] for r in rs], np.int64),
-            boxes=np.array([r[1] for r in rs], np.float32).reshape(-1, 4),
+            boxes=np.array([r[1] for r in rs], np.float64).reshape(-1, 4),
             labels=np.array([r[2] for r in rs], np.int64),
             iscrowd=np.array([r[3] for r in rs], bool),
-            area=np.array([r[4] for r in rs], np.float32),
+            area=np.array([r[4] for r in rs], np.float64),
             keypoints=np.stack([r[5] for r in rs]) if kp_count else None,
-            scores=np.array([1.0 if r[6] is None else r[6] for r in rs], np.float32) if has_scores else None,
+            scores=np.array([1.0 if r[6] is None else r[6] for r in rs], np.float64) if has_scores else None,
             agreement=np.array([0 if r[7] is None else r[7] for r in rs], np.int64) if has_agreement else None,
         )
     return out
