@@ -180,14 +180,25 @@ def test_image_problems(dataset_dir: Path, break_image: Any, expected: str) -> N
     assert any(p.startswith(expected) for p in problems), problems
 
 
-def test_symlink_out_of_root_is_refused(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    (tmp_path / "secret.png").write_bytes(b"x")
-    (root / "link.png").symlink_to(tmp_path / "secret.png")
-    with pytest.raises(DataError, match="leaves the image root"):
-        resolve_image_path(root, "link.png")
-    assert resolve_image_path(root, "sub/../ok.png") == (root / "ok.png").resolve()
+@pytest.mark.parametrize(
+    "name",
+    ["../x.png", "a/../../x.png", "/etc/passwd", "C:/x.png", "..\\x.png", "a\x00.png"],
+    ids=["dotdot", "nested-dotdot", "absolute", "drive-letter", "backslash-dotdot", "nul-byte"],
+)
+def test_paths_that_leave_the_root_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DataError, match="leaves the image root|absolute|NUL"):
+        resolve_image_path(tmp_path, name)
+
+
+def test_names_inside_the_root_resolve(tmp_path: Path) -> None:
+    assert resolve_image_path(tmp_path, "sub/../ok.png") == tmp_path / "ok.png"
+    assert resolve_image_path(tmp_path, "./a/b.png") == tmp_path / "a" / "b.png"
+    # an image folder of symlinks into a shared store is a common layout: the name decides, not the target
+    (tmp_path / "store").mkdir()
+    Image.new("RGB", (4, 3)).save(tmp_path / "store" / "s.png")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link.png").symlink_to(tmp_path / "store" / "s.png")
+    assert tuple(read_image(resolve_image_path(tmp_path / "root", "link.png")).shape) == (3, 3, 4)
 
 
 def test_exif_rotated_image_reports_displayed_size(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 import warnings
 from pathlib import Path
 
@@ -21,18 +23,20 @@ _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 def resolve_image_path(root: str | os.PathLike[str], file_name: str) -> Path:
     """The path of ``file_name`` under ``root``; refuses names that leave the root.
 
-    Absolute names, ``..`` components and symlinks pointing outside the root are all refused, so a
-    hostile data set cannot make us read arbitrary files.
+    Absolute names, drive letters and ``..`` components that climb above the root are refused, so a
+    hostile data set cannot make us read arbitrary files. The check is on the name, not on the file:
+    an image folder made of symlinks into a shared store (a common layout) keeps working.
     """
     if not isinstance(file_name, str) or not file_name:
         raise DataError(f"image file_name must be a non-empty string, got {file_name!r}")
-    if os.path.isabs(file_name) or file_name.startswith(("/", "\\")) or ":" in file_name[:3]:
+    if "\x00" in file_name:
+        raise DataError(f"image path {file_name!r} contains a NUL byte")
+    if os.path.isabs(file_name) or file_name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_name):
         raise DataError(f"image path {file_name!r} is absolute; it must be relative to the image root")
-    root_path = Path(root).resolve()
-    candidate = (root_path / file_name).resolve()
-    if not candidate.is_relative_to(root_path):
+    normal = posixpath.normpath(file_name.replace("\\", "/"))
+    if normal == ".." or normal.startswith("../"):
         raise DataError(f"image path {file_name!r} leaves the image root {str(root)!r}")
-    return candidate
+    return Path(root) / normal
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[str]:
