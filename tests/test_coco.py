@@ -289,3 +289,25 @@ def test_cli_validate_exit_codes(dataset_dir: Path, capsys: pytest.CaptureFixtur
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[-1].endswith("bad.json: 2 problems found")
     assert "annotation 10 (image 1)" in lines[0] and "annotation 11 (image 2): unknown category_id 3" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        pytest.param("image_id", [1], "unknown image_id [1]", id="image-id-list"),
+        pytest.param("image_id", True, "unknown image_id True", id="image-id-bool"),
+        pytest.param("category_id", {"a": 1}, "unknown category_id {'a': 1}", id="category-id-dict"),
+        pytest.param("iscrowd", True, "'iscrowd' must be 0 or 1, got True", id="iscrowd-bool"),
+    ],
+)
+def test_wrong_types_of_ids_are_problems_not_crashes(field: str, value: Any, expected: str) -> None:
+    raw = _base()
+    raw["annotations"][0][field] = value
+    _, problems = parse_coco(raw)
+    assert any(expected in p for p in problems), problems
+
+
+def test_flip_pairs_are_written_as_names() -> None:
+    ds, _ = parse_coco(_base())
+    cat = to_coco_dict(ds)["categories"][0]
+    assert cat["flip_pairs"] == [["left_hand", "right_hand"], ["left_foot", "right_foot"]]

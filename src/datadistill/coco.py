@@ -386,13 +386,13 @@ def _parse_annotations(
             continue
         seen.add(aid)
         iid = a.get("image_id")
-        where = f"annotation {aid} (image {iid})"
-        if iid not in image_by_id:
+        where = f"annotation {aid} (image {iid!r})" if not _is_int(iid) else f"annotation {aid} (image {iid})"
+        if not _is_int(iid) or iid not in image_by_id:
             problems.append(f"{where}: unknown image_id {iid!r}")
             continue
         img = image_by_id[iid]
         cid = a.get("category_id")
-        if cid not in class_of or not _is_int(cid):
+        if not _is_int(cid) or cid not in class_of:
             problems.append(f"{where}: unknown category_id {cid!r}")
             continue
         bbox = a.get("bbox")
@@ -410,7 +410,7 @@ def _parse_annotations(
             )
             continue
         iscrowd = a.get("iscrowd", 0)
-        if iscrowd not in (0, 1) or isinstance(iscrowd, float):
+        if not _is_int(iscrowd) or iscrowd not in (0, 1):
             problems.append(f"{where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
             continue
         kps = None
@@ -453,8 +453,14 @@ def _parse_annotations(
     for iid, rs in rows.items():
         if not rs:
             empty = ImageLabels.empty(kp_count)
-            if has_scores:
-                empty = ImageLabels(**{**empty.__dict__, "scores": np.zeros((0,), np.float64)})
+            if has_scores or has_agreement:
+                empty = ImageLabels(
+                    **{
+                        **empty.__dict__,
+                        "scores": np.zeros((0,), np.float64) if has_scores else None,
+                        "agreement": np.zeros((0,), np.int64) if has_agreement else None,
+                    }
+                )
             out[iid] = empty
             continue
         out[iid] = ImageLabels(
@@ -545,8 +551,8 @@ def validate_coco(path: str | os.PathLike[str], image_root: str | os.PathLike[st
 # writing
 
 
-def _num(x: float) -> float | int:
-    """Json-friendly number: integral floats stay floats, but without numpy types."""
+def _num(x: float) -> float:
+    """Json-friendly number (no numpy types)."""
     return float(x)
 
 
@@ -555,7 +561,8 @@ def category_to_coco(cat: Category) -> dict[str, Any]:
     if cat.keypoints:
         out["keypoints"] = list(cat.keypoints)
         out["skeleton"] = [list(e) for e in cat.skeleton]
-        out["flip_pairs"] = [[i, j] for i, j in enumerate(cat.flip_index) if i < j]
+        # names, not indices: unambiguous next to the 1-based skeleton
+        out["flip_pairs"] = [[cat.keypoints[i], cat.keypoints[j]] for i, j in enumerate(cat.flip_index) if i < j]
         out["sigmas"] = list(cat.sigmas)
     return out
 

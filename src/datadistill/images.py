@@ -84,7 +84,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB for any mode: 16-bit and 32-bit grayscale are rescaled, alpha is dropped, CMYK converted."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        top = arr.max(initial=0)
+        peak = 65535.0 if img.mode.startswith("I;16") or top > 255 else 1.0 if img.mode == "F" and top <= 1 else 255.0
         arr = np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
     if img.mode == "RGB":
