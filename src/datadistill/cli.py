@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from datadistill import __version__
 from datadistill.errors import UserError
@@ -66,7 +69,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from datadistill import synth
 
     make = {"shapes": synth.make_shapes, "figures": synth.make_figures}[args.kind]
-    path = make(args.out, num_images=args.images, seed=args.seed, size_px=args.size)
+    try:
+        path = make(args.out, num_images=args.images, seed=args.seed, size_px=args.size)
+    except ValueError as exc:
+        raise UserError(f"synth {args.kind}: {exc}") from exc
     print(f"wrote {args.images} images and {path}")
     return 0
 
@@ -85,11 +91,217 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# options generated from the stage configs (one flag per field: --batch-size for batch_size)
+
+
+def _add_config_options(
+    parser: argparse.ArgumentParser, cls: type, helps: dict[str, str], *, skip: tuple[str, ...] = ()
+) -> None:
+    """One option per dataclass field, typed from its annotation; required when the field has no default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default
+        help_text = helps.get(f.name, "")
+        if tp is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        base = args[0]
+        kwargs: dict[str, typing.Any] = {"required": required, "help": help_text}
+        if typing.get_origin(base) is tuple:
+            kwargs.update(type=int, nargs="+")
+        else:
+            kwargs["type"] = base if base in (int, float) else str
+        if not required:
+            kwargs["default"] = default
+            if default is not None and help_text:
+                kwargs["help"] = f"{help_text} ({default})"
+        parser.add_argument(flag, metavar=f.name.upper().split("_")[-1], **kwargs)
+
+
+def _config_from_args(cls: type, args: argparse.Namespace, **fixed: typing.Any) -> typing.Any:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(fixed)
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    return cls(**values)
+
+
+TRAIN_HELP = {
+    "data": "COCO json of the labeled images",
+    "images": "image root of --data",
+    "out": "output folder (checkpoint.pt, last.pt, metrics.jsonl, config.yaml)",
+    "model": "a name from `datadistill models`; default: the small model of the data's task",
+    "epochs": "passes over the labeled images",
+    "batch_size": "images per minibatch",
+    "lr": "peak learning rate",
+    "optimizer": "sgd or adamw",
+    "init": "initial weights: none (default), weights:NAME (torchvision) or a file (e.g. teacher/checkpoint.pt)",
+    "pseudo": "pseudo-labels (COCO json from `datadistill select`): trains a student",
+    "pseudo_images": "image root of --pseudo",
+    "pseudo_ratio": "fraction of each minibatch that is pseudo-labeled (the paper's 6:4)",
+    "val": "COCO json evaluated after each epoch",
+    "val_images": "image root of --val (default: --images)",
+    "resume": "continue a killed run from OUT/last.pt",
+    "device": "auto, cpu, cuda or cuda:N",
+    "seed": "random seed of everything",
+    "threads": "torch threads of this process (0: one per core)",
+    "workers": "DataLoader worker processes (1 thread each)",
+    "min_size": "input size (short side, px); default: the model's",
+    "max_size": "input size cap (long side, px); default: the model's",
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from datadistill.train import TrainConfig, train
+
+    out = train(_config_from_args(TrainConfig, args))
+    print(f"wrote {out / 'checkpoint.pt'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from datadistill.coco import load_coco
+    from datadistill.evaluate import evaluate_results, format_metrics, load_predictions, write_metrics
+
+    if (args.checkpoint is None) == (args.predictions is None):
+        raise UserError("give either --checkpoint CKPT --images DIR or --predictions P.json")
+    if args.checkpoint is not None:
+        if args.images is None:
+            raise UserError("--checkpoint needs --images DIR (the image root of --data)")
+        import torch
+
+        from datadistill import models
+        from datadistill.train import evaluate_model, resolve_device
+
+        torch.set_num_threads(args.threads) if args.threads else None
+        gt = load_coco(args.data, image_root=args.images)
+        device = resolve_device(args.device)
+        model, meta, _ = models.load_checkpoint(args.checkpoint, device=device)
+        if tuple(meta.class_names) != gt.class_names:
+            raise UserError(
+                f"{args.checkpoint} predicts classes {list(meta.class_names)[:6]} but {args.data} has "
+                f"{list(gt.class_names)[:6]}"
+            )
+        metrics = evaluate_model(
+            model, gt, args.images, device=device, batch_size=args.batch_size, workers=args.workers
+        )
+    else:
+        gt = load_coco(args.data)
+        metrics = evaluate_results(gt, load_predictions(args.predictions, gt))
+    write_metrics(args.out, metrics)
+    print(format_metrics(metrics))
+    print(f"wrote {args.out}")
+    return 0
+
+
+LABEL_HELP = {
+    "checkpoint": "the teacher's checkpoint.pt",
+    "images": "unlabeled images: a folder (recursive), a text file of paths, or a COCO json",
+    "out": "output folder (shards/part-NNNNN.parquet, manifest.json)",
+    "image_root": "root of the paths in a list or COCO json (default: the file's folder, or images/ beside a json)",
+    "views": "comma list of identity, hflip, scale:F, hflip+scale:F; or default, or paper (18 views)",
+    "fuse": "box fusion: nms (the paper), soft-nms, vote, wbf",
+    "keypoint_fuse": "keypoint fusion: heatmap (the paper) or mean",
+    "iou_thr": "IoU threshold of the box fusion",
+    "score_floor": "keep every fused object scoring at least this",
+    "batch_size": "images per forward pass",
+    "shard_size": "images per shard",
+    "workers": "DataLoader processes decoding images",
+    "threads": "torch threads of the labeling process",
+    "device": "auto, cpu, cuda or cuda:N",
+    "overwrite": "replace labels made with another checkpoint, views or fusion",
+}
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from datadistill.label import LabelConfig, label
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    manifest = label(_config_from_args(LabelConfig, args, rank=rank, world_size=world))
+    from datadistill.coco import read_json
+
+    m = read_json(manifest)
+    counts = m.get("counts", {})
+    print(
+        f"labeled {counts.get('images', 0) - counts.get('skipped', 0)} images "
+        f"({counts.get('objects', 0)} objects above the floor), skipped {counts.get('skipped', 0)}"
+    )
+    for item in m.get("skipped", [])[:20]:
+        print(f"  skipped {item['file_name']}: {item['reason']}")
+    print(f"wrote {manifest}")
+    return 0
+
+
+SELECT_HELP = {
+    "labels": "the folder written by `datadistill label`",
+    "reference": "the labeled COCO json (its mean objects per image sets the threshold)",
+    "out": "the pseudo-label COCO json to write (selection.json and scores.png go beside it)",
+    "policy": "count (the paper), count-per-class, or fixed:T",
+    "min_agreement": "keep only objects seen by at least this many views",
+    "drop_empty": "drop unlabeled images with no pseudo object (default: keep them as negatives)",
+    "keypoint_policy": "count: mark as many keypoints visible as the labeled data has; all: every one",
+}
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from datadistill.coco import read_json
+    from datadistill.pseudo import SelectConfig, select_pseudo_labels
+
+    out = select_pseudo_labels(_config_from_args(SelectConfig, args))
+    sel = read_json(Path(out).parent / "selection.json")
+    thr = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} none" for k, v in sel["thresholds"].items())
+    print(
+        f"kept {sel['achieved_objects']} of {sel['candidates']} candidates: {sel['achieved_per_image']:.2f} per image "
+        f"(labeled data: {sel['target_per_image'] if sel['target_per_image'] is not None else '-'}); thresholds: {thr}"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from datadistill.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # demo
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    raise UserError("`datadistill demo` is not built yet (see the issue 'The data distillation loop end to end')")
+    from datadistill.demo import format_table, run_demo
+
+    results = run_demo(task=args.task, out=args.out, quick=args.quick, seed=args.seed, threads=args.threads)
+    print(format_table(results, args.task))
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from datadistill.config import load_run_config
+    from datadistill.evaluate import format_metrics
+    from datadistill.run import run
+
+    cfg, base = load_run_config(args.config, list(args.set or []))
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    result = run(cfg, base=base, out=out)
+    if result.teacher is not None:
+        print("teacher (supervised):")
+        print(format_metrics(result.teacher))
+    for r, m in enumerate(result.students, 1):
+        if m is not None:
+            print(f"student, round {r}:")
+            print(format_metrics(m))
+    print(f"wrote {result.layout.report}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,6 +313,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "convert": ("convert between COCO json and Ultralytics YOLO txt", cmd_convert),
     "synth": ("make a synthetic data set (shapes: boxes, figures: keypoints)", cmd_synth),
     "models": ("list the available detector models", cmd_models),
+    "train": ("train a teacher, or a student with --pseudo", cmd_train),
+    "evaluate": ("COCO AP of a checkpoint or of a predictions file", cmd_evaluate),
+    "label": ("run the teacher on every view of the unlabeled images and fuse", cmd_label),
+    "select": ("choose the score threshold and write the pseudo-labels", cmd_select),
+    "report": ("write RUN_DIR/report.html", cmd_report),
+    "run": ("teacher, label, select, student and evaluation from one YAML config", cmd_run),
     "demo": ("run the whole method on synthetic data and print the gain", cmd_demo),
 }
 
@@ -139,10 +357,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("models")
 
+    from datadistill.label import LabelConfig
+    from datadistill.pseudo import SelectConfig
+    from datadistill.train import TrainConfig
+
+    p = add("train")
+    _add_config_options(p, TrainConfig, TRAIN_HELP)
+
+    p = add("evaluate")
+    p.add_argument("--data", required=True, metavar="GT.json", help="ground truth COCO json")
+    p.add_argument("--out", required=True, metavar="metrics.json", help="where to write the metrics")
+    p.add_argument("--checkpoint", metavar="CKPT", help="evaluate this model on --images")
+    p.add_argument("--images", metavar="DIR", help="image root of --data (with --checkpoint)")
+    p.add_argument("--predictions", metavar="P.json", help="a COCO results list, or a pseudo-label COCO json")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per forward pass (8)")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader processes (0)")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (0: one per core)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto)")
+
+    p = add("label")
+    _add_config_options(p, LabelConfig, LABEL_HELP, skip=("rank", "world_size"))
+
+    p = add("select")
+    _add_config_options(p, SelectConfig, SELECT_HELP)
+
+    p = add("report")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `datadistill run` or `demo`")
+
+    p = add("run")
+    p.add_argument("config", metavar="CONFIG.yaml", help="the run config (see examples/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. teacher.epochs=5")
+    p.add_argument("--out", metavar="DIR", help="the run folder (default: runs/<config name>)")
+
     p = add("demo")
-    p.add_argument("--task", choices=("boxes", "keypoints"), default="boxes")
-    p.add_argument("--out", default="runs/demo", metavar="DIR")
+    p.add_argument(
+        "--task", choices=("boxes", "keypoints"), default="boxes", help="boxes (shapes) or keypoints (figures)"
+    )
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder (runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smoke run of about 2 minutes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the training (0)")
+    p.add_argument("--threads", type=_positive_int, default=2, metavar="N", help="torch threads (2)")
     return parser
 
 

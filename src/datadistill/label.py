@@ -1,0 +1,486 @@
+"""Multi-transform labeling (steps 2 and 3 of data distillation), streamed into resumable parquet shards.
+
+The unlabeled images are listed once, in a deterministic order, and cut into shards of ``shard_size``
+images. Each shard is decoded in DataLoader workers, run through the model under every view, fused, and
+written as ``shards/part-NNNNN.parquet`` (to a temporary name, renamed when complete). A re-run skips the
+shards that exist, so a killed run resumes without losing or repeating work; memory holds one shard.
+
+Each parquet row is one image: ``file_name`` (relative to the source root), ``width``, ``height``, and
+flat lists ``boxes`` (4N, xyxy px), ``scores`` (N), ``labels`` (N class indices), ``agreement`` (N, how
+many views saw the object), ``keypoints`` (N*K*3, x, y, score; keypoint models only), and ``error``
+(why an image was skipped, else null).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from datadistill import fusion, models
+from datadistill.coco import load_coco, read_json
+from datadistill.errors import DataError, UserError
+from datadistill.images import list_images, read_image, resolve_image_path
+from datadistill.io import provenance, write_atomic, write_json_atomic
+from datadistill.types import Detections
+from datadistill.views import View, parse_views
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "datadistill-labels"
+BOX_FUSIONS = ("nms", "soft-nms", "vote", "wbf")
+KEYPOINT_FUSIONS = ("heatmap", "mean")
+# What must match for a re-run to resume a folder instead of refusing it.
+RESUME_KEYS = ("checkpoint_sha256", "views", "fuse", "keypoint_fuse", "iou_thr", "score_floor", "shard_size",
+               "files_sha256")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Every option of ``datadistill label``."""
+
+    checkpoint: str
+    images: str
+    out: str
+    image_root: str | None = None
+    views: str = "default"
+    fuse: str = "nms"
+    keypoint_fuse: str = "heatmap"
+    iou_thr: float = 0.5
+    score_floor: float = 0.05
+    batch_size: int = 8
+    shard_size: int = 1000
+    workers: int = 2
+    threads: int = 1
+    device: str = "auto"
+    overwrite: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """The unlabeled images: a root folder and file names relative to it, in labeling order."""
+
+    root: Path
+    files: tuple[str, ...]
+    description: str = ""
+
+    def shard(self, index: int, shard_size: int) -> tuple[str, ...]:
+        return self.files[index * shard_size : (index + 1) * shard_size]
+
+    def num_shards(self, shard_size: int) -> int:
+        return -(-len(self.files) // shard_size)
+
+
+def list_source(src: str | os.PathLike[str], *, image_root: str | os.PathLike[str] | None = None) -> ImageSource:
+    """The images of a folder (recursive), a text file of paths, or a COCO json (annotations ignored).
+
+    A text file's paths are relative to ``image_root`` (default: the text file's folder). A COCO json's
+    ``file_name`` are relative to ``image_root`` (default: ``images/`` beside the json if it exists, else
+    the json's folder). Paths that leave the root are refused.
+    """
+    path = Path(src)
+    if path.is_dir():
+        files = list_images(path)
+        if not files:
+            raise UserError(f"{path}: no images found (looked for {', '.join(sorted({'.jpg', '.png', '.webp'}))} ...)")
+        return ImageSource(root=path, files=tuple(files), description=f"folder {path}")
+    if not path.exists():
+        raise UserError(f"{path}: no such folder or file")
+    if path.suffix.lower() == ".json":
+        raw = read_json(path)
+        if isinstance(raw, dict) and "images" in raw and "annotations" not in raw:
+            raw = {**raw, "annotations": []}
+        default_root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+        root = Path(image_root) if image_root is not None else default_root
+        dataset = load_coco(path, image_root=root)
+        return ImageSource(root=root, files=tuple(im.file_name for im in dataset.images), description=f"COCO {path}")
+    root = Path(image_root) if image_root is not None else path.parent
+    files = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            name = line.strip()
+            if not name or name.startswith("#"):
+                continue
+            candidate = Path(name)
+            if candidate.is_absolute() and candidate.resolve().is_relative_to(root.resolve()):
+                name = candidate.resolve().relative_to(root.resolve()).as_posix()
+            try:
+                resolve_image_path(root, name)
+            except DataError as exc:
+                raise UserError(f"{path} line {lineno}: {exc}") from exc
+            files.append(name)
+    if not files:
+        raise UserError(f"{path}: the list names no images")
+    if len(set(files)) != len(files):
+        raise UserError(f"{path}: lists an image more than once")
+    return ImageSource(root=root, files=tuple(files), description=f"list {path}")
+
+
+class _ShardImages(Dataset):
+    """Decodes images for the DataLoader workers; a broken file gives its error instead of a crash."""
+
+    def __init__(self, root: Path, items: list[tuple[int, str]]) -> None:
+        self.root, self.items = root, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        shard, name = self.items[i]
+        try:
+            image = read_image(resolve_image_path(self.root, name))
+            return {"shard": shard, "file_name": name, "image": image, "error": None}
+        except DataError as exc:
+            return {"shard": shard, "file_name": name, "image": None, "error": str(exc).split(": ", 1)[-1]}
+        except Exception as exc:  # a decoder bug on a hostile file must not kill the run
+            return {"shard": shard, "file_name": name, "image": None, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_path(out: Path, index: int) -> Path:
+    return out / "shards" / f"part-{index:05d}.parquet"
+
+
+def _schema(num_keypoints: int) -> pa.Schema:
+    fields = [
+        pa.field("file_name", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("boxes", pa.list_(pa.float32())),
+        pa.field("scores", pa.list_(pa.float32())),
+        pa.field("labels", pa.list_(pa.int32())),
+        pa.field("agreement", pa.list_(pa.int32())),
+    ]
+    if num_keypoints:
+        fields.append(pa.field("keypoints", pa.list_(pa.float32())))
+    fields.append(pa.field("error", pa.string()))
+    return pa.schema(fields, metadata={b"num_keypoints": str(num_keypoints).encode()})
+
+
+def _write_shard(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    columns = {name: [r.get(name) for r in rows] for name in schema.names}
+    table = pa.Table.from_pydict(columns, schema=schema)
+    write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
+
+
+def _row(name: str, width: int, height: int, det: Detections, num_keypoints: int) -> dict[str, Any]:
+    row = {
+        "file_name": name,
+        "width": width,
+        "height": height,
+        "boxes": det.boxes.reshape(-1).tolist(),
+        "scores": det.scores.tolist(),
+        "labels": det.labels.tolist(),
+        "agreement": (det.agreement if det.agreement is not None else torch.ones(len(det), dtype=torch.int64)).tolist(),
+        "error": None,
+    }
+    if num_keypoints:
+        kps = det.keypoints if det.keypoints is not None else torch.zeros(len(det), num_keypoints, 3)
+        row["keypoints"] = kps.reshape(-1).tolist()
+    return row
+
+
+def _error_row(name: str, error: str, num_keypoints: int) -> dict[str, Any]:
+    row = {"file_name": name, "width": 0, "height": 0, "boxes": [], "scores": [], "labels": [], "agreement": [],
+           "error": error}  # fmt: skip
+    if num_keypoints:
+        row["keypoints"] = []
+    return row
+
+
+@dataclass
+class _Timer:
+    """Seconds spent in the model's forward passes vs. everything else (for the labeling benchmark)."""
+
+    model_s: float = 0.0
+    fusion_s: float = 0.0
+    marks: dict[str, float] = field(default_factory=dict)
+
+
+def label_images(
+    model: torch.nn.Module,
+    meta: models.ModelMeta,
+    images: list[torch.Tensor],
+    *,
+    views: tuple[View, ...],
+    fuse: str = "nms",
+    keypoint_fuse: str = "heatmap",
+    iou_thr: float = 0.5,
+    score_floor: float = 0.05,
+    timer: _Timer | None = None,
+) -> list[Detections]:
+    """Run ``model`` on every view of each image ``[3, H, W]`` (float in [0, 1]), map the predictions back
+    to the original frame and fuse them. Returns one :class:`Detections` per image, with ``agreement``
+    and keypoints (``[N, K, 3]`` x, y, score) for keypoint models; objects below ``score_floor`` dropped.
+    """
+    timer = timer or _Timer()
+    per_image: list[list[Detections]] = [[] for _ in images]
+    for view in views:
+        prepared = [view.prepare(img) for img in images]
+        t0 = time.perf_counter()
+        with models.input_size(model, *view.input_size(meta.min_size, meta.max_size)):
+            predictions = models.predict(model, prepared)
+        timer.model_s += time.perf_counter() - t0
+        for i, (img, det) in enumerate(zip(images, predictions, strict=True)):
+            per_image[i].append(view.invert(det.to("cpu"), width=img.shape[-1], flip_index=meta.flip_index))
+    t0 = time.perf_counter()
+    fused = [fusion.fuse(dets, method=fuse, iou_thr=iou_thr, skip_box_thr=0.0) for dets in per_image]
+    fused = [f.select(f.scores >= score_floor) for f in fused]
+    timer.fusion_s += time.perf_counter() - t0
+    if meta.task == "keypoints" and keypoint_fuse == "heatmap":
+        fused = [_fuse_heatmaps(model, meta, img, det, views, timer) for img, det in zip(images, fused, strict=True)]
+    return fused
+
+
+def _fuse_heatmaps(
+    model: torch.nn.Module, meta: models.ModelMeta, image: torch.Tensor, det: Detections, views: tuple[View, ...],
+    timer: _Timer,
+) -> Detections:  # fmt: skip
+    """The paper's keypoint fusion: the keypoint head runs on the fused boxes under every view; heatmaps are
+    mapped back (mirrored, left/right channels swapped on a flip), averaged, then decoded."""
+    if len(det) == 0:
+        return det
+    width = image.shape[-1]
+    total = None
+    for view in views:
+        boxes = view.forward_boxes(det.boxes, width=width)
+        t0 = time.perf_counter()
+        with models.input_size(model, *view.input_size(meta.min_size, meta.max_size)):
+            (heat,) = models.keypoint_heatmaps(model, [view.prepare(image)], [boxes])
+        timer.model_s += time.perf_counter() - t0
+        heat = view.invert_heatmaps(heat.cpu(), flip_index=meta.flip_index)
+        total = heat if total is None else total + heat
+    keypoints = models.heatmaps_to_keypoints(
+        total / len(views), det.boxes, model=model, image_size=(image.shape[-2], image.shape[-1])
+    )
+    return Detections(boxes=det.boxes, scores=det.scores, labels=det.labels, keypoints=keypoints,
+                      agreement=det.agreement)  # fmt: skip
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but CUDA is not available here (use --device cpu)")
+    return torch.device(device)
+
+
+def _signature(cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], task: str) -> dict[str, Any]:
+    return {
+        "checkpoint": str(cfg.checkpoint),
+        "checkpoint_sha256": file_sha256(cfg.checkpoint),
+        "source": source.description,
+        "image_root": str(source.root),
+        "num_images": len(source.files),
+        "files_sha256": hashlib.sha256("\n".join(source.files).encode()).hexdigest(),
+        "views": [v.name for v in views],
+        "fuse": cfg.fuse,
+        "keypoint_fuse": cfg.keypoint_fuse if task == "keypoints" else None,
+        "iou_thr": cfg.iou_thr,
+        "score_floor": cfg.score_floor,
+        "shard_size": cfg.shard_size,
+    }
+
+
+def _check_config(cfg: LabelConfig) -> tuple[View, ...]:
+    if cfg.fuse not in BOX_FUSIONS:
+        raise UserError(f"unknown --fuse {cfg.fuse!r}: choose one of {', '.join(BOX_FUSIONS)}")
+    if cfg.keypoint_fuse not in KEYPOINT_FUSIONS:
+        raise UserError(f"unknown --keypoint-fuse {cfg.keypoint_fuse!r}: choose one of {', '.join(KEYPOINT_FUSIONS)}")
+    for name, value, low, high in (("--iou-thr", cfg.iou_thr, 0.0, 1.0), ("--score-floor", cfg.score_floor, 0.0, 1.0)):
+        if not low <= value <= high:
+            raise UserError(f"{name} must be in [{low}, {high}], got {value}")
+    for name, value in (("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size), ("--threads", cfg.threads)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if cfg.workers < 0:
+        raise UserError(f"--workers must be at least 0, got {cfg.workers}")
+    try:
+        return parse_views(cfg.views)
+    except ValueError as exc:
+        raise UserError(f"--views: {exc}") from exc
+
+
+def _prepare_out(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists() and not overwrite:
+        try:
+            old = read_json(manifest_path).get("config", {})
+        except (DataError, AttributeError):
+            old = {}
+        differing = [k for k in RESUME_KEYS if old.get(k) != signature.get(k)]
+        if differing:
+            raise UserError(
+                f"{out} holds labels made with another {differing[0]} ({old.get(differing[0])!r}, now "
+                f"{signature.get(differing[0])!r}); use another --out or --overwrite to replace them"
+            )
+        return
+    if overwrite:
+        for stale in (out / "shards").glob("part-*.parquet") if (out / "shards").is_dir() else ():
+            stale.unlink()
+    elif (out / "shards").is_dir() and any((out / "shards").glob("part-*.parquet")):
+        raise UserError(f"{out} holds shards but no manifest.json; use another --out or --overwrite")
+
+
+def summarize_shards(out: Path) -> dict[str, Any]:
+    """Counts and skipped files, read from the shards' small columns only."""
+    images = objects = 0
+    skipped: list[dict[str, str]] = []
+    for part in sorted((out / "shards").glob("part-*.parquet")):
+        table = pq.read_table(part, columns=["file_name", "scores", "error"])
+        images += table.num_rows
+        objects += int(pa.compute.list_value_length(table["scores"]).to_numpy(zero_copy_only=False).sum())
+        errors = table["error"].to_pylist()
+        names = table["file_name"].to_pylist()
+        skipped += [{"file_name": n, "reason": e} for n, e in zip(names, errors, strict=True) if e is not None]
+    return {"images": images, "skipped": len(skipped), "objects": objects, "skipped_files": skipped}
+
+
+def label(cfg: LabelConfig) -> Path:
+    """The ``label`` stage: every shard of the source labeled into ``cfg.out``; returns the manifest path."""
+    started = time.time()
+    views = _check_config(cfg)
+    out = Path(cfg.out)
+    torch.set_num_threads(cfg.threads)
+    device = _resolve_device(cfg.device)
+    model, meta, _ = models.load_checkpoint(cfg.checkpoint, device=device)
+    model.eval()
+    source = list_source(cfg.images, image_root=cfg.image_root)
+    signature = _signature(cfg, source, views, meta.task)
+    _prepare_out(out, signature, cfg.overwrite)
+    num_shards = source.num_shards(cfg.shard_size)
+    mine = [k for k in range(num_shards) if k % cfg.world_size == cfg.rank]
+    todo = [k for k in mine if not shard_path(out, k).exists()]
+    manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": 1, "config": signature,
+                                "options": asdict(cfg), "status": "running", "num_shards": num_shards,
+                                "classes": {"names": list(meta.class_names), "category_ids": list(meta.category_ids),
+                                            "keypoints": list(meta.keypoint_names)}}  # fmt: skip
+    if cfg.rank == 0:
+        write_json_atomic(out / "manifest.json", manifest, indent=2)
+    log.info(
+        "labeling %d images from %s: %d shards (%d done, %d to do), %d views (%s), fusion %s",
+        len(source.files), source.description, num_shards, len(mine) - len(todo), len(todo), len(views),
+        ",".join(v.name for v in views), cfg.fuse,
+    )  # fmt: skip
+    items = [(k, name) for k in todo for name in source.shard(k, cfg.shard_size)]
+    expected = {k: len(source.shard(k, cfg.shard_size)) for k in todo}
+    # Batches never cross a shard: a shard's output then depends on the shard alone, not on where a
+    # resumed run started (batch composition can change floating-point results).
+    batches, start = [], 0
+    for k in todo:
+        n = expected[k]
+        batches += [list(range(i, min(i + cfg.batch_size, start + n))) for i in range(start, start + n, cfg.batch_size)]
+        start += n
+    loader = DataLoader(
+        _ShardImages(source.root, items),
+        batch_sampler=batches,
+        num_workers=cfg.workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if cfg.workers else None,
+        prefetch_factor=4 if cfg.workers else None,
+        persistent_workers=False,
+    )
+    num_kp = len(meta.keypoint_names)
+    schema = _schema(num_kp)
+    pending: dict[int, list[dict[str, Any]]] = {}
+    timer = _Timer()
+    t_loop = time.perf_counter()
+    with tqdm(total=len(items), unit="img", desc="label", disable=None, dynamic_ncols=True) as bar:
+        for batch in loader:
+            good = [b for b in batch if b["image"] is not None]
+            results: list[Detections] = []
+            if good:
+                tensors = [b["image"].to(device, non_blocking=True).float().div_(255) for b in good]
+                results = label_images(
+                    model, meta, tensors, views=views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse,
+                    iou_thr=cfg.iou_thr, score_floor=cfg.score_floor, timer=timer,
+                )  # fmt: skip
+            by_name = {b["file_name"]: r for b, r in zip(good, results, strict=True)}
+            for b in batch:
+                if b["image"] is None:
+                    row = _error_row(b["file_name"], b["error"], num_kp)
+                    log.warning("skipped %s: %s", b["file_name"], b["error"])
+                else:
+                    _, h, w = b["image"].shape
+                    row = _row(b["file_name"], w, h, by_name[b["file_name"]], num_kp)
+                rows = pending.setdefault(b["shard"], [])
+                rows.append(row)
+                if len(rows) == expected[b["shard"]]:
+                    _write_shard(shard_path(out, b["shard"]), rows, schema)
+                    del pending[b["shard"]]
+            bar.update(len(batch))
+    loop_s = time.perf_counter() - t_loop
+    if pending:  # cannot happen unless the loader lost items; never write a partial shard
+        raise RuntimeError(f"internal error: shards {sorted(pending)} incomplete after the loader finished")
+    summary = summarize_shards(out)
+    done = sum(1 for k in range(num_shards) if shard_path(out, k).exists())
+    manifest.update(
+        status="complete" if done == num_shards else "partial",
+        shards_done=done,
+        counts={k: v for k, v in summary.items() if k != "skipped_files"},
+        skipped=summary["skipped_files"],
+        timings={
+            "total_s": round(time.time() - started, 3),
+            "loop_s": round(loop_s, 3),
+            "model_s": round(timer.model_s, 3),
+            "fusion_s": round(timer.fusion_s, 3),
+            "images_labeled_now": len(items),
+            "images_per_s": round(len(items) / loop_s, 3) if loop_s > 0 and items else None,
+        },
+        provenance=provenance(),
+    )
+    if cfg.rank == 0:
+        write_json_atomic(out / "manifest.json", manifest, indent=2)
+    return out / "manifest.json"
+
+
+def read_shards(out: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:
+    """All shards of a labeling folder as one arrow table (only ``columns`` when given)."""
+    out = Path(out)
+    parts = sorted((out / "shards").glob("part-*.parquet"))
+    if not parts:
+        raise UserError(f"{out}: no label shards found (run `datadistill label` first)")
+    return pa.concat_tables(pq.read_table(p, columns=columns) for p in parts)
+
+
+def shard_detections(row: dict[str, Any], num_keypoints: int) -> Detections:
+    """One parquet row back as :class:`Detections`."""
+    n = len(row["scores"])
+    kps = None
+    if num_keypoints and row.get("keypoints") is not None:
+        kps = torch.tensor(np.asarray(row["keypoints"], np.float32).reshape(n, num_keypoints, 3))
+    return Detections(
+        boxes=torch.tensor(np.asarray(row["boxes"], np.float32).reshape(n, 4)),
+        scores=torch.tensor(np.asarray(row["scores"], np.float32)),
+        labels=torch.tensor(np.asarray(row["labels"], np.int64)),
+        keypoints=kps,
+        agreement=torch.tensor(np.asarray(row["agreement"], np.int64)),
+    )

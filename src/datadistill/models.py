@@ -1,0 +1,857 @@
+"""Detectors behind two functions: :func:`losses` (training) and :func:`predict` (inference).
+
+torchvision's detection models return losses in train mode and detections in eval mode, count classes
+from 1 (0 is the background of the R-CNN family) and resize every input to ``min_size``. This module
+wraps that once: callers give images as float32 ``[3, H, W]`` in [0, 1] and labels as contiguous class
+indices ``0..C-1``, and get :class:`~datadistill.types.Detections` in the original image frame.
+
+``MODELS`` lists the builders: small models that train from scratch on a CPU in minutes at 128 px, and
+torchvision's standard large models for real work (built with no weights; :func:`init_weights` loads
+pretrained ones by torchvision weight name or from a local file). Checkpoints hold only tensors and
+plain types and are always read with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import (
+    fasterrcnn_resnet50_fpn_v2,
+    fcos_resnet50_fpn,
+    keypointrcnn_resnet50_fpn,
+    retinanet_resnet50_fpn_v2,
+)
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.fcos import FCOS, FCOSHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNN, KeypointRCNNHeads, KeypointRCNNPredictor
+from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as _tv_heatmaps_to_keypoints
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import resize_boxes, resize_keypoints
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from datadistill.coco import CocoDataset
+from datadistill.errors import UserError
+from datadistill.io import write_atomic
+from datadistill.types import Detections
+
+log = logging.getLogger(__name__)
+
+Task = Literal["boxes", "keypoints"]
+CHECKPOINT_FORMAT = "datadistill-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of :data:`MODELS`.
+
+    ``builder(num_classes=C, num_keypoints=K, min_size=..., max_size=...)`` returns a randomly initialised
+    torchvision detector; ``num_classes`` excludes any background class (the builder adds it where the
+    architecture needs it). ``pretrained`` marks the large models that are meant to start from pretrained
+    weights (their backbone batch norm is frozen, as in torchvision's pretrained recipe).
+    """
+
+    name: str
+    task: Task
+    description: str
+    builder: Callable[..., nn.Module]
+    min_size: int
+    max_size: int
+    pretrained: bool
+
+
+# ----------------------------------------------------------------------------------------------------
+# small models that train from scratch on a CPU
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+def _small_resnet(widths: Sequence[int], blocks: Sequence[int]) -> nn.Sequential:
+    """A ResNet-style body with few channels and GroupNorm (batch-size independent, for training from
+    scratch): a stride-4 stem of two 3x3 convs, then ``len(widths)`` stages of BasicBlocks, strides
+    4, 8, 16, 32. Children are named ``stem, layer1, ...`` for :class:`BackboneWithFPN`."""
+    stem_width = widths[0]
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    layers["stem"] = nn.Sequential(
+        nn.Conv2d(3, stem_width // 2, 3, stride=2, padding=1, bias=False),
+        _group_norm(stem_width // 2),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(stem_width // 2, stem_width, 3, stride=2, padding=1, bias=False),
+        _group_norm(stem_width),
+        nn.ReLU(inplace=True),
+    )
+    in_ch = stem_width
+    for i, (width, n) in enumerate(zip(widths, blocks, strict=True)):
+        stride = 1 if i == 0 else 2
+        stage: list[nn.Module] = []
+        for j in range(n):
+            downsample = None
+            if j == 0 and (stride != 1 or in_ch != width):
+                downsample = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False), _group_norm(width))
+            stage.append(BasicBlock(in_ch, width, stride if j == 0 else 1, downsample, norm_layer=_group_norm))
+            in_ch = width
+        layers[f"layer{i + 1}"] = nn.Sequential(*stage)
+    body = nn.Sequential(layers)
+    for m in body.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return body
+
+
+SMALL_WIDTHS = (32, 64, 96, 128)
+SMALL_BLOCKS = (1, 1, 1, 1)
+SMALL_FPN_CHANNELS = 64
+
+
+def _small_fpn_backbone(
+    *,
+    levels: Sequence[int],
+    extra: str,
+    widths: Sequence[int] = SMALL_WIDTHS,
+    blocks: Sequence[int] = SMALL_BLOCKS,
+    channels: int = SMALL_FPN_CHANNELS,
+) -> BackboneWithFPN:
+    """The small body with an FPN of ``channels`` over the stages in ``levels`` (1 = stride 4 ... 4 =
+    stride 32), plus P6/P7 convs (``extra="p6p7"``) or a max-pooled level (``"pool"``)."""
+    body = _small_resnet(widths[: max(levels)], blocks[: max(levels)])
+    extra_blocks = LastLevelP6P7(channels, channels) if extra == "p6p7" else LastLevelMaxPool()
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{i}": str(k) for k, i in enumerate(levels)},
+        in_channels_list=[widths[i - 1] for i in levels],
+        out_channels=channels,
+        extra_blocks=extra_blocks,
+        norm_layer=_group_norm,
+    )
+
+
+def _build_small_fcos(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    del num_keypoints
+    backbone = _small_fpn_backbone(levels=(2, 3, 4), extra="p6p7")  # P3-P7, strides 8..128
+    strides = (8, 16, 32, 64, 128)
+    anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+    return FCOS(
+        backbone,
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        anchor_generator=anchors,
+        head=FCOSHead(backbone.out_channels, 1, num_classes, num_convs=2),
+        score_thresh=0.05,
+        detections_per_img=100,
+        topk_candidates=300,
+    )
+
+
+def _small_rcnn_kwargs(backbone: BackboneWithFPN, num_classes: int, *, detections: int) -> dict[str, Any]:
+    """Faster R-CNN parts sized for 128-256 px images: few proposals and sampled ROIs, a small box head."""
+    c = backbone.out_channels
+    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)
+    return dict(
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(c, anchors.num_anchors_per_location()[0]),
+        rpn_pre_nms_top_n_train=600,
+        rpn_post_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=100,
+        rpn_batch_size_per_image=128,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=1),
+        box_head=TwoMLPHead(c * 7 * 7, 256),
+        box_predictor=FastRCNNPredictor(256, num_classes + 1),
+        box_batch_size_per_image=64,
+        box_score_thresh=0.05,
+        box_detections_per_img=detections,
+    )
+
+
+def _build_small_frcnn(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    del num_keypoints
+    backbone = _small_fpn_backbone(levels=(1, 2, 3, 4), extra="pool")  # P2-P6, strides 4..64
+    return FasterRCNN(
+        backbone,
+        num_classes=None,
+        min_size=min_size,
+        max_size=max_size,
+        **_small_rcnn_kwargs(backbone, num_classes, detections=100),
+    )
+
+
+def _build_small_keypointrcnn(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    backbone = _small_fpn_backbone(levels=(1, 2, 3, 4), extra="pool")
+    c = backbone.out_channels
+    head_width = 64
+    return KeypointRCNN(
+        backbone,
+        num_classes=None,
+        min_size=min_size,
+        max_size=max_size,
+        **_small_rcnn_kwargs(backbone, num_classes, detections=20),
+        # 7x7 ROI features -> 4 convs -> deconv to 14 -> bilinear x2: 28x28 heatmaps
+        keypoint_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=1),
+        keypoint_head=KeypointRCNNHeads(c, (head_width,) * 4),
+        keypoint_predictor=KeypointRCNNPredictor(head_width, num_keypoints),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchvision's standard large models
+
+
+def _freeze_backbone_norm(model: nn.Module) -> nn.Module:
+    """torchvision's pretrained recipe: the ResNet body's batch norm frozen, its stem and first stage fixed.
+
+    torchvision builds with trainable BatchNorm when no weights are given; this module never downloads at
+    build time, so the freezing is applied here, the same way whether weights are loaded later or not.
+    """
+    body = model.backbone.body
+
+    def freeze(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
+            else:
+                freeze(child)
+
+    freeze(body)
+    for name, param in body.named_parameters():
+        if not name.startswith(("layer2", "layer3", "layer4")):
+            param.requires_grad_(False)
+    return model
+
+
+def _build_fasterrcnn_r50(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    del num_keypoints
+    model = fasterrcnn_resnet50_fpn_v2(
+        weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=min_size, max_size=max_size
+    )
+    return _freeze_backbone_norm(model)
+
+
+def _build_retinanet_r50(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    del num_keypoints
+    model = retinanet_resnet50_fpn_v2(
+        weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size
+    )
+    return _freeze_backbone_norm(model)
+
+
+def _build_fcos_r50(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    del num_keypoints
+    model = fcos_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size
+    )
+    return _freeze_backbone_norm(model)
+
+
+def _build_keypointrcnn_r50(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    model = keypointrcnn_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes + 1,
+        num_keypoints=num_keypoints,
+        min_size=min_size,
+        max_size=max_size,
+    )
+    return _freeze_backbone_norm(model)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "small_fcos": ModelSpec(
+        name="small_fcos",
+        task="boxes",
+        description="FCOS on a small GroupNorm ResNet-FPN (0.6M params); trains from scratch on a CPU (default)",
+        builder=_build_small_fcos,
+        min_size=128,
+        max_size=128,
+        pretrained=False,
+    ),
+    "small_frcnn": ModelSpec(
+        name="small_frcnn",
+        task="boxes",
+        description="Faster R-CNN on a small GroupNorm ResNet-FPN; trains from scratch on a CPU",
+        builder=_build_small_frcnn,
+        min_size=128,
+        max_size=128,
+        pretrained=False,
+    ),
+    "small_keypointrcnn": ModelSpec(
+        name="small_keypointrcnn",
+        task="keypoints",
+        description="Keypoint R-CNN on a small GroupNorm ResNet-FPN; trains from scratch on a CPU (default)",
+        builder=_build_small_keypointrcnn,
+        min_size=128,
+        max_size=128,
+        pretrained=False,
+    ),
+    "fasterrcnn_resnet50_fpn_v2": ModelSpec(
+        name="fasterrcnn_resnet50_fpn_v2",
+        task="boxes",
+        description="Faster R-CNN R50-FPN v2 (torchvision); init weights:FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1",
+        builder=_build_fasterrcnn_r50,
+        min_size=800,
+        max_size=1333,
+        pretrained=True,
+    ),
+    "retinanet_resnet50_fpn_v2": ModelSpec(
+        name="retinanet_resnet50_fpn_v2",
+        task="boxes",
+        description="RetinaNet R50-FPN v2 (torchvision); init weights:RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1",
+        builder=_build_retinanet_r50,
+        min_size=800,
+        max_size=1333,
+        pretrained=True,
+    ),
+    "fcos_resnet50_fpn": ModelSpec(
+        name="fcos_resnet50_fpn",
+        task="boxes",
+        description="FCOS R50-FPN (torchvision); init weights:FCOS_ResNet50_FPN_Weights.COCO_V1",
+        builder=_build_fcos_r50,
+        min_size=800,
+        max_size=1333,
+        pretrained=True,
+    ),
+    "keypointrcnn_resnet50_fpn": ModelSpec(
+        name="keypointrcnn_resnet50_fpn",
+        task="keypoints",
+        description="Keypoint R-CNN R50-FPN (torchvision); init weights:KeypointRCNN_ResNet50_FPN_Weights.COCO_V1",
+        builder=_build_keypointrcnn_r50,
+        min_size=800,
+        max_size=1333,
+        pretrained=True,
+    ),
+}
+
+DEFAULT_MODELS: dict[str, str] = {"boxes": "small_fcos", "keypoints": "small_keypointrcnn"}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` called ``name``; a one-line UserError lists the valid names."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# metadata
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything needed to rebuild a model and read its outputs, stored in every checkpoint.
+
+    ``class_names``/``category_ids``: the data set's categories in class-index order. Keypoint fields are
+    empty for box models: ``flip_index[i]`` is the mirror of keypoint i, ``skeleton`` is 1-based pairs as
+    in COCO, ``sigmas`` are the OKS sigmas. ``min_size``/``max_size``: the model's resize target in px.
+    """
+
+    model: str
+    task: Task
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...]
+    keypoint_names: tuple[str, ...] = ()
+    flip_index: tuple[int, ...] = ()
+    skeleton: tuple[tuple[int, int], ...] = ()
+    sigmas: tuple[float, ...] = ()
+    min_size: int = 128
+    max_size: int = 128
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_keypoints(self) -> int:
+        return len(self.keypoint_names)
+
+    @staticmethod
+    def from_dataset(
+        model: str, dataset: CocoDataset, *, min_size: int | None = None, max_size: int | None = None
+    ) -> ModelMeta:
+        """The meta of ``model`` trained on ``dataset``; the task follows from the data (keypoint
+        categories make it ``keypoints``), and a model of the other task is a UserError."""
+        spec = get_spec(model)
+        task = dataset.task
+        if not dataset.categories:
+            raise UserError("the data set has no categories; a detector needs at least one class")
+        if spec.task != task:
+            other = [n for n, s in MODELS.items() if s.task == task]
+            raise UserError(
+                f"model {model!r} detects {spec.task} but the data set has {task}; choose one of: {', '.join(other)}"
+            )
+        kp = dataset.keypoint_category
+        min_size = spec.min_size if min_size is None else int(min_size)
+        max_size = max(min_size, spec.max_size) if max_size is None else int(max_size)
+        if min_size <= 0 or max_size < min_size:
+            raise UserError(f"need 0 < min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+        return ModelMeta(
+            model=model,
+            task=task,
+            class_names=dataset.class_names,
+            category_ids=tuple(c.id for c in dataset.categories),
+            keypoint_names=kp.keypoints if kp else (),
+            flip_index=kp.flip_index if kp else (),
+            skeleton=kp.skeleton if kp else (),
+            sigmas=kp.sigmas if kp else (),
+            min_size=min_size,
+            max_size=max_size,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain json-able types only (so a checkpoint loads with ``weights_only=True``)."""
+        return {
+            "model": self.model,
+            "task": self.task,
+            "class_names": list(self.class_names),
+            "category_ids": list(self.category_ids),
+            "keypoint_names": list(self.keypoint_names),
+            "flip_index": list(self.flip_index),
+            "skeleton": [list(e) for e in self.skeleton],
+            "sigmas": list(self.sigmas),
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> ModelMeta:
+        try:
+            return ModelMeta(
+                model=str(d["model"]),
+                task=d["task"],
+                class_names=tuple(str(n) for n in d["class_names"]),
+                category_ids=tuple(int(i) for i in d["category_ids"]),
+                keypoint_names=tuple(str(n) for n in d.get("keypoint_names", ())),
+                flip_index=tuple(int(i) for i in d.get("flip_index", ())),
+                skeleton=tuple((int(a), int(b)) for a, b in d.get("skeleton", ())),
+                sigmas=tuple(float(s) for s in d.get("sigmas", ())),
+                min_size=int(d["min_size"]),
+                max_size=int(d["max_size"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"malformed model meta ({type(exc).__name__}: {exc})") from exc
+
+
+def build_model(meta: ModelMeta) -> nn.Module:
+    """A randomly initialised detector for ``meta`` (seed torch first for reproducibility)."""
+    spec = get_spec(meta.model)
+    if spec.task != meta.task:
+        raise UserError(f"model {meta.model!r} detects {spec.task}, but the meta says {meta.task}")
+    if meta.task == "keypoints" and not meta.keypoint_names:
+        raise UserError(f"model {meta.model!r} needs keypoint names in its meta")
+    model = spec.builder(
+        num_classes=meta.num_classes,
+        num_keypoints=meta.num_keypoints,
+        min_size=meta.min_size,
+        max_size=meta.max_size,
+    )
+    return model
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The detector inside a DistributedDataParallel/DataParallel wrapper."""
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        return model.module
+    return model
+
+
+def _label_offset(model: nn.Module) -> int:
+    """1 for the R-CNN family (softmax over background + classes), 0 for the sigmoid heads (FCOS,
+    RetinaNet), which need no background class."""
+    return 1 if isinstance(_unwrap(model), GeneralizedRCNN) else 0
+
+
+def _is_keypoint_model(model: nn.Module) -> bool:
+    inner = _unwrap(model)
+    return isinstance(inner, GeneralizedRCNN) and inner.roi_heads.has_keypoint()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters())).device
+
+
+# ----------------------------------------------------------------------------------------------------
+# losses and predictions
+
+
+def losses(model: nn.Module, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The training losses of a batch (sets train mode).
+
+    images: float32 ``[3, H, W]`` in [0, 1]. targets: one dict per image with ``boxes`` ``[N, 4]`` xyxy px
+    in that image's frame, ``labels`` ``[N]`` int64 class indices ``0..C-1`` and, for keypoint models,
+    ``keypoints`` ``[N, K, 3]`` (x, y, visibility). ``N = 0`` makes the image a negative.
+    Returns torchvision's named scalar losses (sum them for the total); works with DDP-wrapped models.
+    """
+    if len(images) != len(targets):
+        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+    model.train()
+    device = _device_of(model)
+    offset = _label_offset(model)
+    keypoints = _is_keypoint_model(model)
+    tv_targets = []
+    for i, t in enumerate(targets):
+        boxes = t["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
+        labels = t["labels"].to(device=device, dtype=torch.int64).reshape(-1)
+        target = {"boxes": boxes, "labels": labels + offset}
+        if keypoints:
+            kps = t.get("keypoints")
+            if kps is None:
+                raise ValueError(f"target {i}: a keypoint model needs 'keypoints' [N, K, 3] in every target")
+            target["keypoints"] = kps.to(device=device, dtype=torch.float32)
+        tv_targets.append(target)
+    tv_images = [im.to(device) for im in images]
+    return model(tv_images, tv_targets)
+
+
+def _to_detections(out: Mapping[str, Tensor], offset: int, device: torch.device) -> Detections:
+    keypoints = None
+    if "keypoints" in out:
+        keypoints = torch.cat([out["keypoints"][..., :2], out["keypoints_scores"][..., None]], dim=-1)
+        keypoints = keypoints.to(device)
+    return Detections(
+        boxes=out["boxes"].to(device),
+        scores=out["scores"].to(device),
+        labels=(out["labels"] - offset).to(device),
+        keypoints=keypoints,
+    )
+
+
+def predict(model: nn.Module, images: Sequence[Tensor]) -> list[Detections]:
+    """Detections for each image (sets eval mode, no gradients), in the original image frame.
+
+    images: float32 ``[3, H, W]`` in [0, 1], any sizes (the model resizes them to its ``min_size``).
+    Labels come back as class indices ``0..C-1``; keypoint models give keypoints ``[N, K, 3]`` with
+    x, y and the keypoint's heatmap logit (unbounded, as in torchvision) in the third column.
+    Outputs live on the device of the first image.
+    """
+    if len(images) == 0:
+        return []
+    model.eval()
+    device = _device_of(model)
+    offset = _label_offset(model)
+    with torch.no_grad():
+        outputs = model([im.to(device) for im in images])
+    return [_to_detections(o, offset, images[0].device) for o in outputs]
+
+
+@contextmanager
+def input_size(model: nn.Module, min_size: int, max_size: int) -> Iterator[nn.Module]:
+    """Temporarily resize inputs to ``min_size`` (shorter side) and at most ``max_size`` (longer side).
+
+    torchvision resizes every input to the model's ``min_size``, so a scale view of test-time
+    augmentation changes this target, not the image.
+    """
+    transform = _unwrap(model).transform
+    saved = (transform.min_size, transform.max_size)
+    transform.min_size = (int(min_size),)
+    transform.max_size = int(max_size)
+    try:
+        yield model
+    finally:
+        transform.min_size, transform.max_size = saved
+
+
+# ----------------------------------------------------------------------------------------------------
+# keypoint heatmaps (for heatmap fusion across views)
+
+
+def keypoint_heatmaps(model: nn.Module, images: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[Tensor]:
+    """The keypoint head's heatmap logits for given boxes: one ``[N, K, M, M]`` tensor per image.
+
+    boxes: ``[N, 4]`` xyxy px in each image's frame. Each heatmap spans its box (``M`` bins on each side,
+    28 for the small model, 56 for the large one). Runs in eval mode without gradients, with the model's
+    current input size (so it composes with :func:`input_size` for scale views).
+    """
+    inner = _unwrap(model)
+    if not _is_keypoint_model(inner):
+        raise ValueError(f"{type(inner).__name__} has no keypoint head")
+    if len(images) != len(boxes):
+        raise ValueError(f"got {len(images)} images but {len(boxes)} box tensors")
+    if len(images) == 0:
+        return []
+    inner.eval()
+    device = _device_of(inner)
+    with torch.no_grad():
+        tv_images = [im.to(device) for im in images]
+        original_sizes = [tuple(im.shape[-2:]) for im in tv_images]
+        image_list, _ = inner.transform(tv_images)
+        features = inner.backbone(image_list.tensors)
+        rois = [
+            resize_boxes(b.to(device=device, dtype=torch.float32).reshape(-1, 4), orig, new)
+            for b, orig, new in zip(boxes, original_sizes, image_list.image_sizes, strict=True)
+        ]
+        heads = inner.roi_heads
+        x = heads.keypoint_roi_pool(features, rois, image_list.image_sizes)
+        x = heads.keypoint_predictor(heads.keypoint_head(x))
+    return [h.to(images[0].device) for h in x.split([len(r) for r in rois])]
+
+
+def _resized_size(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The ``(H, W)`` that the model's transform resizes an image of ``image_size`` to (eval mode)."""
+    transform = _unwrap(model).transform
+    was_training = transform.training
+    transform.eval()
+    try:
+        resized, _ = transform.resize(torch.zeros((1, *image_size)), None)
+    finally:
+        transform.train(was_training)
+    return (int(resized.shape[-2]), int(resized.shape[-1]))
+
+
+def heatmaps_to_keypoints(
+    heatmaps: Tensor,
+    boxes: Tensor,
+    *,
+    model: nn.Module | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> Tensor:
+    """Keypoints ``[N, K, 3]`` (x, y px, heatmap logit at the peak) from heatmaps ``[N, K, M, M]`` that
+    span ``boxes`` ``[N, 4]`` xyxy px.
+
+    With ``model`` and ``image_size`` ``(H, W)`` the decoding happens in the frame the model resizes that
+    image to, then is scaled back: exactly what :func:`predict` does, so the heatmaps of predict()'s own
+    boxes give its keypoints. Without them, it decodes in the boxes' frame (the same when the model does
+    not resize the image; otherwise within a resized pixel).
+    """
+    if heatmaps.ndim != 4 or boxes.ndim != 2 or boxes.shape[0] != heatmaps.shape[0]:
+        raise ValueError(
+            f"need heatmaps [N, K, M, M] and boxes [N, 4], got {tuple(heatmaps.shape)} and {tuple(boxes.shape)}"
+        )
+    if (model is None) != (image_size is None):
+        raise ValueError("give both model and image_size, or neither")
+    n, k = heatmaps.shape[:2]
+    if n == 0:
+        return heatmaps.new_zeros((0, k, 3))
+    boxes = boxes.to(device=heatmaps.device, dtype=torch.float32)
+    if model is None or image_size is None:
+        xy, scores = _tv_heatmaps_to_keypoints(heatmaps, boxes)
+    else:
+        size = (int(image_size[0]), int(image_size[1]))
+        resized = _resized_size(model, size)
+        xy, scores = _tv_heatmaps_to_keypoints(heatmaps, resize_boxes(boxes, size, resized))
+        xy = resize_keypoints(xy, resized, size)
+    return torch.cat([xy[..., :2], scores[..., None]], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# files: safe loading, checkpoints, pretrained weights
+
+
+def _torch_load(path: str | os.PathLike[str], what: str) -> Any:
+    """``torch.load(weights_only=True)`` with every failure as a one-line UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a {what} file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None and "global" not in str(exc).lower():
+            raise UserError(f"{path}: not a readable {what} (truncated or not a torch file)") from exc
+        name = f" ({found.group(1)})" if found else ""
+        raise UserError(
+            f"{path}: refused to load: the file needs code to be unpickled{name}; a {what} must hold only "
+            "tensors and plain types (it is read with weights_only=True)"
+        ) from exc
+    except Exception as exc:  # zip, EOF, key and decode errors of a truncated or foreign file
+        raise UserError(f"{path}: not a readable {what} (truncated or not a torch file)") from exc
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], *, model: nn.Module, meta: ModelMeta, extra: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``{"format", "version", "meta", "state_dict", "extra"}`` atomically (tensors on the CPU).
+
+    ``extra`` must hold only tensors and plain types (optimizer state dicts qualify), so that the file
+    loads with ``weights_only=True``.
+    """
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    content = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "meta": meta.to_dict(),
+        "state_dict": state,
+        "extra": dict(extra or {}),
+    }
+    write_atomic(path, lambda f: torch.save(content, f))
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's content (``weights_only=True``); a one-line UserError for a missing, truncated or
+    foreign file, or one that needs code to be unpickled."""
+    content = _torch_load(path, "checkpoint")
+    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a datadistill checkpoint (no 'format': {CHECKPOINT_FORMAT!r})")
+    version = content.get("version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise UserError(
+            f"{path}: checkpoint version {version!r} is newer than this datadistill reads "
+            f"({CHECKPOINT_VERSION}); upgrade datadistill"
+        )
+    for key in ("meta", "state_dict"):
+        if not isinstance(content.get(key), dict):
+            raise UserError(f"{path}: malformed checkpoint: no {key!r}")
+    content.setdefault("extra", {})
+    return content
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelMeta, dict[str, Any]]:
+    """``(model in eval mode on device, meta, extra)`` from a checkpoint written by :func:`save_checkpoint`."""
+    content = read_checkpoint(path)
+    try:
+        meta = ModelMeta.from_dict(content["meta"])
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from exc
+    model = build_model(meta)
+    try:
+        model.load_state_dict(content["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"{path}: weights do not fit model {meta.model!r}: {first}") from exc
+    model.to(device).eval()
+    return model, meta, content["extra"]
+
+
+# Tensors whose meaning depends on the class list or the keypoint list, by architecture.
+_CLASS_HEAD_PREFIXES = ("head.classification_head.cls_logits.", "roi_heads.box_predictor.")
+_KEYPOINT_HEAD_PREFIXES = ("roi_heads.keypoint_predictor.",)
+# Where a backbone-only state dict (a torchvision classifier) may sit inside a detector.
+_PREFIXES = ("", "backbone.body.", "backbone.")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`init_weights` did: source tensors loaded, skipped for a shape or meaning mismatch
+    (class/keypoint heads of another label set), with no counterpart in the model; model tensors left
+    at their random init."""
+
+    loaded: int
+    mismatched: int
+    unmatched: int
+    missing: int
+
+
+def _source_state(
+    spec: str, meta: ModelMeta
+) -> tuple[dict[str, Tensor], tuple[str, ...] | None, tuple[str, ...] | None]:
+    """``(state dict, its class names or None if unknown, its keypoint names or None)`` for ``spec``."""
+    if spec.startswith("weights:"):
+        name = spec.removeprefix("weights:")
+        from torchvision.models import get_weight
+
+        try:
+            weights = get_weight(name)
+        except (ValueError, KeyError, AttributeError):
+            raise UserError(
+                f"unknown torchvision weights {name!r} (e.g. FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1, "
+                "ResNet50_Weights.IMAGENET1K_V2)"
+            ) from None
+        try:
+            state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        except Exception as exc:  # urllib/http/socket/hash errors: all mean "cannot get the file"
+            raise UserError(
+                f"cannot download torchvision weights {name} ({type(exc).__name__}: {str(exc)[:120]}); "
+                "this needs internet, or pass a local file of weights instead"
+            ) from exc
+        categories = weights.meta.get("categories")
+        classes = tuple(c for c in categories if c != "__background__") if categories else None
+        if categories and "__background__" not in categories:
+            classes = None  # a classifier's categories (ImageNet), not detection classes
+        kp = weights.meta.get("keypoint_names")
+        return state, classes, tuple(kp) if kp else None
+    content = _torch_load(spec, "weights")
+    if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
+        src_meta = ModelMeta.from_dict(content["meta"])
+        return content["state_dict"], src_meta.class_names, src_meta.keypoint_names
+    if isinstance(content, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(content.get(key), dict):
+                content = content[key]
+                break
+    if not (isinstance(content, dict) and content and all(isinstance(v, Tensor) for v in content.values())):
+        raise UserError(f"{spec}: not a state dict (a mapping of names to tensors) nor a datadistill checkpoint")
+    return dict(content), None, None
+
+
+def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
+    """Load pretrained weights into ``model``, partially and honestly.
+
+    ``spec`` is ``"weights:NAME"`` (a torchvision weights enum name, downloaded by torchvision's cache)
+    or a local file: a plain state dict, ``{"model"|"state_dict": state dict}``, or a datadistill
+    checkpoint. Tensors load where the name (possibly under ``backbone.body.`` for a classifier's
+    weights) and the shape match; when the source names its classes (torchvision weights, our
+    checkpoints), class heads load only if those equal ``meta.class_names`` (keypoint heads likewise),
+    since equal shapes can hide another label order; a plain state dict's heads load by shape (warned).
+    Logs and returns the counts; a UserError when nothing matches.
+    """
+    source, src_classes, src_keypoints = _source_state(spec, meta)
+    source = {k.removeprefix("module."): v for k, v in source.items() if not k.endswith("num_batches_tracked")}
+    target = _unwrap(model).state_dict()
+    skip_prefixes: tuple[str, ...] = ()
+    if src_classes is not None and src_classes != meta.class_names:
+        skip_prefixes += _CLASS_HEAD_PREFIXES
+    if src_keypoints is not None and src_keypoints != meta.keypoint_names:
+        skip_prefixes += _KEYPOINT_HEAD_PREFIXES
+    if src_classes is None:
+        log.warning("%s does not name its classes: class heads of the same shape load as they are", spec)
+
+    best: tuple[int, str] = (-1, "")
+    for prefix in _PREFIXES:
+        hits = sum(1 for k in source if prefix + k in target)
+        if hits > best[0]:
+            best = (hits, prefix)
+    prefix = best[1]
+    update: dict[str, Tensor] = {}
+    mismatched = unmatched = 0
+    for key, value in source.items():
+        name = prefix + key
+        if name not in target:
+            unmatched += 1
+        elif name.startswith(skip_prefixes) or target[name].shape != value.shape:
+            mismatched += 1
+        else:
+            update[name] = value
+    if not update:
+        raise UserError(
+            f"no tensor in {spec} fits model {meta.model!r} ({len(source)} tensors, {mismatched} with "
+            f"another shape or label set, {unmatched} with no counterpart)"
+        )
+    _unwrap(model).load_state_dict(update, strict=False)
+    report = LoadReport(
+        loaded=len(update),
+        mismatched=mismatched,
+        unmatched=unmatched,
+        missing=sum(1 for k in target if k not in update and not k.endswith("num_batches_tracked")),
+    )
+    log.info(
+        "init %s from %s: loaded %d tensors, skipped %d (other shape or label set) and %d (no counterpart); "
+        "%d model tensors keep their random init",
+        meta.model,
+        spec,
+        report.loaded,
+        report.mismatched,
+        report.unmatched,
+        report.missing,
+    )
+    return report

@@ -1,0 +1,221 @@
+"""The ``select`` stage: label shards + the labeled reference -> a pseudo-labeled COCO json.
+
+Reads only the shard columns it needs (scores, labels, agreement to choose the thresholds; boxes and
+keypoints of the kept objects to write them), vectorised over all objects at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from datadistill import selection
+from datadistill.coco import Category, CocoDataset, category_to_coco, load_coco, read_json
+from datadistill.errors import UserError
+from datadistill.io import provenance, write_json_atomic
+from datadistill.label import read_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Every option of ``datadistill select``."""
+
+    labels: str
+    reference: str
+    out: str
+    policy: str = "count"
+    min_agreement: int = 1
+    drop_empty: bool = False
+    keypoint_policy: str = "count"  # "count": match the labeled mean of visible keypoints; "all": all visible
+
+
+def reference_counts(ref: CocoDataset) -> dict[str, Any]:
+    """Mean objects per labeled image (all and per class, crowd excluded) and mean visible keypoints."""
+    n_images = len(ref.images)
+    if n_images == 0:
+        raise UserError(f"{ref.path}: the reference data set has no images")
+    per_class = np.zeros(ref.num_classes)
+    visible = instances = 0
+    for lab in ref.labels.values():
+        keep = ~lab.iscrowd
+        per_class += np.bincount(lab.labels[keep], minlength=ref.num_classes)
+        if lab.keypoints is not None:
+            visible += int((lab.keypoints[keep][..., 2] > 0).sum())
+            instances += int(keep.sum())
+    return {
+        "images": n_images,
+        "per_image": float(per_class.sum() / n_images),
+        "per_class_per_image": (per_class / n_images).tolist(),
+        "visible_keypoints_per_instance": visible / instances if instances else None,
+    }
+
+
+def _flat(table: pa.Table, column: str, dtype: Any) -> np.ndarray:
+    return np.asarray(pa.compute.list_flatten(table[column]).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _categories(manifest: dict[str, Any], ref: CocoDataset, labels_dir: Path) -> tuple[Category, ...]:
+    names = manifest.get("classes", {}).get("names")
+    if names is not None and tuple(names) != ref.class_names:
+        raise UserError(
+            f"{labels_dir} was labeled by a model for classes {names[:5]}... but {ref.path} has "
+            f"{list(ref.class_names[:5])}...; label with a checkpoint trained on this data"
+        )
+    return ref.categories
+
+
+def _plot_histogram(path: Path, scores: np.ndarray, sel: selection.Selection, class_names: tuple[str, ...]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.hist(scores, bins=50, range=(0, 1), color="#4c72b0")
+    thresholds = np.unique(sel.thresholds[np.isfinite(sel.thresholds)])
+    for t in thresholds:
+        ax.axvline(t, color="#c44e52", lw=1.5)
+    label = f"threshold {thresholds[0]:.3f}" if len(thresholds) == 1 else f"{len(thresholds)} per-class thresholds"
+    ax.set(xlabel="fused score", ylabel="objects", title=f"pseudo-label scores ({sel.policy}: {label})")
+    ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def select_pseudo_labels(cfg: SelectConfig) -> Path:
+    """The ``select`` stage; writes ``cfg.out`` (COCO json with ``score`` and ``agreement``),
+    ``selection.json`` and ``scores.png`` beside it. Returns the json path."""
+    started = time.time()
+    labels_dir = Path(cfg.labels)
+    try:
+        policy, fixed = selection.parse_policy(cfg.policy)
+    except ValueError as exc:
+        raise UserError(f"--policy: {exc}") from exc
+    if cfg.keypoint_policy not in ("count", "all"):
+        raise UserError(f"--keypoint-policy must be count or all, got {cfg.keypoint_policy!r}")
+    manifest_path = labels_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise UserError(f"{labels_dir}: no manifest.json (run `datadistill label` first)")
+    manifest = read_json(manifest_path)
+    if manifest.get("status") != "complete":
+        raise UserError(f"{labels_dir}: labeling is not complete (re-run the same `datadistill label` to finish)")
+    ref = load_coco(cfg.reference)
+    categories = _categories(manifest, ref, labels_dir)
+    num_classes = len(categories)
+    counts = reference_counts(ref)
+
+    small = read_shards(labels_dir, columns=["scores", "labels", "agreement", "error"])
+    ok_rows = np.asarray(small["error"].is_null().to_numpy(zero_copy_only=False))
+    num_images = int(ok_rows.sum())
+    if num_images == 0:
+        raise UserError(f"{labels_dir}: no image was labeled (all skipped?)")
+    scores = _flat(small, "scores", np.float64)
+    labels = _flat(small, "labels", np.int64)
+    agreement = _flat(small, "agreement", np.int64)
+    eligible = agreement >= cfg.min_agreement
+    if policy == "count":
+        sel = selection.select_count(scores[eligible], labels[eligible], num_images=num_images,
+                                     per_image=counts["per_image"], num_classes=num_classes)  # fmt: skip
+    elif policy == "count-per-class":
+        sel = selection.select_count_per_class(
+            scores[eligible], labels[eligible], num_images=num_images,
+            per_image=np.asarray(counts["per_class_per_image"]), num_classes=num_classes,
+        )  # fmt: skip
+    else:
+        sel = selection.select_fixed(
+            scores[eligible], labels[eligible], threshold=float(fixed), num_classes=num_classes
+        )
+    keep = eligible & sel.keep(scores, labels)
+
+    num_kp = ref.num_keypoints
+    columns = ["file_name", "width", "height", "boxes", "error"] + (["keypoints"] if num_kp else [])
+    big = read_shards(labels_dir, columns=columns)
+    boxes = _flat(big, "boxes", np.float64).reshape(-1, 4)
+    kp_thr = None
+    kps = None
+    if num_kp:
+        kps = _flat(big, "keypoints", np.float64).reshape(-1, num_kp, 3)
+        if cfg.keypoint_policy == "count" and counts["visible_keypoints_per_instance"] is not None:
+            kp_thr = selection.keypoint_threshold(
+                kps[keep][..., 2], visible_per_instance=counts["visible_keypoints_per_instance"]
+            )
+        else:
+            kp_thr = -np.inf
+    lengths = np.asarray(pa.compute.list_value_length(small["scores"]).to_numpy(zero_copy_only=False), np.int64)
+    image_of_object = np.repeat(np.arange(len(lengths)), lengths)
+
+    file_names = big["file_name"].to_pylist()
+    widths = big["width"].to_numpy()
+    heights = big["height"].to_numpy()
+    kept_per_image = np.bincount(image_of_object[keep], minlength=len(lengths))
+    images, image_ids = [], {}
+    for row in range(len(lengths)):
+        if not ok_rows[row] or (cfg.drop_empty and kept_per_image[row] == 0):
+            continue
+        image_ids[row] = len(images) + 1
+        images.append({"id": len(images) + 1, "file_name": file_names[row], "width": int(widths[row]),
+                       "height": int(heights[row])})  # fmt: skip
+    cat_ids = [c.id for c in categories]
+    annotations = []
+    idx = np.flatnonzero(keep)
+    for ann_id, j in enumerate(idx, 1):
+        x1, y1, x2, y2 = (float(v) for v in boxes[j])
+        ann: dict[str, Any] = {
+            "id": ann_id, "image_id": image_ids[int(image_of_object[j])], "category_id": cat_ids[int(labels[j])],
+            "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+            "score": float(scores[j]), "agreement": int(agreement[j]),
+        }  # fmt: skip
+        if kps is not None:
+            k = kps[j].copy()
+            vis = k[:, 2] >= kp_thr
+            k[:, 2] = np.where(vis, 2.0, 0.0)
+            k[~vis, :2] = 0.0
+            ann["keypoints"] = k.reshape(-1).tolist()
+            ann["num_keypoints"] = int(vis.sum())
+        annotations.append(ann)
+    out = Path(cfg.out)
+    coco = {"images": images, "annotations": annotations, "categories": [category_to_coco(c) for c in categories],
+            "info": {"description": f"datadistill pseudo-labels from {labels_dir}", "policy": sel.policy}}  # fmt: skip
+    write_json_atomic(out, coco)
+    achieved_total = int(keep.sum())
+    report = {
+        "policy": sel.policy,
+        "min_agreement": cfg.min_agreement,
+        "thresholds": {
+            c.name: (None if not np.isfinite(t) else float(t)) for c, t in zip(categories, sel.thresholds, strict=True)
+        },
+        "target_per_image": counts["per_image"] if policy == "count" else None,
+        "target_per_class_per_image": dict(zip(ref.class_names, counts["per_class_per_image"], strict=True)),
+        "target_objects": None if sel.target is None else sel.target.tolist(),
+        "achieved_objects": achieved_total,
+        "achieved_per_class": dict(zip(ref.class_names, sel.achieved.tolist(), strict=True)),
+        "achieved_per_image": achieved_total / num_images,
+        "unlabeled_images": num_images,
+        "images_written": len(images),
+        "empty_images_kept": int(((kept_per_image == 0) & ok_rows).sum()) if not cfg.drop_empty else 0,
+        "candidates": int(scores.size),
+        "keypoint_threshold": None if kp_thr is None or not np.isfinite(kp_thr) else float(kp_thr),
+        "reference_visible_keypoints_per_instance": counts["visible_keypoints_per_instance"],
+        "pseudo_visible_keypoints_per_instance": (
+            float(np.mean([a["num_keypoints"] for a in annotations])) if num_kp and annotations else None
+        ),
+        "options": asdict(cfg),
+        "seconds": round(time.time() - started, 3),
+        "provenance": provenance(),
+    }
+    write_json_atomic(out.parent / "selection.json", report, indent=2)
+    _plot_histogram(out.parent / "scores.png", scores[eligible], sel, ref.class_names)
+    log.info(
+        "kept %d of %d candidates (%.2f per image, target %.2f) on %d images with %s",
+        achieved_total, scores.size, achieved_total / num_images, counts["per_image"], num_images, sel.policy,
+    )  # fmt: skip
+    return out

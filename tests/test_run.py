@@ -1,0 +1,149 @@
+"""`run`: strict configs, the whole loop on tiny data, resuming after a kill; `demo --quick`; the report."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from datadistill.cli import main
+from datadistill.config import load_run_config
+from datadistill.errors import UserError
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        pytest.param("teacher:\n  epoch: 3\n", [], "teacher.epoch: unknown setting", id="unknown-nested-key"),
+        pytest.param("round: 2\n", [], "round: unknown setting", id="unknown-top-key"),
+        pytest.param(
+            "teacher:\n  epochs: ten\n", [], "teacher.epochs: expected an integer, got 'ten'", id="wrong-type"
+        ),
+        pytest.param(
+            "teacher:\n  epochs: 2.5\n", [], "teacher.epochs: expected an integer, got 2.5", id="float-for-int"
+        ),
+        pytest.param(
+            "select:\n  drop_empty: 1\n", [], "select.drop_empty: expected true or false, got 1", id="int-for-bool"
+        ),
+        pytest.param("teacher: 5\n", [], "teacher: expected a mapping", id="scalar-for-section"),
+        pytest.param("teacher: [\n", [], "invalid YAML at line", id="bad-yaml"),
+        pytest.param("- 1\n- 2\n", [], "the config must be a mapping", id="list-config"),
+        pytest.param("a: !!python/object/apply:os.system ['echo hi']\n", [], "invalid YAML", id="python-tag-refused"),
+        pytest.param("", ["teacher.epochs=x"], "teacher.epochs: expected an integer, got 'x'", id="override-type"),
+        pytest.param("", ["nokey"], "expected key=value", id="override-syntax"),
+        pytest.param("", ["teacher.lr.x=1"], "teacher.lr: expected a number or null", id="override-into-scalar"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message.replace("[", r"\[")) as info:
+        load_run_config(path, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_config_values_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: a.json\nteacher:\n  epochs: 3\n  lr: 1\nlabel:\n  views: paper\n")
+    cfg, base = load_run_config(path, ["student.pseudo_ratio=0.2", "rounds=2", "teacher.model=small_frcnn"])
+    assert base == tmp_path and cfg.data.train == "a.json" and cfg.teacher.epochs == 3 and cfg.teacher.lr == 1.0
+    assert cfg.student.pseudo_ratio == 0.2 and cfg.rounds == 2 and cfg.teacher.model == "small_frcnn"
+    assert cfg.label.views == "paper" and cfg.student.epochs == 12
+
+
+def test_examples_are_valid_configs() -> None:
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        load_run_config(path)
+
+
+TINY = """
+data:
+  train: data/labeled.json
+  train_images: data/images
+  unlabeled: data/unlabeled.json
+  unlabeled_images: data/images
+  val: data/val.json
+  val_images: data/images
+  unlabeled_truth: data/unlabeled_truth.json
+teacher: {epochs: 2, batch_size: 4}
+student: {epochs: 2, batch_size: 5}
+label: {views: "identity,hflip", shard_size: 4, batch_size: 4}
+device: cpu
+threads: 1
+workers: 0
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from datadistill.demo import DemoPlan, make_demo_data
+
+    root = tmp_path_factory.mktemp("run")
+    plan = DemoPlan(labeled=8, unlabeled=12, val=6, size_px=64, teacher_epochs=1, student_epochs=1, batch_size=4,
+                    views="identity")  # fmt: skip
+    make_demo_data(root / "data", task="boxes", plan=plan, seed=3)
+    (root / "config.yaml").write_text(TINY)
+    return root
+
+
+def _run_cmd(config: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "datadistill", "run", str(config), "--out", str(out)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL semantics")
+def test_run_resumes_after_kill_to_the_uninterrupted_result(tiny: Path) -> None:
+    ref = tiny / "ref"
+    subprocess.run(_run_cmd(tiny / "config.yaml", ref), check=True, capture_output=True)
+    for name in ("teacher/checkpoint.pt", "round-1/label/manifest.json", "round-1/select/pseudo.json",
+                 "round-1/student/checkpoint.pt", "round-1/student/eval/metrics.json", "report.html"):  # fmt: skip
+        assert (ref / name).exists(), name
+    killed = tiny / "killed"
+    # kill during the teacher, then during labeling or the student
+    for marker in ("teacher/metrics.jsonl", "round-1/select/pseudo.json"):
+        proc = subprocess.Popen(_run_cmd(tiny / "config.yaml", killed), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 300
+        while time.time() < deadline and not (killed / marker).exists() and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "round-1/student/checkpoint.pt").exists()
+    result = subprocess.run(_run_cmd(tiny / "config.yaml", killed), check=True, capture_output=True, text=True)
+    assert "student, round 1" in result.stdout
+    sa = torch.load(ref / "round-1/student/checkpoint.pt", weights_only=True)["state_dict"]
+    sb = torch.load(killed / "round-1/student/checkpoint.pt", weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    pa, pb = (json.loads((r / "round-1/select/pseudo.json").read_text()) for r in (ref, killed))
+    assert pa["annotations"] == pb["annotations"] and pa["images"] == pb["images"]
+
+
+def test_rerun_with_another_config_is_refused(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tiny / "other"
+    out.mkdir()
+    (out / "config.yaml").write_text("teacher: {epochs: 99}\n")
+    assert main(["run", str(tiny / "config.yaml"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "was started with another 'data'" in err and err.count("\n") == 1
+
+
+def test_demo_quick_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "supervised (teacher)" in out and "student (data distillation)" in out and "precision" in out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results) >= {"supervised", "student", "pseudo_labels"}
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"):
+        assert 0.0 <= (results["student"]["bbox"][key] or 0.0) <= 1.0
+    p = results["pseudo_labels"]
+    assert 0.0 <= p["precision"] <= 1.0 and 0.0 <= p["recall"] <= 1.0
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "<table>" in page
+    assert "http://" not in page and "https://" not in page  # self-contained

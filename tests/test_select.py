@@ -1,0 +1,115 @@
+"""The select stage on hand-made shards: thresholds, written pseudo-labels, keypoint visibility."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from datadistill.coco import load_coco
+from datadistill.errors import UserError
+from datadistill.io import write_json_atomic
+from datadistill.label import _schema, _write_shard
+from datadistill.pseudo import SelectConfig, select_pseudo_labels
+
+KP = ["head", "left_hand", "right_hand"]
+
+
+def _reference(path: Path, *, per_image: list[list[int]], keypoints: bool = False) -> None:
+    images, anns = [], []
+    for i, labels in enumerate(per_image, 1):
+        images.append({"id": i, "file_name": f"l{i}.png", "width": 100, "height": 100})
+        for c in labels:
+            ann = {"id": len(anns) + 1, "image_id": i, "category_id": c + 1, "bbox": [10, 10, 20, 20], "iscrowd": 0}
+            if keypoints:
+                ann["keypoints"] = [15, 12, 2, 12, 20, 2, 25, 20, 0]  # 2 visible of 3
+            anns.append(ann)
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    if keypoints:
+        cats = [{"id": 1, "name": "a", "keypoints": KP, "skeleton": [[1, 2]]}, {"id": 2, "name": "b", "keypoints": KP}]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+
+
+def _shards(
+    folder: Path, rows: list[tuple[str, list[float], list[int], list[int]]], *, k: int = 0, names=("a", "b")
+) -> None:
+    out = []
+    for name, scores, labels, agreement in rows:
+        n = len(scores)
+        row = {"file_name": name, "width": 100, "height": 80, "boxes": [1.0, 2.0, 30.0, 40.0] * n, "scores": scores,
+               "labels": labels, "agreement": agreement, "error": None}  # fmt: skip
+        if k:
+            row["keypoints"] = [v for j in range(n) for v in (5.0, 6.0, 0.9 - 0.1 * j, 7.0, 8.0, 0.5, 9.0, 9.0, 0.1)]
+        out.append(row)
+    out.append({"file_name": "broken.png", "width": 0, "height": 0, "boxes": [], "scores": [], "labels": [],
+                "agreement": [], "error": "empty file", **({"keypoints": []} if k else {})})  # fmt: skip
+    _write_shard(folder / "shards" / "part-00000.parquet", out, _schema(k))
+    write_json_atomic(folder / "manifest.json", {"status": "complete", "classes": {"names": list(names)}})
+
+
+ROWS = [
+    ("u1.png", [0.9, 0.8, 0.3], [0, 1, 0], [3, 1, 2]),
+    ("u2.png", [0.7, 0.6], [0, 0], [2, 2]),
+    ("u3.png", [0.2], [1], [1]),
+    ("u4.png", [], [], []),
+]
+
+
+def test_count_policy_matches_the_labeled_mean(tmp_path: Path) -> None:
+    _reference(tmp_path / "ref.json", per_image=[[0, 1], [0]])  # 1.5 objects per labeled image
+    _shards(tmp_path / "labels", ROWS)
+    out = select_pseudo_labels(SelectConfig(labels=str(tmp_path / "labels"), reference=str(tmp_path / "ref.json"),
+                                            out=str(tmp_path / "sel" / "pseudo.json")))  # fmt: skip
+    sel = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert sel["unlabeled_images"] == 4 and sel["target_objects"] == [6]  # 1.5 * 4
+    assert sel["achieved_objects"] == 6 and sel["thresholds"] == pytest.approx({"a": 0.2, "b": 0.2})
+    pseudo = load_coco(out)
+    assert [im.file_name for im in pseudo.images] == ["u1.png", "u2.png", "u3.png", "u4.png"]  # empty kept, broken not
+    assert pseudo.num_annotations == 6
+    raw = json.loads(out.read_text())
+    assert {a["agreement"] for a in raw["annotations"]} == {1, 2, 3} and all("score" in a for a in raw["annotations"])
+    assert (tmp_path / "sel" / "scores.png").stat().st_size > 1000
+
+
+def test_per_class_fixed_agreement_and_drop_empty(tmp_path: Path) -> None:
+    _reference(tmp_path / "ref.json", per_image=[[0, 0], [0, 1]])  # a: 1.5/img, b: 0.5/img
+    _shards(tmp_path / "labels", ROWS)
+    common = {"labels": str(tmp_path / "labels"), "reference": str(tmp_path / "ref.json")}
+    select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "pc" / "p.json"), policy="count-per-class"))
+    sel = json.loads((tmp_path / "pc" / "selection.json").read_text())
+    assert sel["thresholds"] == pytest.approx({"a": 0.3, "b": 0.2}) and sel["achieved_per_class"] == {"a": 4, "b": 2}
+    out = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "fx" / "p.json"), policy="fixed:0.65",
+                                            min_agreement=2, drop_empty=True))  # fmt: skip
+    pseudo = load_coco(out)
+    assert [im.file_name for im in pseudo.images] == ["u1.png", "u2.png"]
+    assert sorted(float(s) for lab in pseudo.labels.values() for s in lab.scores) == pytest.approx([0.7, 0.9])
+
+
+def test_keypoints_marked_visible_to_match_the_labeled_mean(tmp_path: Path) -> None:
+    _reference(tmp_path / "ref.json", per_image=[[0], [0]], keypoints=True)  # 1 per image, 2 of 3 visible
+    _shards(tmp_path / "labels", [("u1.png", [0.9, 0.8], [0, 0], [2, 2]), ("u2.png", [], [], [])], k=3)
+    out = select_pseudo_labels(SelectConfig(labels=str(tmp_path / "labels"), reference=str(tmp_path / "ref.json"),
+                                            out=str(tmp_path / "s" / "p.json")))  # fmt: skip
+    sel = json.loads((tmp_path / "s" / "selection.json").read_text())
+    assert sel["reference_visible_keypoints_per_instance"] == 2.0
+    assert sel["pseudo_visible_keypoints_per_instance"] == 2.0 and sel["keypoint_threshold"] == 0.5
+    raw = json.loads(out.read_text())
+    assert [a["keypoints"][2::3] for a in raw["annotations"]] == [[2, 2, 0], [2, 2, 0]]
+    assert raw["annotations"][0]["keypoints"][6:8] == [0, 0]  # invisible points at (0, 0), as COCO has them
+
+
+def test_errors(tmp_path: Path) -> None:
+    _reference(tmp_path / "ref.json", per_image=[[0]])
+    common = {"reference": str(tmp_path / "ref.json"), "out": str(tmp_path / "p.json")}
+    with pytest.raises(UserError, match="no manifest.json"):
+        select_pseudo_labels(SelectConfig(labels=str(tmp_path / "none"), **common))
+    _shards(tmp_path / "other", ROWS, names=("cat", "dog"))
+    with pytest.raises(UserError, match=r"classes \['cat', 'dog'\]"):
+        select_pseudo_labels(SelectConfig(labels=str(tmp_path / "other"), **common))
+    _shards(tmp_path / "labels", ROWS)
+    with pytest.raises(UserError, match="--policy: unknown policy 'top5'"):
+        select_pseudo_labels(SelectConfig(labels=str(tmp_path / "labels"), policy="top5", **common))
+    write_json_atomic(tmp_path / "labels" / "manifest.json", {"status": "running"})
+    with pytest.raises(UserError, match="labeling is not complete"):
+        select_pseudo_labels(SelectConfig(labels=str(tmp_path / "labels"), **common))
