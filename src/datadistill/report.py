@@ -88,10 +88,10 @@ def _curves(runs: list[tuple[str, Path]]) -> str:
         return "<p>No training metrics found.</p>"
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for name, rows in series:
-        steps = [r for r in rows if "loss" in r and "step" in r]
+        steps = [r for r in rows if r.get("type") == "step" and "loss" in r]
         if steps:
-            axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], label=name, lw=1)
-        evals = [r for r in rows if "val" in r and isinstance(r["val"], dict)]
+            axes[0].plot([r["iteration"] for r in steps], [r["loss"] for r in steps], label=name, lw=1)
+        evals = [r for r in rows if r.get("type") == "epoch" and isinstance(r.get("val"), dict)]
         for task in ("bbox", "keypoints"):
             pts = [(r.get("epoch"), r["val"].get(task, {}).get("AP")) for r in evals]
             pts = [(e, a) for e, a in pts if e is not None and a is not None]
@@ -110,7 +110,7 @@ def pr_figure(curve: list[dict[str, float]], threshold: float | None) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     t = [c["threshold"] for c in curve]
-    ax.plot(t, [c["precision"] for c in curve], label="precision")
+    ax.plot(t, [c["precision"] if c["kept"] else float("nan") for c in curve], label="precision")
     ax.plot(t, [c["recall"] for c in curve], label="recall")
     if threshold is not None:
         ax.axvline(threshold, color="#c44e52", lw=1.5, label=f"threshold {threshold:.3f}")

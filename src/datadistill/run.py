@@ -70,6 +70,10 @@ def _train_config(section: TrainSection, cfg: RunConfig, base: Path, out: Path, 
         "threads": cfg.threads,
         "workers": cfg.workers,
         "resume": (out / "last.pt").exists(),
+        # validation AP along the way, for the report's curves (about 5 points per run)
+        "val": _path(base, cfg.data.val),
+        "val_images": _path(base, cfg.data.val_images) or _path(base, cfg.data.train_images),
+        "eval_every": max(1, section.epochs // 5),
     }
     if section.lr is not None:
         options["lr"] = section.lr
