@@ -5,7 +5,8 @@
 Prints one row per model with train it/s (forward + backward + SGD step), predict images/s, and the
 ratio of each to the first model of the table (the reference). Speeds are per CPU second of this process
 (``time.process_time``), so that a machine shared with other jobs still gives comparable numbers; with
-one thread that is the speed of one dedicated core. Each image holds 1-4 random boxes (keypoint models: 5 keypoints per box).
+one thread that is the speed of one dedicated core. Each image holds 1-4 random boxes (keypoint models:
+5 keypoints per box).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torchvision.models import get_weight
 from torchvision.models.detection import (
     fasterrcnn_resnet50_fpn_v2,
     fcos_resnet50_fpn,
@@ -116,21 +117,12 @@ def _small_resnet(widths: Sequence[int], blocks: Sequence[int]) -> nn.Sequential
     return body
 
 
-SMALL_WIDTHS = (32, 64, 96, 128)
-SMALL_BLOCKS = (1, 1, 1, 1)
-SMALL_FPN_CHANNELS = 64
-
-
 def _small_fpn_backbone(
-    *,
-    levels: Sequence[int],
-    extra: str,
-    widths: Sequence[int] = SMALL_WIDTHS,
-    blocks: Sequence[int] = SMALL_BLOCKS,
-    channels: int = SMALL_FPN_CHANNELS,
+    *, widths: Sequence[int], blocks: Sequence[int], channels: int, levels: Sequence[int], extra: str
 ) -> BackboneWithFPN:
-    """The small body with an FPN of ``channels`` over the stages in ``levels`` (1 = stride 4 ... 4 =
-    stride 32), plus P6/P7 convs (``extra="p6p7"``) or a max-pooled level (``"pool"``)."""
+    """The small body (stage ``widths``, BasicBlocks per stage) with an FPN of ``channels`` over the
+    stages in ``levels`` (1 = stride 4 ... 4 = stride 32), plus P6/P7 convs (``extra="p6p7"``) or a
+    max-pooled level (``"pool"``)."""
     body = _small_resnet(widths[: max(levels)], blocks[: max(levels)])
     extra_blocks = LastLevelP6P7(channels, channels) if extra == "p6p7" else LastLevelMaxPool()
     return BackboneWithFPN(
@@ -144,8 +136,11 @@ def _small_fpn_backbone(
 
 
 def _build_small_fcos(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    """FCOS over P3-P7 (strides 8..128; at 128 px nearly every object is learnt on P3), 3 head convs."""
     del num_keypoints
-    backbone = _small_fpn_backbone(levels=(2, 3, 4), extra="p6p7")  # P3-P7, strides 8..128
+    backbone = _small_fpn_backbone(
+        widths=(32, 64, 128, 256), blocks=(1, 2, 2, 1), channels=96, levels=(2, 3, 4), extra="p6p7"
+    )
     strides = (8, 16, 32, 64, 128)
     anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
     return FCOS(
@@ -154,10 +149,17 @@ def _build_small_fcos(*, num_classes: int, num_keypoints: int, min_size: int, ma
         min_size=min_size,
         max_size=max_size,
         anchor_generator=anchors,
-        head=FCOSHead(backbone.out_channels, 1, num_classes, num_convs=2),
+        head=FCOSHead(backbone.out_channels, 1, num_classes, num_convs=3),
         score_thresh=0.05,
         detections_per_img=100,
         topk_candidates=300,
+    )
+
+
+def _small_rcnn_backbone() -> BackboneWithFPN:
+    """P2-P6 (strides 4..64) over a narrow body: the R-CNN heads pool small objects from P2."""
+    return _small_fpn_backbone(
+        widths=(32, 64, 96, 128), blocks=(1, 1, 1, 1), channels=64, levels=(1, 2, 3, 4), extra="pool"
     )
 
 
@@ -184,7 +186,7 @@ def _small_rcnn_kwargs(backbone: BackboneWithFPN, num_classes: int, *, detection
 
 def _build_small_frcnn(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
     del num_keypoints
-    backbone = _small_fpn_backbone(levels=(1, 2, 3, 4), extra="pool")  # P2-P6, strides 4..64
+    backbone = _small_rcnn_backbone()
     return FasterRCNN(
         backbone,
         num_classes=None,
@@ -195,7 +197,7 @@ def _build_small_frcnn(*, num_classes: int, num_keypoints: int, min_size: int, m
 
 
 def _build_small_keypointrcnn(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    backbone = _small_fpn_backbone(levels=(1, 2, 3, 4), extra="pool")
+    backbone = _small_rcnn_backbone()
     c = backbone.out_channels
     head_width = 64
     return KeypointRCNN(
@@ -277,7 +279,7 @@ MODELS: dict[str, ModelSpec] = {
     "small_fcos": ModelSpec(
         name="small_fcos",
         task="boxes",
-        description="FCOS on a small GroupNorm ResNet-FPN (0.6M params); trains from scratch on a CPU (default)",
+        description="FCOS, small GroupNorm ResNet-FPN (2.6M), trains from scratch on a CPU (default)",
         builder=_build_small_fcos,
         min_size=128,
         max_size=128,
@@ -286,7 +288,7 @@ MODELS: dict[str, ModelSpec] = {
     "small_frcnn": ModelSpec(
         name="small_frcnn",
         task="boxes",
-        description="Faster R-CNN on a small GroupNorm ResNet-FPN; trains from scratch on a CPU",
+        description="Faster R-CNN, small GroupNorm ResNet-FPN (1.6M), trains from scratch on a CPU",
         builder=_build_small_frcnn,
         min_size=128,
         max_size=128,
@@ -295,7 +297,7 @@ MODELS: dict[str, ModelSpec] = {
     "small_keypointrcnn": ModelSpec(
         name="small_keypointrcnn",
         task="keypoints",
-        description="Keypoint R-CNN on a small GroupNorm ResNet-FPN; trains from scratch on a CPU (default)",
+        description="Keypoint R-CNN, small GroupNorm ResNet-FPN (1.7M), trains from scratch on a CPU (default)",
         builder=_build_small_keypointrcnn,
         min_size=128,
         max_size=128,
@@ -432,6 +434,8 @@ class ModelMeta:
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> ModelMeta:
+        if d.get("task") not in ("boxes", "keypoints"):
+            raise UserError(f"malformed model meta: task must be 'boxes' or 'keypoints', got {d.get('task')!r}")
         try:
             return ModelMeta(
                 model=str(d["model"]),
@@ -752,14 +756,10 @@ class LoadReport:
     missing: int
 
 
-def _source_state(
-    spec: str, meta: ModelMeta
-) -> tuple[dict[str, Tensor], tuple[str, ...] | None, tuple[str, ...] | None]:
+def _source_state(spec: str) -> tuple[dict[str, Tensor], tuple[str, ...] | None, tuple[str, ...] | None]:
     """``(state dict, its class names or None if unknown, its keypoint names or None)`` for ``spec``."""
     if spec.startswith("weights:"):
         name = spec.removeprefix("weights:")
-        from torchvision.models import get_weight
-
         try:
             weights = get_weight(name)
         except (ValueError, KeyError, AttributeError):
@@ -770,9 +770,10 @@ def _source_state(
         try:
             state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
         except Exception as exc:  # urllib/http/socket/hash errors: all mean "cannot get the file"
+            reason = " ".join(str(exc).split())[:120]
             raise UserError(
-                f"cannot download torchvision weights {name} ({type(exc).__name__}: {str(exc)[:120]}); "
-                "this needs internet, or pass a local file of weights instead"
+                f"cannot download torchvision weights {name} ({type(exc).__name__}: {reason}); "
+                "this needs internet, or pass a local weights file instead (a path, not weights:NAME)"
             ) from exc
         categories = weights.meta.get("categories")
         classes = tuple(c for c in categories if c != "__background__") if categories else None
@@ -805,7 +806,7 @@ def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
     since equal shapes can hide another label order; a plain state dict's heads load by shape (warned).
     Logs and returns the counts; a UserError when nothing matches.
     """
-    source, src_classes, src_keypoints = _source_state(spec, meta)
+    source, src_classes, src_keypoints = _source_state(spec)
     source = {k.removeprefix("module."): v for k, v in source.items() if not k.endswith("num_batches_tracked")}
     target = _unwrap(model).state_dict()
     skip_prefixes: tuple[str, ...] = ()
@@ -813,8 +814,6 @@ def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
         skip_prefixes += _CLASS_HEAD_PREFIXES
     if src_keypoints is not None and src_keypoints != meta.keypoint_names:
         skip_prefixes += _KEYPOINT_HEAD_PREFIXES
-    if src_classes is None:
-        log.warning("%s does not name its classes: class heads of the same shape load as they are", spec)
 
     best: tuple[int, str] = (-1, "")
     for prefix in _PREFIXES:
@@ -837,6 +836,8 @@ def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
             f"no tensor in {spec} fits model {meta.model!r} ({len(source)} tensors, {mismatched} with "
             f"another shape or label set, {unmatched} with no counterpart)"
         )
+    if src_classes is None and any(k.startswith(_CLASS_HEAD_PREFIXES) for k in update):
+        log.warning("%s does not name its classes: its class head loads because the shapes fit", spec)
     _unwrap(model).load_state_dict(update, strict=False)
     report = LoadReport(
         loaded=len(update),
