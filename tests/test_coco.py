@@ -146,7 +146,9 @@ def test_each_problem_is_reported_in_one_line(dataset_dir: Path, mutate: Any, ex
 def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
     path = tmp_path / "broken.json"
     path.write_text('{\n  "images": [\n    {"id": 1,,}\n  ]\n}')
-    assert validate_coco(path) == ["invalid json at line 3, column 14: Expecting property name enclosed in double quotes"]
+    assert validate_coco(path) == [
+        "invalid json at line 3, column 14: Expecting property name enclosed in double quotes"
+    ]
     with pytest.raises(DataError, match=r"broken.json: invalid json at line 3, column 14"):
         load_coco(path)
 
@@ -162,9 +164,13 @@ def test_truncated_json(tmp_path: Path) -> None:
     ("break_image", "expected"),
     [
         pytest.param(lambda p: p.unlink(), "image 1 (a.png): image file not found", id="missing"),
-        pytest.param(lambda p: p.write_bytes(b""), "image 1 (a.png): not a readable image (empty file)", id="zero-bytes"),
+        pytest.param(
+            lambda p: p.write_bytes(b""), "image 1 (a.png): not a readable image (empty file)", id="zero-bytes"
+        ),
         pytest.param(lambda p: p.write_text("hello"), "image 1 (a.png): not a readable image", id="text-file"),
-        pytest.param(lambda p: p.write_bytes(p.read_bytes()[:60]), "image 1 (a.png): not a readable image", id="truncated"),
+        pytest.param(
+            lambda p: p.write_bytes(p.read_bytes()[:60]), "image 1 (a.png): not a readable image", id="truncated"
+        ),
         pytest.param(
             lambda p: Image.new("RGB", (41, 30)).save(p),
             "image 1 (a.png): recorded size 40x30 differs from the file's 41x30",
@@ -238,7 +244,9 @@ def test_read_image_converts_modes_to_rgb(tmp_path: Path, mode: str, value: Any)
         pytest.param(["Left Foot", "Right Foot"], (1, 0), id="words-any-case"),
         pytest.param(["l_knee", "r_knee", "lr"], (1, 0, 2), id="single-letter"),
         pytest.param(["left_wing"], (0,), id="no-partner"),
-        pytest.param(list(COCO_PERSON_KEYPOINTS), (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15), id="coco"),
+        pytest.param(
+            list(COCO_PERSON_KEYPOINTS), (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15), id="coco"
+        ),
     ],
 )
 def test_derive_flip_index(names: list[str], expected: tuple[int, ...]) -> None:

@@ -322,7 +322,9 @@ E2 = math.exp(-2.0)  # gaussian decay of an identical box with sigma 0.5
         pytest.param(fusion.box_voting, {}, [0.9], id="vote-keeps-the-best-score"),
         pytest.param(fusion.wbf, {}, [0.6], id="wbf-avg-means"),
         pytest.param(fusion.wbf, {"conf_type": "max"}, [0.9], id="wbf-max"),
-        pytest.param(fusion.soft_nms, {"decayed_scores": True}, [0.9, 0.6 * E2, 0.3 * E2 * E2], id="soft_nms-decays-twice"),
+        pytest.param(
+            fusion.soft_nms, {"decayed_scores": True}, [0.9, 0.6 * E2, 0.3 * E2 * E2], id="soft_nms-decays-twice"
+        ),
     ],
 )
 def test_identical_boxes_in_three_views(method: Callable, kw: dict, expected_scores: list[float]) -> None:

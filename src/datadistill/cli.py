@@ -140,8 +140,11 @@ TRAIN_HELP = {
     "model": "a name from `datadistill models`; default: the small model of the data's task",
     "epochs": "passes over the labeled images",
     "batch_size": "images per minibatch",
-    "lr": "peak learning rate",
-    "optimizer": "sgd or adamw",
+    "lr": "peak learning rate (default: 2e-3 for small models, 1e-4 for pretrained ones with adamw; 0.01 sgd)",
+    "optimizer": "adamw or sgd",
+    "clip_grad_norm": "clip the gradient norm to this",
+    "weight_decay": "weight decay",
+    "warmup_iters": "iterations of linear lr warmup",
     "init": "initial weights: none (default), weights:NAME (torchvision) or a file (e.g. teacher/checkpoint.pt)",
     "pseudo": "pseudo-labels (COCO json from `datadistill select`): trains a student",
     "pseudo_images": "image root of --pseudo",
@@ -159,10 +162,12 @@ TRAIN_HELP = {
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from datadistill.distributed import launch_from_env
     from datadistill.train import TrainConfig, train
 
     out = train(_config_from_args(TrainConfig, args))
-    print(f"wrote {out / 'checkpoint.pt'}")
+    if launch_from_env().is_main:  # under torchrun, rank 0 speaks for all
+        print(f"wrote {out / 'checkpoint.pt'}")
     return 0
 
 
@@ -217,6 +222,8 @@ LABEL_HELP = {
     "threads": "torch threads of the labeling process",
     "device": "auto, cpu, cuda or cuda:N",
     "overwrite": "replace labels made with another checkpoint, views or fusion",
+    "engine": "local (this process, or each torchrun process) or ray (Ray Data; pip install 'datadistill[ray]')",
+    "ray_address": "with --engine ray: a running Ray cluster to join (default: start one on this machine)",
 }
 
 
@@ -225,6 +232,8 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     manifest = label(_config_from_args(LabelConfig, args, rank=rank, world_size=world))
+    if rank != 0:  # under torchrun, rank 0 speaks for all
+        return 0
     from datadistill.coco import read_json
 
     m = read_json(manifest)

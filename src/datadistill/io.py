@@ -14,6 +14,8 @@ from typing import IO, Any
 
 from datadistill.errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 PROVENANCE_PACKAGES = ("datadistill", "torch", "torchvision", "numpy", "pyarrow", "faster-coco-eval", "pillow")
 
 
@@ -34,6 +36,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others on a shared cluster may need to read
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -9,6 +9,12 @@ Each parquet row is one image: ``file_name`` (relative to the source root), ``wi
 flat lists ``boxes`` (4N, xyxy px), ``scores`` (N), ``labels`` (N class indices), ``agreement`` (N, how
 many views saw the object), ``keypoints`` (N*K*3, x, y, score; keypoint models only), and ``error``
 (why an image was skipped, else null).
+
+Scale-out writes the same shards: under ``torchrun`` rank ``r`` of ``W`` labels the shards ``k`` with
+``k % W == r`` (rank 0 prepares the folder before any rank starts, and writes ``manifest.json`` once every
+rank has finished); ``engine="ray"`` labels them on a Ray cluster (:mod:`datadistill.engines.ray`). Every
+engine cuts a shard into the same forward-pass batches (:func:`plan_batches`), so the labels do not depend
+on the engine, the number of processes, or where a resumed run started.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datadistill import fusion, models
+from datadistill import distributed, fusion, models
 from datadistill.coco import load_coco, read_json
 from datadistill.errors import DataError, UserError
 from datadistill.images import list_images, read_image, resolve_image_path
@@ -43,12 +50,21 @@ BOX_FUSIONS = ("nms", "soft-nms", "vote", "wbf")
 KEYPOINT_FUSIONS = ("heatmap", "mean")
 # What must match for a re-run to resume a folder instead of refusing it.
 RESUME_KEYS = ("checkpoint_sha256", "views", "fuse", "keypoint_fuse", "iou_thr", "score_floor", "shard_size",
-               "files_sha256")  # fmt: skip
+               "batch_size", "files_sha256")  # fmt: skip
+ENGINES = ("local", "ray")
+# How long ranks under torchrun wait for each other: the last wait lasts as long as the slowest rank's
+# remaining shards. A rank that dies is noticed by torchrun, which stops the others, not by this timeout.
+RANK_WAIT = timedelta(days=7)
 
 
 @dataclass(frozen=True)
 class LabelConfig:
-    """Every option of ``datadistill label``."""
+    """Every option of ``datadistill label``.
+
+    ``rank``/``world_size``: this process's share under torchrun (the CLI reads them from ``RANK`` and
+    ``WORLD_SIZE``). ``engine``: ``"local"`` (this process, or each torchrun rank) or ``"ray"`` (a Ray
+    Data pipeline; ``ray_address`` joins a running cluster, None starts one on this machine).
+    """
 
     checkpoint: str
     images: str
@@ -67,6 +83,8 @@ class LabelConfig:
     overwrite: bool = False
     rank: int = 0
     world_size: int = 1
+    engine: str = "local"
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +185,14 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 def shard_path(out: Path, index: int) -> Path:
     return out / "shards" / f"part-{index:05d}.parquet"
+
+
+def plan_batches(num_images: int, batch_size: int) -> list[range]:
+    """The forward passes of one shard of ``num_images``: positions in runs of ``batch_size``, the last
+    run shorter. Batches never cross a shard, so that a shard's labels depend on the shard alone, not on
+    the engine, the number of processes or where a resumed run started (batch composition changes
+    floating-point results: the model pads a batch to its largest image)."""
+    return [range(i, min(i + batch_size, num_images)) for i in range(0, num_images, batch_size)]
 
 
 def _schema(num_keypoints: int) -> pa.Schema:
@@ -307,6 +333,7 @@ def _signature(cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], t
         "iou_thr": cfg.iou_thr,
         "score_floor": cfg.score_floor,
         "shard_size": cfg.shard_size,
+        "batch_size": cfg.batch_size,
     }
 
 
@@ -323,6 +350,14 @@ def _check_config(cfg: LabelConfig) -> tuple[View, ...]:
             raise UserError(f"{name} must be at least 1, got {value}")
     if cfg.workers < 0:
         raise UserError(f"--workers must be at least 0, got {cfg.workers}")
+    if cfg.engine not in ENGINES:
+        raise UserError(f"unknown --engine {cfg.engine!r}: choose one of {', '.join(ENGINES)}")
+    if cfg.world_size < 1 or not 0 <= cfg.rank < cfg.world_size:
+        raise UserError(f"need 0 <= rank < world_size, got rank {cfg.rank} of {cfg.world_size}")
+    if cfg.engine == "ray" and cfg.world_size > 1:
+        raise UserError("--engine ray runs from one process: start it without torchrun (Ray spreads the work)")
+    if cfg.ray_address is not None and cfg.engine != "ray":
+        raise UserError("--ray-address needs --engine ray")
     try:
         return parse_views(cfg.views)
     except ValueError as exc:
@@ -343,6 +378,9 @@ def _prepare_out(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
                 f"{signature.get(differing[0])!r}); use another --out or --overwrite to replace them"
             )
         return
+    if (out / "shards").is_dir():  # temporary files of writes that a kill interrupted
+        for tmp in (out / "shards").glob(".part-*.tmp"):
+            tmp.unlink(missing_ok=True)
     if overwrite:
         for stale in (out / "shards").glob("part-*.parquet") if (out / "shards").is_dir() else ():
             stale.unlink()
@@ -365,40 +403,109 @@ def summarize_shards(out: Path) -> dict[str, Any]:
 
 
 def label(cfg: LabelConfig) -> Path:
-    """The ``label`` stage: every shard of the source labeled into ``cfg.out``; returns the manifest path."""
+    """The ``label`` stage: every shard of the source labeled into ``cfg.out``; returns the manifest path.
+
+    Under torchrun (``world_size`` > 1) every rank calls it, in a gloo process group that it joins for
+    the call: rank 0 checks and prepares the folder while the others wait (so that a refusal stops all of
+    them, and ``overwrite`` deletes nothing that another rank wrote), each rank labels its shards, and
+    rank 0 writes the final manifest once all have finished.
+    """
     started = time.time()
     views = _check_config(cfg)
     out = Path(cfg.out)
+    launch = distributed.Launch(rank=cfg.rank, world_size=cfg.world_size,
+                                local_rank=int(os.environ.get("LOCAL_RANK", cfg.rank)))  # fmt: skip
     torch.set_num_threads(cfg.threads)
-    device = _resolve_device(cfg.device)
-    model, meta, _ = models.load_checkpoint(cfg.checkpoint, device=device)
+    # The ray engine's driver only needs the meta; loading the model checks the checkpoint up front.
+    device = distributed.rank_device(_resolve_device(cfg.device), launch) if cfg.engine == "local" else None
+    model, meta, _ = models.load_checkpoint(cfg.checkpoint, device=device if device is not None else "cpu")
     model.eval()
     source = list_source(cfg.images, image_root=cfg.image_root)
     signature = _signature(cfg, source, views, meta.task)
-    _prepare_out(out, signature, cfg.overwrite)
-    num_shards = source.num_shards(cfg.shard_size)
-    mine = [k for k in range(num_shards) if k % cfg.world_size == cfg.rank]
-    todo = [k for k in mine if not shard_path(out, k).exists()]
     manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": 1, "config": signature,
-                                "options": asdict(cfg), "status": "running", "num_shards": num_shards,
+                                "options": asdict(cfg), "status": "running", "num_shards": 0,
                                 "classes": {"names": list(meta.class_names), "category_ids": list(meta.category_ids),
                                             "keypoints": list(meta.keypoint_names)}}  # fmt: skip
-    if cfg.rank == 0:
+    num_shards = manifest["num_shards"] = source.num_shards(cfg.shard_size)
+
+    def prepare() -> None:
+        _prepare_out(out, signature, cfg.overwrite)
         write_json_atomic(out / "manifest.json", manifest, indent=2)
-    log.info(
-        "labeling %d images from %s: %d shards (%d done, %d to do), %d views (%s), fusion %s",
-        len(source.files), source.description, num_shards, len(mine) - len(todo), len(todo), len(views),
-        ",".join(v.name for v in views), cfg.fuse,
-    )  # fmt: skip
+
+    with distributed.process_group(launch, device=torch.device("cpu"), timeout=RANK_WAIT):
+        distributed.on_main(prepare)
+        mine = [k for k in range(num_shards) if k % cfg.world_size == cfg.rank]
+        todo = [k for k in mine if not shard_path(out, k).exists()]
+        log.info(
+            "labeling %d images from %s: %d shards (%d done, %d to do%s), %d views (%s), fusion %s, engine %s",
+            len(source.files), source.description, num_shards, len(mine) - len(todo), len(todo),
+            f" by rank {cfg.rank} of {cfg.world_size}" if cfg.world_size > 1 else "", len(views),
+            ",".join(v.name for v in views), cfg.fuse, cfg.engine,
+        )  # fmt: skip
+        if cfg.engine == "ray":
+            from datadistill.engines.ray import label_shards
+
+            mine_timings = label_shards(
+                checkpoint=cfg.checkpoint, source=source, shards=todo, out=out, num_keypoints=len(meta.keypoint_names),
+                views=cfg.views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
+                score_floor=cfg.score_floor, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
+                threads=cfg.threads, device=cfg.device, address=cfg.ray_address,
+            )  # fmt: skip
+        else:
+            assert device is not None
+            mine_timings = _label_local(cfg, source, todo, out, model, meta, views, device)
+        every_rank = distributed.gather_to_main(mine_timings)
+        if every_rank is not None:
+            summary = summarize_shards(out)
+            done = sum(1 for k in range(num_shards) if shard_path(out, k).exists())
+            manifest.update(
+                status="complete" if done == num_shards else "partial",
+                shards_done=done,
+                counts={k: v for k, v in summary.items() if k != "skipped_files"},
+                skipped=summary["skipped_files"],
+                timings={"total_s": round(time.time() - started, 3), **_merge_timings(every_rank)},
+                provenance=provenance(),
+            )
+            write_json_atomic(out / "manifest.json", manifest, indent=2)
+        distributed.barrier()  # every rank returns once the final manifest is written
+    return out / "manifest.json"
+
+
+def _merge_timings(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One manifest ``timings`` from each rank's (or the Ray engine's): wall times of the slowest, sums
+    of work; ``process_loop_s`` adds the processes' loop times (None where unknown, as with Ray)."""
+    images = sum(p["images"] for p in parts)
+    loop_s = max(p["loop_s"] for p in parts)
+    process_s = [p.get("process_loop_s") for p in parts]
+    return {
+        "engine": parts[0]["engine"],
+        "processes": sum(p["processes"] for p in parts),
+        "loop_s": round(loop_s, 3),
+        "process_loop_s": round(sum(process_s), 3) if None not in process_s else None,
+        "model_s": round(sum(p["model_s"] for p in parts), 3),
+        "fusion_s": round(sum(p["fusion_s"] for p in parts), 3),
+        "images_labeled_now": images,
+        "images_per_s": round(images / loop_s, 3) if loop_s > 0 and images else None,
+    }
+
+
+def _label_local(
+    cfg: LabelConfig,
+    source: ImageSource,
+    todo: list[int],
+    out: Path,
+    model: torch.nn.Module,
+    meta: models.ModelMeta,
+    views: tuple[View, ...],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Label shards ``todo`` in this process (DataLoader workers decode); returns its timings."""
     items = [(k, name) for k in todo for name in source.shard(k, cfg.shard_size)]
     expected = {k: len(source.shard(k, cfg.shard_size)) for k in todo}
-    # Batches never cross a shard: a shard's output then depends on the shard alone, not on where a
-    # resumed run started (batch composition can change floating-point results).
     batches, start = [], 0
     for k in todo:
-        n = expected[k]
-        batches += [list(range(i, min(i + cfg.batch_size, start + n))) for i in range(start, start + n, cfg.batch_size)]
-        start += n
+        batches += [[start + i for i in batch] for batch in plan_batches(expected[k], cfg.batch_size)]
+        start += expected[k]
     loader = DataLoader(
         _ShardImages(source.root, items),
         batch_sampler=batches,
@@ -413,7 +520,8 @@ def label(cfg: LabelConfig) -> Path:
     pending: dict[int, list[dict[str, Any]]] = {}
     timer = _Timer()
     t_loop = time.perf_counter()
-    with tqdm(total=len(items), unit="img", desc="label", disable=None, dynamic_ncols=True) as bar:
+    hide = None if cfg.rank == 0 else True  # rank 0's progress bar only (None: shown on a terminal)
+    with tqdm(total=len(items), unit="img", desc="label", disable=hide, dynamic_ncols=True) as bar:
         for batch in loader:
             good = [b for b in batch if b["image"] is not None]
             results: list[Detections] = []
@@ -440,26 +548,8 @@ def label(cfg: LabelConfig) -> Path:
     loop_s = time.perf_counter() - t_loop
     if pending:  # cannot happen unless the loader lost items; never write a partial shard
         raise RuntimeError(f"internal error: shards {sorted(pending)} incomplete after the loader finished")
-    summary = summarize_shards(out)
-    done = sum(1 for k in range(num_shards) if shard_path(out, k).exists())
-    manifest.update(
-        status="complete" if done == num_shards else "partial",
-        shards_done=done,
-        counts={k: v for k, v in summary.items() if k != "skipped_files"},
-        skipped=summary["skipped_files"],
-        timings={
-            "total_s": round(time.time() - started, 3),
-            "loop_s": round(loop_s, 3),
-            "model_s": round(timer.model_s, 3),
-            "fusion_s": round(timer.fusion_s, 3),
-            "images_labeled_now": len(items),
-            "images_per_s": round(len(items) / loop_s, 3) if loop_s > 0 and items else None,
-        },
-        provenance=provenance(),
-    )
-    if cfg.rank == 0:
-        write_json_atomic(out / "manifest.json", manifest, indent=2)
-    return out / "manifest.json"
+    return {"engine": "local", "processes": 1, "images": len(items), "loop_s": loop_s, "process_loop_s": loop_s,
+            "model_s": timer.model_s, "fusion_s": timer.fusion_s}  # fmt: skip
 
 
 def read_shards(out: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:

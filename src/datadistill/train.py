@@ -13,6 +13,11 @@
   map, sigmas, input size), read by the other stages;
 - ``timings.json``: seconds spent in setup, training and evaluation.
 
+Several processes: under ``torchrun --nproc_per_node N -m datadistill train ...`` (one process per GPU,
+or per CPU slot) the model is trained with DistributedDataParallel; every rank's minibatch holds
+``batch_size`` images with the same real:pseudo mix (the global batch is ``N * batch_size``); only rank 0
+writes the files above and logs; ``--resume`` continues with the same number of processes.
+
 Determinism: torch, numpy and random are seeded from ``cfg.seed``; the batches of an epoch are a pure
 function of ``(seed, epoch)`` (:class:`~datadistill.data.MixedBatchSampler`), and so is each sample's
 augmentation (:class:`~datadistill.data.DetectionDataset`). On a CPU a resumed run ends with exactly the
@@ -44,10 +49,11 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm import tqdm
 
-from datadistill import models
+from datadistill import distributed, models
 from datadistill.coco import CocoDataset, load_coco
 from datadistill.data import DetectionDataset, MixedBatchSampler, collate
 from datadistill.errors import UserError
@@ -70,8 +76,11 @@ class TrainConfig:
 
     Paths: ``data`` (COCO json) with its image root ``images``; ``out`` the output folder.
     ``model``: a name of :data:`datadistill.models.MODELS`; None picks the default of the data's task.
-    Optimization: ``optimizer`` ``"sgd"`` (with ``momentum``) or ``"adamw"``; ``lr`` is the peak learning
-    rate, reached linearly from ``lr * warmup_factor`` over ``warmup_iters`` iterations, then multiplied by
+    ``batch_size``: images per step of one process (under torchrun each process takes that many, as in
+    torchvision's references; ``lr`` is not scaled with the number of processes).
+    Optimization: ``optimizer`` ``"adamw"`` or ``"sgd"`` (with ``momentum``); ``lr`` is the peak learning
+    rate (None: :func:`default_lr`), reached linearly from ``lr * warmup_factor`` over ``warmup_iters``
+    iterations, then multiplied by
     ``lr_gamma`` at the start of each epoch in ``lr_steps`` (epochs counted from 0; None: at 2/3 and 8/9 of
     the run, the "1x" schedule's 8 and 11 of 12); ``clip_grad_norm`` None or the max gradient norm.
     Input: ``min_size``/``max_size`` the model's resize target in px (None: the model's default);
@@ -91,17 +100,17 @@ class TrainConfig:
     images: str
     out: str
     model: str | None = None
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 8
-    lr: float = 0.01
-    optimizer: str = "sgd"
+    lr: float | None = None
+    optimizer: str = "adamw"
     momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 100
+    weight_decay: float = 0.05
+    warmup_iters: int = 200
     warmup_factor: float = 0.001
     lr_steps: tuple[int, ...] | None = None
     lr_gamma: float = 0.1
-    clip_grad_norm: float | None = None
+    clip_grad_norm: float | None = 10.0
     min_size: int | None = None
     max_size: int | None = None
     min_scale: float = 0.8
@@ -132,7 +141,10 @@ class TrainConfig:
         for name in ("warmup_iters", "threads", "workers"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
+        need(
+            self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
+            f"lr must be a positive number, got {self.lr!r}",
+        )
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
@@ -224,17 +236,18 @@ def train_one_epoch(
     log_every: int,
     clip_grad_norm: float | None,
     record: Callable[[dict[str, Any]], None],
+    progress: bool = True,
 ) -> dict[str, float]:
     """Train ``model`` for one pass over ``loader``; returns the mean of each loss and of their sum.
 
     ``record`` receives a step line every ``log_every`` iterations and after the last one. The lr
-    schedule steps once per iteration.
+    schedule steps once per iteration. ``progress``: False hides the progress bar (ranks other than 0).
     """
     sums: dict[str, float] = {}
     count = 0
     last_time, last_count = time.perf_counter(), 0
-    bar = tqdm(_one_line_errors(loader), desc=f"epoch {epoch + 1}/{epochs}", total=len(loader), disable=None,
-               leave=False, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(_one_line_errors(loader), desc=f"epoch {epoch + 1}/{epochs}", total=len(loader),
+               disable=None if progress else True, leave=False, dynamic_ncols=True)  # fmt: skip
     for images, targets in bar:
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device) for k, v in t.items() if k != "image_id"} for t in targets]
@@ -286,12 +299,21 @@ def evaluate_model(
     device: torch.device,
     batch_size: int,
     workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """COCO metrics of ``model`` on ``dataset`` (:func:`datadistill.evaluate.evaluate_predictions`)."""
+    """COCO metrics of ``model`` on ``dataset`` (:func:`datadistill.evaluate.evaluate_predictions`).
+
+    With ``world_size > 1`` (every rank calls it, in a process group) each rank predicts the images
+    ``rank, rank + world_size, ...`` and rank 0 gathers the predictions and returns the metrics; the
+    other ranks return an empty dict. Pass the model unwrapped from DDP: ranks predict different numbers
+    of batches, and DDP's forward would wait for the others.
+    """
     from datadistill.evaluate import evaluate_predictions
 
+    items = DetectionDataset(dataset, image_root, train=False)
     loader = DataLoader(
-        DetectionDataset(dataset, image_root, train=False),
+        items if world_size == 1 else Subset(items, range(rank, len(items), world_size)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -302,6 +324,11 @@ def evaluate_model(
         detections = models.predict(model, [im.to(device) for im in images])
         for target, det in zip(targets, detections, strict=True):
             predictions[int(target["image_id"])] = det.to("cpu")
+    if world_size > 1:
+        parts = distributed.gather_to_main(predictions)
+        if parts is None:
+            return {}
+        predictions = {k: v for part in parts for k, v in part.items()}
     return evaluate_predictions(dataset, predictions)
 
 
@@ -439,6 +466,14 @@ def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
+def default_lr(model: str, optimizer: str) -> float:
+    """The peak learning rate when none is given. AdamW: 2e-3 for the small models trained from scratch
+    (the best of the rates tried on the synthetic sets), 1e-4 to fine-tune pretrained ones; SGD: 0.01."""
+    if optimizer == "adamw":
+        return 1e-4 if models.get_spec(model).pretrained else 2e-3
+    return 0.01
+
+
 def resolve_config(cfg: TrainConfig, dataset: CocoDataset) -> TrainConfig:
     """``cfg`` with absolute paths, and the model, input size and lr steps filled in."""
     model = cfg.model or models.DEFAULT_MODELS[dataset.task]
@@ -447,8 +482,10 @@ def resolve_config(cfg: TrainConfig, dataset: CocoDataset) -> TrainConfig:
     if init is not None and not init.startswith("weights:"):
         init = _abs(init)
     lr_steps = default_lr_steps(cfg.epochs) if cfg.lr_steps is None else tuple(int(s) for s in cfg.lr_steps)
+    lr = cfg.lr if cfg.lr is not None else default_lr(model, cfg.optimizer)
     return dataclasses.replace(
         cfg,
+        lr=lr,
         data=_abs(cfg.data),
         images=_abs(cfg.images),
         out=_abs(cfg.out),
@@ -509,8 +546,15 @@ def train(cfg: TrainConfig) -> Path:
     (a finished or resumable run is never overwritten); other files there (a run killed in its first
     epoch) are overwritten. With ``resume``, ``last.pt`` must exist and the run's options must be those
     it was started with, except :data:`RUNTIME_KEYS`; resuming a finished run does nothing.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process calls this: the model is
+    wrapped in DistributedDataParallel (nccl on ``cuda:LOCAL_RANK``, gloo on CPUs), each rank takes its
+    own ``batch_size`` images per step (the global batch is ``batch_size * WORLD_SIZE``; ``lr`` is not
+    scaled), validation is sharded over the ranks, and only rank 0 writes files and logs. A run resumes
+    with the number of processes it was started with.
     """
     started = time.perf_counter()
+    launch = distributed.launch_from_env()
     out = Path(cfg.out)
     last_path, final_path = out / "last.pt", out / "checkpoint.pt"
     if cfg.resume and not last_path.is_file():
@@ -518,7 +562,7 @@ def train(cfg: TrainConfig) -> Path:
     if not cfg.resume and (last_path.exists() or final_path.exists()):
         found = "checkpoint.pt" if final_path.exists() else "last.pt"
         raise UserError(f"{out} already holds a training run ({found}); use --resume to continue it, or another --out")
-    device = resolve_device(cfg.device)
+    device = distributed.rank_device(resolve_device(cfg.device), launch)
 
     dataset = load_coco(cfg.data, image_root=cfg.images)
     if not dataset.images:
@@ -542,6 +586,8 @@ def train(cfg: TrainConfig) -> Path:
             batch_size=cfg.batch_size,
             pseudo_ratio=cfg.pseudo_ratio if pseudo is not None else 0.0,
             seed=cfg.seed,
+            rank=launch.rank,
+            world_size=launch.world_size,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
@@ -557,6 +603,13 @@ def train(cfg: TrainConfig) -> Path:
                     f"--resume: the file of {option} changed since the run in {out} started (its sha256 differs); "
                     "resume with the same data or use another --out"
                 )
+        started_with = int(extra.get("world_size", 1))
+        finished = int(extra["epoch"]) >= cfg.epochs and final_path.is_file()
+        if started_with != launch.world_size and not finished:
+            raise UserError(
+                f"--resume: the run in {out} was started with {started_with} process(es) and this is "
+                f"{launch.world_size}; its batches and lr schedule depend on it: resume with {started_with}"
+            )
     elif cfg.init is not None:
         _check_init_classes(cfg.init, meta)
 
@@ -564,7 +617,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, out, device, dataset, pseudo, val, meta, config_dict, inputs, sampler, resume_state, started)
+        with distributed.process_group(launch, device=device), distributed.quiet_unless_main(launch):
+            return _train(cfg, out, device, dataset, pseudo, val, meta, config_dict, inputs, sampler, resume_state,
+                          started, launch=launch)  # fmt: skip
     finally:
         torch.set_num_threads(threads_before)
 
@@ -582,13 +637,18 @@ def _train(
     sampler: MixedBatchSampler,
     resume_state: dict[str, Any] | None,
     started: float,
+    *,
+    launch: distributed.Launch,
 ) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+    main = launch.is_main  # only rank 0 writes files
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    model = models.build_model(meta)
+    net = models.build_model(meta)  # the detector; ``model`` is it or its DDP wrapper
     if cfg.init is not None and resume_state is None:
-        models.init_weights(model, cfg.init, meta=meta)
-    model.to(device)
+        models.init_weights(net, cfg.init, meta=meta)
+    net.to(device)
+    model: nn.Module = net
 
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -633,7 +693,7 @@ def _train(
     metrics_bytes = None
     if resume_state is not None:
         extra = resume_state["extra"]
-        model.load_state_dict(resume_state["state_dict"])
+        net.load_state_dict(resume_state["state_dict"])
         optimizer.load_state_dict(extra["optimizer"])
         scheduler.load_state_dict(extra["scheduler"])
         start_epoch = int(extra["epoch"])
@@ -643,12 +703,21 @@ def _train(
         if start_epoch >= cfg.epochs and (out / "checkpoint.pt").is_file():
             log.info("the run in %s is already finished", out)
             return out
-    else:
+    elif main:
         write_text_atomic(out / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
-    write_json_atomic(out / "provenance.json", provenance(), indent=2)
-    metrics = _MetricsFile(out / "metrics.jsonl", truncate_to=metrics_bytes)
+    metrics: _MetricsFile | None = None
+    if main:
+        write_json_atomic(out / "provenance.json", provenance(), indent=2)
+        metrics = _MetricsFile(out / "metrics.jsonl", truncate_to=metrics_bytes)
+    if launch.distributed:
+        # DDP starts every rank from rank 0's weights and all-reduces the gradients of each step.
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if resume_state is None and launch.rank > 0:
+            seed_everything(cfg.seed + launch.rank)  # rank 0 keeps the one-process random stream
     if resume_state is not None:
-        _set_rng_state(resume_state["extra"]["rng"], device)  # last: nothing may draw after it
+        extra = resume_state["extra"]
+        rng = extra["rng_ranks"][launch.rank] if launch.distributed else extra["rng"]
+        _set_rng_state(rng, device)  # last: nothing may draw after it
     timings["setup_s"] += time.perf_counter() - started
 
     n_pseudo = len(pseudo.images) if pseudo is not None else 0
@@ -666,8 +735,10 @@ def _train(
             t0 = time.perf_counter()
             stats = train_one_epoch(
                 model, loader, optimizer, scheduler, device=device, epoch=epoch, epochs=cfg.epochs,
-                log_every=cfg.log_every, clip_grad_norm=cfg.clip_grad_norm, record=metrics.write,
+                log_every=cfg.log_every, clip_grad_norm=cfg.clip_grad_norm,
+                record=metrics.write if metrics is not None else _discard, progress=main,
             )  # fmt: skip
+            stats = distributed.mean_over_ranks(stats)
             train_s = time.perf_counter() - t0
             timings["train_s"] += train_s
             record: dict[str, Any] = {
@@ -682,10 +753,15 @@ def _train(
                 assert cfg.val_images is not None
                 t0 = time.perf_counter()
                 val_metrics = evaluate_model(
-                    model, val, cfg.val_images, device=device, batch_size=cfg.batch_size, workers=cfg.workers
-                )
+                    net, val, cfg.val_images, device=device, batch_size=cfg.batch_size, workers=cfg.workers,
+                    rank=launch.rank, world_size=launch.world_size,
+                )  # fmt: skip
                 timings["eval_s"] += time.perf_counter() - t0
                 record["val"] = val_metrics
+            rng_state = _rng_state(device)
+            rng_ranks = distributed.gather_to_main(rng_state) if launch.distributed else None
+            if metrics is None:
+                continue
             metrics.write(record)
             log.info(
                 "epoch %d/%d: loss %.4f, %.1f it/s%s", epoch + 1, cfg.epochs, stats.get("loss", float("nan")),
@@ -700,20 +776,30 @@ def _train(
                 "inputs": inputs,
                 "metrics_bytes": metrics.tell(),
                 "timings": dict(timings),
-                "rng": _rng_state(device),  # last: nothing may draw between this and the next epoch
+                "world_size": launch.world_size,
+                "rng": rng_state,  # taken last: nothing may draw between it and the next epoch
             }
+            if rng_ranks is not None:
+                extra["rng_ranks"] = rng_ranks
             models.save_checkpoint(out / "last.pt", model=model, meta=meta, extra=extra)
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
-    final_extra: dict[str, Any] = {"epochs": cfg.epochs, "config": config_dict}
-    if val_metrics is not None:
-        final_extra["val"] = val_metrics
-    models.save_checkpoint(out / "checkpoint.pt", model=model, meta=meta, extra=final_extra)
-    timings["total_s"] = timings["setup_s"] + timings["train_s"] + timings["eval_s"]
-    write_json_atomic(out / "timings.json", timings, indent=2)
-    log.info("wrote %s", out / "checkpoint.pt")
+    if main:
+        final_extra: dict[str, Any] = {"epochs": cfg.epochs, "config": config_dict}
+        if val_metrics is not None:
+            final_extra["val"] = val_metrics
+        models.save_checkpoint(out / "checkpoint.pt", model=model, meta=meta, extra=final_extra)
+        timings["total_s"] = timings["setup_s"] + timings["train_s"] + timings["eval_s"]
+        write_json_atomic(out / "timings.json", timings, indent=2)
+        log.info("wrote %s", out / "checkpoint.pt")
+    distributed.barrier()  # every rank returns once checkpoint.pt is written
     return out
+
+
+def _discard(record: Mapping[str, Any]) -> None:
+    """The metrics sink of ranks other than 0."""
 
 
 def _val_summary(metrics: Mapping[str, Any] | None) -> str:

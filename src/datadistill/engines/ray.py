@@ -1,0 +1,245 @@
+"""Labeling on a Ray cluster with Ray Data: the local engine's shards, from one driver process.
+
+The streaming pipeline, for the shards still to do:
+
+1. one row per forward-pass batch of each shard (:func:`datadistill.label.plan_batches`: the local
+   engine's batches, so the labels are the same);
+2. ``map_batches`` tasks on CPU workers read and decode the row's images (broken files become errors,
+   as in the local engine);
+3. ``map_batches`` on a pool of model actors, each holding the model loaded once from the checkpoint
+   (shipped through the object store, so the workers need not see the driver's files; one GPU per actor
+   where the cluster has GPUs, else ``threads`` CPU threads per actor), runs
+   :func:`datadistill.label.label_images` and returns one shard-table row per image;
+4. the driver gathers each shard's rows and writes the shard atomically once it is complete, so a
+   killed run resumes from its finished shards, as with the local engine.
+
+The images must be readable at the same path from every node (a shared file system); the output is
+written by the driver alone. Ray Data retries a task whose worker died and restarts a dead actor (its
+defaults; Ray 2.60 takes other limits only through its deprecated ``ray_remote_args``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from datadistill import models
+from datadistill.errors import UserError
+from datadistill.label import (
+    ImageSource,
+    _error_row,
+    _row,
+    _schema,
+    _ShardImages,
+    _Timer,
+    _write_shard,
+    label_images,
+    plan_batches,
+    shard_path,
+)
+from datadistill.views import parse_views
+
+log = logging.getLogger(__name__)
+
+_BATCH_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.int64()),
+        pa.field("start", pa.int64()),
+        pa.field("names", pa.list_(pa.string())),
+        pa.field("pixels", pa.large_binary()),  # the batch's decoded images, uint8 [3, H, W] one after another
+        pa.field("shapes", pa.list_(pa.int32())),  # 3 per image (0, 0, 0 for a broken one)
+        pa.field("errors", pa.list_(pa.string())),  # null for a decoded image
+    ]
+)
+
+
+def _output_schema(num_keypoints: int) -> pa.Schema:
+    """The shard table's columns, plus where each row goes and the batch's model time (spread evenly)."""
+    extra = [pa.field("shard", pa.int64()), pa.field("position", pa.int64()), pa.field("model_s", pa.float64()),
+             pa.field("fusion_s", pa.float64())]  # fmt: skip
+    return pa.schema(extra + list(_schema(num_keypoints)))
+
+
+def _decode(batch: pa.Table, *, root: str) -> pa.Table:
+    """Read and decode the images of each row (one forward-pass batch)."""
+    rows = []
+    for row in batch.to_pylist():
+        reader = _ShardImages(Path(root), [(row["shard"], name) for name in row["names"]])
+        pixels, shapes, errors = [], [], []
+        for i in range(len(reader)):
+            item = reader[i]
+            image = item["image"]
+            if image is None:
+                shapes += [0, 0, 0]
+            else:
+                pixels.append(image.numpy().tobytes())
+                shapes += list(image.shape)
+            errors.append(item["error"])
+        rows.append({**row, "pixels": b"".join(pixels), "shapes": shapes, "errors": errors})
+    return pa.Table.from_pylist(rows, schema=_BATCH_SCHEMA)
+
+
+class _Labeler:
+    """A model actor: loads the checkpoint once, then labels one forward-pass batch per row."""
+
+    def __init__(self, *, checkpoint: list[Any], device: str, threads: int, num_keypoints: int, settings: dict) -> None:
+        import ray
+
+        torch.set_num_threads(threads)
+        (blob,) = ray.get(checkpoint)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "checkpoint.pt"
+            path.write_bytes(blob)
+            self.model, self.meta, _ = models.load_checkpoint(path, device=device)
+        self.device = torch.device(device)
+        self.views = parse_views(settings["views"])
+        self.fusion = {k: settings[k] for k in ("fuse", "keypoint_fuse", "iou_thr", "score_floor")}
+        self.num_keypoints = num_keypoints
+        self.schema = _output_schema(num_keypoints)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in batch.to_pylist():
+            names, shapes, errors = row["names"], row["shapes"], row["errors"]
+            images: list[torch.Tensor | None] = []
+            offset = 0
+            for i in range(len(names)):
+                if errors[i] is not None:
+                    images.append(None)
+                    continue
+                c, h, w = shapes[3 * i : 3 * i + 3]
+                array = np.frombuffer(row["pixels"], np.uint8, c * h * w, offset).reshape(c, h, w)
+                images.append(torch.from_numpy(array.copy()))
+                offset += c * h * w
+            good = [im for im in images if im is not None]
+            timer = _Timer()
+            results = iter(())
+            if good:
+                tensors = [im.to(self.device, non_blocking=True).float().div_(255) for im in good]
+                results = iter(label_images(self.model, self.meta, tensors, views=self.views, timer=timer,
+                                            **self.fusion))  # fmt: skip
+            share = {"model_s": timer.model_s / len(names), "fusion_s": timer.fusion_s / len(names)}
+            for i, (name, image) in enumerate(zip(names, images, strict=True)):
+                if image is None:
+                    table_row = _error_row(name, errors[i], self.num_keypoints)
+                else:
+                    table_row = _row(name, image.shape[-1], image.shape[-2], next(results), self.num_keypoints)
+                out.append({"shard": row["shard"], "position": row["start"] + i, **share, **table_row})
+        return pa.Table.from_pylist(out, schema=self.schema)
+
+
+def _connect(address: str | None) -> bool:
+    """Start or join a Ray cluster unless this process already is in one; True when we must shut it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # A new local cluster takes this machine's CPUs and GPUs; the dashboard is not needed to label.
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+    return True
+
+
+def _actor_resources(device: str, threads: int) -> tuple[str, dict[str, Any], int]:
+    """``(actor device, resources of one actor, most actors)`` from the cluster's resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if device.startswith("cuda") and device != "cuda":
+        raise UserError(f"--device {device} with --engine ray: Ray gives each actor its own GPU; use cuda or auto")
+    if device == "cuda" and gpus == 0:
+        raise UserError("--device cuda with --engine ray, but the Ray cluster has no GPU (use --device cpu or auto)")
+    if device != "cpu" and gpus > 0:
+        return "cuda", {"num_gpus": 1, "num_cpus": 1}, gpus
+    # One CPU stays for the decode tasks and the driver.
+    return "cpu", {"num_cpus": threads}, max(1, (cpus - 1) // threads)
+
+
+def label_shards(
+    *,
+    checkpoint: str | os.PathLike[str],
+    source: ImageSource,
+    shards: list[int],
+    out: Path,
+    num_keypoints: int,
+    views: str,
+    fuse: str,
+    keypoint_fuse: str,
+    iou_thr: float,
+    score_floor: float,
+    batch_size: int,
+    shard_size: int,
+    threads: int,
+    device: str,
+    address: str | None,
+) -> dict[str, Any]:
+    """Label ``shards`` of ``source`` into ``out/shards`` on a Ray cluster (``address``: join it; None:
+    start one on this machine, and stop it at the end). Returns the timings the manifest records."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UserError("--engine ray needs Ray: pip install 'datadistill[ray]'") from None
+
+    started = time.perf_counter()
+    expected = {k: len(source.shard(k, shard_size)) for k in shards}
+    rows = [{"shard": k, "start": b.start, "names": list(source.shard(k, shard_size)[b.start : b.stop])}
+            for k in shards for b in plan_batches(expected[k], batch_size)]  # fmt: skip
+    timings = {"engine": "ray", "processes": 0, "images": sum(expected.values()), "loop_s": 0.0,
+               "process_loop_s": None, "model_s": 0.0, "fusion_s": 0.0}  # fmt: skip
+    if not rows:
+        return timings
+    shutdown = _connect(address)
+    try:
+        actor_device, actor_resources, most = _actor_resources(device, threads)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        settings = {"views": views, "fuse": fuse, "keypoint_fuse": keypoint_fuse, "iou_thr": iou_thr,
+                    "score_floor": score_floor}  # fmt: skip
+        blocks = min(len(rows), max(len(shards), 4 * cpus))
+        # The actors fetch the checkpoint themselves (a reference in a list is not resolved by Ray), and
+        # this process keeps it alive, so that a restarted actor finds it again.
+        weights = [ray.put(Path(checkpoint).read_bytes())]
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)
+        ds = ds.map_batches(_decode, fn_kwargs={"root": str(source.root)}, batch_size=1, batch_format="pyarrow",
+                            num_cpus=1)  # fmt: skip
+        ds = ds.map_batches(
+            _Labeler,
+            fn_constructor_kwargs={"checkpoint": weights, "device": actor_device, "threads": threads,
+                                   "num_keypoints": num_keypoints, "settings": settings},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=most),
+            batch_size=1,
+            batch_format="pyarrow",
+            **actor_resources,
+        )  # fmt: skip
+        schema = _schema(num_keypoints)
+        pending: dict[int, dict[int, dict[str, Any]]] = {}
+        t_loop = time.perf_counter()
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                k, position = row.pop("shard"), row.pop("position")
+                timings["model_s"] += row.pop("model_s")
+                timings["fusion_s"] += row.pop("fusion_s")
+                if row["error"] is not None:
+                    log.warning("skipped %s: %s", row["file_name"], row["error"])
+                done = pending.setdefault(k, {})
+                done[position] = row
+                if len(done) == expected[k]:
+                    _write_shard(shard_path(out, k), [done[i] for i in range(expected[k])], schema)
+                    del pending[k]
+        timings["loop_s"] = time.perf_counter() - t_loop
+        timings["processes"] = most
+    finally:
+        if shutdown:
+            ray.shutdown()
+    if pending:  # cannot happen unless Ray lost rows; never write a partial shard
+        raise RuntimeError(f"internal error: shards {sorted(pending)} incomplete after the Ray pipeline finished")
+    log.info("ray engine: %d shards in %.1f s", len(shards), time.perf_counter() - started)
+    return timings

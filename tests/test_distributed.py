@@ -1,0 +1,362 @@
+"""Several processes: torchrun training (DDP on gloo) and labeling, and the Ray engine, on tiny data on a CPU.
+
+Each run is a real ``python -m torch.distributed.run --standalone --nproc_per_node 2`` (or a real local Ray
+cluster) in a child process; the oracle is the one-process result: the same weights after a killed and
+resumed run, the same label shards whatever the engine and wherever a killed run resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from datadistill import models
+from datadistill.distributed import Launch, launch_from_env, rank_device
+from datadistill.errors import UserError
+from datadistill.label import LabelConfig, label, plan_batches
+from datadistill.synth import make_shapes
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process groups and SIGKILL semantics")
+
+SIZE_PX = 64
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# pure parts
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, Launch(0, 1, 0)),  # a plain process
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, Launch(3, 4, 1)),  # second machine of two
+        ({"RANK": "1", "WORLD_SIZE": "2"}, Launch(1, 2, 1)),  # no LOCAL_RANK: the rank
+    ],
+)
+def test_launch_is_read_from_torchruns_variables(environ: dict[str, str], expected: Launch) -> None:
+    assert launch_from_env(environ) == expected
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"RANK": "2", "WORLD_SIZE": "2"},  # rank past the end
+        {"RANK": "0", "WORLD_SIZE": "0"},  # no processes
+        {"RANK": "x", "WORLD_SIZE": "2"},  # not a number
+    ],
+)
+def test_malformed_torchrun_variables_are_one_line_errors(environ: dict[str, str]) -> None:
+    with pytest.raises(UserError, match="RANK"):
+        launch_from_env(environ)
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank() -> None:
+    cpu = torch.device("cpu")
+    assert rank_device(cpu, Launch(1, 2, 1)) == cpu
+    assert rank_device(torch.device("cuda", 0), Launch(0, 1, 0)) == torch.device("cuda", 0)  # one process: as asked
+    with pytest.raises(UserError, match="uses the GPU of its LOCAL_RANK"):
+        rank_device(torch.device("cuda", 1), Launch(0, 2, 0))
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(UserError, match="LOCAL_RANK 1 has no GPU"):
+            rank_device(torch.device("cuda"), Launch(1, 2, 1))
+
+
+@pytest.mark.parametrize(
+    ("num_images", "batch_size", "expected"),
+    [
+        (5, 2, [(0, 2), (2, 4), (4, 5)]),  # the last batch is shorter
+        (4, 2, [(0, 2), (2, 4)]),  # exact
+        (1, 8, [(0, 1)]),  # a shard smaller than a batch
+        (0, 3, []),  # nothing
+    ],
+)
+def test_batches_never_cross_a_shard(num_images: int, batch_size: int, expected: list[tuple[int, int]]) -> None:
+    assert [(b.start, b.stop) for b in plan_batches(num_images, batch_size)] == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _kill_everything(proc: subprocess.Popen) -> None:
+    """SIGKILL a child started in its own session, with its process group and torchrun's workers (which
+    torchrun starts in sessions of their own) and theirs."""
+    workers = _children(proc.pid)
+    for group in (proc.pid, *workers):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    for pid in workers:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _run(cmd: list[str], *, timeout: float = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _wait_for(condition: Any, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.02)
+
+
+def _tables(out: Path) -> dict[str, list[dict]]:
+    return {p.name: pq.read_table(p).to_pylist() for p in sorted((out / "shards").glob("part-*.parquet"))}
+
+
+def _assert_same_labels(got: Path, want: Path) -> None:
+    """The same shards, images and objects; boxes and scores within 1e-4."""
+    a, b = _tables(got), _tables(want)
+    assert list(a) == list(b)
+    for name in a:
+        assert [r["file_name"] for r in a[name]] == [r["file_name"] for r in b[name]], name
+        for ra, rb in zip(a[name], b[name], strict=True):
+            exact = ("width", "height", "labels", "agreement", "error")
+            assert {k: ra[k] for k in exact} == {k: rb[k] for k in exact}, ra["file_name"]
+            for key in ("boxes", "scores"):
+                np.testing.assert_allclose(ra[key], rb[key], atol=1e-4, rtol=0, err_msg=f"{ra['file_name']} {key}")
+    assert not list(got.rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 labeled images of 64 px: 2 steps per epoch on each of 2 ranks with 2 images each."""
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(root, num_images=8, seed=0, size_px=SIZE_PX)
+    return root
+
+
+def _train_args(shapes: Path, out: Path) -> list[str]:
+    data = str(shapes / "annotations.json")
+    return ["train", "--data", data, "--images", str(shapes / "images"), "--out", str(out), "--epochs", "2",
+            "--batch-size", "2", "--min-size", str(SIZE_PX), "--max-size", str(SIZE_PX), "--warmup-iters", "2",
+            "--log-every", "1", "--threads", "1", "--device", "cpu", "--val", data]  # fmt: skip
+
+
+# Under torchrun: rank 0 stops for good right after writing last.pt of epoch 1 (and says so in a file).
+_STOP_AFTER_EPOCH_1 = """
+import sys, time
+from pathlib import Path
+from datadistill import models
+
+save = models.save_checkpoint
+
+def save_then_stop(path, **kwargs):
+    save(path, **kwargs)
+    if Path(path).name == "last.pt" and kwargs["extra"]["epoch"] == 1:
+        Path(sys.argv[1]).write_text("epoch 1 saved")
+        time.sleep(600)
+
+models.save_checkpoint = save_then_stop
+from datadistill.cli import main
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+def _lines(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_training_writes_once_and_resumes_after_sigkill_to_the_same_weights(
+    shapes: Path, tmp_path: Path
+) -> None:
+    whole = tmp_path / "whole"
+    done = _run([*TORCHRUN, "-m", "datadistill", *_train_args(shapes, whole)])
+    assert done.stdout.count("wrote") == 1  # rank 0 speaks for both
+    assert sorted(p.name for p in whole.iterdir()) == [
+        "checkpoint.pt", "config.yaml", "last.pt", "metrics.jsonl", "provenance.json", "timings.json",
+    ]  # fmt: skip
+    lines = _lines(whole)
+    steps = [(line["epoch"], line["iteration"]) for line in lines if line["type"] == "step"]
+    assert steps == [(1, 1), (1, 2), (2, 3), (2, 4)]  # 8 images / (2 ranks x 2): one line per step, not per rank
+    epochs = [line for line in lines if line["type"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and all("bbox" in e["val"] for e in epochs)
+    last = models.read_checkpoint(whole / "last.pt")["extra"]
+    assert last["world_size"] == 2 and len(last["rng_ranks"]) == 2
+
+    killed, marker = tmp_path / "killed", tmp_path / "epoch-1-saved"
+    script = tmp_path / "stop_after_epoch_1.py"
+    script.write_text(_STOP_AFTER_EPOCH_1)
+    cmd = [*TORCHRUN, str(script), str(marker), *_train_args(shapes, killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(marker.exists, proc, "last.pt of epoch 1")
+    finally:
+        _kill_everything(proc)
+    assert not (killed / "checkpoint.pt").exists()
+    assert models.read_checkpoint(killed / "last.pt")["extra"]["epoch"] == 1
+
+    one = subprocess.run([sys.executable, "-m", "datadistill", *_train_args(shapes, killed), "--resume"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 1 and "started with 2 process(es) and this is 1" in one.stderr
+    _run([*TORCHRUN, "-m", "datadistill", *_train_args(shapes, killed), "--resume"])
+    a = models.read_checkpoint(killed / "checkpoint.pt")["state_dict"]
+    b = models.read_checkpoint(whole / "checkpoint.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    drop = ("it_s", "time_s")
+    assert [{k: v for k, v in line.items() if k not in drop} for line in _lines(killed)] == [
+        {k: v for k, v in line.items() if k not in drop} for line in lines
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# labeling
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    meta = models.ModelMeta(model="small_fcos", task="boxes", class_names=("blob",), category_ids=(1,),
+                            keypoint_names=(), flip_index=(), skeleton=(), sigmas=(), min_size=SIZE_PX,
+                            max_size=SIZE_PX)  # fmt: skip
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    models.save_checkpoint(path, model=models.build_model(meta), meta=meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def unlabeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """17 images of different sizes (so a batch's padding matters) and one broken file: 6 shards of 3."""
+    root = tmp_path_factory.mktemp("unlabeled")
+    rng = np.random.default_rng(0)
+    for i in range(17):
+        Image.fromarray(rng.integers(0, 255, (40 + 3 * i, 64, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    (root / "007b.png").write_bytes(b"not a png")
+    return root
+
+
+LABEL_OPTIONS = {"views": "identity,hflip", "batch_size": 2, "shard_size": 3, "workers": 0, "threads": 1,
+                 "device": "cpu"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path, unlabeled: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The labels of one process with the local engine."""
+    out = tmp_path_factory.mktemp("reference") / "labels"
+    label(LabelConfig(checkpoint=str(checkpoint), images=str(unlabeled), out=str(out), **LABEL_OPTIONS))
+    assert len(_tables(out)) == 6
+    return out
+
+
+def _label_args(checkpoint: Path, unlabeled: Path, out: Path, **overrides: str) -> list[str]:
+    options = {**{k: str(v) for k, v in LABEL_OPTIONS.items()}, **overrides}
+    args = ["label", "--checkpoint", str(checkpoint), "--images", str(unlabeled), "--out", str(out)]
+    for key, value in options.items():
+        args += ["--" + key.replace("_", "-"), value]
+    return args
+
+
+# A labeling whose forward passes take 200 ms longer (in this process, or in every Ray worker), so that
+# a kill lands mid-run.
+_SLOW_LABEL = """
+import sys, time
+
+def slow_down():
+    from datadistill import models
+    predict = models.predict
+    models.predict = lambda model, images: (time.sleep(0.2), predict(model, images))[1]
+
+if "ray" in sys.argv:
+    import ray
+    ray.init(include_dashboard=False, runtime_env={"worker_process_setup_hook": slow_down})
+else:
+    slow_down()
+from datadistill.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def _kill_after_shards(cmd: list[str], out: Path, count: int) -> dict[str, int]:
+    """Start ``cmd``, SIGKILL everything it started once ``count`` shards exist; the shards left, with
+    their modification times."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: len(list((out / "shards").glob("part-*.parquet"))) >= count, proc, f"{count} shards")
+    finally:
+        _kill_everything(proc)
+    return {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("part-*.parquet")}
+
+
+def _assert_resumed(out: Path, before: dict[str, int]) -> None:
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("part-*.parquet")}
+    assert {name: after[name] for name in before} == before  # finished shards were not labeled again
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert (manifest["counts"]["images"], manifest["counts"]["skipped"]) == (18, 1)
+
+
+def test_torchrun_labeling_gives_the_one_process_labels_and_resumes_after_sigkill(
+    checkpoint: Path, unlabeled: Path, reference: Path, tmp_path: Path
+) -> None:
+    whole = tmp_path / "whole"
+    done = _run([*TORCHRUN, "-m", "datadistill", *_label_args(checkpoint, unlabeled, whole)])
+    assert done.stdout.count("wrote") == 1
+    _assert_same_labels(whole, reference)
+    manifest = json.loads((whole / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["timings"]["processes"] == 2
+    assert manifest["counts"] == json.loads((reference / "manifest.json").read_text())["counts"]
+
+    killed = tmp_path / "killed"
+    script = tmp_path / "slow_label.py"
+    script.write_text(_SLOW_LABEL)
+    before = _kill_after_shards([*TORCHRUN, str(script), *_label_args(checkpoint, unlabeled, killed)], killed, 2)
+    assert 2 <= len(before) < 6
+    _run([*TORCHRUN, "-m", "datadistill", *_label_args(checkpoint, unlabeled, killed)])
+    _assert_same_labels(killed, reference)
+    _assert_resumed(killed, before)
+
+    other = subprocess.run([*TORCHRUN, "-m", "datadistill", *_label_args(checkpoint, unlabeled, killed, views="identity")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert other.returncode != 0 and "holds labels made with another views" in other.stderr
+    _assert_same_labels(killed, reference)  # and nothing was touched
+
+
+def test_ray_engine_gives_the_local_labels_and_resumes_after_sigkill(
+    checkpoint: Path, unlabeled: Path, reference: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("ray", reason="the Ray engine is optional: pip install 'datadistill[ray]'")
+    out = tmp_path / "ray"
+    script = tmp_path / "slow_label.py"
+    script.write_text(_SLOW_LABEL)
+    args = _label_args(checkpoint, unlabeled, out, engine="ray")
+    before = _kill_after_shards([sys.executable, str(script), *args], out, 1)
+    assert 1 <= len(before) < 6
+    done = _run([sys.executable, "-m", "datadistill", *args])
+    assert "wrote" in done.stdout
+    _assert_same_labels(out, reference)
+    _assert_resumed(out, before)
+    assert json.loads((out / "manifest.json").read_text())["timings"]["engine"] == "ray"
