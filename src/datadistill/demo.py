@@ -36,12 +36,12 @@ class DemoPlan:
 
 # Chosen so that the default demo runs in about 10-15 minutes on a 2-core CPU and --quick in about 2.
 PLANS: dict[tuple[str, bool], DemoPlan] = {
-    ("boxes", False): DemoPlan(labeled=100, unlabeled=900, val=200, size_px=128, teacher_epochs=40,
+    ("boxes", False): DemoPlan(labeled=200, unlabeled=1800, val=200, size_px=128, teacher_epochs=60,
                                student_epochs=40, batch_size=8, views="default"),
     ("boxes", True): DemoPlan(labeled=24, unlabeled=48, val=24, size_px=96, teacher_epochs=2,
                               student_epochs=2, batch_size=4, views="identity,hflip"),
-    ("keypoints", False): DemoPlan(labeled=100, unlabeled=900, val=200, size_px=128, teacher_epochs=30,
-                                   student_epochs=30, batch_size=8, views="default"),
+    ("keypoints", False): DemoPlan(labeled=200, unlabeled=1800, val=200, size_px=128, teacher_epochs=40,
+                                   student_epochs=25, batch_size=8, views="default"),
     ("keypoints", True): DemoPlan(labeled=24, unlabeled=48, val=24, size_px=96, teacher_epochs=2,
                                   student_epochs=2, batch_size=4, views="identity,hflip"),
 }  # fmt: skip
