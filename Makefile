@@ -7,6 +7,14 @@ STAMP := $(VENV)/.installed
 .PHONY: install install-ray demo test lint bench clean
 
 install: $(STAMP)
+	@# put `datadistill` on the PATH when a user bin folder on it is writable (else: source .venv/bin/activate)
+	@for d in "$$HOME/.local/bin" /usr/local/bin; do \
+	  case ":$$PATH:" in *":$$d:"*) \
+	    if [ -d "$$d" ] && [ -w "$$d" ]; then \
+	      ln -sf "$(CURDIR)/$(BIN)/datadistill" "$$d/datadistill" && echo "datadistill -> $$d/datadistill"; break; \
+	    fi;; \
+	  esac; \
+	done; true
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is needed, found {sys.version.split()[0]}; set PYTHON=/path/to/python3.11"'
