@@ -179,7 +179,10 @@ def _make(
     labels: dict[int, ImageLabels] = {}
     next_id = 1
     progress = tqdm(
-        range(1, num_images + 1), desc=f"synthetic {kind}", unit="img", disable=True if num_images < PROGRESS_MIN_IMAGES else None
+        range(1, num_images + 1),
+        desc=f"synthetic {kind}",
+        unit="img",
+        disable=True if num_images < PROGRESS_MIN_IMAGES else None,
     )  # None: only on a terminal
     for image_id in progress:
         rng = np.random.default_rng([seed, _KIND_SEED[kind], image_id])
