@@ -6,6 +6,8 @@ import os
 import posixpath
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,20 +63,27 @@ def _unreadable(path: str | os.PathLike[str], exc: BaseException) -> DataError:
     return DataError(f"{path}: not a readable image ({reason})")
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(width, height)`` as displayed (EXIF orientation applied), read from the header only."""
+@contextmanager
+def _decoding(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turns every way an image file can fail into a one-line DataError naming the file; a decompression
+    bomb (beyond PIL's pixel limit) is an error, not a warning."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+            yield
     except FileNotFoundError as exc:
         raise DataError(f"{path}: image file not found") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{path}: image too large to decode safely ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise _unreadable(path, exc) from exc
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` as displayed (EXIF orientation applied), read from the header only."""
+    with _decoding(path), Image.open(path) as img:
+        width, height = img.size
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
     if orientation in _SWAPPING_ORIENTATIONS:
         return height, width
     return width, height
@@ -101,18 +110,8 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
     Raises DataError (one line, naming the file) for missing, empty, truncated, non-image or
     oversized files.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                img = _to_rgb(img)
-                arr = np.asarray(img, dtype=np.uint8).copy()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: image file not found") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"{path}: image too large to decode safely ({exc})") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise _unreadable(path, exc) from exc
+    with _decoding(path), Image.open(path) as img:
+        img.load()
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
+        arr = np.asarray(rgb, dtype=np.uint8).copy()
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -54,6 +55,15 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | N
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     data = text.encode("utf-8")
     write_atomic(path, lambda f: f.write(data))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def git_revision() -> str | None:

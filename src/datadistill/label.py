@@ -39,7 +39,7 @@ from datadistill import distributed, fusion, models
 from datadistill.coco import load_coco, read_json
 from datadistill.errors import DataError, UserError
 from datadistill.images import list_images, read_image, resolve_image_path
-from datadistill.io import provenance, write_atomic, write_json_atomic
+from datadistill.io import file_sha256, provenance, write_atomic, write_json_atomic
 from datadistill.types import Detections
 from datadistill.views import View, parse_views
 
@@ -175,14 +175,6 @@ def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_path(out: Path, index: int) -> Path:
     return out / "shards" / f"part-{index:05d}.parquet"
 
@@ -282,33 +274,43 @@ def label_images(
     fused = [f.select(f.scores >= score_floor) for f in fused]
     timer.fusion_s += time.perf_counter() - t0
     if meta.task == "keypoints" and keypoint_fuse == "heatmap":
-        fused = [_fuse_heatmaps(model, meta, img, det, views, timer) for img, det in zip(images, fused, strict=True)]
+        fused = _fuse_heatmaps(model, meta, images, fused, views, timer)
     return fused
 
 
 def _fuse_heatmaps(
-    model: torch.nn.Module, meta: models.ModelMeta, image: torch.Tensor, det: Detections, views: tuple[View, ...],
+    model: torch.nn.Module,
+    meta: models.ModelMeta,
+    images: list[torch.Tensor],
+    dets: list[Detections],
+    views: tuple[View, ...],
     timer: _Timer,
-) -> Detections:  # fmt: skip
-    """The paper's keypoint fusion: the keypoint head runs on the fused boxes under every view; heatmaps are
-    mapped back (mirrored, left/right channels swapped on a flip), averaged, then decoded."""
-    if len(det) == 0:
-        return det
-    width = image.shape[-1]
-    total = None
+) -> list[Detections]:
+    """The paper's keypoint fusion: the keypoint head runs on the fused boxes under every view (one batch
+    per view); heatmaps are mapped back (mirrored, left/right channels swapped on a flip), averaged, then
+    decoded in the original frame."""
+    todo = [i for i, d in enumerate(dets) if len(d)]
+    if not todo:
+        return dets
+    totals: dict[int, torch.Tensor] = {}
     for view in views:
-        boxes = view.forward_boxes(det.boxes, width=width)
+        prepared = [view.prepare(images[i]) for i in todo]
+        boxes = [view.forward_boxes(dets[i].boxes, width=images[i].shape[-1]) for i in todo]
         t0 = time.perf_counter()
         with models.input_size(model, *view.input_size(meta.min_size, meta.max_size)):
-            (heat,) = models.keypoint_heatmaps(model, [view.prepare(image)], [boxes])
+            heats = models.keypoint_heatmaps(model, prepared, boxes)
         timer.model_s += time.perf_counter() - t0
-        heat = view.invert_heatmaps(heat.cpu(), flip_index=meta.flip_index)
-        total = heat if total is None else total + heat
-    keypoints = models.heatmaps_to_keypoints(
-        total / len(views), det.boxes, model=model, image_size=(image.shape[-2], image.shape[-1])
-    )
-    return Detections(boxes=det.boxes, scores=det.scores, labels=det.labels, keypoints=keypoints,
-                      agreement=det.agreement)  # fmt: skip
+        for i, heat in zip(todo, heats, strict=True):
+            heat = view.invert_heatmaps(heat.cpu(), flip_index=meta.flip_index)
+            totals[i] = heat if i not in totals else totals[i] + heat
+    out = list(dets)
+    for i in todo:
+        d, image = dets[i], images[i]
+        keypoints = models.heatmaps_to_keypoints(
+            totals[i] / len(views), d.boxes, model=model, image_size=(image.shape[-2], image.shape[-1])
+        )
+        out[i] = Detections(boxes=d.boxes, scores=d.scores, labels=d.labels, keypoints=keypoints, agreement=d.agreement)
+    return out
 
 
 def _resolve_device(device: str) -> torch.device:

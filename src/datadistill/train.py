@@ -33,7 +33,6 @@ and may be another architecture than the teacher.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -58,7 +57,7 @@ from datadistill.coco import CocoDataset, load_coco
 from datadistill.data import DetectionDataset, MixedBatchSampler, collate
 from datadistill.errors import UserError
 from datadistill.images import resolve_image_path
-from datadistill.io import provenance, write_json_atomic, write_text_atomic
+from datadistill.io import file_sha256, provenance, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -384,14 +383,6 @@ def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _shorten(names: tuple[str, ...], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
@@ -577,7 +568,7 @@ def train(cfg: TrainConfig) -> Path:
         check_image_files(val, cfg.val_images, what="validation", option="--val-images")
     meta = models.ModelMeta.from_dataset(cfg.model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
     config_dict = _plain(dataclasses.asdict(cfg))
-    inputs = {"data_sha256": _sha256(cfg.data), "pseudo_sha256": _sha256(cfg.pseudo) if cfg.pseudo else None}
+    inputs = {"data_sha256": file_sha256(cfg.data), "pseudo_sha256": file_sha256(cfg.pseudo) if cfg.pseudo else None}
 
     try:
         sampler = MixedBatchSampler(
