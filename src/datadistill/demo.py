@@ -41,7 +41,7 @@ PLANS: dict[tuple[str, bool], DemoPlan] = {
     ("boxes", True): DemoPlan(labeled=24, unlabeled=48, val=24, size_px=96, teacher_epochs=2,
                               student_epochs=2, batch_size=4, views="identity,hflip"),
     ("keypoints", False): DemoPlan(labeled=200, unlabeled=1800, val=200, size_px=128, teacher_epochs=40,
-                                   student_epochs=25, batch_size=8, views="default"),
+                                   student_epochs=40, batch_size=8, views="default"),
     ("keypoints", True): DemoPlan(labeled=24, unlabeled=48, val=24, size_px=96, teacher_epochs=2,
                                   student_epochs=2, batch_size=4, views="identity,hflip"),
 }  # fmt: skip
