@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from datadistill.coco import CocoDataset, ImageLabels, load_coco, parse_coco, to_coco_dict
-from datadistill.errors import DataError
+from datadistill.errors import DataError, UserError
 from datadistill.evaluate import (
     BBOX_KEYS,
     KEYPOINT_KEYS,
@@ -441,3 +441,29 @@ def test_written_metrics_say_null_not_minus_one(tmp_path: Path):
     write_metrics(path, metrics)
     text = path.read_text()
     assert "null" in text and "-1" not in text
+
+
+@pytest.mark.parametrize(
+    ("gt_file", "dt_file", "iou_type", "keys"),
+    [
+        (BOX_GT, BOX_DT, "bbox", BBOX_KEYS),
+        (KP_GT, KP_DT, "keypoints", KEYPOINT_KEYS),
+    ],
+    ids=["bbox", "keypoints"],
+)
+def test_pycocotools_evaluator_equals_pycocotools_bit_for_bit(gt_file, dt_file, iou_type, keys):
+    gt = load_coco(gt_file)
+    metrics = evaluate_results(gt, load_predictions(dt_file, gt), evaluator="pycocotools")
+    assert_same_stats(metrics[iou_type], pycocotools_stats(gt_file, _read(dt_file), iou_type), keys, max_abs=0)
+
+
+def test_unknown_evaluator_is_a_one_line_error():
+    gt = load_coco(KP_GT)
+    with pytest.raises(UserError, match="unknown evaluator 'cocoapi'"):
+        evaluate_results(gt, load_predictions(KP_DT, gt), evaluator="cocoapi")
+
+
+def test_pycocotools_evaluator_scores_empty_predictions_zero():
+    gt = load_coco(KP_GT)
+    metrics = evaluate_results(gt, [], evaluator="pycocotools")
+    assert metrics["bbox"]["AP"] == 0.0 and metrics["keypoints"]["AP"] == 0.0

@@ -300,6 +300,7 @@ def evaluate_model(
     workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    evaluator: str = "faster-coco-eval",
 ) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``dataset`` (:func:`datadistill.evaluate.evaluate_predictions`).
 
@@ -328,7 +329,7 @@ def evaluate_model(
         if parts is None:
             return {}
         predictions = {k: v for part in parts for k, v in part.items()}
-    return evaluate_predictions(dataset, predictions)
+    return evaluate_predictions(dataset, predictions, evaluator=evaluator)
 
 
 # ----------------------------------------------------------------------------------------------------
