@@ -658,7 +658,7 @@ def heatmaps_to_keypoints(
 # files: safe loading, checkpoints, pretrained weights
 
 
-def _torch_load(path: str | os.PathLike[str], what: str) -> Any:
+def _load_torch_file(path: str | os.PathLike[str], what: str) -> Any:
     """``torch.load(weights_only=True)`` with every failure as a one-line UserError."""
     path = Path(path)
     if not path.exists():
@@ -702,7 +702,7 @@ def save_checkpoint(
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A checkpoint's content (``weights_only=True``); a one-line UserError for a missing, truncated or
     foreign file, or one that needs code to be unpickled."""
-    content = _torch_load(path, "checkpoint")
+    content = _load_torch_file(path, "checkpoint")
     if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a datadistill checkpoint (no 'format': {CHECKPOINT_FORMAT!r})")
     version = content.get("version")
@@ -781,7 +781,7 @@ def _source_state(spec: str) -> tuple[dict[str, Tensor], tuple[str, ...] | None,
             classes = None  # a classifier's categories (ImageNet), not detection classes
         kp = weights.meta.get("keypoint_names")
         return state, classes, tuple(kp) if kp else None
-    content = _torch_load(spec, "weights")
+    content = _load_torch_file(spec, "weights")
     if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
         src_meta = ModelMeta.from_dict(content["meta"])
         return content["state_dict"], src_meta.class_names, src_meta.keypoint_names
