@@ -147,3 +147,13 @@ def test_demo_quick_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     page = (tmp_path / "demo" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 and "<table>" in page
     assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_two_rounds_label_with_the_last_student(tiny: Path) -> None:
+    out = tiny / "rounds"
+    assert main(["run", str(tiny / "config.yaml"), "--out", str(out), "--set", "rounds=2",
+                 "--set", "teacher.epochs=1", "--set", "student.epochs=1"]) == 0  # fmt: skip
+    manifest = json.loads((out / "round-2" / "label" / "manifest.json").read_text())
+    assert manifest["config"]["checkpoint"] == str(out / "round-1" / "student" / "checkpoint.pt")
+    assert (out / "round-2" / "student" / "checkpoint.pt").exists()
+    assert "student, round 2" in (out / "report.html").read_text()
