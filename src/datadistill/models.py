@@ -143,7 +143,7 @@ def _build_small_fcos(*, num_classes: int, num_keypoints: int, min_size: int, ma
     )
     strides = (8, 16, 32, 64, 128)
     anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
-    return FCOS(
+    model = FCOS(
         backbone,
         num_classes=num_classes,
         min_size=min_size,
@@ -154,6 +154,19 @@ def _build_small_fcos(*, num_classes: int, num_keypoints: int, min_size: int, ma
         detections_per_img=100,
         topk_candidates=300,
     )
+    return _live_fcos_regression(model)
+
+
+def _live_fcos_regression(model: FCOS) -> FCOS:
+    """Start FCOS's box regression above zero.
+
+    torchvision's FCOS head puts a ReLU on the regressed distances, initialised around 0: with some seeds
+    an early step pushes them below zero everywhere, the ReLU passes no gradient, and the boxes stay empty
+    for the whole run (GIoU loss stuck at 1.0, AP 0). Distances are in anchor-size units (about 1 for an
+    object of the anchor's size), so a bias of 1 keeps every location alive at the start.
+    """
+    nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
+    return model
 
 
 def _small_rcnn_backbone() -> BackboneWithFPN:
@@ -260,7 +273,7 @@ def _build_fcos_r50(*, num_classes: int, num_keypoints: int, min_size: int, max_
     model = fcos_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size
     )
-    return _freeze_backbone_norm(model)
+    return _freeze_backbone_norm(_live_fcos_regression(model))
 
 
 def _build_keypointrcnn_r50(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:

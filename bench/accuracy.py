@@ -1,0 +1,281 @@
+"""Does data distillation work? Supervised vs single-transform vs distilled vs oracle, on synthetic data.
+
+    python bench/accuracy.py --task boxes --out accuracy_boxes.json
+    python bench/accuracy.py --task keypoints --out accuracy_keypoints.json --ablations
+
+The synthetic data set (``synth shapes`` for boxes, ``synth figures`` for keypoints, made from ``--seed``)
+is split into a validation set V, a labeled set L (10% of the rest) and an unlabeled set U (90%, labels held
+back). Every arm trains the same architecture with the same number of iterations and the same seed:
+
+- ``supervised``: L only (this is also the teacher that labels U);
+- ``single_transform``: L + pseudo-labels of U from the identity view only;
+- ``distilled``: L + pseudo-labels of U from the default views (3 scales x flip) and fusion;
+- ``oracle``: L + U with its true labels, mixed into the minibatches exactly as the pseudo-labels are.
+
+``--ablations`` adds: the student fine-tuned from the teacher instead of trained from the initial weights;
+box fusion nms / wbf / vote; threshold policy count / count-per-class / fixed; pseudo ratio 0.2 / 0.4 / 0.6.
+
+Every stage writes into ``--work`` (default: next to ``--out``) and is skipped when done, so a killed
+benchmark resumes. Pick defaults with a tuning seed (``--seed 1``), report on the evaluation seed (0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datadistill import models
+from datadistill.coco import load_coco, read_json
+from datadistill.demo import DemoPlan, make_demo_data
+from datadistill.evaluate import write_metrics
+from datadistill.io import provenance, write_json_atomic
+from datadistill.label import LabelConfig, label
+from datadistill.pseudo import SelectConfig, select_pseudo_labels
+from datadistill.quality import match_pseudo_labels
+from datadistill.train import TrainConfig, evaluate_model, train
+
+log = logging.getLogger("bench.accuracy")
+
+
+@dataclass(frozen=True)
+class Plan:
+    data: DemoPlan  # sizes of V, L, U and the image size
+    iterations: int  # training iterations of every arm
+    batch_size: int = 8
+
+
+PLANS = {
+    "boxes": Plan(DemoPlan(labeled=200, unlabeled=1800, val=300, size_px=128, teacher_epochs=0, student_epochs=0,
+                           batch_size=8, views="default"), iterations=1600),
+    "keypoints": Plan(DemoPlan(labeled=200, unlabeled=1800, val=300, size_px=128, teacher_epochs=0,
+                               student_epochs=0, batch_size=8, views="default"), iterations=1600),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One student: where its pseudo-labels come from and how it is trained."""
+
+    views: str | None = "default"  # None: the oracle (U's true labels)
+    fuse: str = "nms"
+    policy: str = "count"
+    ratio: float = 0.4
+    init_teacher: bool = False
+
+    def labeling_key(self) -> str:
+        return f"{self.views}-{self.fuse}".replace(",", "+").replace(":", "")
+
+    def selection_key(self) -> str:
+        return f"{self.labeling_key()}-{self.policy}".replace(":", "")
+
+
+DEFAULT = Arm()
+MAIN = {"single_transform": Arm(views="identity"), "distilled": DEFAULT, "oracle": Arm(views=None)}
+ABLATIONS = {
+    "init_from_teacher": replace(DEFAULT, init_teacher=True),
+    "fuse_wbf": replace(DEFAULT, fuse="wbf"),
+    "fuse_vote": replace(DEFAULT, fuse="vote"),
+    "policy_count_per_class": replace(DEFAULT, policy="count-per-class"),
+    "policy_fixed_0.5": replace(DEFAULT, policy="fixed:0.5"),
+    "ratio_0.2": replace(DEFAULT, ratio=0.2),
+    "ratio_0.6": replace(DEFAULT, ratio=0.6),
+}
+
+
+def _epochs(iterations: int, num_real: int, batch_size: int, ratio: float) -> int:
+    """Epochs (passes over the real images) that give ``iterations`` steps at this real:pseudo mix."""
+    pseudo = math.floor(batch_size * ratio + 0.5) if ratio > 0 else 0
+    per_epoch = num_real // (batch_size - pseudo)
+    return max(1, round(iterations / per_epoch))
+
+
+class Bench:
+    def __init__(self, task: str, work: Path, *, plan: Plan, seed: int, threads: int) -> None:
+        self.task, self.work, self.seed, self.threads, self.plan = task, work, seed, threads, plan
+        self.seconds: dict[str, float] = {}
+        t0 = time.time()
+        self.data = make_demo_data(work / "data", task=task, plan=self.plan.data, seed=seed)
+        self.seconds["data"] = round(time.time() - t0, 1)
+        self.val = load_coco(self.data.val, image_root=self.data.val_images)
+        self.truth = load_coco(self.data.unlabeled_truth)
+        self.num_real = len(load_coco(self.data.train).images)
+
+    def _timed(self, name: str, done: Path, work: Any) -> None:
+        if done.exists():
+            return
+        log.info("%s ...", name)
+        t0 = time.time()
+        work()
+        self.seconds[name] = round(time.time() - t0, 1)
+        log.info("%s: %.0f s", name, self.seconds[name])
+
+    def _train(self, out: Path, *, ratio: float = 0.0, pseudo: str | None = None, init: str | None = None) -> Path:
+        epochs = _epochs(self.plan.iterations, self.num_real, self.plan.batch_size, ratio if pseudo else 0.0)
+        cfg = TrainConfig(
+            data=self.data.train, images=self.data.train_images, out=str(out), epochs=epochs,
+            batch_size=self.plan.batch_size, pseudo=pseudo,
+            pseudo_images=self.data.unlabeled_images if pseudo else None,
+            pseudo_ratio=ratio if pseudo else 0.4, init=init, seed=self.seed, threads=self.threads, workers=0,
+            device="cpu", resume=(out / "last.pt").exists(),
+        )  # fmt: skip
+        self._timed(f"train {out.name}", out / "checkpoint.pt", lambda: train(cfg))
+        return out / "checkpoint.pt"
+
+    def _metrics(self, checkpoint: Path) -> dict[str, Any]:
+        path = checkpoint.parent / "val_metrics.json"
+        if not path.exists():
+            model, _, _ = models.load_checkpoint(checkpoint, device=torch.device("cpu"))
+            write_metrics(path, evaluate_model(model, self.val, self.data.val_images, device=torch.device("cpu"),
+                                               batch_size=8))  # fmt: skip
+        return read_json(path)
+
+    def teacher(self) -> Path:
+        return self._train(self.work / "supervised")
+
+    def pseudo_labels(self, arm: Arm) -> tuple[str, dict[str, Any] | None]:
+        """The pseudo-label file of an arm (labeling and selection cached by their settings)."""
+        if arm.views is None:
+            return self.data.unlabeled_truth, None
+        folder = self.work / f"label-{arm.labeling_key()}"
+        cfg = LabelConfig(
+            checkpoint=str(self.teacher()), images=self.data.unlabeled, image_root=self.data.unlabeled_images,
+            out=str(folder), views=arm.views, fuse=arm.fuse, workers=0, threads=self.threads, device="cpu",
+        )  # fmt: skip
+        self._timed(f"label {folder.name}", folder / "manifest.complete", lambda: _label(cfg, folder))
+        out = self.work / f"select-{arm.selection_key()}" / "pseudo.json"
+        sel = SelectConfig(labels=str(folder), reference=self.data.train, out=str(out), policy=arm.policy)
+        self._timed(f"select {out.parent.name}", out, lambda: select_pseudo_labels(sel))
+        matched = match_pseudo_labels(load_coco(out), self.truth).at(0.0)
+        quality = {k: matched[k] for k in ("precision", "recall", "kept")}
+        quality["per_image"] = read_json(out.parent / "selection.json")["achieved_per_image"]
+        return str(out), quality
+
+    def arm(self, name: str, arm: Arm) -> dict[str, Any]:
+        pseudo, quality = self.pseudo_labels(arm)
+        init = str(self.teacher()) if arm.init_teacher else None
+        checkpoint = self._train(self.work / name, ratio=arm.ratio, pseudo=pseudo, init=init)
+        result = {"metrics": self._metrics(checkpoint), "pseudo_labels": quality, "arm": arm.__dict__}
+        result["train_seconds"] = read_json(checkpoint.parent / "timings.json").get("train_s")
+        return result
+
+
+def _label(cfg: LabelConfig, folder: Path) -> None:
+    label(cfg)
+    if read_json(folder / "manifest.json").get("status") == "complete":
+        (folder / "manifest.complete").write_text("")
+
+
+def _ap(result: dict[str, Any], metric: str) -> float:
+    return 100 * result["metrics"][metric]["AP"]
+
+
+def summarize(results: dict[str, Any], metric: str) -> dict[str, Any]:
+    sup, dist = _ap(results["supervised"], metric), _ap(results["distilled"], metric)
+    oracle, single = _ap(results["oracle"], metric), _ap(results["single_transform"], metric)
+    gap = oracle - sup
+    return {
+        "metric": metric,
+        "gap_closed": (dist - sup) / gap if gap > 0 else None,
+        "distilled_minus_single_transform": dist - single,
+        "targets_met": {
+            "closes_40pct_of_gap": gap > 0 and (dist - sup) / gap >= 0.4,
+            "beats_single_transform_by_1ap": dist - single >= 1.0,
+        },
+    }
+
+
+def format_table(results: dict[str, Any], metric: str) -> str:
+    lines = [f"{'arm':26}{'AP':>7}{'AP50':>7}{'AP75':>7}{'prec':>7}{'recall':>7}{'/img':>6}{'train s':>9}"]
+    for name, r in results.items():
+        if not isinstance(r, dict) or "metrics" not in r:
+            continue
+        m = r["metrics"][metric]
+        q = r.get("pseudo_labels") or {}
+        pq = (
+            f"{100 * q['precision']:7.1f}{100 * q['recall']:7.1f}{q['per_image']:6.2f}"
+            if q
+            else f"{'-':>7}{'-':>7}{'-':>6}"
+        )
+        lines.append(f"{name:26}{100 * m['AP']:7.1f}{100 * m['AP50']:7.1f}{100 * m['AP75']:7.1f}{pq}"
+                     f"{r.get('train_seconds') or 0:9.0f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--task", choices=sorted(PLANS), required=True)
+    p.add_argument("--out", required=True, help="results json")
+    p.add_argument("--work", default=None, help="working folder (default: OUT without .json + '_work')")
+    p.add_argument("--seed", type=int, default=0, help="data and training seed (0: evaluation, 1: tuning)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--ablations", action="store_true", help="also run the ablations (about 7 more students)")
+    p.add_argument(
+        "--iterations", type=int, default=None, help="training iterations of every arm (default: the plan's)"
+    )
+    p.add_argument(
+        "--images", type=int, default=None, help="labeled + unlabeled images (default: the plan's; 10%% labeled)"
+    )
+    p.add_argument("--only", default=None, help="comma-separated arms to run (default: all)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.with_name(out.stem + "_work")
+    started = time.time()
+    torch.set_num_threads(args.threads)
+    plan = PLANS[args.task]
+    if args.iterations:
+        plan = replace(plan, iterations=args.iterations)
+    if args.images:
+        labeled = max(8, args.images // 10)
+        plan = replace(
+            plan,
+            data=replace(
+                plan.data, labeled=labeled, unlabeled=args.images - labeled, val=min(plan.data.val, args.images)
+            ),
+        )
+    bench = Bench(args.task, work, plan=plan, seed=args.seed, threads=args.threads)
+    metric = "keypoints" if args.task == "keypoints" else "bbox"
+    arms = dict(MAIN, **(ABLATIONS if args.ablations else {}))
+    if args.only:
+        wanted = set(args.only.split(","))
+        arms = {k: v for k, v in arms.items() if k in wanted}
+    results: dict[str, Any] = {"supervised": {"metrics": bench._metrics(bench.teacher()), "pseudo_labels": None}}
+    results["supervised"]["train_seconds"] = read_json(work / "supervised" / "timings.json").get("train_s")
+    for name, arm in arms.items():
+        results[name] = bench.arm(name, arm)
+        print(format_table(results, metric), file=sys.stderr, flush=True)
+    if {"supervised", "single_transform", "distilled", "oracle"} <= set(results):
+        results["summary"] = summarize(results, metric)
+    results["task"] = args.task
+    results["seed"] = args.seed
+    results["plan"] = {
+        "iterations": bench.plan.iterations,
+        "batch_size": bench.plan.batch_size,
+        **bench.plan.data.__dict__,
+    }
+    results["seconds"] = bench.seconds
+    results["total_seconds"] = round(time.time() - started, 1)
+    results["provenance"] = provenance()
+    write_json_atomic(out, results, indent=2)
+    print(format_table(results, metric))
+    if "summary" in results:
+        s = results["summary"]
+        closed = "n/a" if s["gap_closed"] is None else f"{100 * s['gap_closed']:.0f}%"
+        print(f"gap closed: {closed}; distilled - single_transform: {s['distilled_minus_single_transform']:+.1f} AP")
+    print(f"total {results['total_seconds'] / 60:.1f} min (this run; stages done earlier are not counted)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
