@@ -89,6 +89,18 @@ def test_every_model_builds_for_its_task(name: str) -> None:
         assert sum(p.numel() for p in model.parameters()) < 4_000_000
 
 
+@pytest.mark.parametrize("name", ["small_fcos", "fcos_resnet50_fpn"])
+def test_fcos_box_regression_starts_alive(name: str) -> None:
+    # torchvision's FCOS puts a ReLU on the regressed distances; started at 0, some seeds killed it for good
+    # (GIoU loss stuck at 1.0, AP 0). Every location must regress a positive distance at the start.
+    torch.manual_seed(1)
+    model = _model(name).eval()
+    features = list(model.backbone(torch.rand(1, 3, 128, 128)).values())
+    regression, _ = model.head.regression_head(features)
+    alive = (regression > 0).float().mean().item()
+    assert regression.shape[-1] == 4 and alive > 0.99  # with a bias of 0: about 0.2 for the R50
+
+
 def test_small_models_are_the_defaults() -> None:
     for task, name in models.DEFAULT_MODELS.items():
         assert MODELS[name].task == task and not MODELS[name].pretrained
