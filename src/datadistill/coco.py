@@ -171,7 +171,7 @@ def _flip_index_from_pairs(pairs: Any, names: tuple[str, ...], where: str, probl
     lookup = {n: i for i, n in enumerate(names)}
     for pair in pairs:
         if not (isinstance(pair, list | tuple) and len(pair) == 2):
-            problems.append(f"{where}: flip_pairs entry {pair!r} is not a pair")
+            problems.append(f"{where}: flip_pairs entry {_show(pair)} is not a pair")
             continue
         ab = []
         for x in pair:
@@ -180,7 +180,7 @@ def _flip_index_from_pairs(pairs: Any, names: tuple[str, ...], where: str, probl
             elif isinstance(x, int) and not isinstance(x, bool) and 0 <= x < k:
                 ab.append(x)
             else:
-                problems.append(f"{where}: flip_pairs entry {pair!r} names no keypoint (0-based index or name)")
+                problems.append(f"{where}: flip_pairs entry {_show(pair)} names no keypoint (0-based index or name)")
                 break
         if len(ab) == 2:
             index[ab[0]], index[ab[1]] = ab[1], ab[0]
@@ -205,16 +205,37 @@ def default_sigmas(names: tuple[str, ...]) -> tuple[float, ...]:
 # parsing with validation
 
 
+_INT64_LIMIT = 2**63  # ids and counts become int64 arrays; json integers have no bound
+
+
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """A json integer that fits int64 (not a bool)."""
+    return isinstance(x, int) and not isinstance(x, bool) and -_INT64_LIMIT <= x < _INT64_LIMIT
 
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def is_finite_number(x: Any) -> bool:
+    """An int or float (not a bool) that is a finite float64: json's NaN, Infinity and integers beyond
+    float64's range (``1e400`` written out as digits) are not."""
+    if not _is_number(x):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _finite(values: list[Any]) -> bool:
-    return all(_is_number(v) and math.isfinite(v) for v in values)
+    return all(is_finite_number(v) for v in values)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so that a hostile value keeps a problem to a short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -230,6 +251,12 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise DataError(f"{path}: invalid json at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: invalid json: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError as exc:
+        raise DataError(f"{path}: invalid json: nested too deeply to read") from exc
+    except ValueError as exc:  # an integer of more than 4300 digits (Python's limit on int parsing)
+        raise DataError(f"{path}: invalid json: {str(exc).split(';')[0]}") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
 
 
 def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
@@ -246,7 +273,7 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
             continue
         cid, name = c.get("id"), c.get("name")
         if not _is_int(cid):
-            problems.append(f"{where}: 'id' must be an integer, got {cid!r}")
+            problems.append(f"{where}: 'id' must be an integer, got {_show(cid)}")
             continue
         where = f"category {cid}"
         if cid in seen:
@@ -254,7 +281,7 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
             continue
         seen.add(cid)
         if not isinstance(name, str) or not name:
-            problems.append(f"{where}: 'name' must be a non-empty string, got {name!r}")
+            problems.append(f"{where}: 'name' must be a non-empty string, got {_show(name)}")
             continue
         kp_names = c.get("keypoints") or []
         if not (isinstance(kp_names, list) and all(isinstance(n, str) for n in kp_names)):
@@ -281,7 +308,7 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
             ):
                 skeleton.append((int(edge[0]), int(edge[1])))
             else:
-                problems.append(f"{where}: skeleton edge {edge!r} is not a pair of 1-based keypoint indices")
+                problems.append(f"{where}: skeleton edge {_show(edge)} is not a pair of 1-based keypoint indices")
         if "flip_pairs" in c:
             flip = _flip_index_from_pairs(c["flip_pairs"], kp, where, problems)
         else:
@@ -297,7 +324,7 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
         ):
             sigmas = tuple(float(s) for s in sigmas_raw)
         else:
-            problems.append(f"{where}: 'sigmas' must be {len(kp)} positive numbers, got {sigmas_raw!r}")
+            problems.append(f"{where}: 'sigmas' must be {len(kp)} positive numbers, got {_show(sigmas_raw)}")
             sigmas = default_sigmas(kp)
         supercategory = c.get("supercategory", "")
         cats.append(
@@ -328,7 +355,7 @@ def _parse_images(raw: Any, image_root: Path | None, problems: list[str]) -> tup
             continue
         iid = im.get("id")
         if not _is_int(iid):
-            problems.append(f"{where}: 'id' must be an integer, got {iid!r}")
+            problems.append(f"{where}: 'id' must be an integer, got {_show(iid)}")
             continue
         where = f"image {iid}"
         if iid in seen_ids:
@@ -338,10 +365,10 @@ def _parse_images(raw: Any, image_root: Path | None, problems: list[str]) -> tup
         name, width, height = im.get("file_name"), im.get("width"), im.get("height")
         ok = True
         if not isinstance(name, str) or not name:
-            problems.append(f"{where}: 'file_name' must be a non-empty string, got {name!r}")
+            problems.append(f"{where}: 'file_name' must be a non-empty string, got {_show(name)}")
             ok = False
         elif name in seen_names:
-            problems.append(f"{where}: file_name {name!r} already used by image {seen_names[name]}")
+            problems.append(f"{where}: file_name {_show(name)} already used by image {seen_names[name]}")
             ok = False
         else:
             seen_names[name] = iid
@@ -352,8 +379,9 @@ def _parse_images(raw: Any, image_root: Path | None, problems: list[str]) -> tup
                     problems.append(f"{where}: {exc}")
                     ok = False
         for key, value in (("width", width), ("height", height)):
-            if not (_is_int(value) or (_is_number(value) and float(value).is_integer())) or value <= 0:
-                problems.append(f"{where}: '{key}' must be a positive integer, got {value!r}")
+            integral = _is_int(value) or (is_finite_number(value) and float(value).is_integer())
+            if not integral or not 0 < value < _INT64_LIMIT:
+                problems.append(f"{where}: '{key}' must be a positive integer, got {_show(value)}")
                 ok = False
         if ok:
             images.append(ImageRecord(id=iid, file_name=name, width=int(width), height=int(height)))
@@ -379,25 +407,25 @@ def _parse_annotations(
             continue
         aid = a.get("id")
         if not _is_int(aid):
-            problems.append(f"{where}: 'id' must be an integer, got {aid!r}")
+            problems.append(f"{where}: 'id' must be an integer, got {_show(aid)}")
             continue
         if aid in seen:
             problems.append(f"annotation {aid}: duplicate annotation id")
             continue
         seen.add(aid)
         iid = a.get("image_id")
-        where = f"annotation {aid} (image {iid!r})" if not _is_int(iid) else f"annotation {aid} (image {iid})"
+        where = f"annotation {aid} (image {_show(iid)})" if not _is_int(iid) else f"annotation {aid} (image {iid})"
         if not _is_int(iid) or iid not in image_by_id:
-            problems.append(f"{where}: unknown image_id {iid!r}")
+            problems.append(f"{where}: unknown image_id {_show(iid)}")
             continue
         img = image_by_id[iid]
         cid = a.get("category_id")
         if not _is_int(cid) or cid not in class_of:
-            problems.append(f"{where}: unknown category_id {cid!r}")
+            problems.append(f"{where}: unknown category_id {_show(cid)}")
             continue
         bbox = a.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and _finite(bbox)):
-            problems.append(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+            problems.append(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {_show(bbox)}")
             continue
         x, y, w, h = (float(v) for v in bbox)
         if w <= 0 or h <= 0:
@@ -411,7 +439,7 @@ def _parse_annotations(
             continue
         iscrowd = a.get("iscrowd", 0)
         if not _is_int(iscrowd) or iscrowd not in (0, 1):
-            problems.append(f"{where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+            problems.append(f"{where}: 'iscrowd' must be 0 or 1, got {_show(iscrowd)}")
             continue
         kps = None
         if kp_count:
@@ -436,18 +464,18 @@ def _parse_annotations(
             continue
         score = a.get("score")
         if score is not None:
-            if not (_is_number(score) and math.isfinite(score) and 0 <= score <= 1):
-                problems.append(f"{where}: 'score' must be a number in [0, 1], got {score!r}")
+            if not (is_finite_number(score) and 0 <= score <= 1):
+                problems.append(f"{where}: 'score' must be a number in [0, 1], got {_show(score)}")
                 continue
             has_scores = True
         agreement = a.get("agreement")
         if agreement is not None:
             if not _is_int(agreement) or agreement < 0:
-                problems.append(f"{where}: 'agreement' must be a non-negative integer, got {agreement!r}")
+                problems.append(f"{where}: 'agreement' must be a non-negative integer, got {_show(agreement)}")
                 continue
             has_agreement = True
         area = a.get("area")
-        area = float(area) if _is_number(area) and math.isfinite(area) and area >= 0 else w * h
+        area = float(area) if is_finite_number(area) and area >= 0 else w * h
         rows[iid].append((aid, (x, y, x + w, y + h), class_of[cid], bool(iscrowd), area, kps, score, agreement))
     out: dict[int, ImageLabels] = {}
     for iid, rs in rows.items():

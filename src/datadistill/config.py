@@ -171,5 +171,18 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple
         raise UserError(f"{where}{exc}") from None
 
 
+def read_recorded_config(path: Path) -> dict[str, Any]:
+    """The ``config.yaml`` a run folder recorded (``safe_load``: tags that would build Python objects are
+    refused), or a one-line UserError for a file that is not a readable mapping."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or type(exc).__name__
+        raise UserError(f"{path}: not a readable run config ({reason})") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: not a readable run config (a {type(raw).__name__}, not a mapping)")
+    return raw
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)

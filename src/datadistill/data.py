@@ -104,7 +104,10 @@ def apply_augmentation(
     kps = None if keypoints is None else tv_tensors.KeyPoints(keypoints[..., :2], canvas_size=canvas)
     if aug.scale != 1.0:
         size = [max(1, round(height * aug.scale)), max(1, round(width * aug.scale))]
-        img = F.resize(img, size, antialias=True)
+        if size == [1, 1]:  # torch's uint8 resize fails an internal assert when it makes a 1 x 1 image
+            img = tv_tensors.Image(img.float().mean(dim=(-2, -1), keepdim=True).round().to(img.dtype))
+        else:
+            img = F.resize(img, size, antialias=True)
         bxs = F.resize(bxs, size)
         kps = None if kps is None else F.resize(kps, size)
         img = F.crop(img, aug.top, aug.left, canvas[0], canvas[1])

@@ -23,7 +23,6 @@ import contextlib
 import copy
 import io
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
-from datadistill.coco import CocoDataset, parse_coco, read_json, to_coco_dict
+from datadistill.coco import CocoDataset, is_finite_number, parse_coco, read_json, to_coco_dict
 from datadistill.errors import DataError, UserError
 from datadistill.io import write_json_atomic
 from datadistill.types import Detections
@@ -106,11 +105,7 @@ def results_from_predictions(gt: CocoDataset, predictions: Mapping[int, Detectio
 
 
 def _finite_numbers(x: Any, n: int) -> bool:
-    return (
-        isinstance(x, list | tuple)
-        and len(x) == n
-        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in x)
-    )
+    return isinstance(x, list | tuple) and len(x) == n and all(is_finite_number(v) for v in x)
 
 
 def _check_results(results: Sequence[Any], gt: CocoDataset, *, where: str, names: Sequence[str] | None = None) -> None:

@@ -390,9 +390,11 @@ def _check_unit(name: str, value: float) -> float:
 
 
 def _candidates(inputs: _Inputs, skip_box_thr: float) -> np.ndarray:
-    """Rows kept for fusion: score >= skip_box_thr and positive area."""
+    """Rows kept for fusion: score >= skip_box_thr and positive area (also as a float64 product: sides of
+    1e-300 px multiply to 0, and IoU would divide 0 by 0)."""
     b = inputs.boxes
-    ok = (inputs.scores >= skip_box_thr) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    ok = (inputs.scores >= skip_box_thr) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]) & (area > 0.0)
     return np.flatnonzero(ok)
 
 
@@ -784,10 +786,14 @@ def fuse(
             torch.from_numpy(fused.clusters),
             c,
         ).to(inputs.device)
-    return Detections(
+    out = Detections(
         boxes=boxes.float(),
         scores=scores.float(),
         labels=labels,
         keypoints=keypoints,
         agreement=agreement,
     )
+    # A box thinner than float32 resolves at its place (1e-6 px at x = 100) has no width left: drop it, as
+    # boxes of zero size are dropped on the way in (a zero-size pseudo-label would fail the student's data).
+    solid = (out.boxes[:, 2] > out.boxes[:, 0]) & (out.boxes[:, 3] > out.boxes[:, 1])
+    return out if bool(solid.all()) else out.select(solid)

@@ -53,8 +53,16 @@ def list_images(folder: str | os.PathLike[str]) -> list[str]:
     return sorted(found)
 
 
+def is_file(path: str | os.PathLike[str]) -> bool:
+    """``Path.is_file`` that says False, not raises, where the name itself is unusable (too long)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _unreadable(path: str | os.PathLike[str], exc: BaseException) -> DataError:
-    if Path(path).is_file() and Path(path).stat().st_size == 0:
+    if is_file(path) and Path(path).stat().st_size == 0:
         reason = "empty file"
     elif isinstance(exc, UnidentifiedImageError):
         reason = "not an image format PIL can read"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -39,12 +40,32 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others on a shared cluster may need to read
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        cause = _os_error_in(exc) if isinstance(exc, Exception) else None
+        if cause is not None:
+            raise UserError(f"cannot write {path}: {cause.strerror or cause}") from exc
         raise
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or one it was raised from or while handling. torch.save's zip
+    writer answers a full disk with a RuntimeError ("unexpected pos") raised while handling the OSError."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, OSError):
+            return current
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return None
+
+
+def remove_temporaries(folder: str | os.PathLike[str], names: tuple[str, ...]) -> None:
+    """Delete the temporary files of :func:`write_atomic` for ``names`` in ``folder`` (``.NAME.*.tmp``): a
+    killed process leaves them behind; a resumed stage calls this before it writes those files again."""
+    for name in names:
+        for tmp in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> None:

@@ -6,6 +6,7 @@ keypoints of the kept objects to write them), vectorised over all objects at onc
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ import pyarrow as pa
 from datadistill import selection
 from datadistill.coco import Category, CocoDataset, category_to_coco, load_coco, read_json
 from datadistill.errors import UserError
-from datadistill.io import provenance, write_json_atomic
+from datadistill.io import provenance, remove_temporaries, write_atomic, write_json_atomic
 from datadistill.label import read_shards
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,10 @@ def _plot_histogram(path: Path, scores: np.ndarray, sel: selection.Selection, cl
     ax.set(xlabel="fused score", ylabel="objects", title=f"pseudo-label scores ({sel.policy}: {label})")
     ax.set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()  # drawn in memory, then written whole: a kill never leaves half a png
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    write_atomic(path, lambda f: f.write(buf.getvalue()))
 
 
 def select_pseudo_labels(cfg: SelectConfig) -> Path:
@@ -106,9 +109,12 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
     if not manifest_path.exists():
         raise UserError(f"{labels_dir}: no manifest.json (run `datadistill label` first)")
     manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("classes", {}), dict):
+        raise UserError(f"{manifest_path}: not a labeling manifest; re-run `datadistill label` into another --out")
     if manifest.get("status") != "complete":
         raise UserError(f"{labels_dir}: labeling is not complete (re-run the same `datadistill label` to finish)")
     ref = load_coco(cfg.reference)
+    remove_temporaries(Path(cfg.out).parent, (Path(cfg.out).name, "selection.json", "scores.png"))  # of a kill
     categories = _categories(manifest, ref, labels_dir)
     num_classes = len(categories)
     counts = reference_counts(ref)
@@ -185,7 +191,6 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
     out = Path(cfg.out)
     coco = {"images": images, "annotations": annotations, "categories": [category_to_coco(c) for c in categories],
             "info": {"description": f"datadistill pseudo-labels from {labels_dir}", "policy": sel.policy}}  # fmt: skip
-    write_json_atomic(out, coco)
     achieved_total = int(keep.sum())
     report = {
         "policy": sel.policy,
@@ -214,6 +219,8 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
     }
     write_json_atomic(out.parent / "selection.json", report, indent=2)
     _plot_histogram(out.parent / "scores.png", scores[eligible], sel, ref.class_names)
+    # last: the pseudo-labels mark the stage done (`run` skips it then), so they follow what goes beside them
+    write_json_atomic(out, coco)
     log.info(
         "kept %d of %d candidates (%.2f per image, target %.2f) on %d images with %s",
         achieved_total, scores.size, achieved_total / num_images, counts["per_image"], num_images, sel.policy,

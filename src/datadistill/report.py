@@ -175,10 +175,15 @@ def write_report(run_dir: str | Path, *, extra_sections: list[tuple[str, str]] |
     if not layout.root.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
     cfg_path = layout.config
-    import yaml
+    cfg: dict[str, Any] = {}
+    if cfg_path.exists():
+        from datadistill.config import read_recorded_config
 
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
-    data = (cfg or {}).get("data", {})
+        try:
+            cfg = read_recorded_config(cfg_path)
+        except UserError as exc:
+            log.warning("%s; the report leaves out what needs it", exc)
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     base = Path(cfg.get("_base", ".")) if cfg else Path(".")
     sections: list[tuple[str, str]] = []
 

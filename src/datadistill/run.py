@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from datadistill.config import RunConfig, TrainSection, config_to_dict
+from datadistill.config import RunConfig, TrainSection, config_to_dict, read_recorded_config
 from datadistill.errors import UserError
 from datadistill.io import provenance, write_json_atomic, write_text_atomic
 from datadistill.layout import RunLayout
@@ -108,7 +108,10 @@ def _record_config(layout: RunLayout, cfg: RunConfig, base: Path) -> None:
     current = config_to_dict(cfg)
     current["_base"] = str(base)
     if layout.config.exists():
-        recorded = yaml.safe_load(layout.config.read_text()) or {}
+        try:
+            recorded = read_recorded_config(layout.config)
+        except UserError as exc:
+            raise UserError(f"{exc}; use another --out") from None
         recorded.pop("_base", None)
         runtime = {"device", "threads", "workers", "rounds"}
         for key in sorted(set(recorded) | set(current)):
@@ -131,6 +134,8 @@ def run(cfg: RunConfig, *, base: Path, out: str | Path) -> RunResult:
     _check_data(cfg, base)
     layout = RunLayout(Path(out))
     layout.root.mkdir(parents=True, exist_ok=True)
+    for tmp in layout.root.rglob(".*.tmp"):  # what write_atomic left when an earlier run was killed
+        tmp.unlink(missing_ok=True)
     _record_config(layout, cfg, base)
     seconds: dict[str, float] = {}
 

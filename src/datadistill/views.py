@@ -108,6 +108,18 @@ class View:
         )
 
 
+def resized_size(height: int, width: int, *, min_size: int, max_size: int) -> tuple[int, int]:
+    """``(H, W)`` that a torchvision detector resizes an image of ``height x width`` px to (eval mode): the
+    short side to ``min_size`` unless the long side would pass ``max_size``, then each side rounded down
+    (``GeneralizedRCNNTransform``). A side of 0 means the model cannot take the image: torch raises. That
+    happens to images whose long side is more than ``max_size`` times their short side (a 4000 x 1 px
+    strip); callers skip or refuse them up front."""
+    if min(height, width) < 1:
+        raise ValueError(f"image sides must be at least 1 px, got {height}x{width}")
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return int(height * scale), int(width * scale)
+
+
 _TOKEN = re.compile(r"^(identity|hflip|scale:([0-9]*\.?[0-9]+(?:e-?[0-9]+)?))$")
 
 

@@ -37,6 +37,7 @@ from datadistill.coco import (
     ImageRecord,
     default_sigmas,
     derive_flip_index,
+    is_finite_number,
     load_coco,
     save_coco,
 )
@@ -512,10 +513,7 @@ def _categories_from_yaml(data: dict[str, Any], problems: list[str]) -> tuple[tu
         elif (
             isinstance(raw_sigmas, list)
             and len(raw_sigmas) == k
-            and all(
-                isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) and s > 0
-                for s in raw_sigmas
-            )
+            and all(is_finite_number(s) and s > 0 for s in raw_sigmas)
         ):
             sigmas = tuple(float(s) for s in raw_sigmas)
         else:

@@ -44,6 +44,7 @@ from datadistill.label import (
     label_images,
     plan_batches,
     shard_path,
+    unfit_reason,
 )
 from datadistill.views import parse_views
 
@@ -111,14 +112,16 @@ class _Labeler:
             names, shapes, errors = row["names"], row["shapes"], row["errors"]
             images: list[torch.Tensor | None] = []
             offset = 0
+            errors = list(errors)
             for i in range(len(names)):
                 if errors[i] is not None:
                     images.append(None)
                     continue
                 c, h, w = shapes[3 * i : 3 * i + 3]
                 array = np.frombuffer(row["pixels"], np.uint8, c * h * w, offset).reshape(c, h, w)
-                images.append(torch.from_numpy(array.copy()))
                 offset += c * h * w
+                errors[i] = unfit_reason(h, w, meta=self.meta, views=self.views)  # as the local engine does
+                images.append(None if errors[i] else torch.from_numpy(array.copy()))
             good = [im for im in images if im is not None]
             timer = _Timer()
             results = iter(())
