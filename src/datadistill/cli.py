@@ -73,6 +73,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         path = make(args.out, num_images=args.images, seed=args.seed, size_px=args.size)
     except ValueError as exc:
         raise UserError(f"synth {args.kind}: {exc}") from exc
+    except OSError as exc:  # PIL's writes of a full disk name no file
+        raise UserError(f"synth {args.kind}: cannot write {args.out}: {exc.strerror or exc}") from exc
     print(f"wrote {args.images} images and {path}")
     return 0
 
@@ -87,6 +89,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     width = max(len(n) for n in MODELS)
     for name, spec in MODELS.items():
         print(f"{name:<{width}}  {spec.task:<9}  {spec.description}")
+    print(f"{'yolo:PATH_OR_YAML':<{width}}  {'both':<9}  {YOLO_MODEL_HELP}")
     return 0
 
 
@@ -133,11 +136,17 @@ def _config_from_args(cls: type, args: argparse.Namespace, **fixed: typing.Any) 
     return cls(**values)
 
 
+YOLO_MODEL_HELP = (
+    "Ultralytics YOLO detect/pose from a model YAML (yolo11n.yaml, yolo11n-pose.yaml) or a local .pt "
+    "(unpickled: only files you trust); pip install 'datadistill[yolo]' (AGPL-3.0)"
+)
+
 TRAIN_HELP = {
     "data": "COCO json of the labeled images",
     "images": "image root of --data",
     "out": "output folder (checkpoint.pt, last.pt, metrics.jsonl, config.yaml)",
-    "model": "a name from `datadistill models`; default: the small model of the data's task",
+    "model": "a name from `datadistill models`, or yolo:PATH_OR_YAML (Ultralytics: its trainer and recipe, "
+    "writes OUT/yolo.pt; a .pt is unpickled, only files you trust); default: the small model of the data's task",
     "epochs": "passes over the labeled images",
     "batch_size": "images per minibatch",
     "lr": "peak learning rate (default: 2e-3 for small models, 1e-4 for pretrained ones with adamw; 0.01 sgd)",
@@ -156,7 +165,7 @@ TRAIN_HELP = {
     "seed": "random seed of everything",
     "threads": "torch threads of this process (0: one per core)",
     "workers": "DataLoader worker processes (1 thread each)",
-    "min_size": "input size (short side, px); default: the model's",
+    "min_size": "input size (short side, px; imgsz of yolo: models); default: the model's",
     "max_size": "input size cap (long side, px); default: the model's",
 }
 
@@ -164,10 +173,11 @@ TRAIN_HELP = {
 def cmd_train(args: argparse.Namespace) -> int:
     from datadistill.distributed import launch_from_env
     from datadistill.train import TrainConfig, train
+    from datadistill.ultralytics_backend import CHECKPOINT_NAME, is_yolo
 
     out = train(_config_from_args(TrainConfig, args))
     if launch_from_env().is_main:  # under torchrun, rank 0 speaks for all
-        print(f"wrote {out / 'checkpoint.pt'}")
+        print(f"wrote {out / (CHECKPOINT_NAME if is_yolo(args.model) else 'checkpoint.pt')}")
     return 0
 
 
@@ -175,11 +185,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from datadistill.coco import load_coco
     from datadistill.evaluate import evaluate_results, format_metrics, load_predictions, write_metrics
 
-    if (args.checkpoint is None) == (args.predictions is None):
-        raise UserError("give either --checkpoint CKPT --images DIR or --predictions P.json")
-    if args.checkpoint is not None:
+    given = [x for x in (args.checkpoint, args.model, args.predictions) if x is not None]
+    if len(given) != 1:
+        raise UserError(
+            "give one of --checkpoint CKPT --images DIR, --model yolo:PATH.pt --images DIR, --predictions P.json"
+        )
+    if args.model is not None and not args.model.startswith("yolo:"):
+        raise UserError(f"--model {args.model!r}: evaluate takes yolo:PATH.pt; other models with --checkpoint")
+    if args.checkpoint is not None or args.model is not None:
+        option = "--checkpoint" if args.checkpoint is not None else "--model"
         if args.images is None:
-            raise UserError("--checkpoint needs --images DIR (the image root of --data)")
+            raise UserError(f"{option} needs --images DIR (the image root of --data)")
         import torch
 
         from datadistill import models
@@ -188,10 +204,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads) if args.threads else None
         gt = load_coco(args.data, image_root=args.images)
         device = resolve_device(args.device)
-        model, meta, _ = models.load_checkpoint(args.checkpoint, device=device)
+        if args.model is not None:
+            from datadistill.ultralytics_backend import load_yolo
+
+            yolo = load_yolo(args.model, device=device)
+            model, meta = yolo, yolo.meta
+        else:
+            model, meta, _ = models.load_checkpoint(args.checkpoint, device=device)
         if tuple(meta.class_names) != gt.class_names:
             raise UserError(
-                f"{args.checkpoint} predicts classes {list(meta.class_names)[:6]} but {args.data} has "
+                f"{args.checkpoint or args.model} predicts classes {list(meta.class_names)[:6]} but {args.data} has "
                 f"{list(gt.class_names)[:6]}"
             )
         metrics = evaluate_model(
@@ -213,7 +235,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 LABEL_HELP = {
-    "checkpoint": "the teacher's checkpoint.pt",
+    "checkpoint": "the teacher's checkpoint.pt (or give --model)",
+    "model": "yolo:PATH.pt: label with an Ultralytics YOLO model instead of --checkpoint (e.g. OUT/yolo.pt of "
+    "`train --model yolo:...`; unpickled: only files you trust; keypoints fused by mean; use --iou-thr 0.7)",
     "images": "unlabeled images: a folder (recursive), a text file of paths, or a COCO json",
     "out": "output folder (shards/part-NNNNN.parquet, manifest.json)",
     "image_root": "root of the paths in a list or COCO json (default: the file's folder, or images/ beside a json)",
@@ -383,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="GT.json", help="ground truth COCO json")
     p.add_argument("--out", required=True, metavar="metrics.json", help="where to write the metrics")
     p.add_argument("--checkpoint", metavar="CKPT", help="evaluate this model on --images")
-    p.add_argument("--images", metavar="DIR", help="image root of --data (with --checkpoint)")
+    p.add_argument(
+        "--model", metavar="yolo:PATH.pt", help="evaluate an Ultralytics YOLO model on --images (not --checkpoint)"
+    )
+    p.add_argument("--images", metavar="DIR", help="image root of --data (with --checkpoint or --model)")
     p.add_argument("--predictions", metavar="P.json", help="a COCO results list, or a pseudo-label COCO json")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per forward pass (8)")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader processes (0)")
@@ -439,6 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # the environment, not a bug: a full disk, a read-only or vanished folder
+        where = exc.filename2 if exc.filename2 is not None else exc.filename
+        print(f"error: {f'{where}: ' if where is not None else ''}{exc.strerror or exc}", file=sys.stderr)
         return 1
 
 

@@ -19,6 +19,7 @@ on the engine, the number of processes, or where a resumed run started.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -39,9 +40,9 @@ from datadistill import distributed, fusion, models
 from datadistill.coco import load_coco, read_json
 from datadistill.errors import DataError, UserError
 from datadistill.images import list_images, read_image, resolve_image_path
-from datadistill.io import file_sha256, provenance, write_atomic, write_json_atomic
+from datadistill.io import file_sha256, provenance, remove_temporaries, write_atomic, write_json_atomic
 from datadistill.types import Detections
-from datadistill.views import View, parse_views
+from datadistill.views import View, parse_views, resized_size
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,14 @@ class LabelConfig:
     ``rank``/``world_size``: this process's share under torchrun (the CLI reads them from ``RANK`` and
     ``WORLD_SIZE``). ``engine``: ``"local"`` (this process, or each torchrun rank) or ``"ray"`` (a Ray
     Data pipeline; ``ray_address`` joins a running cluster, None starts one on this machine).
+    The model is ``checkpoint`` (a datadistill checkpoint) or ``model`` (``yolo:PATH.pt``, an Ultralytics
+    YOLO model: :mod:`datadistill.ultralytics_backend`), exactly one of them.
     """
 
-    checkpoint: str
     images: str
     out: str
+    checkpoint: str | None = None
+    model: str | None = None
     image_root: str | None = None
     views: str = "default"
     fuse: str = "nms"
@@ -226,6 +230,18 @@ def _row(name: str, width: int, height: int, det: Detections, num_keypoints: int
     return row
 
 
+def unfit_reason(height: int, width: int, *, meta: models.ModelMeta, views: tuple[View, ...]) -> str | None:
+    """Why a torchvision model cannot label an image of ``height x width`` px under one of ``views`` (its
+    resize would leave a side of 0 px, and torch would raise mid-run), or None when it can."""
+    for view in views:
+        low, high = view.input_size(meta.min_size, meta.max_size)
+        h, w = resized_size(height, width, min_size=low, max_size=high)
+        if h < 1 or w < 1:
+            size = f"{width}x{height} px"
+            return f"{size} is too elongated for the model: view {view.name} would resize it to {w}x{h} px"
+    return None
+
+
 def _error_row(name: str, error: str, num_keypoints: int) -> dict[str, Any]:
     row = {"file_name": name, "width": 0, "height": 0, "boxes": [], "scores": [], "labels": [], "agreement": [],
            "error": error}  # fmt: skip
@@ -260,6 +276,8 @@ def label_images(
     and keypoints (``[N, K, 3]`` x, y, score) for keypoint models; objects below ``score_floor`` dropped.
     """
     timer = timer or _Timer()
+    if meta.task == "keypoints" and keypoint_fuse == "heatmap" and models._external(model):
+        raise ValueError(f"{meta.model} gives no keypoint heatmaps: use keypoint_fuse='mean'")
     per_image: list[list[Detections]] = [[] for _ in images]
     for view in views:
         prepared = [view.prepare(img) for img in images]
@@ -321,10 +339,20 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _model_file(cfg: LabelConfig) -> Path:
+    """The weights file that labels: the checkpoint, or the .pt of a ``yolo:`` model."""
+    if cfg.model is not None:
+        from datadistill.ultralytics_backend import weights_path
+
+        return weights_path(cfg.model)
+    assert cfg.checkpoint is not None
+    return Path(cfg.checkpoint)
+
+
 def _signature(cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], task: str) -> dict[str, Any]:
     return {
-        "checkpoint": str(cfg.checkpoint),
-        "checkpoint_sha256": file_sha256(cfg.checkpoint),
+        "checkpoint": str(cfg.checkpoint if cfg.model is None else cfg.model),
+        "checkpoint_sha256": file_sha256(_model_file(cfg)),
         "source": source.description,
         "image_root": str(source.root),
         "num_images": len(source.files),
@@ -340,6 +368,13 @@ def _signature(cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], t
 
 
 def _check_config(cfg: LabelConfig) -> tuple[View, ...]:
+    if (cfg.checkpoint is None) == (cfg.model is None):
+        raise UserError("give --checkpoint CKPT (a datadistill checkpoint) or --model yolo:PATH.pt, one of them")
+    if cfg.model is not None:
+        if not cfg.model.startswith("yolo:"):
+            raise UserError(f"--model {cfg.model!r}: label takes yolo:PATH.pt; other models label with --checkpoint")
+        if cfg.engine == "ray":
+            raise UserError("--engine ray labels with datadistill checkpoints; label YOLO models with --engine local")
     if cfg.fuse not in BOX_FUSIONS:
         raise UserError(f"unknown --fuse {cfg.fuse!r}: choose one of {', '.join(BOX_FUSIONS)}")
     if cfg.keypoint_fuse not in KEYPOINT_FUSIONS:
@@ -379,10 +414,12 @@ def _prepare_out(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
                 f"{out} holds labels made with another {differing[0]} ({old.get(differing[0])!r}, now "
                 f"{signature.get(differing[0])!r}); use another --out or --overwrite to replace them"
             )
-        return
-    if (out / "shards").is_dir():  # temporary files of writes that a kill interrupted
+    remove_temporaries(out, ("manifest.json",))  # of writes that a kill interrupted
+    if (out / "shards").is_dir():
         for tmp in (out / "shards").glob(".part-*.tmp"):
             tmp.unlink(missing_ok=True)
+    if manifest_path.exists() and not overwrite:
+        return
     if overwrite:
         for stale in (out / "shards").glob("part-*.parquet") if (out / "shards").is_dir() else ():
             stale.unlink()
@@ -390,12 +427,25 @@ def _prepare_out(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
         raise UserError(f"{out} holds shards but no manifest.json; use another --out or --overwrite")
 
 
+def _read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One shard's table; a file that is not a readable shard (copied in part, damaged on disk, written by
+    something else) is a one-line UserError that names it and says how to redo it."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        reason = " ".join(str(exc).replace(str(path), "").split())[:120]
+        raise UserError(
+            f"{path}: not a readable label shard ({reason}); delete it and re-run the same `datadistill label` "
+            "to label its images again"
+        ) from exc
+
+
 def summarize_shards(out: Path) -> dict[str, Any]:
     """Counts and skipped files, read from the shards' small columns only."""
     images = objects = 0
     skipped: list[dict[str, str]] = []
     for part in sorted((out / "shards").glob("part-*.parquet")):
-        table = pq.read_table(part, columns=["file_name", "scores", "error"])
+        table = _read_shard(part, columns=["file_name", "scores", "error"])
         images += table.num_rows
         objects += int(pa.compute.list_value_length(table["scores"]).to_numpy(zero_copy_only=False).sum())
         errors = table["error"].to_pylist()
@@ -420,7 +470,20 @@ def label(cfg: LabelConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     # The ray engine's driver only needs the meta; loading the model checks the checkpoint up front.
     device = distributed.rank_device(_resolve_device(cfg.device), launch) if cfg.engine == "local" else None
-    model, meta, _ = models.load_checkpoint(cfg.checkpoint, device=device if device is not None else "cpu")
+    if cfg.model is not None:
+        from datadistill.ultralytics_backend import load_yolo
+
+        yolo = load_yolo(cfg.model, device=device if device is not None else "cpu")
+        yolo.conf = min(yolo.conf, cfg.score_floor)  # candidates as low as the floor reach the fusion
+        model, meta = yolo, yolo.meta
+        if meta.task == "keypoints" and cfg.keypoint_fuse == "heatmap":
+            log.warning("%s gives no keypoint heatmaps: keypoints are fused by mean (--keypoint-fuse mean)", cfg.model)
+            cfg = dataclasses.replace(cfg, keypoint_fuse="mean")
+        if meta.task == "keypoints" and any(v.hflip for v in views) and len(meta.flip_index) != meta.num_keypoints:
+            raise UserError(f"{cfg.model} has no keypoint flip map: flip views need one (train with datadistill)")
+    else:
+        assert cfg.checkpoint is not None
+        model, meta, _ = models.load_checkpoint(cfg.checkpoint, device=device if device is not None else "cpu")
     model.eval()
     source = list_source(cfg.images, image_root=cfg.image_root)
     signature = _signature(cfg, source, views, meta.task)
@@ -447,6 +510,7 @@ def label(cfg: LabelConfig) -> Path:
         if cfg.engine == "ray":
             from datadistill.engines.ray import label_shards
 
+            assert cfg.checkpoint is not None  # _check_config refuses YOLO models on Ray
             mine_timings = label_shards(
                 checkpoint=cfg.checkpoint, source=source, shards=todo, out=out, num_keypoints=len(meta.keypoint_names),
                 views=cfg.views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
@@ -525,6 +589,10 @@ def _label_local(
     hide = None if cfg.rank == 0 else True  # rank 0's progress bar only (None: shown on a terminal)
     with tqdm(total=len(items), unit="img", desc="label", disable=hide, dynamic_ncols=True) as bar:
         for batch in loader:
+            for b in batch:
+                if b["image"] is not None and not models._external(model):
+                    b["error"] = unfit_reason(*b["image"].shape[-2:], meta=meta, views=views)
+                    b["image"] = None if b["error"] else b["image"]
             good = [b for b in batch if b["image"] is not None]
             results: list[Detections] = []
             if good:
@@ -560,7 +628,7 @@ def read_shards(out: str | os.PathLike[str], columns: list[str] | None = None) -
     parts = sorted((out / "shards").glob("part-*.parquet"))
     if not parts:
         raise UserError(f"{out}: no label shards found (run `datadistill label` first)")
-    return pa.concat_tables(pq.read_table(p, columns=columns) for p in parts)
+    return pa.concat_tables(_read_shard(p, columns=columns) for p in parts)
 
 
 def shard_detections(row: dict[str, Any], num_keypoints: int) -> Detections:

@@ -500,6 +500,12 @@ def _is_keypoint_model(model: nn.Module) -> bool:
     return isinstance(inner, GeneralizedRCNN) and inner.roi_heads.has_keypoint()
 
 
+def _external(model: Any) -> bool:
+    """A detector of another library that brings its own ``predict(images)`` and ``input_size(min, max)``
+    (:class:`datadistill.ultralytics_backend.YoloModel`)."""
+    return getattr(model, "external_backend", None) is not None
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next(iter(model.parameters())).device
 
@@ -558,6 +564,8 @@ def predict(model: nn.Module, images: Sequence[Tensor]) -> list[Detections]:
     x, y and the keypoint's heatmap logit (unbounded, as in torchvision) in the third column.
     Outputs live on the device of the first image.
     """
+    if _external(model):
+        return model.predict(images)  # type: ignore[operator]
     if len(images) == 0:
         return []
     model.eval()
@@ -575,6 +583,10 @@ def input_size(model: nn.Module, min_size: int, max_size: int) -> Iterator[nn.Mo
     torchvision resizes every input to the model's ``min_size``, so a scale view of test-time
     augmentation changes this target, not the image.
     """
+    if _external(model):
+        with model.input_size(min_size, max_size):  # type: ignore[operator]
+            yield model
+        return
     transform = _unwrap(model).transform
     saved = (transform.min_size, transform.max_size)
     transform.min_size = (int(min_size),)

@@ -56,8 +56,9 @@ from datadistill import distributed, models
 from datadistill.coco import CocoDataset, load_coco
 from datadistill.data import DetectionDataset, MixedBatchSampler, collate
 from datadistill.errors import UserError
-from datadistill.images import resolve_image_path
-from datadistill.io import file_sha256, provenance, write_json_atomic, write_text_atomic
+from datadistill.images import is_file, resolve_image_path
+from datadistill.io import file_sha256, provenance, remove_temporaries, write_json_atomic, write_text_atomic
+from datadistill.views import resized_size
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ class TrainConfig:
     """Every option of ``datadistill train``.
 
     Paths: ``data`` (COCO json) with its image root ``images``; ``out`` the output folder.
-    ``model``: a name of :data:`datadistill.models.MODELS`; None picks the default of the data's task.
+    ``model``: a name of :data:`datadistill.models.MODELS`; None picks the default of the data's task;
+    ``yolo:PATH_OR_YAML`` trains an Ultralytics YOLO model (:func:`datadistill.ultralytics_backend.train_yolo`).
     ``batch_size``: images per step of one process (under torchrun each process takes that many, as in
     torchvision's references; ``lr`` is not scaled with the number of processes).
     Optimization: ``optimizer`` ``"adamw"`` or ``"sgd"`` (with ``momentum``); ``lr`` is the peak learning
@@ -311,6 +313,11 @@ def evaluate_model(
     """
     from datadistill.evaluate import evaluate_predictions
 
+    transform = getattr(models._unwrap(model), "transform", None)  # torchvision's resize
+    if transform is not None:
+        where = dataset.path if dataset.path is not None else "the evaluation data"
+        check_input_sizes(dataset, where, min_size=min(transform.min_size), max_size=transform.max_size)
+
     items = DetectionDataset(dataset, image_root, train=False)
     loader = DataLoader(
         items if world_size == 1 else Subset(items, range(rank, len(items), world_size)),
@@ -391,11 +398,23 @@ def _shorten(names: tuple[str, ...], limit: int = 6) -> str:
 
 def check_image_files(dataset: CocoDataset, image_root: str | os.PathLike[str], *, what: str, option: str) -> None:
     """A one-line UserError naming the first missing image file and how many are missing."""
-    missing = [im.file_name for im in dataset.images if not resolve_image_path(image_root, im.file_name).is_file()]
+    missing = [im.file_name for im in dataset.images if not is_file(resolve_image_path(image_root, im.file_name))]
     if missing:
         raise UserError(
             f"{len(missing)} of the {len(dataset.images)} {what} images are missing from {option} {image_root}, "
             f"the first: {missing[0]}"
+        )
+
+
+def check_input_sizes(dataset: CocoDataset, path: Any, *, min_size: int, max_size: int) -> None:
+    """A one-line UserError naming the first image the model cannot take: one so elongated that resizing it
+    to the model's input size leaves a side of 0 px (torch would raise in the middle of the run)."""
+    bad = [im for im in dataset.images if 0 in resized_size(im.height, im.width, min_size=min_size, max_size=max_size)]
+    if bad:
+        im = bad[0]
+        raise UserError(
+            f"{path}: image {im.id} ({im.file_name}) is {im.width}x{im.height} px, too elongated for the model's "
+            f"input size ({min_size}-{max_size} px); {len(bad)} such image(s): leave them out of the data set"
         )
 
 
@@ -517,14 +536,20 @@ class _MetricsFile:
             self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self.file.write(json.dumps(record, allow_nan=True) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record, allow_nan=True) + "\n")
+            self.file.flush()
+        except OSError as exc:  # a full disk; a resumed run cuts the file back to its last epoch
+            raise UserError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
     def tell(self) -> int:
         return self.path.stat().st_size
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the flush of a line that a full disk refused: write() has said so already
+            pass
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -545,6 +570,10 @@ def train(cfg: TrainConfig) -> Path:
     scaled), validation is sharded over the ranks, and only rank 0 writes files and logs. A run resumes
     with the number of processes it was started with.
     """
+    from datadistill import ultralytics_backend
+
+    if ultralytics_backend.is_yolo(cfg.model):  # Ultralytics' trainer (the optional backend)
+        return ultralytics_backend.train_yolo(cfg)
     started = time.perf_counter()
     launch = distributed.launch_from_env()
     out = Path(cfg.out)
@@ -568,6 +597,9 @@ def train(cfg: TrainConfig) -> Path:
         assert cfg.val_images is not None
         check_image_files(val, cfg.val_images, what="validation", option="--val-images")
     meta = models.ModelMeta.from_dataset(cfg.model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
+    for part, path in ((dataset, cfg.data), (pseudo, cfg.pseudo), (val, cfg.val)):
+        if part is not None:
+            check_input_sizes(part, path, min_size=meta.min_size, max_size=meta.max_size)
     config_dict = _plain(dataclasses.asdict(cfg))
     inputs = {"data_sha256": file_sha256(cfg.data), "pseudo_sha256": file_sha256(cfg.pseudo) if cfg.pseudo else None}
 
@@ -635,6 +667,7 @@ def _train(
     main = launch.is_main  # only rank 0 writes files
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out, ("last.pt", "checkpoint.pt", "config.yaml", "provenance.json", "timings.json"))
     seed_everything(cfg.seed)
     net = models.build_model(meta)  # the detector; ``model`` is it or its DDP wrapper
     if cfg.init is not None and resume_state is None:
@@ -782,9 +815,10 @@ def _train(
         final_extra: dict[str, Any] = {"epochs": cfg.epochs, "config": config_dict}
         if val_metrics is not None:
             final_extra["val"] = val_metrics
-        models.save_checkpoint(out / "checkpoint.pt", model=model, meta=meta, extra=final_extra)
         timings["total_s"] = timings["setup_s"] + timings["train_s"] + timings["eval_s"]
         write_json_atomic(out / "timings.json", timings, indent=2)
+        # last: checkpoint.pt marks the run finished (`run` skips the stage), so nothing may follow it
+        models.save_checkpoint(out / "checkpoint.pt", model=model, meta=meta, extra=final_extra)
         log.info("wrote %s", out / "checkpoint.pt")
     distributed.barrier()  # every rank returns once checkpoint.pt is written
     return out
