@@ -54,7 +54,7 @@ class Plan:
 
 PLANS = {
     "boxes": Plan(DemoPlan(labeled=200, unlabeled=1800, val=300, size_px=128, teacher_epochs=0, student_epochs=0,
-                           batch_size=8, views="default"), iterations=1600),
+                           batch_size=8, views="default"), iterations=3200),
     "keypoints": Plan(DemoPlan(labeled=200, unlabeled=1800, val=300, size_px=128, teacher_epochs=0,
                                student_epochs=0, batch_size=8, views="default"), iterations=1600),
 }  # fmt: skip
