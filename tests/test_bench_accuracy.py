@@ -1,0 +1,61 @@
+"""bench/accuracy.py: the arms get the same number of iterations, and the summary computes the targets."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def _bench() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("bench_accuracy", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("ratio", "epochs"),
+    [(0.0, 64), (0.2, 48), (0.4, 40), (0.6, 24)],  # 200 real images, batch 8: 8, 6, 5, 3 real per batch
+)
+def test_every_arm_trains_the_same_number_of_iterations(ratio: float, epochs: int) -> None:
+    bench = _bench()
+    assert bench._epochs(1600, 200, 8, ratio) == epochs
+    pseudo = {0.0: 0, 0.2: 2, 0.4: 3, 0.6: 5}[ratio]
+    iterations = epochs * (200 // (8 - pseudo))
+    assert abs(iterations - 1600) <= 200 // (8 - pseudo) / 2 + 1
+
+
+def _result(ap: float) -> dict:
+    return {"metrics": {"bbox": {"AP": ap}}}
+
+
+def test_summary_gap_closed_and_targets() -> None:
+    bench = _bench()
+    results = {"supervised": _result(0.40), "single_transform": _result(0.43), "distilled": _result(0.47),
+               "oracle": _result(0.55)}  # fmt: skip
+    s = bench.summarize(results, "bbox")
+    assert s["gap_closed"] == pytest.approx(7 / 15)
+    assert s["distilled_minus_single_transform"] == pytest.approx(4.0)
+    assert s["targets_met"] == {"closes_40pct_of_gap": True, "beats_single_transform_by_1ap": True}
+    results["distilled"] = _result(0.435)
+    s = bench.summarize(results, "bbox")
+    assert s["targets_met"] == {"closes_40pct_of_gap": False, "beats_single_transform_by_1ap": False}
+    results["oracle"] = _result(0.39)  # no gap to close
+    assert bench.summarize(results, "bbox")["gap_closed"] is None
+
+
+def test_arms_differ_in_one_setting_each() -> None:
+    bench = _bench()
+    default = bench.DEFAULT
+    assert bench.MAIN["distilled"] == default
+    for name, arm in bench.ABLATIONS.items():
+        changed = [k for k in default.__dataclass_fields__ if getattr(arm, k) != getattr(default, k)]
+        assert len(changed) == 1, name
+    assert len({a.selection_key() for a in bench.ABLATIONS.values() if not a.init_teacher and a.ratio == 0.4}) == 4
