@@ -17,6 +17,10 @@ box fusion nms / wbf / vote; threshold policy count / count-per-class / fixed; p
 
 Every stage writes into ``--work`` (default: next to ``--out``) and is skipped when done, so a killed
 benchmark resumes. Pick defaults with a tuning seed (``--seed 1``), report on the evaluation seed (0).
+
+``--jobs`` stages run at once, each in its own process with ``--threads`` torch threads (default 2 x 1 on a
+2-core machine): the teacher beside the oracle (which needs no teacher), then the labelings, then the
+students. The stages and their results do not depend on ``--jobs``.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import multiprocessing
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +75,10 @@ class Arm:
     policy: str = "count"
     ratio: float = 0.4
     init_teacher: bool = False
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.views is not None or self.init_teacher
 
     def labeling_key(self) -> str:
         return f"{self.views}-{self.fuse}".replace(",", "+").replace(":", "")
@@ -167,6 +177,62 @@ class Bench:
         return result
 
 
+def _init_worker(threads: int) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    torch.set_num_threads(threads)
+
+
+def _stage(bench_args: dict[str, Any], kind: str, name: str, arms: tuple[Arm, ...]) -> tuple[Any, dict[str, float]]:
+    """One stage in a worker process: ``teacher``, ``label`` (the labeling and selections shared by
+    ``arms``) or ``student`` (``name`` trained as ``arms[0]``). Returns its result and its seconds."""
+    bench = Bench(**bench_args)
+    if kind == "teacher":
+        result: Any = bench._metrics(bench.teacher())
+    elif kind == "label":
+        result = [bench.pseudo_labels(arm)[1] for arm in arms]
+    else:
+        result = bench.arm(name, arms[0])
+    return result, bench.seconds
+
+
+def labeling_groups(arms: dict[str, Arm]) -> dict[str, tuple[Arm, ...]]:
+    """The arms with pseudo-labels, grouped by labeling (one labeling serves every arm of its group, so two
+    processes never write one labeling folder); each arm once."""
+    groups: dict[str, list[Arm]] = {}
+    for a in arms.values():
+        if a.views is not None and a not in groups.setdefault(a.labeling_key(), []):
+            groups[a.labeling_key()].append(a)
+    return {k: tuple(g) for k, g in groups.items()}
+
+
+def run_arms(bench_args: dict[str, Any], arms: dict[str, Arm], *, jobs: int, threads: int) -> tuple[dict, dict]:
+    """The teacher and every arm, ``jobs`` stages at once: the teacher and the arms that need no teacher
+    first, then one labeling per labeling key (with its selections), then the other students.
+    Returns ``(results by name, seconds by stage)``."""
+    seconds: dict[str, float] = {}
+    results: dict[str, Any] = {}
+
+    def take(future: Future) -> Any:
+        result, secs = future.result()
+        seconds.update(secs)
+        return result
+
+    ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+        teacher = pool.submit(_stage, bench_args, "teacher", "supervised", ())
+        students = {
+            n: pool.submit(_stage, bench_args, "student", n, (a,)) for n, a in arms.items() if not a.needs_teacher
+        }
+        results["supervised"] = {"metrics": take(teacher), "pseudo_labels": None}
+        labelings = [pool.submit(_stage, bench_args, "label", k, g) for k, g in labeling_groups(arms).items()]
+        for f in labelings:
+            take(f)
+        students |= {n: pool.submit(_stage, bench_args, "student", n, (a,)) for n, a in arms.items() if a.needs_teacher}
+        for n in arms:
+            results[n] = take(students[n])
+    return results, seconds
+
+
 def _label(cfg: LabelConfig, folder: Path) -> None:
     label(cfg)
     if read_json(folder / "manifest.json").get("status") == "complete":
@@ -217,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="results json")
     p.add_argument("--work", default=None, help="working folder (default: OUT without .json + '_work')")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (0: evaluation, 1: tuning)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--jobs", type=int, default=2, help="stages (trainings, labelings) run at once")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each stage")
     p.add_argument("--ablations", action="store_true", help="also run the ablations (about 7 more students)")
     p.add_argument(
         "--iterations", type=int, default=None, help="training iterations of every arm (default: the plan's)"
@@ -244,17 +311,18 @@ def main(argv: list[str] | None = None) -> int:
                 plan.data, labeled=labeled, unlabeled=args.images - labeled, val=min(plan.data.val, args.images)
             ),
         )
-    bench = Bench(args.task, work, plan=plan, seed=args.seed, threads=args.threads)
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be at least 1")
+    bench_args = {"task": args.task, "work": work, "plan": plan, "seed": args.seed, "threads": args.threads}
+    bench = Bench(**bench_args)  # makes the data once, before any worker starts
     metric = "keypoints" if args.task == "keypoints" else "bbox"
     arms = dict(MAIN, **(ABLATIONS if args.ablations else {}))
     if args.only:
         wanted = set(args.only.split(","))
         arms = {k: v for k, v in arms.items() if k in wanted}
-    results: dict[str, Any] = {"supervised": {"metrics": bench._metrics(bench.teacher()), "pseudo_labels": None}}
+    results, seconds = run_arms(bench_args, arms, jobs=args.jobs, threads=args.threads)
     results["supervised"]["train_seconds"] = read_json(work / "supervised" / "timings.json").get("train_s")
-    for name, arm in arms.items():
-        results[name] = bench.arm(name, arm)
-        print(format_table(results, metric), file=sys.stderr, flush=True)
+    results = {"supervised": results.pop("supervised"), **results}
     if {"supervised", "single_transform", "distilled", "oracle"} <= set(results):
         results["summary"] = summarize(results, metric)
     results["task"] = args.task
@@ -264,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": bench.plan.batch_size,
         **bench.plan.data.__dict__,
     }
-    results["seconds"] = bench.seconds
+    results["seconds"] = {**bench.seconds, **seconds}
+    results["jobs"], results["threads"] = args.jobs, args.threads
     results["total_seconds"] = round(time.time() - started, 1)
     results["provenance"] = provenance()
     write_json_atomic(out, results, indent=2)

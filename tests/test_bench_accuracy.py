@@ -59,3 +59,14 @@ def test_arms_differ_in_one_setting_each() -> None:
         changed = [k for k in default.__dataclass_fields__ if getattr(arm, k) != getattr(default, k)]
         assert len(changed) == 1, name
     assert len({a.selection_key() for a in bench.ABLATIONS.values() if not a.init_teacher and a.ratio == 0.4}) == 4
+
+
+def test_scheduling_trains_the_oracle_beside_the_teacher_and_labels_each_setting_once() -> None:
+    bench = _bench()
+    arms = dict(bench.MAIN, **bench.ABLATIONS)
+    assert [n for n, a in arms.items() if not a.needs_teacher] == ["oracle"]
+    groups = bench.labeling_groups(arms)
+    assert sorted(groups) == ["default-nms", "default-vote", "default-wbf", "identity-nms"]
+    # the default labeling serves 6 arms (3 selections), each arm once
+    assert len(groups["default-nms"]) == len({a for a in arms.values() if a.labeling_key() == "default-nms"}) == 6
+    assert sum(len(g) for g in groups.values()) == len(set(arms.values()) - {bench.MAIN["oracle"]})
