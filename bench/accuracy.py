@@ -75,6 +75,7 @@ class Arm:
     policy: str = "count"
     ratio: float = 0.4
     init_teacher: bool = False
+    ignore_band: float = 0.0  # select --ignore-band
 
     @property
     def needs_teacher(self) -> bool:
@@ -84,7 +85,8 @@ class Arm:
         return f"{self.views}-{self.fuse}".replace(",", "+").replace(":", "")
 
     def selection_key(self) -> str:
-        return f"{self.labeling_key()}-{self.policy}".replace(":", "")
+        band = f"-ignore{self.ignore_band:g}" if self.ignore_band else ""
+        return f"{self.labeling_key()}-{self.policy}{band}".replace(":", "")
 
 
 DEFAULT = Arm()
@@ -161,7 +163,8 @@ class Bench:
         )  # fmt: skip
         self._timed(f"label {folder.name}", folder / "manifest.complete", lambda: _label(cfg, folder))
         out = self.work / f"select-{arm.selection_key()}" / "pseudo.json"
-        sel = SelectConfig(labels=str(folder), reference=self.data.train, out=str(out), policy=arm.policy)
+        sel = SelectConfig(labels=str(folder), reference=self.data.train, out=str(out), policy=arm.policy,
+                           ignore_band=arm.ignore_band)  # fmt: skip
         self._timed(f"select {out.parent.name}", out, lambda: select_pseudo_labels(sel))
         matched = match_pseudo_labels(load_coco(out), self.truth).at(0.0)
         quality = {k: matched[k] for k in ("precision", "recall", "kept")}

@@ -31,13 +31,13 @@ def _reference(path: Path, *, per_image: list[list[int]], keypoints: bool = Fals
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
 
 
-def _shards(
-    folder: Path, rows: list[tuple[str, list[float], list[int], list[int]]], *, k: int = 0, names=("a", "b")
-) -> None:
+def _shards(folder: Path, rows: list[tuple], *, k: int = 0, names=("a", "b")) -> None:
+    """Rows ``(file_name, scores, labels, agreement[, boxes])``; boxes default to one box for all."""
     out = []
-    for name, scores, labels, agreement in rows:
+    for name, scores, labels, agreement, *boxes in rows:
         n = len(scores)
-        row = {"file_name": name, "width": 100, "height": 80, "boxes": [1.0, 2.0, 30.0, 40.0] * n, "scores": scores,
+        flat = [float(v) for b in boxes[0] for v in b] if boxes else [1.0, 2.0, 30.0, 40.0] * n
+        row = {"file_name": name, "width": 100, "height": 80, "boxes": flat, "scores": scores,
                "labels": labels, "agreement": agreement, "error": None}  # fmt: skip
         if k:
             row["keypoints"] = [v for j in range(n) for v in (5.0, 6.0, 0.9 - 0.1 * j, 7.0, 8.0, 0.5, 9.0, 9.0, 0.1)]
@@ -113,3 +113,33 @@ def test_errors(tmp_path: Path) -> None:
     write_json_atomic(tmp_path / "labels" / "manifest.json", {"status": "running"})
     with pytest.raises(UserError, match="labeling is not complete"):
         select_pseudo_labels(SelectConfig(labels=str(tmp_path / "labels"), **common))
+
+
+def test_ignore_band_writes_near_misses_as_crowd_regions(tmp_path: Path) -> None:
+    from datadistill.coco import load_coco as load
+    from datadistill.evaluate import load_predictions
+    from datadistill.quality import match_pseudo_labels
+
+    _reference(tmp_path / "ref.json", per_image=[[0], [0]])  # 1 object per labeled image
+    a, a_again, b, c, d, e = [10, 10, 30, 30], [11, 10, 30, 31], [60, 10, 80, 30], [60, 50, 80, 70], [5, 5, 25, 25], [
+        50, 40, 70, 60]  # fmt: skip
+    rows = [("u1.png", [0.9, 0.6, 0.55, 0.2], [0, 0, 1, 0], [1, 1, 1, 1], [a, b, a_again, c]),
+            ("u2.png", [0.8, 0.45], [0, 1], [1, 1], [d, e]), ("u3.png", [], [], [], [])]  # fmt: skip
+    _shards(tmp_path / "labels", rows)
+    common = {"labels": str(tmp_path / "labels"), "reference": str(tmp_path / "ref.json")}
+    # 3 objects for 3 images: threshold 0.6; the band [0.3, 0.6) holds 0.55 (the first object seen again as
+    # class b: IoU 0.9 with it, so not an ignore region) and 0.45 (an object of its own: an ignore region)
+    out = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "s" / "p.json"), ignore_band=0.5))
+    raw = json.loads(out.read_text())
+    got = [(a["iscrowd"], round(a["score"], 2), a["bbox"]) for a in raw["annotations"]]
+    assert got == [(0, 0.9, [10, 10, 20, 20]), (0, 0.6, [60, 10, 20, 20]), (0, 0.8, [5, 5, 20, 20]),
+                   (1, 0.45, [50, 40, 20, 20])]  # fmt: skip
+    sel = json.loads((tmp_path / "s" / "selection.json").read_text())
+    assert sel["achieved_objects"] == 3 and sel["ignore_regions"] == 1 and sel["ignore_band"] == 0.5
+    # ignore regions are neither pseudo objects when scored, nor predictions when evaluated
+    assert match_pseudo_labels(load(out), load(out)).at(0.0)["kept"] == 3
+    assert len(load_predictions(out, load(out))) == 3
+    plain = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "p" / "p.json")))
+    assert [a["iscrowd"] for a in json.loads(plain.read_text())["annotations"]] == [0, 0, 0]
+    with pytest.raises(UserError, match=r"--ignore-band must be in \[0, 1\), got 1.0"):
+        select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "x" / "p.json"), ignore_band=1.0))

@@ -57,6 +57,7 @@ class SelectSection:
     policy: str = "count"
     min_agreement: int = 1
     drop_empty: bool = False
+    ignore_band: float = 0.0
 
 
 @dataclass(frozen=True)

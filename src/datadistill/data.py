@@ -33,6 +33,7 @@ from datadistill.images import read_image, resolve_image_path
 MIN_BOX_SIDE_PX = 1.0  # boxes thinner than this after augmentation are dropped, with their keypoints
 
 Target = dict[str, Any]
+_CROWD = -1  # the label a crowd region carries through augmentation (no class has it)
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -154,7 +155,10 @@ def sanitize(
 
 
 class DetectionDataset(Dataset[tuple[Tensor, Target]]):
-    """The images of a :class:`CocoDataset` with their (non-crowd) annotations as detection targets.
+    """The images of a :class:`CocoDataset` with their annotations as detection targets: ``boxes``,
+    ``labels`` (and ``keypoints``) of the objects, and ``ignore`` ``[M, 4]``, the crowd regions
+    (``iscrowd: 1``), where the image has any: neither objects nor background in training
+    (:mod:`datadistill.ignore`).
 
     ``train=True`` augments each sample (scale jitter in ``[min_scale, max_scale]`` with crop or pad back
     to the original size, horizontal flip with ``flip_prob`` that swaps left/right keypoints with the data
@@ -211,13 +215,15 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
                 f"{path}: image is {image.shape[-1]}x{image.shape[-2]} but the json says {rec.width}x{rec.height}"
             )
         lab = self._labels(rec.id)
-        keep = ~np.asarray(lab.iscrowd, bool)
-        boxes = torch.from_numpy(np.asarray(lab.boxes, np.float32)[keep]).reshape(-1, 4)
-        labels = torch.from_numpy(np.asarray(lab.labels, np.int64)[keep])
+        crowd = np.asarray(lab.iscrowd, bool)
+        boxes = torch.from_numpy(np.asarray(lab.boxes, np.float32)).reshape(-1, 4)
+        # crowd regions travel with the objects through the augmentation, under a label no class has
+        labels = torch.from_numpy(np.where(crowd, _CROWD, np.asarray(lab.labels, np.int64)))
         keypoints = None
         if self.num_keypoints:
             raw = lab.keypoints if lab.keypoints is not None else np.zeros((len(lab), self.num_keypoints, 3))
-            keypoints = torch.from_numpy(np.asarray(raw, np.float32)[keep]).reshape(-1, self.num_keypoints, 3)
+            raw = np.where(crowd[:, None, None], 0.0, np.asarray(raw, np.float32))
+            keypoints = torch.from_numpy(np.asarray(raw, np.float32)).reshape(-1, self.num_keypoints, 3)
         if self.train:
             aug = draw_augmentation(
                 _rng(self.seed, self.epoch, index),
@@ -230,9 +236,12 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
             if aug != IDENTITY:
                 image, boxes, keypoints = apply_augmentation(image, boxes, keypoints, aug, flip_index=self.flip_index)
         boxes, labels, keypoints = sanitize(boxes, labels, keypoints, height=rec.height, width=rec.width)
-        target: Target = {"boxes": boxes, "labels": labels, "image_id": rec.id}
+        is_object = labels != _CROWD
+        target: Target = {"boxes": boxes[is_object], "labels": labels[is_object], "image_id": rec.id}
         if keypoints is not None:
-            target["keypoints"] = keypoints
+            target["keypoints"] = keypoints[is_object]
+        if crowd.any():
+            target["ignore"] = boxes[~is_object]
         return F.to_dtype(image, torch.float32, scale=True), target
 
 

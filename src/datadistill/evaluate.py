@@ -203,7 +203,7 @@ def _results_from_pseudo_labels(raw: dict[str, Any], gt: CocoDataset, path: Path
     results: list[dict[str, Any]] = []
     names: list[str] = []
     for a in raw["annotations"]:
-        if a["image_id"] not in image_map:
+        if a["image_id"] not in image_map or a.get("iscrowd"):  # crowd: an ignore region, not a prediction
             continue
         if a["category_id"] not in cat_map:
             name = next(c.name for c in dataset.categories if c.id == a["category_id"])

@@ -48,6 +48,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from datadistill.coco import CocoDataset
 from datadistill.errors import UserError
+from datadistill.ignore import IGNORE_LABEL, make_ignore_aware
 from datadistill.io import write_atomic
 from datadistill.types import Detections
 
@@ -479,7 +480,7 @@ def build_model(meta: ModelMeta) -> nn.Module:
         min_size=meta.min_size,
         max_size=meta.max_size,
     )
-    return model
+    return make_ignore_aware(model)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -518,8 +519,10 @@ def losses(model: nn.Module, images: Sequence[Tensor], targets: Sequence[Mapping
     """The training losses of a batch (sets train mode).
 
     images: float32 ``[3, H, W]`` in [0, 1]. targets: one dict per image with ``boxes`` ``[N, 4]`` xyxy px
-    in that image's frame, ``labels`` ``[N]`` int64 class indices ``0..C-1`` and, for keypoint models,
-    ``keypoints`` ``[N, K, 3]`` (x, y, visibility). ``N = 0`` makes the image a negative.
+    in that image's frame, ``labels`` ``[N]`` int64 class indices ``0..C-1``, for keypoint models
+    ``keypoints`` ``[N, K, 3]`` (x, y, visibility), and optionally ``ignore`` ``[M, 4]`` xyxy px: regions
+    that are neither objects nor background (:mod:`datadistill.ignore`). ``N = 0`` (and no ignore region)
+    makes the image a negative.
     Returns torchvision's named scalar losses (sum them for the total); works with DDP-wrapped models.
     """
     if len(images) != len(targets):
@@ -532,12 +535,20 @@ def losses(model: nn.Module, images: Sequence[Tensor], targets: Sequence[Mapping
     for i, t in enumerate(targets):
         boxes = t["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
         labels = t["labels"].to(device=device, dtype=torch.int64).reshape(-1)
-        target = {"boxes": boxes, "labels": labels + offset}
+        labels = labels + offset
+        ignore = t.get("ignore")
+        ignore = torch.zeros((0, 4)) if ignore is None else ignore
+        ignore = ignore.to(device=device, dtype=torch.float32).reshape(-1, 4)
+        target = {
+            "boxes": torch.cat([boxes, ignore]),
+            "labels": torch.cat([labels, labels.new_full((len(ignore),), IGNORE_LABEL)]),
+        }
         if keypoints:
             kps = t.get("keypoints")
             if kps is None:
                 raise ValueError(f"target {i}: a keypoint model needs 'keypoints' [N, K, 3] in every target")
-            target["keypoints"] = kps.to(device=device, dtype=torch.float32)
+            kps = kps.to(device=device, dtype=torch.float32)
+            target["keypoints"] = torch.cat([kps, kps.new_zeros((len(ignore), *kps.shape[1:]))])
         tv_targets.append(target)
     tv_images = [im.to(device) for im in images]
     return model(tv_images, tv_targets)

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
+from torchvision.ops import box_iou
 
 from datadistill import selection
 from datadistill.coco import Category, CocoDataset, category_to_coco, load_coco, read_json
@@ -36,6 +38,7 @@ class SelectConfig:
     min_agreement: int = 1
     drop_empty: bool = False
     keypoint_policy: str = "count"  # "count": match the labeled mean of visible keypoints; "all": all visible
+    ignore_band: float = 0.0  # > 0: candidates scoring in [ignore_band * threshold, threshold) become ignore regions
 
 
 def reference_counts(ref: CocoDataset) -> dict[str, Any]:
@@ -94,6 +97,55 @@ def _plot_histogram(path: Path, scores: np.ndarray, sel: selection.Selection, cl
     write_atomic(path, lambda f: f.write(buf.getvalue()))
 
 
+# An uncertain candidate that overlaps a kept object this much is that object seen again (another class,
+# a looser box), not an object of its own: it is not made an ignore region.
+SAME_OBJECT_IOU = 0.5
+
+
+def uncertain_regions(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    image_of_object: np.ndarray,
+    *,
+    keep: np.ndarray,
+    eligible: np.ndarray,
+    thresholds: np.ndarray,
+    band: float,
+) -> np.ndarray:
+    """``[N]`` bool: the candidates to write as ignore regions (``iscrowd: 1``).
+
+    Those that scored in ``[band * threshold, threshold)`` of their class, minus those that overlap a kept
+    object of their image by IoU >= :data:`SAME_OBJECT_IOU`. A teacher's near misses are as often true
+    objects as not; as ignore regions the student learns them neither as objects nor as background.
+    ``band`` 0 gives none (the paper: every candidate is an object or background).
+    """
+    if not 0.0 <= band < 1.0:
+        raise UserError(f"--ignore-band must be in [0, 1), got {band}")
+    out = np.zeros(scores.shape, bool)
+    if band == 0.0 or scores.size == 0:
+        return out
+    t = thresholds[labels]
+    candidates = np.flatnonzero(eligible & ~keep & np.isfinite(t) & (scores >= band * t))
+    if candidates.size == 0:
+        return out
+    # the candidates grouped by image, and the kept objects of each of those images (image_of_object is
+    # sorted: objects come in shard order)
+    kept = np.flatnonzero(keep)
+    images = np.unique(image_of_object[candidates])
+    starts = np.searchsorted(image_of_object[kept], images, side="left")
+    ends = np.searchsorted(image_of_object[kept], images, side="right")
+    groups = np.split(candidates, np.flatnonzero(np.diff(image_of_object[candidates])) + 1)
+    for group, lo, hi in zip(groups, starts, ends, strict=True):
+        mine = torch.from_numpy(boxes[group])
+        theirs = torch.from_numpy(boxes[kept[lo:hi]])
+        if len(theirs):
+            overlaps = box_iou(mine, theirs).max(dim=1).values.numpy() >= SAME_OBJECT_IOU
+            group = group[~overlaps]
+        out[group] = True
+    return out
+
+
 def select_pseudo_labels(cfg: SelectConfig) -> Path:
     """The ``select`` stage; writes ``cfg.out`` (COCO json with ``score`` and ``agreement``),
     ``selection.json`` and ``scores.png`` beside it. Returns the json path."""
@@ -141,6 +193,8 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
             scores[eligible], labels[eligible], threshold=float(fixed), num_classes=num_classes
         )
     keep = eligible & sel.keep(scores, labels)
+    lengths = np.asarray(pa.compute.list_value_length(small["scores"]).to_numpy(zero_copy_only=False), np.int64)
+    image_of_object = np.repeat(np.arange(len(lengths)), lengths)
 
     num_kp = ref.num_keypoints
     columns = ["file_name", "width", "height", "boxes", "error"] + (["keypoints"] if num_kp else [])
@@ -156,8 +210,10 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
             )
         else:
             kp_thr = -np.inf
-    lengths = np.asarray(pa.compute.list_value_length(small["scores"]).to_numpy(zero_copy_only=False), np.int64)
-    image_of_object = np.repeat(np.arange(len(lengths)), lengths)
+    ignored = uncertain_regions(
+        boxes, scores, labels, image_of_object, keep=keep, eligible=eligible, thresholds=sel.thresholds,
+        band=cfg.ignore_band,
+    )  # fmt: skip
 
     file_names = big["file_name"].to_pylist()
     widths = big["width"].to_numpy()
@@ -172,17 +228,18 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
                        "height": int(heights[row])})  # fmt: skip
     cat_ids = [c.id for c in categories]
     annotations = []
-    idx = np.flatnonzero(keep)
-    for ann_id, j in enumerate(idx, 1):
+    idx = np.flatnonzero(keep | ignored)  # objects and ignore regions, in shard order
+    for ann_id, j in enumerate((int(j) for j in idx if image_of_object[j] in image_ids), 1):
         x1, y1, x2, y2 = (float(v) for v in boxes[j])
+        crowd = bool(ignored[j])
         ann: dict[str, Any] = {
             "id": ann_id, "image_id": image_ids[int(image_of_object[j])], "category_id": cat_ids[int(labels[j])],
-            "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+            "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd),
             "score": float(scores[j]), "agreement": int(agreement[j]),
         }  # fmt: skip
         if kps is not None:
             k = kps[j].copy()
-            vis = k[:, 2] >= kp_thr
+            vis = (k[:, 2] >= kp_thr) & (not crowd)
             k[:, 2] = np.where(vis, 2.0, 0.0)
             k[~vis, :2] = 0.0
             ann["keypoints"] = k.reshape(-1).tolist()
@@ -211,8 +268,12 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
         "keypoint_threshold": None if kp_thr is None or not np.isfinite(kp_thr) else float(kp_thr),
         "reference_visible_keypoints_per_instance": counts["visible_keypoints_per_instance"],
         "pseudo_visible_keypoints_per_instance": (
-            float(np.mean([a["num_keypoints"] for a in annotations])) if num_kp and annotations else None
+            float(np.mean([a["num_keypoints"] for a in annotations if not a["iscrowd"]]))
+            if num_kp and keep.any()
+            else None
         ),
+        "ignore_band": cfg.ignore_band,
+        "ignore_regions": int(ignored.sum()),
         "options": asdict(cfg),
         "seconds": round(time.time() - started, 3),
         "provenance": provenance(),

@@ -2,11 +2,12 @@
 
 A pseudo object is a true positive when it matches a still-unmatched true object of the same class with
 box IoU >= ``iou_thr``, greedily in order of decreasing score (COCO's matching at one IoU threshold).
-Crowd truth is ignored on both sides.
+Crowd annotations are left out on both sides (a pseudo-label file's are ignore regions, not objects).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,15 @@ def match_pseudo_labels(pseudo: CocoDataset, truth: CocoDataset, *, iou_thr: flo
             continue
         paired.add(tid)
         p, t = pseudo.labels[im.id], truth.labels[tid]
+        if p.iscrowd.any():
+            p = dataclasses.replace(
+                p,
+                **{
+                    k: getattr(p, k)[~p.iscrowd]
+                    for k in ("ids", "boxes", "labels", "iscrowd", "area", "scores")
+                    if getattr(p, k) is not None
+                },  # fmt: skip
+            )
         t_keep = ~t.iscrowd
         t_boxes, t_labels = torch.from_numpy(t.boxes[t_keep]), t.labels[t_keep]
         num_truth += int(t_keep.sum())

@@ -141,6 +141,9 @@ def gallery(dataset: CocoDataset, image_root: Path, *, count: int = GALLERY_SIZE
         lab = dataset.labels[im.id]
         for j in range(len(lab)):
             x1, y1, x2, y2 = lab.boxes[j]
+            if lab.iscrowd[j]:  # an ignore region
+                ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="silver", lw=1, ls="--"))
+                continue
             ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow", lw=1))
             text = dataset.class_names[int(lab.labels[j])]
             if lab.scores is not None:
@@ -209,7 +212,9 @@ def write_report(run_dir: str | Path, *, extra_sections: list[tuple[str, str]] |
                 f"<p>Policy <code>{html.escape(sel['policy'])}</code>; thresholds {html.escape(thr)}. "
                 f"Kept {sel['achieved_objects']} objects on {sel['unlabeled_images']} unlabeled images "
                 f"({sel['achieved_per_image']:.2f} per image; labeled data: {sel.get('target_per_image') or 0:.2f})"
-                f" out of {sel['candidates']} candidates.</p>"
+                f" out of {sel['candidates']} candidates"
+                + (f", and {sel['ignore_regions']} ignore regions" if sel.get("ignore_regions") else "")
+                + ".</p>"
             )
         if layout.scores_png(r).exists():
             parts.append(_img_tag(layout.scores_png(r).read_bytes(), "score histogram"))
