@@ -76,6 +76,7 @@ class Arm:
     ratio: float = 0.4
     init_teacher: bool = False
     ignore_band: float = 0.0  # select --ignore-band
+    cross_class_iou: float | None = None  # select --cross-class-iou
 
     @property
     def needs_teacher(self) -> bool:
@@ -86,7 +87,8 @@ class Arm:
 
     def selection_key(self) -> str:
         band = f"-ignore{self.ignore_band:g}" if self.ignore_band else ""
-        return f"{self.labeling_key()}-{self.policy}{band}".replace(":", "")
+        xc = f"-xclass{self.cross_class_iou:g}" if self.cross_class_iou is not None else ""
+        return f"{self.labeling_key()}-{self.policy}{band}{xc}".replace(":", "")
 
 
 DEFAULT = Arm()
@@ -164,7 +166,7 @@ class Bench:
         self._timed(f"label {folder.name}", folder / "manifest.complete", lambda: _label(cfg, folder))
         out = self.work / f"select-{arm.selection_key()}" / "pseudo.json"
         sel = SelectConfig(labels=str(folder), reference=self.data.train, out=str(out), policy=arm.policy,
-                           ignore_band=arm.ignore_band)  # fmt: skip
+                           ignore_band=arm.ignore_band, cross_class_iou=arm.cross_class_iou)  # fmt: skip
         self._timed(f"select {out.parent.name}", out, lambda: select_pseudo_labels(sel))
         matched = match_pseudo_labels(load_coco(out), self.truth).at(0.0)
         quality = {k: matched[k] for k in ("precision", "recall", "kept")}

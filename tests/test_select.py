@@ -143,3 +143,28 @@ def test_ignore_band_writes_near_misses_as_crowd_regions(tmp_path: Path) -> None
     assert [a["iscrowd"] for a in json.loads(plain.read_text())["annotations"]] == [0, 0, 0]
     with pytest.raises(UserError, match=r"--ignore-band must be in \[0, 1\), got 1.0"):
         select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "x" / "p.json"), ignore_band=1.0))
+
+
+def test_cross_class_iou_keeps_one_class_per_object(tmp_path: Path) -> None:
+    _reference(tmp_path / "ref.json", per_image=[[0, 0, 1]])  # 3 objects per labeled image
+    a, a_as_b, b, c = [10, 10, 30, 30], [10, 11, 30, 30], [12, 12, 40, 40], [60, 60, 80, 80]
+    # u1: an object seen as a (0.9) and as b (0.8, IoU 0.95: a duplicate); b overlaps a by IoU 0.37 (an object);
+    # u2: c as b (0.7) and as a (0.6, IoU 1: dropped); the a at 0.1 elsewhere is an object
+    rows = [("u1.png", [0.9, 0.8, 0.5], [0, 1, 1], [1, 1, 1], [a, a_as_b, b]),
+            ("u2.png", [0.7, 0.6, 0.1], [1, 0, 0], [1, 1, 1], [c, c, a]),
+            # u3: greedy, as NMS: the b that a first object drops does not drop the a after it (IoU 0.25 with the
+            # first, 0.54 with the b)
+            ("u3.png", [0.9, 0.8, 0.7], [0, 1, 0], [1, 1, 1], [[0, 0, 20, 20], [6, 0, 26, 20], [12, 0, 32, 20]])]  # fmt: skip
+    _shards(tmp_path / "labels", rows)
+    common = {"labels": str(tmp_path / "labels"), "reference": str(tmp_path / "ref.json")}
+    out = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "s" / "p.json"), cross_class_iou=0.5))
+    raw = json.loads(out.read_text())
+    got = [(a["category_id"], round(a["score"], 2)) for a in raw["annotations"]]
+    assert got == [(1, 0.9), (2, 0.5), (2, 0.7), (1, 0.1), (1, 0.9), (1, 0.7)]
+    sel = json.loads((tmp_path / "s" / "selection.json").read_text())
+    assert sel["achieved_objects"] == 6 and sel["cross_class_duplicates"] == 3
+    assert sel["achieved_per_class"] == {"a": 4, "b": 2}
+    plain = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "p" / "p.json")))
+    assert len(json.loads(plain.read_text())["annotations"]) == 9  # the count rule: 3 x 3 images
+    with pytest.raises(UserError, match=r"--cross-class-iou must be in \(0, 1\], got 0.0"):
+        select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "x" / "p.json"), cross_class_iou=0.0))

@@ -58,6 +58,7 @@ class SelectSection:
     min_agreement: int = 1
     drop_empty: bool = False
     ignore_band: float = 0.0
+    cross_class_iou: float | None = None
 
 
 @dataclass(frozen=True)

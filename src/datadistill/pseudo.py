@@ -39,6 +39,7 @@ class SelectConfig:
     drop_empty: bool = False
     keypoint_policy: str = "count"  # "count": match the labeled mean of visible keypoints; "all": all visible
     ignore_band: float = 0.0  # > 0: candidates scoring in [ignore_band * threshold, threshold) become ignore regions
+    cross_class_iou: float | None = None  # a kept object overlapping a better one of another class this much: dropped
 
 
 def reference_counts(ref: CocoDataset) -> dict[str, Any]:
@@ -146,6 +147,44 @@ def uncertain_regions(
     return out
 
 
+def cross_class_duplicates(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    image_of_object: np.ndarray,
+    *,
+    keep: np.ndarray,
+    iou_thr: float | None,
+) -> np.ndarray:
+    """``[N]`` bool: the kept objects that are another kept object seen as another class.
+
+    Greedy NMS across classes among the kept objects of each image: an object is dropped when a
+    higher-scoring kept object of another class, not itself dropped, overlaps it by IoU >= ``iou_thr``.
+    Per-class fusion (the paper's NMS) keeps one box per class, so an object the teacher hesitates on
+    comes out once per class it considered; a true label has one class. None: keep them all.
+    """
+    out = np.zeros(scores.shape, bool)
+    if iou_thr is None:
+        return out
+    if not 0.0 < iou_thr <= 1.0:
+        raise UserError(f"--cross-class-iou must be in (0, 1], got {iou_thr}")
+    kept = np.flatnonzero(keep)
+    if kept.size < 2:
+        return out
+    for group in np.split(kept, np.flatnonzero(np.diff(image_of_object[kept])) + 1):
+        if group.size < 2:
+            continue
+        group = group[np.argsort(-scores[group], kind="stable")]
+        iou = box_iou(torch.from_numpy(boxes[group]), torch.from_numpy(boxes[group])).numpy()
+        other_class = labels[group][:, None] != labels[group][None, :]
+        dropped = np.zeros(group.size, bool)
+        for i in range(group.size):
+            if not dropped[i]:
+                dropped[i + 1 :] |= other_class[i, i + 1 :] & (iou[i, i + 1 :] >= iou_thr)
+        out[group[dropped]] = True
+    return out
+
+
 def select_pseudo_labels(cfg: SelectConfig) -> Path:
     """The ``select`` stage; writes ``cfg.out`` (COCO json with ``score`` and ``agreement``),
     ``selection.json`` and ``scores.png`` beside it. Returns the json path."""
@@ -200,6 +239,8 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
     columns = ["file_name", "width", "height", "boxes", "error"] + (["keypoints"] if num_kp else [])
     big = read_shards(labels_dir, columns=columns)
     boxes = _flat(big, "boxes", np.float64).reshape(-1, 4)
+    duplicates = cross_class_duplicates(boxes, scores, labels, image_of_object, keep=keep, iou_thr=cfg.cross_class_iou)
+    keep &= ~duplicates
     kp_thr = None
     kps = None
     if num_kp:
@@ -211,7 +252,7 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
         else:
             kp_thr = -np.inf
     ignored = uncertain_regions(
-        boxes, scores, labels, image_of_object, keep=keep, eligible=eligible, thresholds=sel.thresholds,
+        boxes, scores, labels, image_of_object, keep=keep, eligible=eligible & ~duplicates, thresholds=sel.thresholds,
         band=cfg.ignore_band,
     )  # fmt: skip
 
@@ -259,7 +300,11 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
         "target_per_class_per_image": dict(zip(ref.class_names, counts["per_class_per_image"], strict=True)),
         "target_objects": None if sel.target is None else sel.target.tolist(),
         "achieved_objects": achieved_total,
-        "achieved_per_class": dict(zip(ref.class_names, sel.achieved.tolist(), strict=True)),
+        "achieved_per_class": dict(
+            zip(ref.class_names, np.bincount(labels[keep], minlength=num_classes).tolist(), strict=True)
+        ),
+        "cross_class_iou": cfg.cross_class_iou,
+        "cross_class_duplicates": int(duplicates.sum()),
         "achieved_per_image": achieved_total / num_images,
         "unlabeled_images": num_images,
         "images_written": len(images),

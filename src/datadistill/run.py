@@ -186,6 +186,7 @@ def run(cfg: RunConfig, *, base: Path, out: str | Path) -> RunResult:
             min_agreement=cfg.select.min_agreement,
             drop_empty=cfg.select.drop_empty,
             ignore_band=cfg.select.ignore_band,
+            cross_class_iou=cfg.select.cross_class_iou,
         )
         stage(f"select {r}", layout.pseudo(r), lambda c=select_cfg: select_pseudo_labels(c))
         init = None
