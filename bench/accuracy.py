@@ -9,7 +9,7 @@ back). Every arm trains the same architecture with the same number of iterations
 
 - ``supervised``: L only (this is also the teacher that labels U);
 - ``single_transform``: L + pseudo-labels of U from the identity view only;
-- ``distilled``: L + pseudo-labels of U from the default views (3 scales x flip) and fusion;
+- ``distilled``: L + pseudo-labels of U from the default views (4 scales x flip) and fusion;
 - ``oracle``: L + U with its true labels, mixed into the minibatches exactly as the pseudo-labels are.
 
 ``--ablations`` adds: the student fine-tuned from the teacher instead of trained from the initial weights;

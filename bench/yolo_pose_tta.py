@@ -10,7 +10,7 @@ labels are held back, three ways, with the same model, score threshold and detec
 
 - ``ultralytics augment=True``: Ultralytics' test-time augmentation; a pose head falls back to one view
   (Ultralytics warns), so this is what a YOLO pose user gets from it;
-- ``datadistill views``: ``datadistill label`` with the given views (default: 3 scales x flip), box fusion
+- ``datadistill views``: ``datadistill label`` with the given views (default: 4 scales x flip), box fusion
   and mean keypoint fusion; the shards are the predictions;
 - ``single view``: plain ``predict``, for reference.
 

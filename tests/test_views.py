@@ -50,7 +50,8 @@ def test_view_lists() -> None:
     assert tuple(sorted(PAPER_SCALES)) == PAPER_SCALES
     default = parse_views("default")
     assert default[0] == View() and {v.hflip for v in default} == {False, True}
-    assert len(default) == 2 * len({v.scale for v in default})
+    assert len(default) == 2 * len({v.scale for v in default}) == 8
+    assert {v.scale for v in default} == {0.75, 1.0, 1.25, 1.5}
     assert parse_views("identity, hflip+scale:0.5") == (View(), View(hflip=True, scale=0.5))
     with pytest.raises(ValueError, match="lists a view twice"):
         parse_views("hflip,hflip")

@@ -241,7 +241,8 @@ LABEL_HELP = {
     "images": "unlabeled images: a folder (recursive), a text file of paths, or a COCO json",
     "out": "output folder (shards/part-NNNNN.parquet, manifest.json)",
     "image_root": "root of the paths in a list or COCO json (default: the file's folder, or images/ beside a json)",
-    "views": "comma list of identity, hflip, scale:F, hflip+scale:F; or default, or paper (18 views)",
+    "views": "comma list of identity, hflip, scale:F, hflip+scale:F; or default (scales 0.75, 1, 1.25, 1.5, each "
+    "with and without flip: 8 views), or paper (18 views)",
     "fuse": "box fusion: nms (the paper), soft-nms, vote, wbf",
     "keypoint_fuse": "keypoint fusion: heatmap (the paper) or mean",
     "iou_thr": "IoU threshold of the box fusion",
