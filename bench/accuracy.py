@@ -76,7 +76,7 @@ class Arm:
     ratio: float = 0.4
     init_teacher: bool = False
     ignore_band: float = 0.0  # select --ignore-band
-    cross_class_iou: float | None = None  # select --cross-class-iou
+    cross_class_iou: float = 0.5  # select --cross-class-iou (0: off, the paper's)
 
     @property
     def needs_teacher(self) -> bool:
@@ -87,7 +87,7 @@ class Arm:
 
     def selection_key(self) -> str:
         band = f"-ignore{self.ignore_band:g}" if self.ignore_band else ""
-        xc = f"-xclass{self.cross_class_iou:g}" if self.cross_class_iou is not None else ""
+        xc = f"-xclass{self.cross_class_iou:g}" if self.cross_class_iou else ""
         return f"{self.labeling_key()}-{self.policy}{band}{xc}".replace(":", "")
 
 
@@ -101,6 +101,7 @@ ABLATIONS = {
     "policy_fixed_0.5": replace(DEFAULT, policy="fixed:0.5"),
     "ratio_0.2": replace(DEFAULT, ratio=0.2),
     "ratio_0.6": replace(DEFAULT, ratio=0.6),
+    "cross_class_off": replace(DEFAULT, cross_class_iou=0.0),
 }
 
 

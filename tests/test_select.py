@@ -59,8 +59,9 @@ ROWS = [
 def test_count_policy_matches_the_labeled_mean(tmp_path: Path) -> None:
     _reference(tmp_path / "ref.json", per_image=[[0, 1], [0]])  # 1.5 objects per labeled image
     _shards(tmp_path / "labels", ROWS)
+    # every box of ROWS is the same box: the paper's selection (no cross-class suppression) keeps them all
     out = select_pseudo_labels(SelectConfig(labels=str(tmp_path / "labels"), reference=str(tmp_path / "ref.json"),
-                                            out=str(tmp_path / "sel" / "pseudo.json")))  # fmt: skip
+                                            out=str(tmp_path / "sel" / "pseudo.json"), cross_class_iou=0.0))  # fmt: skip
     sel = json.loads((tmp_path / "sel" / "selection.json").read_text())
     assert sel["unlabeled_images"] == 4 and sel["target_objects"] == [6]  # 1.5 * 4
     assert sel["achieved_objects"] == 6 and sel["thresholds"] == pytest.approx({"a": 0.2, "b": 0.2})
@@ -75,7 +76,7 @@ def test_count_policy_matches_the_labeled_mean(tmp_path: Path) -> None:
 def test_per_class_fixed_agreement_and_drop_empty(tmp_path: Path) -> None:
     _reference(tmp_path / "ref.json", per_image=[[0, 0], [0, 1]])  # a: 1.5/img, b: 0.5/img
     _shards(tmp_path / "labels", ROWS)
-    common = {"labels": str(tmp_path / "labels"), "reference": str(tmp_path / "ref.json")}
+    common = {"labels": str(tmp_path / "labels"), "reference": str(tmp_path / "ref.json"), "cross_class_iou": 0.0}
     select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "pc" / "p.json"), policy="count-per-class"))
     sel = json.loads((tmp_path / "pc" / "selection.json").read_text())
     assert sel["thresholds"] == pytest.approx({"a": 0.3, "b": 0.2}) and sel["achieved_per_class"] == {"a": 4, "b": 2}
@@ -158,13 +159,15 @@ def test_cross_class_iou_keeps_one_class_per_object(tmp_path: Path) -> None:
     _shards(tmp_path / "labels", rows)
     common = {"labels": str(tmp_path / "labels"), "reference": str(tmp_path / "ref.json")}
     out = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "s" / "p.json"), cross_class_iou=0.5))
-    raw = json.loads(out.read_text())
+    raw_text = out.read_text()
+    raw = json.loads(raw_text)
     got = [(a["category_id"], round(a["score"], 2)) for a in raw["annotations"]]
     assert got == [(1, 0.9), (2, 0.5), (2, 0.7), (1, 0.1), (1, 0.9), (1, 0.7)]
     sel = json.loads((tmp_path / "s" / "selection.json").read_text())
     assert sel["achieved_objects"] == 6 and sel["cross_class_duplicates"] == 3
     assert sel["achieved_per_class"] == {"a": 4, "b": 2}
-    plain = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "p" / "p.json")))
+    assert select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "d" / "p.json"))).read_text() == raw_text
+    plain = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "p" / "p.json"), cross_class_iou=0.0))
     assert len(json.loads(plain.read_text())["annotations"]) == 9  # the count rule: 3 x 3 images
-    with pytest.raises(UserError, match=r"--cross-class-iou must be in \(0, 1\], got 0.0"):
-        select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "x" / "p.json"), cross_class_iou=0.0))
+    with pytest.raises(UserError, match=r"--cross-class-iou must be in \[0, 1\] \(0: off\), got 1.5"):
+        select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "x" / "p.json"), cross_class_iou=1.5))

@@ -58,7 +58,7 @@ class SelectSection:
     min_agreement: int = 1
     drop_empty: bool = False
     ignore_band: float = 0.0
-    cross_class_iou: float | None = None
+    cross_class_iou: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class SelectConfig:
     drop_empty: bool = False
     keypoint_policy: str = "count"  # "count": match the labeled mean of visible keypoints; "all": all visible
     ignore_band: float = 0.0  # > 0: candidates scoring in [ignore_band * threshold, threshold) become ignore regions
-    cross_class_iou: float | None = None  # a kept object overlapping a better one of another class this much: dropped
+    cross_class_iou: float = 0.5  # a kept object overlapping a better one of another class this much: dropped; 0: off
 
 
 def reference_counts(ref: CocoDataset) -> dict[str, Any]:
@@ -154,20 +154,20 @@ def cross_class_duplicates(
     image_of_object: np.ndarray,
     *,
     keep: np.ndarray,
-    iou_thr: float | None,
+    iou_thr: float,
 ) -> np.ndarray:
     """``[N]`` bool: the kept objects that are another kept object seen as another class.
 
     Greedy NMS across classes among the kept objects of each image: an object is dropped when a
     higher-scoring kept object of another class, not itself dropped, overlaps it by IoU >= ``iou_thr``.
     Per-class fusion (the paper's NMS) keeps one box per class, so an object the teacher hesitates on
-    comes out once per class it considered; a true label has one class. None: keep them all.
+    comes out once per class it considered; a true label has one class. 0: keep them all.
     """
     out = np.zeros(scores.shape, bool)
-    if iou_thr is None:
+    if not 0.0 <= iou_thr <= 1.0:
+        raise UserError(f"--cross-class-iou must be in [0, 1] (0: off), got {iou_thr}")
+    if iou_thr == 0.0:
         return out
-    if not 0.0 < iou_thr <= 1.0:
-        raise UserError(f"--cross-class-iou must be in (0, 1], got {iou_thr}")
     kept = np.flatnonzero(keep)
     if kept.size < 2:
         return out
