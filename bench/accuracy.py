@@ -31,7 +31,7 @@ import math
 import multiprocessing
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -213,8 +213,8 @@ def labeling_groups(arms: dict[str, Arm]) -> dict[str, tuple[Arm, ...]]:
 
 def run_arms(bench_args: dict[str, Any], arms: dict[str, Arm], *, jobs: int, threads: int) -> tuple[dict, dict]:
     """The teacher and every arm, ``jobs`` stages at once: the teacher and the arms that need no teacher
-    first, then one labeling per labeling key (with its selections), then the other students.
-    Returns ``(results by name, seconds by stage)``."""
+    first, then one labeling per labeling key (with its selections); each student starts as soon as its
+    labeling is done. Returns ``(results by name, seconds by stage)``."""
     seconds: dict[str, float] = {}
     results: dict[str, Any] = {}
 
@@ -230,10 +230,20 @@ def run_arms(bench_args: dict[str, Any], arms: dict[str, Arm], *, jobs: int, thr
             n: pool.submit(_stage, bench_args, "student", n, (a,)) for n, a in arms.items() if not a.needs_teacher
         }
         results["supervised"] = {"metrics": take(teacher), "pseudo_labels": None}
-        labelings = [pool.submit(_stage, bench_args, "label", k, g) for k, g in labeling_groups(arms).items()]
-        for f in labelings:
+        labelings = {pool.submit(_stage, bench_args, "label", k, g): k for k, g in labeling_groups(arms).items()}
+        waiting = {n: a for n, a in arms.items() if a.needs_teacher}
+        labeled: set[str | None] = {None}  # an arm without pseudo-labels (fine-tuned oracle) waits for nothing
+
+        def start_ready() -> None:
+            for n, a in list(waiting.items()):
+                if (a.labeling_key() if a.views is not None else None) in labeled:
+                    students[n] = pool.submit(_stage, bench_args, "student", n, (waiting.pop(n),))
+
+        start_ready()
+        for f in as_completed(labelings):
             take(f)
-        students |= {n: pool.submit(_stage, bench_args, "student", n, (a,)) for n, a in arms.items() if a.needs_teacher}
+            labeled.add(labelings[f])
+            start_ready()
         for n in arms:
             results[n] = take(students[n])
     return results, seconds

@@ -58,7 +58,7 @@ def test_arms_differ_in_one_setting_each() -> None:
     for name, arm in bench.ABLATIONS.items():
         changed = [k for k in default.__dataclass_fields__ if getattr(arm, k) != getattr(default, k)]
         assert len(changed) == 1, name
-    assert len({a.selection_key() for a in bench.ABLATIONS.values() if not a.init_teacher and a.ratio == 0.4}) == 4
+    assert len({a.selection_key() for a in bench.ABLATIONS.values() if not a.init_teacher and a.ratio == 0.4}) == 5
 
 
 def test_scheduling_trains_the_oracle_beside_the_teacher_and_labels_each_setting_once() -> None:
@@ -67,6 +67,35 @@ def test_scheduling_trains_the_oracle_beside_the_teacher_and_labels_each_setting
     assert [n for n, a in arms.items() if not a.needs_teacher] == ["oracle"]
     groups = bench.labeling_groups(arms)
     assert sorted(groups) == ["default-nms", "default-vote", "default-wbf", "identity-nms"]
-    # the default labeling serves 6 arms (3 selections), each arm once
-    assert len(groups["default-nms"]) == len({a for a in arms.values() if a.labeling_key() == "default-nms"}) == 6
+    # the default labeling serves 7 arms (4 selections), each arm once
+    assert len(groups["default-nms"]) == len({a for a in arms.values() if a.labeling_key() == "default-nms"}) == 7
     assert sum(len(g) for g in groups.values()) == len(set(arms.values()) - {bench.MAIN["oracle"]})
+
+
+def test_a_student_starts_as_soon_as_its_labeling_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    bench = _bench()
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def stage(bench_args: dict, kind: str, name: str, arms: tuple) -> tuple[object, dict]:
+        with lock:
+            events.append(f"start {kind} {name}")
+        time.sleep({"default-nms": 0.5}.get(name, 0.02))  # the multi-view labeling is the slow one
+        with lock:
+            events.append(f"end {kind} {name}")
+        return {"stage": name}, {f"{kind} {name}": 0.0}
+
+    def pool(jobs: int, **_: object) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(jobs)
+
+    monkeypatch.setattr(bench, "_stage", stage)
+    monkeypatch.setattr(bench, "ProcessPoolExecutor", pool)
+    results, _ = bench.run_arms({}, dict(bench.MAIN), jobs=2, threads=1)
+    assert set(results) == {"supervised", "single_transform", "distilled", "oracle"}
+    assert events.index("start student single_transform") < events.index("end label default-nms")
+    assert events.index("start student distilled") > events.index("end label default-nms")
+    assert events.index("start label identity-nms") > events.index("end teacher supervised")
