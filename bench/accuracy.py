@@ -26,11 +26,13 @@ students. The stages and their results do not depend on ``--jobs``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import multiprocessing
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +49,7 @@ from datadistill.label import LabelConfig, label
 from datadistill.pseudo import SelectConfig, select_pseudo_labels
 from datadistill.quality import match_pseudo_labels
 from datadistill.train import TrainConfig, evaluate_model, train
+from datadistill.views import parse_views
 
 log = logging.getLogger("bench.accuracy")
 
@@ -83,7 +86,13 @@ class Arm:
         return self.views is not None or self.init_teacher
 
     def labeling_key(self) -> str:
-        return f"{self.views}-{self.fuse}".replace(",", "+").replace(":", "")
+        """The labeling folder's name; a named view set carries a digest of its views (the cache of an older
+        ``default`` is not reused)."""
+        key = f"{self.views}-{self.fuse}".replace(",", "+").replace(":", "")
+        if self.views in ("default", "paper"):
+            names = ",".join(v.name for v in parse_views(self.views))
+            key += "-" + hashlib.sha1(names.encode()).hexdigest()[:8]
+        return key
 
     def selection_key(self) -> str:
         band = f"-ignore{self.ignore_band:g}" if self.ignore_band else ""
@@ -211,6 +220,30 @@ def labeling_groups(arms: dict[str, Arm]) -> dict[str, tuple[Arm, ...]]:
     return {k: tuple(g) for k, g in groups.items()}
 
 
+def _schedule(pool: ProcessPoolExecutor, bench_args: dict[str, Any], arms: dict[str, Arm], results: dict,
+              take: Callable[[Future], Any]) -> None:  # fmt: skip
+    """Submit the stages in dependency order and collect the arms' results into ``results``."""
+    teacher = pool.submit(_stage, bench_args, "teacher", "supervised", ())
+    students = {n: pool.submit(_stage, bench_args, "student", n, (a,)) for n, a in arms.items() if not a.needs_teacher}
+    results["supervised"] = {"metrics": take(teacher), "pseudo_labels": None}
+    labelings = {pool.submit(_stage, bench_args, "label", k, g): k for k, g in labeling_groups(arms).items()}
+    waiting = {n: a for n, a in arms.items() if a.needs_teacher}
+    labeled: set[str | None] = {None}  # an arm without pseudo-labels (fine-tuned oracle) waits for nothing
+
+    def start_ready() -> None:
+        for n, a in list(waiting.items()):
+            if (a.labeling_key() if a.views is not None else None) in labeled:
+                students[n] = pool.submit(_stage, bench_args, "student", n, (waiting.pop(n),))
+
+    start_ready()
+    for f in as_completed(labelings):
+        take(f)
+        labeled.add(labelings[f])
+        start_ready()
+    for n in arms:
+        results[n] = take(students[n])
+
+
 def run_arms(bench_args: dict[str, Any], arms: dict[str, Arm], *, jobs: int, threads: int) -> tuple[dict, dict]:
     """The teacher and every arm, ``jobs`` stages at once: the teacher and the arms that need no teacher
     first, then one labeling per labeling key (with its selections); each student starts as soon as its
@@ -225,27 +258,11 @@ def run_arms(bench_args: dict[str, Any], arms: dict[str, Arm], *, jobs: int, thr
 
     ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-        teacher = pool.submit(_stage, bench_args, "teacher", "supervised", ())
-        students = {
-            n: pool.submit(_stage, bench_args, "student", n, (a,)) for n, a in arms.items() if not a.needs_teacher
-        }
-        results["supervised"] = {"metrics": take(teacher), "pseudo_labels": None}
-        labelings = {pool.submit(_stage, bench_args, "label", k, g): k for k, g in labeling_groups(arms).items()}
-        waiting = {n: a for n, a in arms.items() if a.needs_teacher}
-        labeled: set[str | None] = {None}  # an arm without pseudo-labels (fine-tuned oracle) waits for nothing
-
-        def start_ready() -> None:
-            for n, a in list(waiting.items()):
-                if (a.labeling_key() if a.views is not None else None) in labeled:
-                    students[n] = pool.submit(_stage, bench_args, "student", n, (waiting.pop(n),))
-
-        start_ready()
-        for f in as_completed(labelings):
-            take(f)
-            labeled.add(labelings[f])
-            start_ready()
-        for n in arms:
-            results[n] = take(students[n])
+        try:
+            _schedule(pool, bench_args, arms, results, take)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed stage stops the bench now, not after the queued ones
+            raise
     return results, seconds
 
 
@@ -333,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(**bench_args)  # makes the data once, before any worker starts
     metric = "keypoints" if args.task == "keypoints" else "bbox"
     arms = dict(MAIN, **(ABLATIONS if args.ablations else {}))
+    if args.task == "keypoints":
+        arms.pop("cross_class_off", None)  # one class: its pseudo-labels are the default's
     if args.only:
         wanted = set(args.only.split(","))
         arms = {k: v for k, v in arms.items() if k in wanted}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from datadistill.views import parse_views
 
 
 def _bench() -> ModuleType:
@@ -66,9 +69,12 @@ def test_scheduling_trains_the_oracle_beside_the_teacher_and_labels_each_setting
     arms = dict(bench.MAIN, **bench.ABLATIONS)
     assert [n for n, a in arms.items() if not a.needs_teacher] == ["oracle"]
     groups = bench.labeling_groups(arms)
-    assert sorted(groups) == ["default-nms", "default-vote", "default-wbf", "identity-nms"]
+    views = ",".join(v.name for v in parse_views("default"))
+    digest = hashlib.sha1(views.encode()).hexdigest()[:8]  # an older `default` labeling is not reused
+    assert sorted(groups) == [f"default-{fuse}-{digest}" for fuse in ("nms", "vote", "wbf")] + ["identity-nms"]
     # the default labeling serves 7 arms (4 selections), each arm once
-    assert len(groups["default-nms"]) == len({a for a in arms.values() if a.labeling_key() == "default-nms"}) == 7
+    key = f"default-nms-{digest}"
+    assert len(groups[key]) == len({a for a in arms.values() if a.labeling_key() == key}) == 7
     assert sum(len(g) for g in groups.values()) == len(set(arms.values()) - {bench.MAIN["oracle"]})
 
 
@@ -84,7 +90,7 @@ def test_a_student_starts_as_soon_as_its_labeling_is_done(monkeypatch: pytest.Mo
     def stage(bench_args: dict, kind: str, name: str, arms: tuple) -> tuple[object, dict]:
         with lock:
             events.append(f"start {kind} {name}")
-        time.sleep({"default-nms": 0.5}.get(name, 0.02))  # the multi-view labeling is the slow one
+        time.sleep(0.5 if name.startswith("default-") else 0.02)  # the multi-view labeling is the slow one
         with lock:
             events.append(f"end {kind} {name}")
         return {"stage": name}, {f"{kind} {name}": 0.0}
@@ -96,6 +102,29 @@ def test_a_student_starts_as_soon_as_its_labeling_is_done(monkeypatch: pytest.Mo
     monkeypatch.setattr(bench, "ProcessPoolExecutor", pool)
     results, _ = bench.run_arms({}, dict(bench.MAIN), jobs=2, threads=1)
     assert set(results) == {"supervised", "single_transform", "distilled", "oracle"}
-    assert events.index("start student single_transform") < events.index("end label default-nms")
-    assert events.index("start student distilled") > events.index("end label default-nms")
+    multi_view = "end label " + bench.DEFAULT.labeling_key()
+    assert events.index("start student single_transform") < events.index(multi_view)
+    assert events.index("start student distilled") > events.index(multi_view)
     assert events.index("start label identity-nms") > events.index("end teacher supervised")
+
+
+def test_a_failed_stage_cancels_the_queued_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    bench = _bench()
+    started: list[str] = []
+
+    def stage(bench_args: dict, kind: str, name: str, arms: tuple) -> tuple[object, dict]:
+        started.append(f"{kind} {name}")
+        if kind == "label" and name.startswith("default-"):
+            time.sleep(0.2)
+            raise RuntimeError(f"labeling {name} failed")
+        return {}, {}
+
+    monkeypatch.setattr(bench, "_stage", stage)
+    monkeypatch.setattr(bench, "ProcessPoolExecutor", lambda jobs, **_: ThreadPoolExecutor(1))
+    with pytest.raises(RuntimeError, match="labeling .* failed"):
+        bench.run_arms({}, dict(bench.MAIN, **bench.ABLATIONS), jobs=1, threads=1)
+    assert "label identity-nms" in started  # its students were queued behind the failing labelings
+    assert not [s for s in started if s.startswith("student") and s != "student oracle"]

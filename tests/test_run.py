@@ -157,3 +157,39 @@ def test_two_rounds_label_with_the_last_student(tiny: Path) -> None:
     assert manifest["config"]["checkpoint"] == str(out / "round-1" / "student" / "checkpoint.pt")
     assert (out / "round-2" / "student" / "checkpoint.pt").exists()
     assert "student, round 2" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("select.cross_class_iou=5", "select.cross_class_iou must be in [0, 1] (0: off), got 5.0"),
+        ("select.ignore_band=1", "select.ignore_band must be in [0, 1), got 1.0"),
+        ("select.policy=fixed:2", "select.policy: fixed threshold must be in [0, 1], got 2.0"),
+    ],
+)
+def test_bad_select_options_fail_before_training(
+    tiny: Path, capsys: pytest.CaptureFixture[str], setting: str, message: str
+) -> None:
+    out = tiny / "bad-select"
+    assert main(["run", str(tiny / "config.yaml"), "--out", str(out), "--set", setting]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (out / "teacher").exists()
+
+
+def test_a_folder_recorded_before_the_select_options_resumes_with_their_old_values(tiny: Path) -> None:
+    import yaml
+
+    from datadistill.layout import RunLayout
+    from datadistill.run import _record_config
+
+    cfg, base = load_run_config(tiny / "config.yaml")
+    layout = RunLayout(tiny / "old-folder")
+    layout.root.mkdir()
+    _record_config(layout, cfg, base)
+    recorded = yaml.safe_load(layout.config.read_text())
+    del recorded["select"]["ignore_band"], recorded["select"]["cross_class_iou"]  # as an older version wrote it
+    layout.config.write_text(yaml.safe_dump(recorded, sort_keys=False))
+    with pytest.raises(UserError, match="was started with another 'select'"):
+        _record_config(layout, cfg, base)  # the default 0.5 is not what that run did
+    old, _ = load_run_config(tiny / "config.yaml", ["select.cross_class_iou=0"])
+    _record_config(layout, old, base)

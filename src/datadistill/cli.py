@@ -288,7 +288,8 @@ SELECT_HELP = {
     "drop_empty": "drop unlabeled images with no pseudo object (default: keep them as negatives)",
     "keypoint_policy": "count: mark as many keypoints visible as the labeled data has; all: every one",
     "ignore_band": "F in [0, 1): write the candidates that score in [F x threshold, threshold) as ignore regions "
-    "(iscrowd 1; the student learns them neither as objects nor as background); 0: none, as in the paper",
+    "(iscrowd 1; the student learns them neither as objects nor as background; YOLO students drop them); 0: "
+    "none, as in the paper",
     "cross_class_iou": "drop a kept object that overlaps a higher-scoring kept object of another class by at "
     "least this IoU (one class per object); 0: keep both, as the paper's per-class NMS does",
 }

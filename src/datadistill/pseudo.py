@@ -121,8 +121,6 @@ def uncertain_regions(
     objects as not; as ignore regions the student learns them neither as objects nor as background.
     ``band`` 0 gives none (the paper: every candidate is an object or background).
     """
-    if not 0.0 <= band < 1.0:
-        raise UserError(f"--ignore-band must be in [0, 1), got {band}")
     out = np.zeros(scores.shape, bool)
     if band == 0.0 or scores.size == 0:
         return out
@@ -164,13 +162,12 @@ def cross_class_duplicates(
     comes out once per class it considered; a true label has one class. 0: keep them all.
     """
     out = np.zeros(scores.shape, bool)
-    if not 0.0 <= iou_thr <= 1.0:
-        raise UserError(f"--cross-class-iou must be in [0, 1] (0: off), got {iou_thr}")
     if iou_thr == 0.0:
         return out
     kept = np.flatnonzero(keep)
-    if kept.size < 2:
+    if kept.size < 2 or np.unique(labels[kept]).size < 2:  # one class (keypoint tasks): nothing to do
         return out
+    kept = kept[np.argsort(image_of_object[kept], kind="stable")]  # each image's objects together
     for group in np.split(kept, np.flatnonzero(np.diff(image_of_object[kept])) + 1):
         if group.size < 2:
             continue
@@ -185,17 +182,37 @@ def cross_class_duplicates(
     return out
 
 
+def check_select_options(
+    *,
+    policy: str,
+    keypoint_policy: str = "count",
+    ignore_band: float = 0.0,
+    cross_class_iou: float = 0.0,
+) -> tuple[str, float | None]:
+    """The selection options that need no data, checked (one-line :class:`UserError`); returns the parsed
+    policy ``(name, fixed threshold or None)``. ``run`` calls it before training anything."""
+    try:
+        parsed = selection.parse_policy(policy)
+    except ValueError as exc:
+        raise UserError(f"--policy: {exc}") from exc
+    if keypoint_policy not in ("count", "all"):
+        raise UserError(f"--keypoint-policy must be count or all, got {keypoint_policy!r}")
+    if not 0.0 <= ignore_band < 1.0:
+        raise UserError(f"--ignore-band must be in [0, 1), got {ignore_band}")
+    if not 0.0 <= cross_class_iou <= 1.0:
+        raise UserError(f"--cross-class-iou must be in [0, 1] (0: off), got {cross_class_iou}")
+    return parsed
+
+
 def select_pseudo_labels(cfg: SelectConfig) -> Path:
     """The ``select`` stage; writes ``cfg.out`` (COCO json with ``score`` and ``agreement``),
     ``selection.json`` and ``scores.png`` beside it. Returns the json path."""
     started = time.time()
     labels_dir = Path(cfg.labels)
-    try:
-        policy, fixed = selection.parse_policy(cfg.policy)
-    except ValueError as exc:
-        raise UserError(f"--policy: {exc}") from exc
-    if cfg.keypoint_policy not in ("count", "all"):
-        raise UserError(f"--keypoint-policy must be count or all, got {cfg.keypoint_policy!r}")
+    policy, fixed = check_select_options(
+        policy=cfg.policy, keypoint_policy=cfg.keypoint_policy, ignore_band=cfg.ignore_band,
+        cross_class_iou=cfg.cross_class_iou,
+    )  # fmt: skip
     manifest_path = labels_dir / "manifest.json"
     if not manifest_path.exists():
         raise UserError(f"{labels_dir}: no manifest.json (run `datadistill label` first)")
@@ -318,7 +335,7 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
             else None
         ),
         "ignore_band": cfg.ignore_band,
-        "ignore_regions": int(ignored.sum()),
+        "ignore_regions": sum(a["iscrowd"] for a in annotations),  # those written (drop_empty drops some)
         "options": asdict(cfg),
         "seconds": round(time.time() - started, 3),
         "provenance": provenance(),

@@ -87,7 +87,7 @@ def match_pseudo_labels(pseudo: CocoDataset, truth: CocoDataset, *, iou_thr: flo
                 p,
                 **{
                     k: getattr(p, k)[~p.iscrowd]
-                    for k in ("ids", "boxes", "labels", "iscrowd", "area", "scores")
+                    for k in ("ids", "boxes", "labels", "iscrowd", "area", "keypoints", "scores", "agreement")
                     if getattr(p, k) is not None
                 },  # fmt: skip
             )

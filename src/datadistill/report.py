@@ -215,6 +215,13 @@ def write_report(run_dir: str | Path, *, extra_sections: list[tuple[str, str]] |
                 f" out of {sel['candidates']} candidates"
                 + (f", and {sel['ignore_regions']} ignore regions" if sel.get("ignore_regions") else "")
                 + ".</p>"
+                + (
+                    f"<p>{sel['cross_class_duplicates']} objects above the threshold were dropped as a higher-scoring"
+                    f" object of another class (IoU {sel['cross_class_iou']:g} or more); the curve below is before"
+                    " that step.</p>"
+                    if sel.get("cross_class_duplicates")
+                    else ""
+                )
             )
         if layout.scores_png(r).exists():
             parts.append(_img_tag(layout.scores_png(r).read_bytes(), "score histogram"))

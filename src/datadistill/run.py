@@ -53,6 +53,17 @@ def _check_data(cfg: RunConfig, base: Path) -> None:
     if cfg.student.init not in (None, "teacher") and not cfg.student.init.startswith("weights:"):
         if not Path(_path(base, cfg.student.init) or "").exists():
             raise UserError(f"student.init: {cfg.student.init} is neither 'teacher', weights:NAME nor a file")
+    from datadistill.pseudo import check_select_options
+
+    try:  # before hours of training, not after
+        check_select_options(
+            policy=cfg.select.policy, ignore_band=cfg.select.ignore_band, cross_class_iou=cfg.select.cross_class_iou
+        )
+    except UserError as exc:
+        message = str(exc)
+        for flag in ("policy", "ignore-band", "cross-class-iou"):
+            message = message.replace(f"--{flag}", f"select.{flag.replace('-', '_')}")
+        raise UserError(message) from None
 
 
 def _train_config(section: TrainSection, cfg: RunConfig, base: Path, out: Path, **extra: Any) -> Any:
@@ -103,6 +114,10 @@ def _evaluate(checkpoint: Path, cfg: RunConfig, base: Path, out: Path) -> dict[s
     return metrics
 
 
+# Config keys added after the first release, with the value that gives what a run did before they existed.
+_ADDED_KEYS: dict[str, dict[str, Any]] = {"select": {"ignore_band": 0.0, "cross_class_iou": 0.0}}
+
+
 def _record_config(layout: RunLayout, cfg: RunConfig, base: Path) -> None:
     """Write the resolved config once; a re-run with a different config is refused (one line)."""
     current = config_to_dict(cfg)
@@ -113,6 +128,9 @@ def _record_config(layout: RunLayout, cfg: RunConfig, base: Path) -> None:
         except UserError as exc:
             raise UserError(f"{exc}; use another --out") from None
         recorded.pop("_base", None)
+        for section, keys in _ADDED_KEYS.items():  # a folder recorded before these existed ran without them
+            if isinstance(recorded.get(section), dict):
+                recorded[section] = {**keys, **recorded[section]}
         runtime = {"device", "threads", "workers", "rounds"}
         for key in sorted(set(recorded) | set(current)):
             if key in runtime or key == "_base":
