@@ -122,8 +122,11 @@ def _epochs(iterations: int, num_real: int, batch_size: int, ratio: float) -> in
 
 
 class Bench:
-    def __init__(self, task: str, work: Path, *, plan: Plan, seed: int, threads: int) -> None:
+    def __init__(
+        self, task: str, work: Path, *, plan: Plan, seed: int, threads: int, student_seed: int | None = None
+    ) -> None:
         self.task, self.work, self.seed, self.threads, self.plan = task, work, seed, threads, plan
+        self.student_seed = seed if student_seed is None else student_seed
         self.seconds: dict[str, float] = {}
         t0 = time.time()
         self.data = make_demo_data(work / "data", task=task, plan=self.plan.data, seed=seed)
@@ -141,13 +144,15 @@ class Bench:
         self.seconds[name] = round(time.time() - t0, 1)
         log.info("%s: %.0f s", name, self.seconds[name])
 
-    def _train(self, out: Path, *, ratio: float = 0.0, pseudo: str | None = None, init: str | None = None) -> Path:
+    def _train(
+        self, out: Path, *, ratio: float = 0.0, pseudo: str | None = None, init: str | None = None, seed: int
+    ) -> Path:
         epochs = _epochs(self.plan.iterations, self.num_real, self.plan.batch_size, ratio if pseudo else 0.0)
         cfg = TrainConfig(
             data=self.data.train, images=self.data.train_images, out=str(out), epochs=epochs,
             batch_size=self.plan.batch_size, pseudo=pseudo,
             pseudo_images=self.data.unlabeled_images if pseudo else None,
-            pseudo_ratio=ratio if pseudo else 0.4, init=init, seed=self.seed, threads=self.threads, workers=0,
+            pseudo_ratio=ratio if pseudo else 0.4, init=init, seed=seed, threads=self.threads, workers=0,
             device="cpu", resume=(out / "last.pt").exists(),
         )  # fmt: skip
         self._timed(f"train {out.name}", out / "checkpoint.pt", lambda: train(cfg))
@@ -162,7 +167,7 @@ class Bench:
         return read_json(path)
 
     def teacher(self) -> Path:
-        return self._train(self.work / "supervised")
+        return self._train(self.work / "supervised", seed=self.seed)
 
     def pseudo_labels(self, arm: Arm) -> tuple[str, dict[str, Any] | None]:
         """The pseudo-label file of an arm (labeling and selection cached by their settings)."""
@@ -186,7 +191,8 @@ class Bench:
     def arm(self, name: str, arm: Arm) -> dict[str, Any]:
         pseudo, quality = self.pseudo_labels(arm)
         init = str(self.teacher()) if arm.init_teacher else None
-        checkpoint = self._train(self.work / name, ratio=arm.ratio, pseudo=pseudo, init=init)
+        folder = name if self.student_seed == self.seed else f"{name}-seed{self.student_seed}"
+        checkpoint = self._train(self.work / folder, ratio=arm.ratio, pseudo=pseudo, init=init, seed=self.student_seed)
         result = {"metrics": self._metrics(checkpoint), "pseudo_labels": quality, "arm": arm.__dict__}
         result["train_seconds"] = read_json(checkpoint.parent / "timings.json").get("train_s")
         return result
@@ -316,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="results json")
     p.add_argument("--work", default=None, help="working folder (default: OUT without .json + '_work')")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (0: evaluation, 1: tuning)")
+    p.add_argument(
+        "--student-seed", type=int, default=None,
+        help="training seed of the students and the oracle (default: --seed); the teacher and data keep --seed",
+    )  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="stages (trainings, labelings) run at once")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each stage")
     p.add_argument("--ablations", action="store_true", help="also run the ablations (about 7 more students)")
@@ -346,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be at least 1")
-    bench_args = {"task": args.task, "work": work, "plan": plan, "seed": args.seed, "threads": args.threads}
+    bench_args = {"task": args.task, "work": work, "plan": plan, "seed": args.seed, "threads": args.threads,
+                  "student_seed": args.student_seed}  # fmt: skip
     bench = Bench(**bench_args)  # makes the data once, before any worker starts
     metric = "keypoints" if args.task == "keypoints" else "bbox"
     arms = dict(MAIN, **(ABLATIONS if args.ablations else {}))
@@ -362,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         results["summary"] = summarize(results, metric)
     results["task"] = args.task
     results["seed"] = args.seed
+    results["student_seed"] = bench.student_seed
     results["plan"] = {
         "iterations": bench.plan.iterations,
         "batch_size": bench.plan.batch_size,
