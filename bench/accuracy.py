@@ -13,14 +13,15 @@ back). Every arm trains the same architecture with the same number of iterations
 - ``oracle``: L + U with its true labels, mixed into the minibatches exactly as the pseudo-labels are.
 
 ``--ablations`` adds: the student fine-tuned from the teacher instead of trained from the initial weights;
-box fusion nms / wbf / vote; threshold policy count / count-per-class / fixed; pseudo ratio 0.2 / 0.4 / 0.6.
+box fusion nms / wbf / vote; threshold policy count / count-per-class / fixed; pseudo ratio 0.2 / 0.4 / 0.6;
+without the cross-class step (boxes only).
 
 Every stage writes into ``--work`` (default: next to ``--out``) and is skipped when done, so a killed
 benchmark resumes. Pick defaults with a tuning seed (``--seed 1``), report on the evaluation seed (0).
 
 ``--jobs`` stages run at once, each in its own process with ``--threads`` torch threads (default 2 x 1 on a
-2-core machine): the teacher beside the oracle (which needs no teacher), then the labelings, then the
-students. The stages and their results do not depend on ``--jobs``.
+2-core machine): the teacher beside the oracle (which needs no teacher), then the labelings, each student
+as soon as its labeling is done. ``--student-seed`` retrains the students with another seed. The stages and their results do not depend on ``--jobs``.
 """
 
 from __future__ import annotations
