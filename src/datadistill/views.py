@@ -29,7 +29,7 @@ PAPER_SCALES = tuple(s / 800 for s in range(400, 1201, 100))
 # 0.75 to 1.5: scales below 0.75 lose small objects at 128 px inputs, and each scale costs a forward pass.
 # Measured against held-back labels on the tuning seed of bench/accuracy.py (see the README): adding 1.5 to
 # 0.75-1.25 raised the box pseudo-labels' AP from 49.4 to 53.4 (precision at the count rule 61.0% -> 64.2%)
-# and the keypoint pseudo-labels' keypoint AP from 56.1 to 56.7, for 1.7x the labeling time.
+# and the keypoint pseudo-labels' keypoint AP from 56.1 to 56.7, for 1.7x the pixels through the model.
 DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
 MIN_SCALE, MAX_SCALE = 0.05, 8.0
 
