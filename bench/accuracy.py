@@ -84,6 +84,7 @@ class Arm:
     init_teacher: bool = False
     ignore_band: float = 0.0  # select --ignore-band
     cross_class_iou: float = 0.5  # select --cross-class-iou (0: off, the paper's)
+    keypoint_policy: str = "count"  # select --keypoint-policy
 
     @property
     def needs_teacher(self) -> bool:
@@ -101,7 +102,8 @@ class Arm:
     def selection_key(self) -> str:
         band = f"-ignore{self.ignore_band:g}" if self.ignore_band else ""
         xc = f"-xclass{self.cross_class_iou:g}" if self.cross_class_iou else ""
-        return f"{self.labeling_key()}-{self.policy}{band}{xc}".replace(":", "")
+        kp = "" if self.keypoint_policy == "count" else f"-kp{self.keypoint_policy}"
+        return f"{self.labeling_key()}-{self.policy}{band}{xc}{kp}".replace(":", "")
 
 
 DEFAULT = Arm()
@@ -185,7 +187,8 @@ class Bench:
         self._timed(f"label {folder.name}", folder / "manifest.complete", lambda: _label(cfg, folder))
         out = self.work / f"select-{arm.selection_key()}" / "pseudo.json"
         sel = SelectConfig(labels=str(folder), reference=self.data.train, out=str(out), policy=arm.policy,
-                           ignore_band=arm.ignore_band, cross_class_iou=arm.cross_class_iou)  # fmt: skip
+                           ignore_band=arm.ignore_band, cross_class_iou=arm.cross_class_iou,
+                           keypoint_policy=arm.keypoint_policy)  # fmt: skip
         self._timed(f"select {out.parent.name}", out, lambda: select_pseudo_labels(sel))
         matched = match_pseudo_labels(load_coco(out), self.truth).at(0.0)
         quality = {k: matched[k] for k in ("precision", "recall", "kept")}

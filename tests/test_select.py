@@ -100,6 +100,34 @@ def test_keypoints_marked_visible_to_match_the_labeled_mean(tmp_path: Path) -> N
     assert raw["annotations"][0]["keypoints"][6:8] == [0, 0]  # invisible points at (0, 0), as COCO has them
 
 
+@pytest.mark.parametrize(
+    ("policy", "threshold", "visible"),
+    [("count:0.5", 0.8, [[2, 0, 0], [2, 0, 0]]), ("count:0.25", 0.9, [[2, 0, 0], [0, 0, 0]]),
+     ("all", None, [[2, 2, 2], [2, 2, 2]])],
+)  # fmt: skip
+def test_keypoint_policy_marks_the_most_confident_keypoints(
+    tmp_path: Path, policy: str, threshold: float | None, visible: list
+) -> None:
+    _reference(tmp_path / "ref.json", per_image=[[0], [0]], keypoints=True)  # 2 of 3 visible per instance
+    # keypoint scores (0.9, 0.5, 0.1) and (0.8, 0.5, 0.1); count:F marks F x 2 x 2 of these 6 visible
+    _shards(tmp_path / "labels", [("u1.png", [0.9, 0.8], [0, 0], [2, 2]), ("u2.png", [], [], [])], k=3)
+    out = select_pseudo_labels(SelectConfig(labels=str(tmp_path / "labels"), reference=str(tmp_path / "ref.json"),
+                                            out=str(tmp_path / "s" / "p.json"), keypoint_policy=policy))  # fmt: skip
+    sel = json.loads((tmp_path / "s" / "selection.json").read_text())
+    assert sel["keypoint_threshold"] == (None if threshold is None else pytest.approx(threshold))
+    raw = json.loads(out.read_text())
+    assert [a["keypoints"][2::3] for a in raw["annotations"]] == visible
+
+
+@pytest.mark.parametrize("policy", ["count:0", "count:1.5", "count:", "some"])
+def test_bad_keypoint_policy_is_one_line(tmp_path: Path, policy: str) -> None:
+    _reference(tmp_path / "ref.json", per_image=[[0]], keypoints=True)
+    _shards(tmp_path / "labels", ROWS, k=3)
+    with pytest.raises(UserError, match=r"^--keypoint-policy must be count, count:F \(F in \(0, 1\]\) or all, got"):
+        select_pseudo_labels(SelectConfig(labels=str(tmp_path / "labels"), reference=str(tmp_path / "ref.json"),
+                                          out=str(tmp_path / "p.json"), keypoint_policy=policy))  # fmt: skip
+
+
 def test_errors(tmp_path: Path) -> None:
     _reference(tmp_path / "ref.json", per_image=[[0]])
     common = {"reference": str(tmp_path / "ref.json"), "out": str(tmp_path / "p.json")}

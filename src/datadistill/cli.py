@@ -286,7 +286,8 @@ SELECT_HELP = {
     "policy": "count (the paper), count-per-class, or fixed:T",
     "min_agreement": "keep only objects seen by at least this many views",
     "drop_empty": "drop unlabeled images with no pseudo object (default: keep them as negatives)",
-    "keypoint_policy": "count: mark as many keypoints visible as the labeled data has; all: every one",
+    "keypoint_policy": "count: mark as many keypoints visible as the labeled data has (the most confident); "
+    "count:F: F x that many (F in (0, 1]); all: every one",
     "ignore_band": "F in [0, 1): write the candidates that score in [F x threshold, threshold) as ignore regions "
     "(iscrowd 1; the student learns them neither as objects nor as background; YOLO students drop them); 0: "
     "none, as in the paper",

@@ -37,7 +37,7 @@ class SelectConfig:
     policy: str = "count"
     min_agreement: int = 1
     drop_empty: bool = False
-    keypoint_policy: str = "count"  # "count": match the labeled mean of visible keypoints; "all": all visible
+    keypoint_policy: str = "count"  # "count": match the labeled mean of visible keypoints; "count:F": F times it; "all"
     ignore_band: float = 0.0  # > 0: candidates scoring in [ignore_band * threshold, threshold) become ignore regions
     cross_class_iou: float = 0.5  # a kept object overlapping a better one of another class this much: dropped; 0: off
 
@@ -195,8 +195,10 @@ def check_select_options(
         parsed = selection.parse_policy(policy)
     except ValueError as exc:
         raise UserError(f"--policy: {exc}") from exc
-    if keypoint_policy not in ("count", "all"):
-        raise UserError(f"--keypoint-policy must be count or all, got {keypoint_policy!r}")
+    try:
+        selection.parse_keypoint_policy(keypoint_policy)
+    except ValueError as exc:
+        raise UserError(f"--keypoint-policy {exc}") from exc
     if not 0.0 <= ignore_band < 1.0:
         raise UserError(f"--ignore-band must be in [0, 1), got {ignore_band}")
     if not 0.0 <= cross_class_iou <= 1.0:
@@ -262,9 +264,10 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
     kps = None
     if num_kp:
         kps = _flat(big, "keypoints", np.float64).reshape(-1, num_kp, 3)
-        if cfg.keypoint_policy == "count" and counts["visible_keypoints_per_instance"] is not None:
+        kp_fraction = selection.parse_keypoint_policy(cfg.keypoint_policy)
+        if kp_fraction is not None and counts["visible_keypoints_per_instance"] is not None:
             kp_thr = selection.keypoint_threshold(
-                kps[keep][..., 2], visible_per_instance=counts["visible_keypoints_per_instance"]
+                kps[keep][..., 2], visible_per_instance=kp_fraction * counts["visible_keypoints_per_instance"]
             )
         else:
             kp_thr = -np.inf

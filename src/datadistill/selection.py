@@ -108,6 +108,19 @@ def parse_policy(text: str) -> tuple[str, float | None]:
     raise ValueError(f"unknown policy {text!r}: choose count, count-per-class or fixed:T (T in [0, 1])")
 
 
+def parse_keypoint_policy(text: str) -> float | None:
+    """``count`` -> 1.0, ``count:F`` -> F (mark F times the labeled mean of keypoints visible, the most
+    confident ones), ``all`` -> None (every keypoint of a kept object)."""
+    if text == "all":
+        return None
+    if text == "count":
+        return 1.0
+    m = re.fullmatch(r"count:([0-9]*\.?[0-9]+)", text)
+    if m and 0.0 < float(m.group(1)) <= 1.0:
+        return float(m.group(1))
+    raise ValueError(f"must be count, count:F (F in (0, 1]) or all, got {text!r}")
+
+
 def keypoint_threshold(keypoint_scores: np.ndarray, *, visible_per_instance: float) -> float:
     """The keypoint score threshold that makes the mean number of visible keypoints per pseudo instance
     equal ``visible_per_instance`` (the labeled data's mean). ``keypoint_scores`` is ``[N, K]``.
