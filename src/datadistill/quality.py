@@ -8,6 +8,7 @@ Crowd annotations are left out on both sides (a pseudo-label file's are ignore r
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,48 +68,53 @@ def match_shards(
     return match_pseudo_labels(pseudo, truth, iou_thr=iou_thr)
 
 
-def match_pseudo_labels(pseudo: CocoDataset, truth: CocoDataset, *, iou_thr: float = 0.5) -> MatchedScores:
-    """Match the pseudo-labels (a data set whose annotations carry ``score``) to the true labels; images are
-    paired by ``file_name`` and classes by name. True objects of images missing from ``pseudo`` count as
-    missed."""
+def _matches(
+    pseudo: CocoDataset, truth: CocoDataset, iou_thr: float
+) -> Iterator[tuple[int, ImageLabels, ImageLabels, np.ndarray, np.ndarray]]:
+    """Per paired image: the pseudo and true labels without crowd, and for each pseudo object the index of
+    the true object it matched (-1: none), greedily by decreasing score within the same class."""
     truth_by_name = {im.file_name: im.id for im in truth.images}
     class_map = {i: truth.class_names.index(n) for i, n in enumerate(pseudo.class_names) if n in truth.class_names}
-    all_scores, all_tp = [], []
-    num_truth = 0
-    paired: set[int] = set()
     for im in pseudo.images:
         tid = truth_by_name.get(im.file_name)
         if tid is None:
             continue
-        paired.add(tid)
-        p, t = pseudo.labels[im.id], truth.labels[tid]
-        if p.iscrowd.any():
-            p = dataclasses.replace(
-                p,
-                **{
-                    k: getattr(p, k)[~p.iscrowd]
-                    for k in ("ids", "boxes", "labels", "iscrowd", "area", "keypoints", "scores", "agreement")
-                    if getattr(p, k) is not None
-                },  # fmt: skip
-            )
-        t_keep = ~t.iscrowd
-        t_boxes, t_labels = torch.from_numpy(t.boxes[t_keep]), t.labels[t_keep]
-        num_truth += int(t_keep.sum())
+        p, t = _without_crowd(pseudo.labels[im.id]), _without_crowd(truth.labels[tid])
         scores = p.scores if p.scores is not None else np.ones(len(p), np.float32)
-        order = np.argsort(-scores, kind="stable")
         labels = np.array([class_map.get(int(c), -1) for c in p.labels], np.int64)
-        tp = np.zeros(len(p), bool)
-        if len(p) and len(t_boxes):
-            iou = box_iou(torch.from_numpy(p.boxes), t_boxes).numpy()
-            used = np.zeros(len(t_boxes), bool)
-            for j in order:
-                cand = (t_labels == labels[j]) & ~used & (iou[j] >= iou_thr)
+        match = np.full(len(p), -1, np.int64)
+        if len(p) and len(t):
+            iou = box_iou(torch.from_numpy(p.boxes), torch.from_numpy(t.boxes)).numpy()
+            used = np.zeros(len(t), bool)
+            for j in np.argsort(-scores, kind="stable"):
+                cand = (t.labels == labels[j]) & ~used & (iou[j] >= iou_thr)
                 if cand.any():
                     k = int(np.argmax(np.where(cand, iou[j], -1)))
                     used[k] = True
-                    tp[j] = True
+                    match[j] = k
+        yield tid, p, t, scores, match
+
+
+def _without_crowd(lab: ImageLabels) -> ImageLabels:
+    if not lab.iscrowd.any():
+        return lab
+    keep = ~lab.iscrowd
+    fields = ("ids", "boxes", "labels", "iscrowd", "area", "keypoints", "scores", "agreement")
+    return dataclasses.replace(lab, **{k: getattr(lab, k)[keep] for k in fields if getattr(lab, k) is not None})
+
+
+def match_pseudo_labels(pseudo: CocoDataset, truth: CocoDataset, *, iou_thr: float = 0.5) -> MatchedScores:
+    """Match the pseudo-labels (a data set whose annotations carry ``score``) to the true labels; images are
+    paired by ``file_name`` and classes by name. True objects of images missing from ``pseudo`` count as
+    missed."""
+    all_scores, all_tp = [], []
+    num_truth = 0
+    paired: set[int] = set()
+    for tid, _, t, scores, match in _matches(pseudo, truth, iou_thr):
+        paired.add(tid)
+        num_truth += len(t)
         all_scores.append(scores)
-        all_tp.append(tp)
+        all_tp.append(match >= 0)
     # true objects on images the pseudo file left out (dropped as empty, or skipped) count as missed
     num_truth += sum(int((~lab.iscrowd).sum()) for tid, lab in truth.labels.items() if tid not in paired)
     return MatchedScores(
@@ -116,3 +122,21 @@ def match_pseudo_labels(pseudo: CocoDataset, truth: CocoDataset, *, iou_thr: flo
         true_positive=np.concatenate(all_tp) if all_tp else np.zeros(0, bool),
         num_truth=num_truth,
     )
+
+
+def keypoint_errors(pseudo: CocoDataset, truth: CocoDataset, *, iou_thr: float = 0.5, bins: int = 28) -> np.ndarray:
+    """The position errors of the pseudo keypoints, in heatmap bins: for every keypoint labeled (v > 0) in
+    both a pseudo object and the true object it matches (:func:`match_pseudo_labels`' matching), the signed
+    error ``(dx, dy)`` divided by the true box's width and height over ``bins`` (the student's heatmap spans
+    its box with ``bins`` bins a side; 28 for ``small_keypointrcnn``). Returns ``[M, 2]``."""
+    out = []
+    for _, p, t, _, match in _matches(pseudo, truth, iou_thr):
+        if p.keypoints is None or t.keypoints is None:
+            continue
+        for j in np.flatnonzero(match >= 0):
+            kp, kt = p.keypoints[j], t.keypoints[match[j]]
+            both = (kp[:, 2] > 0) & (kt[:, 2] > 0)
+            x1, y1, x2, y2 = t.boxes[match[j]]
+            size = np.array([max(x2 - x1, 1e-9), max(y2 - y1, 1e-9)]) / bins
+            out.append((kp[both, :2] - kt[both, :2]) / size)
+    return np.concatenate(out) if out else np.zeros((0, 2))
