@@ -16,7 +16,8 @@ with the same number of iterations and the same seed:
 
 ``--ablations`` adds: the student fine-tuned from the teacher instead of trained from the initial weights;
 box fusion nms / wbf / vote; threshold policy count / count-per-class / fixed; pseudo ratio 0.2 / 0.4 / 0.6;
-without the cross-class step (boxes only).
+without the cross-class step (boxes only); ``true_keypoints`` (keypoints only, a diagnosis): the default
+pseudo objects, each that matches a true object with that object's keypoints.
 
 Every stage writes into ``--work`` (default: next to ``--out``) and is skipped when done, so a killed
 benchmark resumes. Pick defaults with a tuning seed (``--seed 1``), report on the evaluation seed (0).
@@ -42,16 +43,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from datadistill import models
-from datadistill.coco import load_coco, read_json
+from datadistill.coco import CocoDataset, load_coco, read_json
 from datadistill.demo import DemoPlan, make_demo_data
 from datadistill.evaluate import write_metrics
 from datadistill.io import provenance, write_json_atomic
 from datadistill.label import LabelConfig, label
 from datadistill.pseudo import SelectConfig, select_pseudo_labels
-from datadistill.quality import match_pseudo_labels
+from datadistill.quality import match_objects, match_pseudo_labels
 from datadistill.train import TrainConfig, evaluate_model, train
 from datadistill.views import parse_views
 
@@ -85,6 +87,7 @@ class Arm:
     ignore_band: float = 0.0  # select --ignore-band
     cross_class_iou: float = 0.5  # select --cross-class-iou (0: off, the paper's)
     keypoint_policy: str = "count"  # select --keypoint-policy
+    true_keypoints: bool = False  # a diagnosis: the pseudo objects that match a true one carry its keypoints
 
     @property
     def needs_teacher(self) -> bool:
@@ -105,6 +108,9 @@ class Arm:
         kp = "" if self.keypoint_policy == "count" else f"-kp{self.keypoint_policy}"
         return f"{self.labeling_key()}-{self.policy}{band}{xc}{kp}".replace(":", "")
 
+    def pseudo_file(self) -> str:
+        return "pseudo_true_keypoints.json" if self.true_keypoints else "pseudo.json"
+
 
 DEFAULT = Arm()
 MAIN = {"single_transform": Arm(views="identity"), "distilled": DEFAULT, "oracle": Arm(views=None)}
@@ -117,6 +123,7 @@ ABLATIONS = {
     "ratio_0.2": replace(DEFAULT, ratio=0.2),
     "ratio_0.6": replace(DEFAULT, ratio=0.6),
     "cross_class_off": replace(DEFAULT, cross_class_iou=0.0),
+    "true_keypoints": replace(DEFAULT, true_keypoints=True),
 }
 
 
@@ -190,6 +197,8 @@ class Bench:
                            ignore_band=arm.ignore_band, cross_class_iou=arm.cross_class_iou,
                            keypoint_policy=arm.keypoint_policy)  # fmt: skip
         self._timed(f"select {out.parent.name}", out, lambda: select_pseudo_labels(sel))
+        if arm.true_keypoints:
+            out = with_true_keypoints(out, self.truth, out.with_name(arm.pseudo_file()))
         matched = match_pseudo_labels(load_coco(out), self.truth).at(0.0)
         quality = {k: matched[k] for k in ("precision", "recall", "kept")}
         quality["per_image"] = read_json(out.parent / "selection.json")["achieved_per_image"]
@@ -203,6 +212,26 @@ class Bench:
         result = {"metrics": self._metrics(checkpoint), "pseudo_labels": quality, "arm": arm.__dict__}
         result["train_seconds"] = read_json(checkpoint.parent / "timings.json").get("train_s")
         return result
+
+
+def with_true_keypoints(pseudo_path: Path, truth: CocoDataset, out: Path) -> Path:
+    """A copy of a pseudo-label file in which every object that matches a true object (box IoU 0.5, as
+    precision is counted) carries the true object's keypoints (labeled ones visible); the others keep
+    theirs. What the student would learn if the keypoints were perfect and the detections were the teacher's."""
+    if out.exists():
+        return out
+    raw = read_json(pseudo_path)
+    by_id = {a["id"]: a for a in raw["annotations"]}
+    for _, p, t, _, match in match_objects(load_coco(pseudo_path), truth, 0.5):
+        for j in np.flatnonzero(match >= 0):
+            kt = np.array(t.keypoints[match[j]], np.float64)  # type: ignore[index]
+            labeled = kt[:, 2] > 0
+            kt[:, 2] = np.where(labeled, 2.0, 0.0)
+            kt[~labeled, :2] = 0.0
+            ann = by_id[int(p.ids[j])]
+            ann["keypoints"], ann["num_keypoints"] = kt.reshape(-1).tolist(), int(labeled.sum())
+    write_json_atomic(out, raw)
+    return out
 
 
 def _init_worker(threads: int) -> None:
@@ -370,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = dict(MAIN, **(ABLATIONS if args.ablations else {}))
     if args.task == "keypoints":
         arms.pop("cross_class_off", None)  # one class: its pseudo-labels are the default's
+    else:
+        arms.pop("true_keypoints", None)
     if args.only:
         wanted = set(args.only.split(","))
         arms = {k: v for k, v in arms.items() if k in wanted}

@@ -61,7 +61,7 @@ def test_arms_differ_in_one_setting_each() -> None:
     for name, arm in bench.ABLATIONS.items():
         changed = [k for k in default.__dataclass_fields__ if getattr(arm, k) != getattr(default, k)]
         assert len(changed) == 1, name
-    assert len({a.selection_key() for a in bench.ABLATIONS.values() if not a.init_teacher and a.ratio == 0.4}) == 5
+    assert len({a.selection_key() for a in bench.ABLATIONS.values() if not a.init_teacher and a.ratio == 0.4}) == 6
 
 
 def test_scheduling_trains_the_oracle_beside_the_teacher_and_labels_each_setting_once() -> None:
@@ -72,9 +72,9 @@ def test_scheduling_trains_the_oracle_beside_the_teacher_and_labels_each_setting
     views = ",".join(v.name for v in parse_views("default"))
     digest = hashlib.sha1(views.encode()).hexdigest()[:8]  # an older `default` labeling is not reused
     assert sorted(groups) == [f"default-{fuse}-{digest}" for fuse in ("nms", "vote", "wbf")] + ["identity-nms"]
-    # the default labeling serves 7 arms (4 selections), each arm once
+    # the default labeling serves 8 arms (4 selections), each arm once
     key = f"default-nms-{digest}"
-    assert len(groups[key]) == len({a for a in arms.values() if a.labeling_key() == key}) == 7
+    assert len(groups[key]) == len({a for a in arms.values() if a.labeling_key() == key}) == 8
     assert sum(len(g) for g in groups.values()) == len(set(arms.values()) - {bench.MAIN["oracle"]})
 
 
@@ -128,3 +128,32 @@ def test_a_failed_stage_cancels_the_queued_ones(monkeypatch: pytest.MonkeyPatch)
         bench.run_arms({}, dict(bench.MAIN, **bench.ABLATIONS), jobs=1, threads=1)
     assert "label identity-nms" in started  # its students were queued behind the failing labelings
     assert not [s for s in started if s.startswith("student") and s != "student oracle"]
+
+
+def test_true_keypoints_replace_the_keypoints_of_matched_pseudo_objects_only(tmp_path: Path) -> None:
+    import json
+
+    from datadistill.coco import load_coco
+
+    bench = _bench()
+    cats = [{"id": 1, "name": "fig", "keypoints": ["a", "b"]}]
+    images = [{"id": 1, "file_name": "u.png", "width": 100, "height": 100}]
+    truth = {
+        "images": images,
+        "categories": cats,
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "keypoints": [12, 13, 1, 50, 50, 0]}
+        ],
+    }
+    pseudo = {"images": images, "categories": cats, "annotations": [
+        {"id": 7, "image_id": 1, "category_id": 1, "bbox": [11, 10, 20, 20], "score": 0.9,
+         "keypoints": [15, 15, 2, 20, 20, 2], "num_keypoints": 2},
+        {"id": 8, "image_id": 1, "category_id": 1, "bbox": [60, 60, 20, 20], "score": 0.8,
+         "keypoints": [65, 65, 2, 70, 70, 0], "num_keypoints": 1}]}  # fmt: skip
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    (tmp_path / "pseudo.json").write_text(json.dumps(pseudo))
+    out = bench.with_true_keypoints(tmp_path / "pseudo.json", load_coco(tmp_path / "truth.json"), tmp_path / "t.json")
+    anns = json.loads(out.read_text())["annotations"]
+    assert [a["keypoints"] for a in anns] == [[12, 13, 2, 0, 0, 0], [65, 65, 2, 70, 70, 0]]
+    assert [a["num_keypoints"] for a in anns] == [1, 1] and [a["bbox"] for a in anns] == [
+        p["bbox"] for p in pseudo["annotations"]]  # fmt: skip

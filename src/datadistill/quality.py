@@ -68,7 +68,7 @@ def match_shards(
     return match_pseudo_labels(pseudo, truth, iou_thr=iou_thr)
 
 
-def _matches(
+def match_objects(
     pseudo: CocoDataset, truth: CocoDataset, iou_thr: float
 ) -> Iterator[tuple[int, ImageLabels, ImageLabels, np.ndarray, np.ndarray]]:
     """Per paired image: the pseudo and true labels without crowd, and for each pseudo object the index of
@@ -110,7 +110,7 @@ def match_pseudo_labels(pseudo: CocoDataset, truth: CocoDataset, *, iou_thr: flo
     all_scores, all_tp = [], []
     num_truth = 0
     paired: set[int] = set()
-    for tid, _, t, scores, match in _matches(pseudo, truth, iou_thr):
+    for tid, _, t, scores, match in match_objects(pseudo, truth, iou_thr):
         paired.add(tid)
         num_truth += len(t)
         all_scores.append(scores)
@@ -130,7 +130,7 @@ def keypoint_errors(pseudo: CocoDataset, truth: CocoDataset, *, iou_thr: float =
     error ``(dx, dy)`` divided by the true box's width and height over ``bins`` (the student's heatmap spans
     its box with ``bins`` bins a side; 28 for ``small_keypointrcnn``). Returns ``[M, 2]``."""
     out = []
-    for _, p, t, _, match in _matches(pseudo, truth, iou_thr):
+    for _, p, t, _, match in match_objects(pseudo, truth, iou_thr):
         if p.keypoints is None or t.keypoints is None:
             continue
         for j in np.flatnonzero(match >= 0):
