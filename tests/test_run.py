@@ -165,6 +165,10 @@ def test_two_rounds_label_with_the_last_student(tiny: Path) -> None:
         ("select.cross_class_iou=5", "select.cross_class_iou must be in [0, 1] (0: off), got 5.0"),
         ("select.ignore_band=1", "select.ignore_band must be in [0, 1), got 1.0"),
         ("select.policy=fixed:2", "select.policy: fixed threshold must be in [0, 1], got 2.0"),
+        (
+            "select.keypoint_policy=count:2",
+            "select.keypoint_policy must be count, count:F (F in (0, 1]) or all, got 'count:2'",
+        ),
     ],
 )
 def test_bad_select_options_fail_before_training(

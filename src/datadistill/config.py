@@ -59,6 +59,7 @@ class SelectSection:
     drop_empty: bool = False
     ignore_band: float = 0.0
     cross_class_iou: float = 0.5
+    keypoint_policy: str = "count"
 
 
 @dataclass(frozen=True)

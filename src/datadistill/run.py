@@ -57,11 +57,12 @@ def _check_data(cfg: RunConfig, base: Path) -> None:
 
     try:  # before hours of training, not after
         check_select_options(
-            policy=cfg.select.policy, ignore_band=cfg.select.ignore_band, cross_class_iou=cfg.select.cross_class_iou
-        )
+            policy=cfg.select.policy, keypoint_policy=cfg.select.keypoint_policy,
+            ignore_band=cfg.select.ignore_band, cross_class_iou=cfg.select.cross_class_iou,
+        )  # fmt: skip
     except UserError as exc:
         message = str(exc)
-        for flag in ("policy", "ignore-band", "cross-class-iou"):
+        for flag in ("keypoint-policy", "policy", "ignore-band", "cross-class-iou"):
             message = message.replace(f"--{flag}", f"select.{flag.replace('-', '_')}")
         raise UserError(message) from None
 
@@ -115,7 +116,9 @@ def _evaluate(checkpoint: Path, cfg: RunConfig, base: Path, out: Path) -> dict[s
 
 
 # Config keys added after the first release, with the value that gives what a run did before they existed.
-_ADDED_KEYS: dict[str, dict[str, Any]] = {"select": {"ignore_band": 0.0, "cross_class_iou": 0.0}}
+_ADDED_KEYS: dict[str, dict[str, Any]] = {
+    "select": {"ignore_band": 0.0, "cross_class_iou": 0.0, "keypoint_policy": "count"}
+}
 
 
 def _record_config(layout: RunLayout, cfg: RunConfig, base: Path) -> None:
@@ -205,6 +208,7 @@ def run(cfg: RunConfig, *, base: Path, out: str | Path) -> RunResult:
             drop_empty=cfg.select.drop_empty,
             ignore_band=cfg.select.ignore_band,
             cross_class_iou=cfg.select.cross_class_iou,
+            keypoint_policy=cfg.select.keypoint_policy,
         )
         stage(f"select {r}", layout.pseudo(r), lambda c=select_cfg: select_pseudo_labels(c))
         init = None
