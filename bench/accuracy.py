@@ -108,9 +108,6 @@ class Arm:
         kp = "" if self.keypoint_policy == "count" else f"-kp{self.keypoint_policy}"
         return f"{self.labeling_key()}-{self.policy}{band}{xc}{kp}".replace(":", "")
 
-    def pseudo_file(self) -> str:
-        return "pseudo_true_keypoints.json" if self.true_keypoints else "pseudo.json"
-
 
 DEFAULT = Arm()
 MAIN = {"single_transform": Arm(views="identity"), "distilled": DEFAULT, "oracle": Arm(views=None)}
@@ -198,7 +195,7 @@ class Bench:
                            keypoint_policy=arm.keypoint_policy)  # fmt: skip
         self._timed(f"select {out.parent.name}", out, lambda: select_pseudo_labels(sel))
         if arm.true_keypoints:
-            out = with_true_keypoints(out, self.truth, out.with_name(arm.pseudo_file()))
+            out = with_true_keypoints(out, self.truth, out.with_name("pseudo_true_keypoints.json"))
         matched = match_pseudo_labels(load_coco(out), self.truth).at(0.0)
         quality = {k: matched[k] for k in ("precision", "recall", "kept")}
         quality["per_image"] = read_json(out.parent / "selection.json")["achieved_per_image"]

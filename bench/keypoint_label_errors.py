@@ -23,19 +23,23 @@ from datadistill.quality import keypoint_errors, match_pseudo_labels
 
 
 def summarize(errors: np.ndarray) -> dict[str, float]:
-    """Shares and statistics of ``[M, 2]`` signed errors in bins."""
-    dist = np.abs(errors).max(axis=1) if len(errors) else np.zeros(0)
+    """Shares and statistics of ``[M, 2]`` signed errors in bins (NaN where there are none)."""
+    names = ("within_1", "within_2", "within_4", "beyond_8", "median", "mean_dx", "mean_dy", "rms")
+    if not len(errors):
+        return {"keypoints": 0.0, **dict.fromkeys(names, float("nan"))}
+    dist = np.abs(errors).max(axis=1)
     near = errors[dist < 4]
+    nan = float("nan")
     return {
         "keypoints": float(len(errors)),
-        "within_1": float((dist < 1).mean()) if len(dist) else float("nan"),
-        "within_2": float((dist < 2).mean()) if len(dist) else float("nan"),
-        "within_4": float((dist < 4).mean()) if len(dist) else float("nan"),
-        "beyond_8": float((dist >= 8).mean()) if len(dist) else float("nan"),
-        "median": float(np.median(dist)) if len(dist) else float("nan"),
-        "mean_dx": float(near[:, 0].mean()) if len(near) else float("nan"),
-        "mean_dy": float(near[:, 1].mean()) if len(near) else float("nan"),
-        "rms": float(np.sqrt((near**2).sum(axis=1).mean())) if len(near) else float("nan"),
+        "within_1": float((dist < 1).mean()),
+        "within_2": float((dist < 2).mean()),
+        "within_4": float((dist < 4).mean()),
+        "beyond_8": float((dist >= 8).mean()),
+        "median": float(np.median(dist)),
+        "mean_dx": float(near[:, 0].mean()) if len(near) else nan,
+        "mean_dy": float(near[:, 1].mean()) if len(near) else nan,
+        "rms": float(np.sqrt((near**2).sum(axis=1).mean())) if len(near) else nan,
     }
 
 
