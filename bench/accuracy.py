@@ -35,6 +35,7 @@ import hashlib
 import logging
 import math
 import multiprocessing
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -300,9 +301,21 @@ def run_arms(bench_args: dict[str, Any], arms: dict[str, Arm], *, jobs: int, thr
         try:
             _schedule(pool, bench_args, arms, results, take)
         except BaseException:
-            pool.shutdown(cancel_futures=True)  # a failed stage stops the bench now, not after the queued ones
+            stop(pool)  # a failed stage or a kill stops the bench now, not after the running and queued ones
             raise
     return results, seconds
+
+
+def stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued stages and terminate the running ones (each resumes from its last epoch or shard
+    when the bench is run again): a killed bench leaves no worker training on."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run_arms, which stops the workers
 
 
 def _label(cfg: LabelConfig, folder: Path) -> None:
@@ -401,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         wanted = set(args.only.split(","))
         arms = {k: v for k, v in arms.items() if k in wanted}
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     results, seconds = run_arms(bench_args, arms, jobs=args.jobs, threads=args.threads)
     results["supervised"]["train_seconds"] = read_json(work / "supervised" / "timings.json").get("train_s")
     results = {"supervised": results.pop("supervised"), **results}

@@ -157,3 +157,24 @@ def test_true_keypoints_replace_the_keypoints_of_matched_pseudo_objects_only(tmp
     assert [a["keypoints"] for a in anns] == [[12, 13, 2, 0, 0, 0], [65, 65, 2, 70, 70, 0]]
     assert [a["num_keypoints"] for a in anns] == [1, 1] and [a["bbox"] for a in anns] == [
         p["bbox"] for p in pseudo["annotations"]]  # fmt: skip
+
+
+def test_stopping_the_bench_terminates_the_running_stages() -> None:
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    bench = _bench()
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+    running = pool.submit(time.sleep, 60)
+    queued = pool.submit(time.sleep, 60)
+    deadline = time.time() + 10
+    while not running.running() and time.time() < deadline:
+        time.sleep(0.05)
+    processes = list(pool._processes.values())
+    assert processes and all(p.is_alive() for p in processes)
+    bench.stop(pool)
+    for p in processes:
+        p.join(5)
+    assert not any(p.is_alive() for p in processes)
+    assert queued.cancelled() or queued.exception(timeout=10) is not None  # never runs
