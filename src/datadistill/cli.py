@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", choices=("boxes", "keypoints"), default="boxes", help="boxes (shapes) or keypoints (figures)"
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder (runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a smoke run of about 2 minutes")
+    p.add_argument("--quick", action="store_true", help="a smoke run of under a minute (its numbers mean nothing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training (0)")
     p.add_argument("--threads", type=_positive_int, default=2, metavar="N", help="torch threads (2)")
     return parser
