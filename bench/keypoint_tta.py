@@ -30,7 +30,7 @@ from datadistill import models
 from datadistill.coco import CocoDataset, load_coco
 from datadistill.evaluate import evaluate_predictions
 from datadistill.images import read_image
-from datadistill.label import label_images
+from datadistill.label import label_images, view_heatmaps
 from datadistill.types import Detections
 from datadistill.views import DEFAULT_SCALES, View, views_for_scales
 
@@ -45,22 +45,17 @@ def heatmap_sums(
     views: tuple[View, ...],
 ) -> dict[str, list[Tensor | None]]:
     """Per image, the sum over ``views`` of the heatmap logits (``logit``) and of their spatial softmax
-    (``prob``) on the boxes of ``dets``, mapped back to the original frame."""
+    (``prob``) on the boxes of ``dets``, in the original frame (:func:`datadistill.label.view_heatmaps`)."""
     sums: dict[str, list[Tensor | None]] = {"logit": [None] * len(images), "prob": [None] * len(images)}
-    todo = [i for i, d in enumerate(dets) if len(d)]
     for view in views:
-        for start in range(0, len(todo), 16):
-            batch = todo[start : start + 16]
-            prepared = [view.prepare(images[i]) for i in batch]
-            boxes = [view.forward_boxes(dets[i].boxes, width=images[i].shape[-1]) for i in batch]
-            with models.input_size(model, *view.input_size(meta.min_size, meta.max_size)):
-                heats = models.keypoint_heatmaps(model, prepared, boxes)
-            for i, h in zip(batch, heats, strict=True):
-                h = view.invert_heatmaps(h, flip_index=meta.flip_index)
+        for start in range(0, len(images), 16):
+            batch = range(start, min(start + 16, len(images)))
+            heats = view_heatmaps(model, meta, [images[i] for i in batch], [dets[i] for i in batch], view)
+            for j, h in heats.items():
                 p = torch.softmax(h.flatten(2), -1).reshape(h.shape)
                 for mode, x in (("logit", h), ("prob", p)):
-                    prev = sums[mode][i]
-                    sums[mode][i] = x if prev is None else prev + x
+                    prev = sums[mode][start + j]
+                    sums[mode][start + j] = x if prev is None else prev + x
     return sums
 
 

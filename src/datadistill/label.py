@@ -296,6 +296,22 @@ def label_images(
     return fused
 
 
+def view_heatmaps(
+    model: torch.nn.Module, meta: models.ModelMeta, images: list[torch.Tensor], dets: list[Detections], view: View
+) -> dict[int, torch.Tensor]:
+    """The keypoint head's heatmap logits ``[N, K, M, M]`` on the boxes of ``dets`` under ``view``, back in
+    the original frame (mirrored, left/right channels swapped on a flip), for every image ``i`` with boxes;
+    one batch for all images."""
+    todo = [i for i, d in enumerate(dets) if len(d)]
+    if not todo:
+        return {}
+    prepared = [view.prepare(images[i]) for i in todo]
+    boxes = [view.forward_boxes(dets[i].boxes, width=images[i].shape[-1]) for i in todo]
+    with models.input_size(model, *view.input_size(meta.min_size, meta.max_size)):
+        heats = models.keypoint_heatmaps(model, prepared, boxes)
+    return {i: view.invert_heatmaps(h.cpu(), flip_index=meta.flip_index) for i, h in zip(todo, heats, strict=True)}
+
+
 def _fuse_heatmaps(
     model: torch.nn.Module,
     meta: models.ModelMeta,
@@ -305,27 +321,19 @@ def _fuse_heatmaps(
     timer: _Timer,
 ) -> list[Detections]:
     """The paper's keypoint fusion: the keypoint head runs on the fused boxes under every view (one batch
-    per view); heatmaps are mapped back (mirrored, left/right channels swapped on a flip), averaged, then
-    decoded in the original frame."""
-    todo = [i for i, d in enumerate(dets) if len(d)]
-    if not todo:
-        return dets
+    per view); heatmaps are mapped back, averaged, then decoded in the original frame."""
     totals: dict[int, torch.Tensor] = {}
     for view in views:
-        prepared = [view.prepare(images[i]) for i in todo]
-        boxes = [view.forward_boxes(dets[i].boxes, width=images[i].shape[-1]) for i in todo]
         t0 = time.perf_counter()
-        with models.input_size(model, *view.input_size(meta.min_size, meta.max_size)):
-            heats = models.keypoint_heatmaps(model, prepared, boxes)
+        heats = view_heatmaps(model, meta, images, dets, view)
         timer.model_s += time.perf_counter() - t0
-        for i, heat in zip(todo, heats, strict=True):
-            heat = view.invert_heatmaps(heat.cpu(), flip_index=meta.flip_index)
+        for i, heat in heats.items():
             totals[i] = heat if i not in totals else totals[i] + heat
     out = list(dets)
-    for i in todo:
+    for i, total in totals.items():
         d, image = dets[i], images[i]
         keypoints = models.heatmaps_to_keypoints(
-            totals[i] / len(views), d.boxes, model=model, image_size=(image.shape[-2], image.shape[-1])
+            total / len(views), d.boxes, model=model, image_size=(image.shape[-2], image.shape[-1])
         )
         out[i] = Detections(boxes=d.boxes, scores=d.scores, labels=d.labels, keypoints=keypoints, agreement=d.agreement)
     return out
