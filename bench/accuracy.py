@@ -47,16 +47,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from datadistill import models
-from datadistill.coco import CocoDataset, load_coco, read_json
+from datadistill.core.views import parse_views
+from datadistill.data.coco import CocoDataset, load_coco, read_json
 from datadistill.demo import DemoPlan, make_demo_data
-from datadistill.evaluate import write_metrics
-from datadistill.io import provenance, write_json_atomic
-from datadistill.label import LabelConfig, label
-from datadistill.pseudo import SelectConfig, select_pseudo_labels
-from datadistill.quality import match_objects, match_pseudo_labels
-from datadistill.train import TrainConfig, evaluate_model, train
-from datadistill.views import parse_views
+from datadistill.models.detector import load_detector
+from datadistill.runtime.io import provenance, write_json_atomic
+from datadistill.stages.evaluate import evaluate_model, write_metrics
+from datadistill.stages.label import LabelConfig, label
+from datadistill.stages.quality import match_objects, match_pseudo_labels
+from datadistill.stages.select import SelectConfig, select_pseudo_labels
+from datadistill.stages.train import TrainConfig, train
 
 log = logging.getLogger("bench.accuracy")
 
@@ -172,8 +172,8 @@ class Bench:
     def _metrics(self, checkpoint: Path) -> dict[str, Any]:
         path = checkpoint.parent / "val_metrics.json"
         if not path.exists():
-            model, _, _ = models.load_checkpoint(checkpoint, device=torch.device("cpu"))
-            write_metrics(path, evaluate_model(model, self.val, self.data.val_images, device=torch.device("cpu"),
+            detector = load_detector(str(checkpoint), device="cpu")
+            write_metrics(path, evaluate_model(detector, self.val, self.data.val_images, device=torch.device("cpu"),
                                                batch_size=8))  # fmt: skip
         return read_json(path)
 

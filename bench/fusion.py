@@ -16,7 +16,7 @@ import ensemble_boxes
 import numpy as np
 import torch
 
-from datadistill import fusion
+from datadistill.core import fusion
 
 
 def make_views(

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datadistill.coco import load_coco
-from datadistill.quality import keypoint_errors, match_pseudo_labels
+from datadistill.data.coco import load_coco
+from datadistill.stages.quality import keypoint_errors, match_pseudo_labels
 
 
 def summarize(errors: np.ndarray) -> dict[str, float]:

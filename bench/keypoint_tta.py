@@ -26,31 +26,30 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from datadistill import models
-from datadistill.coco import CocoDataset, load_coco
-from datadistill.evaluate import evaluate_predictions
-from datadistill.images import read_image
-from datadistill.label import label_images, view_heatmaps
-from datadistill.types import Detections
-from datadistill.views import DEFAULT_SCALES, View, views_for_scales
+from datadistill.core.types import Detections
+from datadistill.core.views import DEFAULT_SCALES, View, views_for_scales
+from datadistill.data.coco import CocoDataset, load_coco
+from datadistill.data.images import read_image
+from datadistill.models.detector import Detector, load_detector
+from datadistill.stages.evaluate import evaluate_predictions
+from datadistill.stages.multiview import label_images, view_heatmaps
 
 WIDE_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 
 def heatmap_sums(
-    model: torch.nn.Module,
-    meta: models.ModelMeta,
+    detector: Detector,
     images: list[Tensor],
     dets: list[Detections],
     views: tuple[View, ...],
 ) -> dict[str, list[Tensor | None]]:
     """Per image, the sum over ``views`` of the heatmap logits (``logit``) and of their spatial softmax
-    (``prob``) on the boxes of ``dets``, in the original frame (:func:`datadistill.label.view_heatmaps`)."""
+    (``prob``) on the boxes of ``dets``, in the original frame (:func:`datadistill.stages.multiview.view_heatmaps`)."""
     sums: dict[str, list[Tensor | None]] = {"logit": [None] * len(images), "prob": [None] * len(images)}
     for view in views:
         for start in range(0, len(images), 16):
             batch = range(start, min(start + 16, len(images)))
-            heats = view_heatmaps(model, meta, [images[i] for i in batch], [dets[i] for i in batch], view)
+            heats = view_heatmaps(detector, [images[i] for i in batch], [dets[i] for i in batch], view)
             for j, h in heats.items():
                 p = torch.softmax(h.flatten(2), -1).reshape(h.shape)
                 for mode, x in (("logit", h), ("prob", p)):
@@ -59,7 +58,7 @@ def heatmap_sums(
     return sums
 
 
-def decode(model: torch.nn.Module, images: list[Tensor], dets: list[Detections], sums: list[Tensor | None],
+def decode(detector: Detector, images: list[Tensor], dets: list[Detections], sums: list[Tensor | None],
            *, probabilities: bool) -> list[Detections]:  # fmt: skip
     """``dets`` with the keypoints decoded from the summed heatmaps (log of the mean probability, or the
     mean logit: the argmax does not depend on the number of views)."""
@@ -69,7 +68,7 @@ def decode(model: torch.nn.Module, images: list[Tensor], dets: list[Detections],
             out.append(d)
             continue
         heat = total.clamp_min(1e-12).log() if probabilities else total
-        kp = models.heatmaps_to_keypoints(heat, d.boxes, model=model, image_size=tuple(image.shape[-2:]))
+        kp = detector.keypoints_from_heatmaps(heat, d.boxes, image_size=(image.shape[-2], image.shape[-1]))
         out.append(Detections(boxes=d.boxes, scores=d.scores, labels=d.labels, keypoints=kp))
     return out
 
@@ -88,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: not found (not a finished bench/accuracy.py --task keypoints work folder)", file=sys.stderr)
             return 2
     torch.set_num_threads(args.threads)
-    model, meta, _ = models.load_checkpoint(checkpoint, device=torch.device("cpu"))
-    model.eval()
+    detector = load_detector(str(checkpoint), device="cpu")
+    meta = detector.meta
     if meta.task != "keypoints":
         print(f"{checkpoint}: a {meta.task} model, not a keypoint one", file=sys.stderr)
         return 2
@@ -105,21 +104,25 @@ def main(argv: list[str] | None = None) -> int:
     def run(views: tuple[View, ...], keypoint_fuse: str) -> list[Detections]:
         out: list[Detections] = []
         for start in range(0, len(images), 16):
-            out += label_images(model, meta, images[start : start + 16], views=views, keypoint_fuse=keypoint_fuse)
+            out += label_images(detector, images[start : start + 16], views=views, keypoint_fuse=keypoint_fuse)
         return out
 
     default, wide = views_for_scales(DEFAULT_SCALES), views_for_scales(WIDE_SCALES)
     single = run((View(),), "mean")  # one view: its own keypoints
-    flip_sums = heatmap_sums(model, meta, images, single, views_for_scales((1.0,)))
-    identity_boxes = heatmap_sums(model, meta, images, single, default)
+    flip_sums = heatmap_sums(detector, images, single, views_for_scales((1.0,)))
+    identity_boxes = heatmap_sums(detector, images, single, default)
     fused = run(default, "mean")
-    default_sums = heatmap_sums(model, meta, images, fused, default)
+    default_sums = heatmap_sums(detector, images, fused, default)
+
+    def decoded(dets: list[Detections], sums: list[Tensor | None], *, probabilities: bool) -> dict[str, float]:
+        return score(decode(detector, images, dets, sums, probabilities=probabilities))
+
     results = {
         "identity": score(single),
-        "flip, identity boxes": score(decode(model, images, single, flip_sums["logit"], probabilities=False)),
-        "default, identity boxes": score(decode(model, images, single, identity_boxes["logit"], probabilities=False)),
-        "default": score(decode(model, images, fused, default_sums["logit"], probabilities=False)),
-        "default, heatmap probabilities": score(decode(model, images, fused, default_sums["prob"], probabilities=True)),
+        "flip, identity boxes": decoded(single, flip_sums["logit"], probabilities=False),
+        "default, identity boxes": decoded(single, identity_boxes["logit"], probabilities=False),
+        "default": decoded(fused, default_sums["logit"], probabilities=False),
+        "default, heatmap probabilities": decoded(fused, default_sums["prob"], probabilities=True),
         "default, --keypoint-fuse mean": score(fused),
         "wide": score(run(wide, "heatmap")),
     }  # fmt: skip

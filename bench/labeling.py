@@ -25,8 +25,8 @@ from pathlib import Path
 
 
 def _teacher(work: Path, size: int) -> Path:
-    from datadistill.synth import make_shapes
-    from datadistill.train import TrainConfig, train
+    from datadistill.data.synth import make_shapes
+    from datadistill.stages.train import TrainConfig, train
 
     data = make_shapes(work / "teacher_data", num_images=200, seed=11, size_px=size)
     out = train(TrainConfig(data=str(data), images=str(data.parent / "images"), out=str(work / "teacher"),
@@ -35,7 +35,7 @@ def _teacher(work: Path, size: int) -> Path:
 
 
 def _images(work: Path, count: int, size: int) -> Path:
-    from datadistill.synth import make_shapes
+    from datadistill.data.synth import make_shapes
 
     folder = work / f"images_{count}"
     if not (folder / "annotations.json").exists():

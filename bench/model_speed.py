@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from datadistill.models import MODELS, ModelMeta, build_model, losses, predict
+from datadistill.models.torchvision import MODELS, ModelMeta, build_model, losses, predict
 
 NUM_KEYPOINTS = 5
 

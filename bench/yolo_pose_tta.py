@@ -49,7 +49,7 @@ TUNE_GRID = [  # (views, fuse, iou_thr); 0.7 is Ultralytics' own NMS IoU within 
 
 
 def _data(out: Path, split: str, count: int, size: int) -> Path:
-    from datadistill.synth import make_figures
+    from datadistill.data.synth import make_figures
 
     folder = out / "data" / split
     if not (folder / "annotations.json").exists():
@@ -58,7 +58,7 @@ def _data(out: Path, split: str, count: int, size: int) -> Path:
 
 
 def _teacher(out: Path, train_json: Path, args: argparse.Namespace) -> tuple[Path, float]:
-    from datadistill.train import TrainConfig, train
+    from datadistill.stages.train import TrainConfig, train
 
     weights = out / "teacher" / "yolo.pt"
     if weights.exists():
@@ -73,7 +73,7 @@ def _teacher(out: Path, train_json: Path, args: argparse.Namespace) -> tuple[Pat
 
 
 def _images(gt: Any, root: Path) -> tuple[list[int], list[torch.Tensor]]:
-    from datadistill.images import read_image, resolve_image_path
+    from datadistill.data.images import read_image, resolve_image_path
 
     ids = [im.id for im in gt.images]
     images = [read_image(resolve_image_path(root, im.file_name)).float().div_(255) for im in gt.images]
@@ -81,7 +81,7 @@ def _images(gt: Any, root: Path) -> tuple[list[int], list[torch.Tensor]]:
 
 
 def _predict_arm(model: Any, gt: Any, root: Path, *, augment: bool, batch: int) -> tuple[dict[str, Any], float]:
-    from datadistill.evaluate import evaluate_predictions
+    from datadistill.stages.evaluate import evaluate_predictions
 
     ids, images = _images(gt, root)
     t0 = time.perf_counter()
@@ -96,9 +96,9 @@ def _predict_arm(model: Any, gt: Any, root: Path, *, augment: bool, batch: int) 
 def _views_arm(
     weights: Path, gt_json: Path, out: Path, *, views: str, fuse: str, iou_thr: float, args: argparse.Namespace
 ) -> tuple[dict[str, Any], float]:
-    from datadistill.coco import load_coco
-    from datadistill.evaluate import evaluate_predictions
-    from datadistill.label import LabelConfig, label, read_shards, shard_detections
+    from datadistill.data.coco import load_coco
+    from datadistill.stages.evaluate import evaluate_predictions
+    from datadistill.stages.label import LabelConfig, label, read_shards, shard_detections
 
     gt = load_coco(gt_json)
     cfg = LabelConfig(
@@ -156,8 +156,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    from datadistill import ultralytics_backend as ub
-    from datadistill.coco import load_coco
+    from datadistill.data.coco import load_coco
+    from datadistill.models import ultralytics as ub
 
     args.out.mkdir(parents=True, exist_ok=True)
     train_json = _data(args.out, "train", args.train_images, args.size)

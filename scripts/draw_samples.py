@@ -23,9 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from datadistill.coco import CocoDataset, load_coco  # noqa: E402
-from datadistill.images import read_image, resolve_image_path  # noqa: E402
-from datadistill.synth import make_figures, make_shapes  # noqa: E402
+from datadistill.data.coco import CocoDataset, load_coco  # noqa: E402
+from datadistill.data.images import read_image, resolve_image_path  # noqa: E402
+from datadistill.data.synth import make_figures, make_shapes  # noqa: E402
 
 LEFT, RIGHT, CENTRE = "red", "blue", "yellow"
 

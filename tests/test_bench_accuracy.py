@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from datadistill.views import parse_views
+from datadistill.core.views import parse_views
 
 
 def _bench() -> ModuleType:
@@ -133,7 +133,7 @@ def test_a_failed_stage_cancels_the_queued_ones(monkeypatch: pytest.MonkeyPatch)
 def test_true_keypoints_replace_the_keypoints_of_matched_pseudo_objects_only(tmp_path: Path) -> None:
     import json
 
-    from datadistill.coco import load_coco
+    from datadistill.data.coco import load_coco
 
     bench = _bench()
     cats = [{"id": 1, "name": "fig", "keypoints": ["a", "b"]}]

@@ -12,9 +12,9 @@ from types import ModuleType
 import pytest
 import torch
 
-from datadistill import models
-from datadistill.coco import load_coco
-from datadistill.synth import make_figures
+from datadistill.data.coco import load_coco
+from datadistill.data.synth import make_figures
+from datadistill.models import torchvision as models
 
 
 def _script() -> ModuleType:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from datadistill.cli import main
-from datadistill.coco import (
+from datadistill.data.coco import (
     COCO_PERSON_KEYPOINTS,
     COCO_PERSON_SIGMAS,
     derive_flip_index,
@@ -22,8 +22,8 @@ from datadistill.coco import (
     to_coco_dict,
     validate_coco,
 )
+from datadistill.data.images import read_image, resolve_image_path
 from datadistill.errors import DataError
-from datadistill.images import read_image, resolve_image_path
 
 KP_NAMES = ["head", "left_hand", "right_hand", "left_foot", "right_foot"]
 
@@ -279,7 +279,7 @@ def test_write_read_round_trip(dataset_dir: Path) -> None:
 
 
 def test_real_coco_fixtures_load() -> None:
-    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cocoapi"
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "cocoapi"
     ds = load_coco(fixtures / "instances_val2014_100.json")
     assert (len(ds.images), ds.num_annotations, ds.num_classes) == (100, 839, 80)
     kp = load_coco(fixtures / "keypoints_gt.json")

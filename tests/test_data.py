@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datadistill.coco import load_coco, parse_coco
-from datadistill.data import (
+from datadistill.data.coco import load_coco, parse_coco
+from datadistill.data.dataset import (
     Augmentation,
     DetectionDataset,
     MixedBatchSampler,

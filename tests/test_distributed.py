@@ -22,11 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
-from datadistill import models
-from datadistill.distributed import Launch, launch_from_env, rank_device
+from datadistill.data.synth import make_shapes
 from datadistill.errors import UserError
-from datadistill.label import LabelConfig, label, plan_batches
-from datadistill.synth import make_shapes
+from datadistill.models import torchvision as models
+from datadistill.runtime.distributed import Launch, launch_from_env, rank_device
+from datadistill.stages.label import LabelConfig, label
+from datadistill.stages.shards import plan_batches
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process groups and SIGKILL semantics")
 
@@ -169,7 +170,7 @@ def _train_args(shapes: Path, out: Path) -> list[str]:
 _STOP_AFTER_EPOCH_1 = """
 import sys, time
 from pathlib import Path
-from datadistill import models
+from datadistill.models import torchvision as models
 
 save = models.save_checkpoint
 
@@ -286,7 +287,7 @@ _SLOW_LABEL = """
 import sys, time
 
 def slow_down():
-    from datadistill import models
+    from datadistill.models import torchvision as models
     predict = models.predict
     models.predict = lambda model, images: (time.sleep(0.2), predict(model, images))[1]
 

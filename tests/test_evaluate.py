@@ -18,9 +18,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from datadistill.coco import CocoDataset, ImageLabels, load_coco, parse_coco, to_coco_dict
+from datadistill.core.types import Detections
+from datadistill.data.coco import CocoDataset, ImageLabels, load_coco, parse_coco, to_coco_dict
 from datadistill.errors import DataError, UserError
-from datadistill.evaluate import (
+from datadistill.stages.evaluate import (
     BBOX_KEYS,
     KEYPOINT_KEYS,
     evaluate_predictions,
@@ -30,9 +31,8 @@ from datadistill.evaluate import (
     results_from_predictions,
     write_metrics,
 )
-from datadistill.types import Detections
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cocoapi"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cocoapi"
 BOX_GT = FIXTURES / "instances_val2014_100.json"
 BOX_DT = FIXTURES / "instances_val2014_fakebbox100_results.json"
 KP_GT = FIXTURES / "keypoints_gt.json"
@@ -336,7 +336,7 @@ def test_pseudo_label_file_matched_by_file_name_gives_the_same_numbers(
     results = _read(BOX_DT)
     path = tmp_path / "pseudo.json"
     path.write_text(json.dumps(_pseudo_label_file(BOX_GT, results, cat_offset=cat_offset)))
-    with caplog.at_level(logging.WARNING, logger="datadistill.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="datadistill.stages.evaluate"):
         loaded = load_predictions(path, gt)
     assert "1 of 101 images are not in the ground truth" in caplog.text
     assert sorted(map(json.dumps, loaded)) == sorted(map(json.dumps, results))

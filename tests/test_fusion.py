@@ -15,8 +15,8 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datadistill import fusion
-from datadistill.types import Detections
+from datadistill.core import fusion
+from datadistill.core.types import Detections
 
 Lists = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]
 

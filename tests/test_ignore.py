@@ -12,10 +12,11 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from datadistill import ignore, models
-from datadistill.coco import Category, CocoDataset, ImageLabels, ImageRecord
-from datadistill.data import DetectionDataset
-from datadistill.models import MODELS, ModelMeta
+from datadistill.data.coco import Category, CocoDataset, ImageLabels, ImageRecord
+from datadistill.data.dataset import DetectionDataset
+from datadistill.models import ignore
+from datadistill.models import torchvision as models
+from datadistill.models.torchvision import MODELS, ModelMeta
 
 NUM_CLASSES = 3
 

@@ -15,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from datadistill import label as label_mod
-from datadistill import models
-from datadistill.coco import load_coco
+from datadistill.core.types import Detections
+from datadistill.core.views import parse_views
+from datadistill.data.coco import load_coco
 from datadistill.errors import UserError
-from datadistill.label import LabelConfig, label, label_images, list_source, read_shards, shard_detections
-from datadistill.types import Detections
-from datadistill.views import parse_views
+from datadistill.models import torchvision as models
+from datadistill.stages import label as label_mod
+from datadistill.stages.label import LabelConfig, label, list_source, read_shards, shard_detections
+from datadistill.stages.multiview import label_images
 
 FLIP = (0, 2, 1, 4, 3)  # head, left_hand, right_hand, left_foot, right_foot
 
@@ -80,8 +81,12 @@ def test_symmetric_image_gives_the_same_output_with_and_without_the_flip_view(mo
     img = _symmetric_figure()
     assert torch.equal(img, img.flip(-1))
     kw = {"fuse": "wbf", "keypoint_fuse": "mean", "iou_thr": 0.5, "score_floor": 0.05}
-    (alone,) = label_images(torch.nn.Identity(), meta, [img], views=parse_views("identity"), **kw)
-    (both,) = label_images(torch.nn.Identity(), meta, [img], views=parse_views("identity,hflip"), **kw)
+    (alone,) = label_images(
+        models.TorchvisionDetector(torch.nn.Identity(), meta), [img], views=parse_views("identity"), **kw
+    )
+    (both,) = label_images(
+        models.TorchvisionDetector(torch.nn.Identity(), meta), [img], views=parse_views("identity,hflip"), **kw
+    )
     torch.testing.assert_close(both.boxes, alone.boxes)
     torch.testing.assert_close(both.keypoints, alone.keypoints)
     assert both.agreement.tolist() == [2] and alone.agreement.tolist() == [1]
@@ -96,7 +101,10 @@ def test_flip_without_swap_would_be_caught(monkeypatch: pytest.MonkeyPatch) -> N
     wrong = models.ModelMeta(**{**meta.__dict__, "flip_index": (0, 1, 2, 3, 4)})
     kw = {"fuse": "wbf", "keypoint_fuse": "mean", "iou_thr": 0.5, "score_floor": 0.05}
     (fused,) = label_images(
-        torch.nn.Identity(), wrong, [_symmetric_figure()], views=parse_views("identity,hflip"), **kw
+        models.TorchvisionDetector(torch.nn.Identity(), wrong),
+        [_symmetric_figure()],
+        views=parse_views("identity,hflip"),
+        **kw,
     )
     assert abs(float(fused.keypoints[0, 1, 0]) - float(fused.keypoints[0, 2, 0])) < 1.0
 
@@ -116,8 +124,12 @@ def test_asymmetric_scene_maps_back_to_the_same_place(monkeypatch: pytest.Monkey
     img = _symmetric_figure(width=80, centre=22.0)
     meta = _meta("keypoints", 5)
     kw = {"fuse": "nms", "keypoint_fuse": "mean", "iou_thr": 0.5, "score_floor": 0.05}
-    (alone,) = label_images(torch.nn.Identity(), meta, [img], views=parse_views("identity"), **kw)
-    (both,) = label_images(torch.nn.Identity(), meta, [img], views=parse_views("identity,hflip"), **kw)
+    (alone,) = label_images(
+        models.TorchvisionDetector(torch.nn.Identity(), meta), [img], views=parse_views("identity"), **kw
+    )
+    (both,) = label_images(
+        models.TorchvisionDetector(torch.nn.Identity(), meta), [img], views=parse_views("identity,hflip"), **kw
+    )
     torch.testing.assert_close(both.boxes, alone.boxes)
     torch.testing.assert_close(both.keypoints, alone.keypoints)
 
@@ -232,8 +244,8 @@ def test_heatmap_fusion_of_one_view_gives_the_model_keypoints(tmp_path: Path) ->
     model.roi_heads.score_thresh = 0.0
     img = torch.rand(3, 80, 96)
     (pred,) = models.predict(model, [img])
-    (fused,) = label_images(model, meta, [img], views=parse_views("identity"), fuse="nms", keypoint_fuse="heatmap",
-                            iou_thr=0.999, score_floor=0.0)  # fmt: skip
+    (fused,) = label_images(models.TorchvisionDetector(model, meta), [img], views=parse_views("identity"), fuse="nms",
+                            keypoint_fuse="heatmap", iou_thr=0.999, score_floor=0.0)  # fmt: skip
     order = torch.argsort(pred.scores, descending=True, stable=True)
     assert len(fused) == len(pred) > 0
     torch.testing.assert_close(fused.boxes, pred.boxes[order])
@@ -245,7 +257,7 @@ def _slow_label(args: list[str], out: Path) -> list[str]:
     mid-run."""
     code = (
         "import sys, time\n"
-        "from datadistill import models\n"
+        "from datadistill.models import torchvision as models\n"
         "predict = models.predict\n"
         "models.predict = lambda m, i: (time.sleep(0.05), predict(m, i))[1]\n"
         "from datadistill.cli import main\n"
@@ -282,7 +294,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(checkpoint: Path, tm
 
 
 def test_coco_source_reads_synthetic_data(tmp_path: Path) -> None:
-    from datadistill.synth import make_shapes
+    from datadistill.data.synth import make_shapes
 
     path = make_shapes(tmp_path, num_images=3, seed=0, size_px=64)
     src = list_source(path)

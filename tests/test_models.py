@@ -13,10 +13,10 @@ import pytest
 import torch
 from torchvision.models._api import WeightsEnum
 
-from datadistill import models
-from datadistill.coco import Category, CocoDataset, ImageLabels, ImageRecord
+from datadistill.data.coco import Category, CocoDataset, ImageLabels, ImageRecord
 from datadistill.errors import UserError
-from datadistill.models import MODELS, ModelMeta
+from datadistill.models import torchvision as models
+from datadistill.models.torchvision import MODELS, ModelMeta
 
 SMALL = [name for name, spec in MODELS.items() if not spec.pretrained]
 SMALL_BOXES = [name for name in SMALL if MODELS[name].task == "boxes"]
@@ -385,7 +385,7 @@ def test_init_from_a_state_dict_skips_class_heads(
     torch.save(source.state_dict(), path)
     model = _model(name)
     total = len([k for k in model.state_dict() if not k.endswith("num_batches_tracked")])
-    with caplog.at_level(logging.INFO, logger="datadistill.models"):
+    with caplog.at_level(logging.INFO, logger="datadistill.models.torchvision"):
         report = models.init_weights(model, str(path), meta=meta)
     assert "loaded" in caplog.text
     assert report == models.LoadReport(

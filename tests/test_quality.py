@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datadistill.coco import load_coco
-from datadistill.quality import keypoint_errors, match_pseudo_labels
+from datadistill.data.coco import load_coco
+from datadistill.stages.quality import keypoint_errors, match_pseudo_labels
 
 CATS = [{"id": 1, "name": "a", "keypoints": ["p", "q"]}, {"id": 2, "name": "b", "keypoints": ["p", "q"]}]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from datadistill.coco import load_coco
+from datadistill.data.coco import load_coco
 from datadistill.errors import UserError
-from datadistill.io import write_json_atomic
-from datadistill.label import _schema, _write_shard
-from datadistill.pseudo import SelectConfig, select_pseudo_labels
+from datadistill.runtime.io import write_json_atomic
+from datadistill.stages.select import SelectConfig, select_pseudo_labels
+from datadistill.stages.shards import shard_schema, write_shard
 
 KP = ["head", "left_hand", "right_hand"]
 
@@ -44,7 +44,7 @@ def _shards(folder: Path, rows: list[tuple], *, k: int = 0, names=("a", "b")) ->
         out.append(row)
     out.append({"file_name": "broken.png", "width": 0, "height": 0, "boxes": [], "scores": [], "labels": [],
                 "agreement": [], "error": "empty file", **({"keypoints": []} if k else {})})  # fmt: skip
-    _write_shard(folder / "shards" / "part-00000.parquet", out, _schema(k))
+    write_shard(folder / "shards" / "part-00000.parquet", out, shard_schema(k))
     write_json_atomic(folder / "manifest.json", {"status": "complete", "classes": {"names": list(names)}})
 
 
@@ -145,9 +145,9 @@ def test_errors(tmp_path: Path) -> None:
 
 
 def test_ignore_band_writes_near_misses_as_crowd_regions(tmp_path: Path) -> None:
-    from datadistill.coco import load_coco as load
-    from datadistill.evaluate import load_predictions
-    from datadistill.quality import match_pseudo_labels
+    from datadistill.data.coco import load_coco as load
+    from datadistill.stages.evaluate import load_predictions
+    from datadistill.stages.quality import match_pseudo_labels
 
     _reference(tmp_path / "ref.json", per_image=[[0], [0]])  # 1 object per labeled image
     a, a_again, b, c, d, e = [10, 10, 30, 30], [11, 10, 30, 31], [60, 10, 80, 30], [60, 50, 80, 70], [5, 5, 25, 25], [

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from datadistill.selection import (
+from datadistill.core.selection import (
     count_threshold,
     keypoint_threshold,
     parse_policy,

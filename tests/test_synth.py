@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datadistill.coco import CocoDataset, load_coco, validate_coco
-from datadistill.synth import SHAPE_CLASSES, make_figures, make_shapes
+from datadistill.data.coco import CocoDataset, load_coco, validate_coco
+from datadistill.data.synth import SHAPE_CLASSES, make_figures, make_shapes
 
 MAKERS = {"shapes": make_shapes, "figures": make_figures}
 

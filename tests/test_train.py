@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-from datadistill import models
+from datadistill.data.synth import make_figures, make_shapes
 from datadistill.errors import DataError, UserError
-from datadistill.synth import make_figures, make_shapes
-from datadistill.train import LrSchedule, TrainConfig, default_lr_steps, train
+from datadistill.models import torchvision as models
+from datadistill.stages.train import LrSchedule, TrainConfig, default_lr_steps, train
 
 SIZE_PX = 64
 
@@ -184,8 +184,8 @@ _CHILD = """
 import time
 from pathlib import Path
 
-from datadistill import models
-from datadistill.train import LrSchedule, TrainConfig, default_lr_steps, train
+from datadistill.models import torchvision as models
+from datadistill.stages.train import LrSchedule, TrainConfig, default_lr_steps, train
 
 real_losses, calls = models.losses, 0
 

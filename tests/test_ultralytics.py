@@ -18,14 +18,16 @@ import torch
 import yaml
 from PIL import Image
 
-from datadistill import cli, synth
-from datadistill import ultralytics_backend as ub
-from datadistill.coco import load_coco
+from datadistill import cli
+from datadistill.core.views import View, parse_views
+from datadistill.data import synth
+from datadistill.data.coco import load_coco
 from datadistill.errors import UserError
-from datadistill.label import LabelConfig, label, label_images, read_shards, shard_detections
-from datadistill.pseudo import SelectConfig, select_pseudo_labels
-from datadistill.train import TrainConfig, train
-from datadistill.views import View, parse_views
+from datadistill.models import ultralytics as ub
+from datadistill.stages.label import LabelConfig, label, read_shards, shard_detections
+from datadistill.stages.multiview import label_images
+from datadistill.stages.select import SelectConfig, select_pseudo_labels
+from datadistill.stages.train import TrainConfig, train
 
 HAVE_ULTRALYTICS = importlib.util.find_spec("ultralytics") is not None
 needs_ultralytics = pytest.mark.skipif(not HAVE_ULTRALYTICS, reason="needs the yolo extra (ultralytics)")
@@ -299,7 +301,7 @@ def test_heatmap_fusion_is_refused_for_yolo_in_the_library(pose_teacher: Path, f
     model = ub.load_yolo(f"yolo:{pose_teacher}")
     image = torch.rand(3, IMGSZ, IMGSZ)
     with pytest.raises(ValueError, match="no keypoint heatmaps"):
-        label_images(model, model.meta, [image], views=parse_views("identity"), keypoint_fuse="heatmap")
+        label_images(model, [image], views=parse_views("identity"), keypoint_fuse="heatmap")
 
 
 @pytest.mark.parametrize(
@@ -307,10 +309,10 @@ def test_heatmap_fusion_is_refused_for_yolo_in_the_library(pose_teacher: Path, f
     [
         ({"model": "yolo:yolo11n-pose.yaml"}, "has no trained weights"),
         ({"model": "yolo:missing.pt"}, "never downloaded"),
-        ({"model": "yolo:x.pt", "checkpoint": "c.pt"}, "one of them"),
-        ({}, "one of them"),
-        ({"model": "small_fcos"}, "label takes yolo:PATH.pt"),
-        ({"model": "yolo:x.pt", "engine": "ray"}, "--engine local"),
+        ({"model": "yolo:x.pt", "checkpoint": "c.pt"}, "give the teacher once"),
+        ({}, "give the teacher once"),
+        ({"model": "small_fcos"}, "names an architecture, not a trained model"),
+        ({"model": "yolo:x.pt", "engine": "ray"}, "never downloaded"),  # every engine takes every backend
     ],
 )
 def test_label_model_options_are_checked(kwargs: dict[str, Any], message: str, tmp_path: Path) -> None:
@@ -320,7 +322,91 @@ def test_label_model_options_are_checked(kwargs: dict[str, Any], message: str, t
 
 
 # ----------------------------------------------------------------------------------------------------
+# `run` with a teacher and a student of different libraries
+
+MIXED_RUN = """
+data:
+  train: data/labeled.json
+  train_images: data/images
+  unlabeled: data/unlabeled.json
+  unlabeled_images: data/images
+  val: data/val.json
+  val_images: data/images
+  unlabeled_truth: data/unlabeled_truth.json
+teacher: {model: TEACHER, epochs: 2, batch_size: 4}
+student: {model: STUDENT, epochs: 2, batch_size: 5}
+label: {views: "identity,hflip", shard_size: 4, batch_size: 4, iou_thr: 0.7}
+device: cpu
+threads: 1
+workers: 0
+"""
+
+
+@needs_ultralytics
+@pytest.mark.parametrize(
+    ("teacher", "student"), [("yolo:yolo11n.yaml", "small_fcos"), ("small_fcos", "yolo:yolo11n.yaml")]
+)
+def test_run_takes_a_teacher_and_a_student_of_different_libraries(
+    teacher: str, student: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], network: NetworkAttempts
+) -> None:
+    from datadistill.demo import DemoPlan, make_demo_data
+
+    plan = DemoPlan(labeled=8, unlabeled=12, val=6, size_px=IMGSZ, teacher_epochs=1, student_epochs=1, batch_size=4,
+                    views="identity")  # fmt: skip
+    make_demo_data(tmp_path / "data", task="boxes", plan=plan, seed=3)
+    (tmp_path / "config.yaml").write_text(MIXED_RUN.replace("TEACHER", teacher).replace("STUDENT", student))
+    out = tmp_path / "run"
+    assert cli.main(["run", str(tmp_path / "config.yaml"), "--out", str(out)]) == 0
+    teacher_file = "yolo.pt" if teacher.startswith("yolo:") else "checkpoint.pt"
+    student_file = "yolo.pt" if student.startswith("yolo:") else "checkpoint.pt"
+    assert (out / "teacher" / teacher_file).is_file() and (out / "round-1" / "student" / student_file).is_file()
+    manifest = json.loads((out / "round-1" / "label" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["images"] == 12
+    assert manifest["config"]["checkpoint"].endswith(teacher_file)
+    pseudo = json.loads((out / "round-1" / "select" / "pseudo.json").read_text())
+    assert len(pseudo["images"]) == 12
+    for name in ("teacher/eval/metrics.json", "round-1/student/eval/metrics.json"):
+        metrics = json.loads((out / name).read_text())
+        assert 0.0 <= metrics["bbox"]["AP"] <= 1.0, name
+    assert "Accuracy on the validation set" in (out / "report.html").read_text()
+    printed = capsys.readouterr().out
+    assert "teacher (supervised):" in printed and "student, round 1:" in printed
+    assert network.attempts == []
+
+
+def test_student_init_from_a_teacher_of_another_library_is_refused_before_training(tmp_path: Path) -> None:
+    from datadistill.config import load_run_config
+    from datadistill.run import run
+
+    (tmp_path / "config.yaml").write_text(
+        MIXED_RUN.replace("TEACHER", "yolo:yolo11n.yaml").replace("STUDENT", "small_fcos")
+    )
+    cfg, base = load_run_config(tmp_path / "config.yaml", ["student.init=teacher"])
+    for name in ("labeled", "unlabeled", "val", "unlabeled_truth"):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"{name}.json").write_text("{}")
+    (tmp_path / "data" / "images").mkdir()
+    with pytest.raises(UserError, match="models of different libraries"):
+        run(cfg, base=base, out=tmp_path / "run")
+    assert not (tmp_path / "run" / "teacher").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
 # offline, and without the extra
+
+
+@needs_ultralytics
+def test_a_broken_image_is_a_one_line_error_after_ultralytics_is_imported(tmp_path: Path) -> None:
+    """Ultralytics patches PIL.Image.open to install pi-heif on unknown files; the guard undoes it, so a later
+    stage of the same process (a torchvision student after a YOLO teacher) reports the file, not an import."""
+    from datadistill.data.images import read_image
+    from datadistill.errors import DataError
+
+    ub.import_ultralytics()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match="broken.png"):
+        read_image(broken)
 
 
 @needs_ultralytics

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from datadistill.types import Detections
-from datadistill.views import PAPER_SCALES, View, parse_view, parse_views
+from datadistill.core.types import Detections
+from datadistill.core.views import PAPER_SCALES, View, parse_view, parse_views
 
 FLIP_INDEX = (0, 2, 1, 4, 3)  # head, left_hand, right_hand, left_foot, right_foot
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from datadistill.coco import CocoDataset, load_coco, parse_coco, save_coco
+from datadistill.data.coco import CocoDataset, load_coco, parse_coco, save_coco
+from datadistill.data.yolo_txt import COORD_TOLERANCE, coco_to_yolo, convert, label_path, read_data_yaml, yolo_to_coco
 from datadistill.errors import DataError, UserError
-from datadistill.yolo import COORD_TOLERANCE, coco_to_yolo, convert, label_path, read_data_yaml, yolo_to_coco
 
 KP_NAMES = ["nose", "left_eye", "right_eye", "left_wrist", "right_wrist"]
 KP_SIGMAS = [0.026, 0.025, 0.025, 0.062, 0.0621]
@@ -236,7 +236,7 @@ def test_crowd_is_skipped_with_a_count(tmp_path: Path, caplog: pytest.LogCapture
     raw = _boxes_raw()
     raw["annotations"].append({"id": 6, "image_id": 2, "category_id": 3, "bbox": [1, 1, 9, 9], "iscrowd": 1})
     dataset, root = _make(tmp_path, raw)
-    with caplog.at_level(logging.WARNING, logger="datadistill.yolo"):
+    with caplog.at_level(logging.WARNING, logger="datadistill.data.yolo_txt"):
         coco_to_yolo(dataset, root, tmp_path / "yolo")
     lines = _numbers(tmp_path / "yolo" / "labels" / "sub" / "b.txt")
     assert [int(line[0]) for line in lines] == [2, 0]  # car, dog; the crowd cat is gone
@@ -472,12 +472,13 @@ def test_within_tolerance_is_accepted(tmp_path: Path) -> None:
         ({"train": "images"}, r"data\.yaml: missing key 'names'"),
         ({"train": "images", "names": ["a"], "nc": 2}, r"'nc' is 2 but 'names' lists 1 classes"),
         ({"train": "images", "names": ["a"], "kpt_shape": [3, 4]}, r"'kpt_shape' must be \[K, 2\] or \[K, 3\]"),
+        ({"train": "images", "names": ["a"], "kpt_shape": [10**12, 3]}, r"'kpt_shape' has 1000000000000 keypoints; at most 10000"),
         ({"train": "images", "names": ["a"], "kpt_shape": [3, 3], "flip_idx": [0, 1, 1]}, r"'flip_idx' must be a perm"),
         ({"train": "images", "names": ["a"], "kpt_shape": [3, 3], "flip_idx": [1, 2, 0]}, r"made of swaps"),
         ({"train": ["images", "more"], "names": ["a"]}, r"'train' must be one folder of images"),
         ({"train": "nowhere", "names": ["a"]}, r"'train' folder .*nowhere not found"),
     ],
-    ids=["syntax", "not a mapping", "no names", "nc mismatch", "bad kpt_shape", "flip not a permutation",
+    ids=["syntax", "not a mapping", "no names", "nc mismatch", "bad kpt_shape", "huge kpt_shape", "flip not a permutation",
          "flip a 3-cycle", "list of folders", "missing folder"],
 )  # fmt: skip
 def test_bad_data_yaml(tmp_path: Path, data: dict[str, Any] | str, message: str) -> None:

@@ -32,7 +32,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from datadistill.coco import parse_coco, read_json, validate_coco
+    from datadistill.data.coco import parse_coco, read_json, validate_coco
 
     problems = validate_coco(args.coco, args.images)
     for p in problems:
@@ -54,7 +54,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from datadistill.yolo import convert
+    from datadistill.data.yolo_txt import convert
 
     out = convert(args.src, args.dst, to=args.to, images=args.images)
     print(f"wrote {out}")
@@ -66,7 +66,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from datadistill import synth
+    from datadistill.data import synth
 
     make = {"shapes": synth.make_shapes, "figures": synth.make_figures}[args.kind]
     try:
@@ -84,12 +84,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from datadistill.models import MODELS
+    from datadistill.models.detector import list_models
 
-    width = max(len(n) for n in MODELS)
-    for name, spec in MODELS.items():
-        print(f"{name:<{width}}  {spec.task:<9}  {spec.description}")
-    print(f"{'yolo:PATH_OR_YAML':<{width}}  {'both':<9}  {YOLO_MODEL_HELP}")
+    rows = list_models()
+    width = max(len(name) for name, _, _ in rows)
+    for name, task, description in rows:
+        print(f"{name:<{width}}  {task:<9}  {description}")
     return 0
 
 
@@ -136,11 +136,6 @@ def _config_from_args(cls: type, args: argparse.Namespace, **fixed: typing.Any) 
     return cls(**values)
 
 
-YOLO_MODEL_HELP = (
-    "Ultralytics YOLO detect/pose from a model YAML (yolo11n.yaml, yolo11n-pose.yaml) or a local .pt "
-    "(unpickled: only files you trust); pip install 'datadistill[yolo]' (AGPL-3.0)"
-)
-
 TRAIN_HELP = {
     "data": "COCO json of the labeled images",
     "images": "image root of --data",
@@ -171,60 +166,31 @@ TRAIN_HELP = {
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from datadistill.distributed import launch_from_env
-    from datadistill.train import TrainConfig, train
-    from datadistill.ultralytics_backend import CHECKPOINT_NAME, is_yolo
+    from datadistill.config import TrainConfig
+    from datadistill.models.detector import trained_name
+    from datadistill.runtime.distributed import launch_from_env
+    from datadistill.stages.train import train
 
     out = train(_config_from_args(TrainConfig, args))
     if launch_from_env().is_main:  # under torchrun, rank 0 speaks for all
-        print(f"wrote {out / (CHECKPOINT_NAME if is_yolo(args.model) else 'checkpoint.pt')}")
+        print(f"wrote {out / trained_name(args.model)}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from datadistill.coco import load_coco
-    from datadistill.evaluate import evaluate_results, format_metrics, load_predictions, write_metrics
+    from datadistill.data.coco import load_coco
+    from datadistill.stages.evaluate import evaluate_results, format_metrics, load_predictions, write_metrics
 
-    given = [x for x in (args.checkpoint, args.model, args.predictions) if x is not None]
-    if len(given) != 1:
-        raise UserError(
-            "give one of --checkpoint CKPT --images DIR, --model yolo:PATH.pt --images DIR, --predictions P.json"
-        )
-    if args.model is not None and not args.model.startswith("yolo:"):
-        raise UserError(f"--model {args.model!r}: evaluate takes yolo:PATH.pt; other models with --checkpoint")
-    if args.checkpoint is not None or args.model is not None:
-        option = "--checkpoint" if args.checkpoint is not None else "--model"
+    if args.checkpoint is not None and args.model is not None:
+        raise UserError("give the model once: --model SPEC (--checkpoint is its former name)")
+    spec = args.model if args.model is not None else args.checkpoint
+    if (spec is None) == (args.predictions is None):
+        raise UserError("give one of --model SPEC --images DIR, or --predictions P.json")
+    if spec is not None:
         if args.images is None:
-            raise UserError(f"{option} needs --images DIR (the image root of --data)")
-        import torch
-
-        from datadistill import models
-        from datadistill.train import evaluate_model, resolve_device
-
-        torch.set_num_threads(args.threads) if args.threads else None
-        gt = load_coco(args.data, image_root=args.images)
-        device = resolve_device(args.device)
-        if args.model is not None:
-            from datadistill.ultralytics_backend import load_yolo
-
-            yolo = load_yolo(args.model, device=device)
-            model, meta = yolo, yolo.meta
-        else:
-            model, meta, _ = models.load_checkpoint(args.checkpoint, device=device)
-        if tuple(meta.class_names) != gt.class_names:
-            raise UserError(
-                f"{args.checkpoint or args.model} predicts classes {list(meta.class_names)[:6]} but {args.data} has "
-                f"{list(gt.class_names)[:6]}"
-            )
-        metrics = evaluate_model(
-            model,
-            gt,
-            args.images,
-            device=device,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            evaluator=args.evaluator,
-        )
+            raise UserError(f"{'--model' if args.model is not None else '--checkpoint'} needs --images DIR "
+                            "(the image root of --data)")  # fmt: skip
+        metrics = _evaluate_model(spec, args)
     else:
         gt = load_coco(args.data)
         metrics = evaluate_results(gt, load_predictions(args.predictions, gt), evaluator=args.evaluator)
@@ -234,10 +200,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_model(spec: str, args: argparse.Namespace) -> dict[str, typing.Any]:
+    import torch
+
+    from datadistill.data.coco import load_coco
+    from datadistill.models.detector import load_detector
+    from datadistill.runtime.devices import resolve_device
+    from datadistill.stages.evaluate import evaluate_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gt = load_coco(args.data, image_root=args.images)
+    device = resolve_device(args.device)
+    detector = load_detector(spec, device=device)
+    if tuple(detector.meta.class_names) != gt.class_names:
+        raise UserError(
+            f"{spec} predicts classes {list(detector.meta.class_names)[:6]} but {args.data} has "
+            f"{list(gt.class_names)[:6]}"
+        )
+    return evaluate_model(detector, gt, args.images, device=device, batch_size=args.batch_size, workers=args.workers,
+                          evaluator=args.evaluator)  # fmt: skip
+
+
 LABEL_HELP = {
-    "checkpoint": "the teacher's checkpoint.pt (or give --model)",
-    "model": "yolo:PATH.pt: label with an Ultralytics YOLO model instead of --checkpoint (e.g. OUT/yolo.pt of "
-    "`train --model yolo:...`; unpickled: only files you trust; keypoints fused by mean; use --iou-thr 0.7)",
+    "model": "the teacher: a checkpoint.pt, a training folder (OUT of `datadistill train`), or yolo:PATH.pt (an "
+    "Ultralytics .pt, unpickled: only files you trust; keypoints fused by mean; use --iou-thr 0.7)",
+    "checkpoint": "the former name of --model",
     "images": "unlabeled images: a folder (recursive), a text file of paths, or a COCO json",
     "out": "output folder (shards/part-NNNNN.parquet, manifest.json)",
     "image_root": "root of the paths in a list or COCO json (default: the file's folder, or images/ beside a json)",
@@ -259,13 +247,14 @@ LABEL_HELP = {
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from datadistill.label import LabelConfig, label
+    from datadistill.config import LabelConfig
+    from datadistill.stages.label import label
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     manifest = label(_config_from_args(LabelConfig, args, rank=rank, world_size=world))
     if rank != 0:  # under torchrun, rank 0 speaks for all
         return 0
-    from datadistill.coco import read_json
+    from datadistill.data.coco import read_json
 
     m = read_json(manifest)
     counts = m.get("counts", {})
@@ -297,8 +286,8 @@ SELECT_HELP = {
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from datadistill.coco import read_json
-    from datadistill.pseudo import SelectConfig, select_pseudo_labels
+    from datadistill.data.coco import read_json
+    from datadistill.stages.select import SelectConfig, select_pseudo_labels
 
     out = select_pseudo_labels(_config_from_args(SelectConfig, args))
     sel = read_json(Path(out).parent / "selection.json")
@@ -312,7 +301,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from datadistill.report import write_report
+    from datadistill.stages.report import write_report
 
     print(f"wrote {write_report(args.run_dir)}")
     return 0
@@ -325,7 +314,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from datadistill.demo import format_table, run_demo
 
-    results = run_demo(task=args.task, out=args.out, quick=args.quick, seed=args.seed, threads=args.threads)
+    results = run_demo(task=args.task, out=args.out, quick=args.quick, seed=args.seed, threads=args.threads,
+                       teacher_model=args.model, student_model=args.student_model)  # fmt: skip
     print(format_table(results, args.task))
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.html'}")
     return 0
@@ -333,8 +323,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from datadistill.config import load_run_config
-    from datadistill.evaluate import format_metrics
     from datadistill.run import run
+    from datadistill.stages.evaluate import format_metrics
 
     cfg, base = load_run_config(args.config, list(args.set or []))
     out = args.out or str(Path("runs") / Path(args.config).stem)
@@ -360,7 +350,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "synth": ("make a synthetic data set (shapes: boxes, figures: keypoints)", cmd_synth),
     "models": ("list the available detector models", cmd_models),
     "train": ("train a teacher, or a student with --pseudo", cmd_train),
-    "evaluate": ("COCO AP of a checkpoint or of a predictions file", cmd_evaluate),
+    "evaluate": ("COCO AP of a trained model or of a predictions file", cmd_evaluate),
     "label": ("run the teacher on every view of the unlabeled images and fuse", cmd_label),
     "select": ("choose the score threshold and write the pseudo-labels", cmd_select),
     "report": ("write RUN_DIR/report.html", cmd_report),
@@ -403,9 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("models")
 
-    from datadistill.label import LabelConfig
-    from datadistill.pseudo import SelectConfig
-    from datadistill.train import TrainConfig
+    from datadistill.config import LabelConfig, SelectConfig, TrainConfig
 
     p = add("train")
     _add_config_options(p, TrainConfig, TRAIN_HELP)
@@ -413,11 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate")
     p.add_argument("--data", required=True, metavar="GT.json", help="ground truth COCO json")
     p.add_argument("--out", required=True, metavar="metrics.json", help="where to write the metrics")
-    p.add_argument("--checkpoint", metavar="CKPT", help="evaluate this model on --images")
     p.add_argument(
-        "--model", metavar="yolo:PATH.pt", help="evaluate an Ultralytics YOLO model on --images (not --checkpoint)"
+        "--model",
+        metavar="SPEC",
+        help="evaluate this model on --images: a checkpoint.pt, a training folder, or yolo:PATH.pt",
     )
-    p.add_argument("--images", metavar="DIR", help="image root of --data (with --checkpoint or --model)")
+    p.add_argument("--checkpoint", metavar="SPEC", help="the former name of --model")
+    p.add_argument("--images", metavar="DIR", help="image root of --data (with --model)")
     p.add_argument("--predictions", metavar="P.json", help="a COCO results list, or a pseudo-label COCO json")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per forward pass (8)")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader processes (0)")
@@ -452,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smoke run of under a minute (its numbers mean nothing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training (0)")
     p.add_argument("--threads", type=_positive_int, default=2, metavar="N", help="torch threads (2)")
+    p.add_argument("--model", metavar="MODEL", help="the teacher: a name from `datadistill models` or yolo:YAML "
+                   "(default: the small model of the task)")  # fmt: skip
+    p.add_argument("--student-model", metavar="MODEL", help="the student, if not the teacher's model")
     return parser
 
 

@@ -1,12 +1,15 @@
-"""The ``run`` config: nested frozen dataclasses, read from YAML strictly.
+"""The options of the stages (:class:`TrainConfig`, :class:`LabelConfig`) and of ``run`` (:class:`RunConfig`):
+frozen dataclasses with no heavy imports, so that the command line builds its parser without torch.
 
-Unknown keys and wrong types are one-line errors naming the key (``teacher.epochs: expected an integer,
-got 'ten'``). ``--set key=value`` overrides use the same dotted names; values are parsed as YAML scalars.
+The run config is read from YAML strictly: unknown keys and wrong types are one-line errors naming the
+key (``teacher.epochs: expected an integer, got 'ten'``). ``--set key=value`` overrides use the same dotted
+names; values are parsed as YAML scalars.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +19,186 @@ from typing import Any
 import yaml
 
 from datadistill.errors import UserError
+
+# ----------------------------------------------------------------------------------------------------
+# the train stage's options
+
+# Options that may differ when a run is resumed: they change where and how fast it runs, or what is
+# evaluated, not the weights it ends with.
+RUNTIME_KEYS = frozenset(
+    {"out", "resume", "device", "threads", "workers", "log_every", "eval_every", "val", "val_images"}
+)
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of ``datadistill train``.
+
+    Paths: ``data`` (COCO json) with its image root ``images``; ``out`` the output folder.
+    ``model``: a name of :data:`datadistill.models.torchvision.MODELS`; None picks the default of the data's task;
+    ``yolo:PATH_OR_YAML`` trains an Ultralytics YOLO model (:mod:`datadistill.models.ultralytics`).
+    ``batch_size``: images per step of one process (under torchrun each process takes that many, as in
+    torchvision's references; ``lr`` is not scaled with the number of processes).
+    Optimization: ``optimizer`` ``"adamw"`` or ``"sgd"`` (with ``momentum``); ``lr`` is the peak learning
+    rate (None: :func:`datadistill.stages.train.default_lr`), reached linearly from ``lr * warmup_factor``
+    over ``warmup_iters`` iterations, then multiplied by
+    ``lr_gamma`` at the start of each epoch in ``lr_steps`` (epochs counted from 0; None: at 2/3 and 8/9 of
+    the run, the "1x" schedule's 8 and 11 of 12); ``clip_grad_norm`` None or the max gradient norm.
+    Input: ``min_size``/``max_size`` the model's resize target in px (None: the model's default);
+    augmentation: scale jitter in ``[min_scale, max_scale]`` and horizontal flip with ``flip_prob``.
+    ``init``: None (initial weights), ``"weights:NAME"`` (torchvision weights) or a file (a checkpoint.pt,
+    e.g. the teacher's, or a state dict). ``pseudo``/``pseudo_images``/``pseudo_ratio``: pseudo-labels
+    for a student (the fraction of each minibatch that is pseudo-labeled). ``val``/``val_images``
+    (default: ``images``): evaluated every ``eval_every`` epochs and at the end.
+    ``resume``: continue from ``out/last.pt``. ``device``: ``"auto"`` (cuda if available), ``"cpu"``,
+    ``"cuda"`` or ``"cuda:N"``. ``threads``: torch CPU threads of the training process (0: torch's default,
+    one per core); DataLoader worker processes always run one thread each (torch sets that).
+    ``workers``: DataLoader worker processes (0: load in the training process). ``log_every``: iterations
+    between step lines in metrics.jsonl.
+    """
+
+    data: str
+    images: str
+    out: str
+    model: str | None = None
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float | None = None
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    warmup_iters: int = 200
+    warmup_factor: float = 0.001
+    lr_steps: tuple[int, ...] | None = None
+    lr_gamma: float = 0.1
+    clip_grad_norm: float | None = 10.0
+    min_size: int | None = None
+    max_size: int | None = None
+    min_scale: float = 0.8
+    max_scale: float = 1.25
+    flip_prob: float = 0.5
+    init: str | None = None
+    pseudo: str | None = None
+    pseudo_images: str | None = None
+    pseudo_ratio: float = 0.4
+    val: str | None = None
+    val_images: str | None = None
+    eval_every: int = 1
+    resume: bool = False
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0
+    workers: int = 0
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UserError(message)
+
+        for name in ("epochs", "batch_size", "eval_every", "log_every"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_iters", "threads", "workers"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
+        need(
+            self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
+            f"lr must be a positive number, got {self.lr!r}",
+        )
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(0 < self.warmup_factor <= 1, f"warmup_factor must be in (0, 1], got {self.warmup_factor!r}")
+        need(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
+        need(
+            self.lr_steps is None or all(isinstance(s, int) and s >= 0 for s in self.lr_steps),
+            f"lr_steps must be epoch numbers >= 0, got {self.lr_steps!r}",
+        )
+        need(
+            self.clip_grad_norm is None or self.clip_grad_norm > 0,
+            f"clip_grad_norm must be None or > 0, got {self.clip_grad_norm!r}",
+        )
+        need(
+            0 < self.min_scale <= self.max_scale,
+            f"need 0 < min_scale <= max_scale, got {self.min_scale!r} and {self.max_scale!r}",
+        )
+        need(0 <= self.flip_prob <= 1, f"flip_prob must be in [0, 1], got {self.flip_prob!r}")
+        need(
+            isinstance(self.pseudo_ratio, int | float) and 0 <= self.pseudo_ratio < 1,
+            f"pseudo_ratio must be in [0, 1) (the fraction of each batch that is pseudo-labeled), "
+            f"got {self.pseudo_ratio!r}",
+        )
+        if self.pseudo is not None:
+            need(self.pseudo_images is not None, "--pseudo needs --pseudo-images (the root of its images)")
+            need(self.pseudo_ratio > 0, "--pseudo-ratio 0 would mix no pseudo images: drop --pseudo or raise it")
+        need(
+            self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda",
+            f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the label stage's options
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Every option of ``datadistill label``.
+
+    ``rank``/``world_size``: this process's share under torchrun (the CLI reads them from ``RANK`` and
+    ``WORLD_SIZE``). ``engine``: ``"local"`` (this process, or each torchrun rank) or ``"ray"`` (a Ray
+    Data pipeline; ``ray_address`` joins a running cluster, None starts one on this machine).
+    ``model``: the model spec of the teacher (:func:`datadistill.models.detector.load_detector`: a
+    checkpoint, a training output folder, ``yolo:PATH.pt``); ``checkpoint`` is the same option under its
+    former name. Give one of them.
+    """
+
+    images: str
+    out: str
+    model: str | None = None
+    checkpoint: str | None = None
+    image_root: str | None = None
+    views: str = "default"
+    fuse: str = "nms"
+    keypoint_fuse: str = "heatmap"
+    iou_thr: float = 0.5
+    score_floor: float = 0.05
+    batch_size: int = 8
+    shard_size: int = 1000
+    workers: int = 2
+    threads: int = 1
+    device: str = "auto"
+    overwrite: bool = False
+    rank: int = 0
+    world_size: int = 1
+    engine: str = "local"
+    ray_address: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# the select stage's options
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Every option of ``datadistill select``."""
+
+    labels: str
+    reference: str
+    out: str
+    policy: str = "count"
+    min_agreement: int = 1
+    drop_empty: bool = False
+    keypoint_policy: str = "count"  # "count": match the labeled mean of visible keypoints; "count:F": F times it; "all"
+    ignore_band: float = 0.0  # > 0: candidates scoring in [ignore_band * threshold, threshold) become ignore regions
+    cross_class_iou: float = 0.5  # a kept object overlapping a better one of another class this much: dropped; 0: off
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run config
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from datadistill.coco import CocoDataset, ImageLabels, load_coco, save_coco
 from datadistill.config import DataSection, LabelSection, RunConfig, SelectSection, TrainSection
-from datadistill.io import provenance, write_json_atomic
+from datadistill.data.coco import CocoDataset, ImageLabels, load_coco, save_coco
 from datadistill.layout import RunLayout
+from datadistill.runtime.io import provenance, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _subset(ds: CocoDataset, ids: list[int], *, keep_labels: bool = True) -> Coc
 
 def make_demo_data(out: Path, *, task: str, plan: DemoPlan, seed: int) -> DataSection:
     """Write the synthetic data and its splits under ``out``; idempotent (skips what exists)."""
-    from datadistill import synth
+    from datadistill.data import synth
 
     done = out / "splits.done"
     total = plan.labeled + plan.unlabeled + plan.val
@@ -85,12 +85,23 @@ def make_demo_data(out: Path, *, task: str, plan: DemoPlan, seed: int) -> DataSe
     )
 
 
-def demo_config(task: str, plan: DemoPlan, data: DataSection, *, seed: int, threads: int) -> RunConfig:
-    teacher = TrainSection(epochs=plan.teacher_epochs, batch_size=plan.batch_size)
+def demo_config(
+    task: str,
+    plan: DemoPlan,
+    data: DataSection,
+    *,
+    seed: int,
+    threads: int,
+    teacher_model: str | None = None,
+    student_model: str | None = None,
+) -> RunConfig:
+    """The run config of a demo; the models default to the small ones of the task (any model spec that
+    ``train --model`` takes works, e.g. ``yolo:yolo11n.yaml``)."""
+    teacher = TrainSection(model=teacher_model, epochs=plan.teacher_epochs, batch_size=plan.batch_size)
     return RunConfig(
         data=data,
         teacher=teacher,
-        student=replace(teacher, epochs=plan.student_epochs),
+        student=replace(teacher, model=student_model or teacher_model, epochs=plan.student_epochs),
         label=LabelSection(views=plan.views),
         select=SelectSection(),
         rounds=1,
@@ -104,9 +115,9 @@ def demo_config(task: str, plan: DemoPlan, data: DataSection, *, seed: int, thre
 def pseudo_label_quality(layout: RunLayout, truth_path: str, r: int = 1) -> dict[str, Any]:
     """Precision and recall (IoU 0.5) of the selected pseudo-labels against the held-back labels, and of
     all candidates; also the keypoint AP of the pseudo-labels where there are keypoints."""
-    from datadistill.coco import read_json
-    from datadistill.evaluate import evaluate_results, load_predictions
-    from datadistill.quality import match_pseudo_labels
+    from datadistill.data.coco import read_json
+    from datadistill.stages.evaluate import evaluate_results, load_predictions
+    from datadistill.stages.quality import match_pseudo_labels
 
     truth = load_coco(truth_path)
     pseudo = load_coco(layout.pseudo(r))
@@ -153,12 +164,13 @@ def format_table(results: dict[str, Any], task: str) -> str:
         f"  against the held-back labels (IoU 0.5): precision {100 * p['precision']:.1f}%, "
         f"recall {100 * p['recall']:.1f}%{ap}"
     )
-    lines.append("time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items()))
+    lines.append("time per stage: " + ", ".join(f"{k}: {v:,.0f} s" for k, v in results["seconds"].items()))
     return "\n".join(lines)
 
 
 def run_demo(*, task: str = "boxes", out: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
-             threads: int = 2) -> dict[str, Any]:  # fmt: skip
+             threads: int = 2, teacher_model: str | None = None, student_model: str | None = None,
+             ) -> dict[str, Any]:  # fmt: skip
     """Make the data, run the method, write ``results.json`` and ``report.html``; returns the results."""
     from datadistill.run import run
 
@@ -168,7 +180,8 @@ def run_demo(*, task: str = "boxes", out: str | Path = "runs/demo", quick: bool 
     t0 = time.time()
     data = make_demo_data(out / "data", task=task, plan=plan, seed=seed)
     data_s = round(time.time() - t0, 1)
-    cfg = demo_config(task, plan, data, seed=seed, threads=threads)
+    cfg = demo_config(task, plan, data, seed=seed, threads=threads, teacher_model=teacher_model,
+                      student_model=student_model)  # fmt: skip
     result = run(cfg, base=Path.cwd(), out=out)
     quality = pseudo_label_quality(result.layout, data.unlabeled_truth)
     seconds = {"data": data_s, **result.seconds}

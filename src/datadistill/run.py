@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from datadistill.config import RunConfig, TrainSection, config_to_dict, read_recorded_config
+from datadistill.config import LabelConfig, RunConfig, TrainConfig, TrainSection, config_to_dict, read_recorded_config
 from datadistill.errors import UserError
-from datadistill.io import provenance, write_json_atomic, write_text_atomic
 from datadistill.layout import RunLayout
+from datadistill.runtime.io import provenance, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def _check_data(cfg: RunConfig, base: Path) -> None:
     if cfg.student.init not in (None, "teacher") and not cfg.student.init.startswith("weights:"):
         if not Path(_path(base, cfg.student.init) or "").exists():
             raise UserError(f"student.init: {cfg.student.init} is neither 'teacher', weights:NAME nor a file")
-    from datadistill.pseudo import check_select_options
+    _check_models(cfg)
+    from datadistill.stages.select import check_select_options
 
     try:  # before hours of training, not after
         check_select_options(
@@ -67,8 +69,22 @@ def _check_data(cfg: RunConfig, base: Path) -> None:
         raise UserError(message) from None
 
 
-def _train_config(section: TrainSection, cfg: RunConfig, base: Path, out: Path, **extra: Any) -> Any:
-    from datadistill.train import TrainConfig
+def _check_models(cfg: RunConfig) -> None:
+    """Before hours of training: a student started from the teacher's weights must be of its backend."""
+    from datadistill.models.detector import backend_of
+
+    teacher = cfg.teacher.model or ""
+    student = cfg.student.model or teacher
+    if cfg.student.init == "teacher" and backend_of(teacher) != backend_of(student):
+        raise UserError(
+            f"student.init: teacher starts the student from the teacher's weights, but the teacher "
+            f"({teacher or 'the default model'}) and the student ({student or 'the default model'}) are models of "
+            "different libraries; drop student.init or use one library for both"
+        )
+
+
+def _train_config(section: TrainSection, cfg: RunConfig, base: Path, out: Path, **extra: Any) -> TrainConfig:
+    from datadistill.models.detector import training_started
 
     options: dict[str, Any] = {
         "data": _path(base, cfg.data.train),
@@ -81,7 +97,7 @@ def _train_config(section: TrainSection, cfg: RunConfig, base: Path, out: Path, 
         "device": cfg.device,
         "threads": cfg.threads,
         "workers": cfg.workers,
-        "resume": (out / "last.pt").exists(),
+        "resume": training_started(out),
         # validation AP along the way, for the report's curves (about 5 points per run)
         "val": _path(base, cfg.data.val),
         "val_images": _path(base, cfg.data.val_images) or _path(base, cfg.data.train_images),
@@ -93,24 +109,24 @@ def _train_config(section: TrainSection, cfg: RunConfig, base: Path, out: Path, 
     return TrainConfig(**options)
 
 
-def _evaluate(checkpoint: Path, cfg: RunConfig, base: Path, out: Path) -> dict[str, Any] | None:
-    """Validation metrics of a checkpoint, computed once and kept in ``out``."""
+def _evaluate(model: Path, cfg: RunConfig, base: Path, out: Path) -> dict[str, Any] | None:
+    """Validation metrics of a trained model (a training folder), computed once and kept in ``out``."""
     if cfg.data.val is None:
         return None
-    from datadistill.coco import read_json
+    from datadistill.data.coco import read_json
 
     if out.exists():
         return read_json(out)
-    from datadistill import models
-    from datadistill.coco import load_coco
-    from datadistill.evaluate import write_metrics
-    from datadistill.train import evaluate_model, resolve_device
+    from datadistill.data.coco import load_coco
+    from datadistill.models.detector import load_detector
+    from datadistill.runtime.devices import resolve_device
+    from datadistill.stages.evaluate import evaluate_model, write_metrics
 
     images = _path(base, cfg.data.val_images) or _path(base, cfg.data.train_images)
     gt = load_coco(_path(base, cfg.data.val), image_root=images)
     device = resolve_device(cfg.device)
-    model, _, _ = models.load_checkpoint(checkpoint, device=device)
-    metrics = evaluate_model(model, gt, images, device=device, batch_size=8, workers=cfg.workers)
+    detector = load_detector(str(model), device=device)
+    metrics = evaluate_model(detector, gt, images, device=device, batch_size=8, workers=cfg.workers)
     write_metrics(out, metrics)
     return metrics
 
@@ -146,11 +162,37 @@ def _record_config(layout: RunLayout, cfg: RunConfig, base: Path) -> None:
     write_text_atomic(layout.config, yaml.safe_dump(current, sort_keys=False))
 
 
+@dataclass
+class _Stages:
+    """Runs each stage unless its final file exists, and keeps the seconds each one took."""
+
+    seconds: dict[str, float]
+
+    def run(self, name: str, done: Path, work: Callable[[], Any]) -> None:
+        if done.exists():
+            log.info("%s: done already (%s)", name, done)
+            return
+        log.info("%s ...", name)
+        t0 = time.time()
+        work()
+        self.seconds[name] = round(time.time() - t0, 1)
+        log.info("%s: %.1f s", name, self.seconds[name])
+
+    def evaluate(self, name: str, model: Path, cfg: RunConfig, base: Path, out: Path) -> dict[str, Any] | None:
+        t0 = time.time()
+        metrics = _evaluate(model, cfg, base, out)
+        self.seconds.setdefault(name, round(time.time() - t0, 1))
+        return metrics
+
+
 def run(cfg: RunConfig, *, base: Path, out: str | Path) -> RunResult:
-    """Run (or resume) the whole method. Relative paths in ``cfg`` are resolved against ``base``."""
-    from datadistill.label import LabelConfig
-    from datadistill.pseudo import SelectConfig, select_pseudo_labels
-    from datadistill.train import train
+    """Run (or resume) the whole method. Relative paths in ``cfg`` are resolved against ``base``.
+
+    The teacher and the students may be models of any library (:mod:`datadistill.models.detector`): each
+    stage reaches its model through a training folder, whatever that folder holds."""
+    from datadistill.models.detector import trained_name
+    from datadistill.stages.select import select_pseudo_labels
+    from datadistill.stages.train import train
 
     _check_data(cfg, base)
     layout = RunLayout(Path(out))
@@ -158,90 +200,92 @@ def run(cfg: RunConfig, *, base: Path, out: str | Path) -> RunResult:
     for tmp in layout.root.rglob(".*.tmp"):  # what write_atomic left when an earlier run was killed
         tmp.unlink(missing_ok=True)
     _record_config(layout, cfg, base)
-    seconds: dict[str, float] = {}
-
-    def stage(name: str, done: Path, work: Any) -> None:
-        if done.exists():
-            log.info("%s: done already (%s)", name, done)
-            return
-        log.info("%s ...", name)
-        t0 = time.time()
-        work()
-        seconds[name] = round(time.time() - t0, 1)
-        log.info("%s: %.1f s", name, seconds[name])
-
-    stage(
-        "teacher",
-        layout.teacher / "checkpoint.pt",
-        lambda: train(_train_config(cfg.teacher, cfg, base, layout.teacher)),
-    )
-    t0 = time.time()
-    teacher_metrics = _evaluate(layout.teacher / "checkpoint.pt", cfg, base, layout.teacher_metrics())
-    seconds.setdefault("teacher eval", round(time.time() - t0, 1))
-
-    previous = layout.teacher / "checkpoint.pt"
+    stages = _Stages(seconds={})
+    teacher_model = cfg.teacher.model
+    student_model = cfg.student.model or cfg.teacher.model
+    stages.run("teacher", layout.teacher / trained_name(teacher_model),
+               lambda: train(_train_config(cfg.teacher, cfg, base, layout.teacher)))  # fmt: skip
+    teacher_metrics = stages.evaluate("teacher eval", layout.teacher, cfg, base, layout.teacher_metrics())
+    previous = layout.teacher
     students: list[dict[str, Any] | None] = []
     for r in range(1, cfg.rounds + 1):
-        label_cfg = LabelConfig(
-            checkpoint=str(previous),
-            images=_path(base, cfg.data.unlabeled),
-            image_root=_path(base, cfg.data.unlabeled_images),
-            out=str(layout.label(r)),
-            views=cfg.label.views,
-            fuse=cfg.label.fuse,
-            keypoint_fuse=cfg.label.keypoint_fuse,
-            iou_thr=cfg.label.iou_thr,
-            score_floor=cfg.label.score_floor,
-            batch_size=cfg.label.batch_size,
-            shard_size=cfg.label.shard_size,
-            workers=cfg.workers,
-            threads=max(1, cfg.threads),
-            device=cfg.device,
-        )
-        stage(f"label {r}", layout.label(r) / ".complete", lambda c=label_cfg, r=r: _label_and_mark(c, layout.label(r)))
-        select_cfg = SelectConfig(
-            labels=str(layout.label(r)),
-            reference=_path(base, cfg.data.train),
-            out=str(layout.pseudo(r)),
-            policy=cfg.select.policy,
-            min_agreement=cfg.select.min_agreement,
-            drop_empty=cfg.select.drop_empty,
-            ignore_band=cfg.select.ignore_band,
-            cross_class_iou=cfg.select.cross_class_iou,
-            keypoint_policy=cfg.select.keypoint_policy,
-        )
-        stage(f"select {r}", layout.pseudo(r), lambda c=select_cfg: select_pseudo_labels(c))
-        init = None
-        if cfg.student.init == "teacher":
-            init = str(previous)
-        elif cfg.student.init is not None:
-            init = cfg.student.init if cfg.student.init.startswith("weights:") else _path(base, cfg.student.init)
-        student_cfg = _train_config(
-            replace(cfg.student, model=cfg.student.model or cfg.teacher.model),
-            cfg,
-            base,
-            layout.student(r),
-            pseudo=str(layout.pseudo(r)),
-            pseudo_images=label_root(layout.label(r)),
-            pseudo_ratio=cfg.student.pseudo_ratio,
-            init=init,
-        )
-        stage(f"student {r}", layout.student(r) / "checkpoint.pt", lambda c=student_cfg: train(c))
-        t0 = time.time()
-        students.append(_evaluate(layout.student(r) / "checkpoint.pt", cfg, base, layout.student_metrics(r)))
-        seconds.setdefault(f"student {r} eval", round(time.time() - t0, 1))
-        previous = layout.student(r) / "checkpoint.pt"
+        label_cfg = _label_config(cfg, base, str(previous), layout.label(r))
+        stages.run(f"label {r}", layout.label(r) / ".complete",
+                   lambda c=label_cfg, r=r: _label_and_mark(c, layout.label(r)))  # fmt: skip
+        select_cfg = _select_config(cfg, base, layout, r)
+        stages.run(f"select {r}", layout.pseudo(r), lambda c=select_cfg: select_pseudo_labels(c))
+        student_cfg = _student_config(cfg, base, layout, r, teacher=previous, model=student_model)
+        stages.run(f"student {r}", layout.student(r) / trained_name(student_model), lambda c=student_cfg: train(c))
+        students.append(stages.evaluate(f"student {r} eval", layout.student(r), cfg, base, layout.student_metrics(r)))
+        previous = layout.student(r)
 
+    seconds = stages.seconds
     write_json_atomic(layout.root / "timings.json", {"seconds": seconds, "provenance": provenance()}, indent=2)
-    from datadistill.report import write_report
+    from datadistill.stages.report import write_report
 
     write_report(layout.root)
     return RunResult(layout=layout, teacher=teacher_metrics, students=tuple(students), seconds=seconds)
 
 
+def _label_config(cfg: RunConfig, base: Path, teacher: str, out: Path) -> LabelConfig:
+    """The label stage of a round: ``teacher`` (a training folder) labels the unlabeled images."""
+    return LabelConfig(
+        model=teacher,
+        images=_path(base, cfg.data.unlabeled),  # type: ignore[arg-type]
+        image_root=_path(base, cfg.data.unlabeled_images),
+        out=str(out),
+        views=cfg.label.views,
+        fuse=cfg.label.fuse,
+        keypoint_fuse=cfg.label.keypoint_fuse,
+        iou_thr=cfg.label.iou_thr,
+        score_floor=cfg.label.score_floor,
+        batch_size=cfg.label.batch_size,
+        shard_size=cfg.label.shard_size,
+        workers=cfg.workers,
+        threads=max(1, cfg.threads),
+        device=cfg.device,
+    )
+
+
+def _select_config(cfg: RunConfig, base: Path, layout: RunLayout, r: int) -> Any:
+    from datadistill.stages.select import SelectConfig
+
+    return SelectConfig(
+        labels=str(layout.label(r)),
+        reference=_path(base, cfg.data.train),  # type: ignore[arg-type]
+        out=str(layout.pseudo(r)),
+        policy=cfg.select.policy,
+        min_agreement=cfg.select.min_agreement,
+        drop_empty=cfg.select.drop_empty,
+        ignore_band=cfg.select.ignore_band,
+        cross_class_iou=cfg.select.cross_class_iou,
+        keypoint_policy=cfg.select.keypoint_policy,
+    )
+
+
+def _student_config(
+    cfg: RunConfig, base: Path, layout: RunLayout, r: int, *, teacher: Path, model: str | None
+) -> TrainConfig:
+    """The student of round ``r``: ``model`` on real + pseudo-labels, from its initial weights, the
+    teacher's (a training folder of the same library, checked up front) or the file ``student.init``."""
+    from datadistill.models.detector import model_file, trained_file
+
+    init = None
+    if cfg.student.init == "teacher":
+        spec = trained_file(teacher)
+        assert spec is not None  # the stage before wrote it
+        init = str(model_file(spec))
+    elif cfg.student.init is not None:
+        init = cfg.student.init if cfg.student.init.startswith("weights:") else _path(base, cfg.student.init)
+    return _train_config(
+        replace(cfg.student, model=model), cfg, base, layout.student(r), pseudo=str(layout.pseudo(r)),
+        pseudo_images=label_root(layout.label(r)), pseudo_ratio=cfg.student.pseudo_ratio, init=init,
+    )  # fmt: skip
+
+
 def _label_and_mark(cfg: Any, folder: Path) -> None:
-    from datadistill.coco import read_json
-    from datadistill.label import label
+    from datadistill.data.coco import read_json
+    from datadistill.stages.label import label
 
     manifest = label(cfg)
     if read_json(manifest).get("status") == "complete":
@@ -250,6 +294,6 @@ def _label_and_mark(cfg: Any, folder: Path) -> None:
 
 def label_root(label_dir: Path) -> str:
     """The image root that a labeling folder's file names are relative to."""
-    from datadistill.coco import read_json
+    from datadistill.data.coco import read_json
 
     return read_json(label_dir / "manifest.json")["config"]["image_root"]

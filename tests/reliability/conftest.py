@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datadistill import models
-from datadistill.coco import load_coco
-from datadistill.synth import make_shapes
+from datadistill.data.coco import load_coco
+from datadistill.data.synth import make_shapes
+from datadistill.models import torchvision as models
 
 SIZE_PX = 64
 

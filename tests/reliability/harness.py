@@ -113,11 +113,11 @@ def dying_at_write(k: int, mode: str) -> Iterator[None]:
     renamed; ``after-rename``: the file is in place, and whatever should follow it never happens. The
     appended lines of ``metrics.jsonl`` count as writes too (``mid-write`` leaves half a line).
     """
-    from datadistill import train as train_mod
+    from datadistill.stages import train as train_mod
 
     assert mode in MODES, mode
     count = 0
-    real_fsync, real_replace, real_write = os.fsync, os.replace, train_mod._MetricsFile.write
+    real_fsync, real_replace, real_write = os.fsync, os.replace, train_mod.MetricsFile.write
 
     def tick() -> bool:
         nonlocal count
@@ -149,12 +149,12 @@ def dying_at_write(k: int, mode: str) -> Iterator[None]:
         real_write(self, record)
 
     os.fsync, os.replace = fsync, replace
-    train_mod._MetricsFile.write = metrics_write
+    train_mod.MetricsFile.write = metrics_write
     try:
         yield
     finally:
         os.fsync, os.replace = real_fsync, real_replace
-        train_mod._MetricsFile.write = real_write
+        train_mod.MetricsFile.write = real_write
 
 
 def kill_at_every_write(

@@ -22,7 +22,7 @@ import torch
 from harness import cli
 from PIL import Image
 
-from datadistill.images import image_size, read_image
+from datadistill.data.images import image_size, read_image
 
 RNG_IMAGE = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
 _Y, _X = np.mgrid[0:48, 0:64]

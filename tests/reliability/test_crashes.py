@@ -497,7 +497,7 @@ def test_a_full_disk_inside_torch_save_is_one_line(tmp_path: Path) -> None:
     import errno
 
     from datadistill.errors import UserError
-    from datadistill.io import write_atomic
+    from datadistill.runtime.io import write_atomic
 
     class FillsUp:
         def __init__(self, f: Any, room: int) -> None:

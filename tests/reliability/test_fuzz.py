@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from datadistill import fusion
-from datadistill.data import MIN_BOX_SIDE_PX, apply_augmentation, draw_augmentation, sanitize
-from datadistill.types import Detections
-from datadistill.views import MAX_SCALE, MIN_SCALE, View, parse_view, resized_size
+from datadistill.core import fusion
+from datadistill.core.types import Detections
+from datadistill.core.views import MAX_SCALE, MIN_SCALE, View, parse_view, resized_size
+from datadistill.data.dataset import MIN_BOX_SIDE_PX, apply_augmentation, draw_augmentation, sanitize
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 METHODS = ("nms", "soft-nms", "vote", "wbf")

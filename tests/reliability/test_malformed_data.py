@@ -18,7 +18,7 @@ import pytest
 from harness import cli, error_line
 from PIL import Image
 
-from datadistill.coco import parse_coco
+from datadistill.data.coco import parse_coco
 
 KP = ["head", "left_hand", "right_hand"]
 

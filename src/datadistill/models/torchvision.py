@@ -3,7 +3,7 @@
 torchvision's detection models return losses in train mode and detections in eval mode, count classes
 from 1 (0 is the background of the R-CNN family) and resize every input to ``min_size``. This module
 wraps that once: callers give images as float32 ``[3, H, W]`` in [0, 1] and labels as contiguous class
-indices ``0..C-1``, and get :class:`~datadistill.types.Detections` in the original image frame.
+indices ``0..C-1``, and get :class:`~datadistill.core.types.Detections` in the original image frame.
 
 ``MODELS`` lists the builders: small models that train from scratch on a CPU in minutes at 128 px, and
 torchvision's standard large models for real work (built with no weights; :func:`init_weights` loads
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,15 +46,16 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from datadistill.coco import CocoDataset
+from datadistill.core.types import Detections
+from datadistill.core.views import resized_size
+from datadistill.data.coco import CocoDataset
 from datadistill.errors import UserError
-from datadistill.ignore import IGNORE_LABEL, make_ignore_aware
-from datadistill.io import write_atomic
-from datadistill.types import Detections
+from datadistill.models.detector import ModelMeta, Task
+from datadistill.models.ignore import IGNORE_LABEL, make_ignore_aware
+from datadistill.runtime.io import write_atomic
 
 log = logging.getLogger(__name__)
 
-Task = Literal["boxes", "keypoints"]
 CHECKPOINT_FORMAT = "datadistill-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -358,6 +359,11 @@ MODELS: dict[str, ModelSpec] = {
 DEFAULT_MODELS: dict[str, str] = {"boxes": "small_fcos", "keypoints": "small_keypointrcnn"}
 
 
+def list_models() -> list[tuple[str, str, str]]:
+    """``(name, task, description)`` of each architecture in :data:`MODELS`."""
+    return [(name, spec.task, spec.description) for name, spec in MODELS.items()]
+
+
 def get_spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` called ``name``; a one-line UserError lists the valid names."""
     try:
@@ -370,101 +376,24 @@ def get_spec(name: str) -> ModelSpec:
 # metadata
 
 
-@dataclass(frozen=True)
-class ModelMeta:
-    """Everything needed to rebuild a model and read its outputs, stored in every checkpoint.
-
-    ``class_names``/``category_ids``: the data set's categories in class-index order. Keypoint fields are
-    empty for box models: ``flip_index[i]`` is the mirror of keypoint i, ``skeleton`` is 1-based pairs as
-    in COCO, ``sigmas`` are the OKS sigmas. ``min_size``/``max_size``: the model's resize target in px.
-    """
-
-    model: str
-    task: Task
-    class_names: tuple[str, ...]
-    category_ids: tuple[int, ...]
-    keypoint_names: tuple[str, ...] = ()
-    flip_index: tuple[int, ...] = ()
-    skeleton: tuple[tuple[int, int], ...] = ()
-    sigmas: tuple[float, ...] = ()
-    min_size: int = 128
-    max_size: int = 128
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def num_keypoints(self) -> int:
-        return len(self.keypoint_names)
-
-    @staticmethod
-    def from_dataset(
-        model: str, dataset: CocoDataset, *, min_size: int | None = None, max_size: int | None = None
-    ) -> ModelMeta:
-        """The meta of ``model`` trained on ``dataset``; the task follows from the data (keypoint
-        categories make it ``keypoints``), and a model of the other task is a UserError."""
-        spec = get_spec(model)
-        task = dataset.task
-        if not dataset.categories:
-            raise UserError("the data set has no categories; a detector needs at least one class")
-        if spec.task != task:
-            other = [n for n, s in MODELS.items() if s.task == task]
-            raise UserError(
-                f"model {model!r} detects {spec.task} but the data set has {task}; choose one of: {', '.join(other)}"
-            )
-        kp = dataset.keypoint_category
-        min_size = spec.min_size if min_size is None else int(min_size)
-        max_size = max(min_size, spec.max_size) if max_size is None else int(max_size)
-        if min_size <= 0 or max_size < min_size:
-            raise UserError(f"need 0 < min_size <= max_size, got min_size={min_size}, max_size={max_size}")
-        return ModelMeta(
-            model=model,
-            task=task,
-            class_names=dataset.class_names,
-            category_ids=tuple(c.id for c in dataset.categories),
-            keypoint_names=kp.keypoints if kp else (),
-            flip_index=kp.flip_index if kp else (),
-            skeleton=kp.skeleton if kp else (),
-            sigmas=kp.sigmas if kp else (),
-            min_size=min_size,
-            max_size=max_size,
+def meta_for(
+    model: str, dataset: CocoDataset, *, min_size: int | None = None, max_size: int | None = None
+) -> ModelMeta:
+    """The meta of architecture ``model`` trained on ``dataset``; the task follows from the data (keypoint
+    categories make it ``keypoints``), and a model of the other task is a UserError. The input size
+    defaults to the architecture's."""
+    spec = get_spec(model)
+    task = dataset.task
+    if not dataset.categories:
+        raise UserError("the data set has no categories; a detector needs at least one class")
+    if spec.task != task:
+        other = [n for n, s in MODELS.items() if s.task == task]
+        raise UserError(
+            f"model {model!r} detects {spec.task} but the data set has {task}; choose one of: {', '.join(other)}"
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain json-able types only (so a checkpoint loads with ``weights_only=True``)."""
-        return {
-            "model": self.model,
-            "task": self.task,
-            "class_names": list(self.class_names),
-            "category_ids": list(self.category_ids),
-            "keypoint_names": list(self.keypoint_names),
-            "flip_index": list(self.flip_index),
-            "skeleton": [list(e) for e in self.skeleton],
-            "sigmas": list(self.sigmas),
-            "min_size": self.min_size,
-            "max_size": self.max_size,
-        }
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> ModelMeta:
-        if d.get("task") not in ("boxes", "keypoints"):
-            raise UserError(f"malformed model meta: task must be 'boxes' or 'keypoints', got {d.get('task')!r}")
-        try:
-            return ModelMeta(
-                model=str(d["model"]),
-                task=d["task"],
-                class_names=tuple(str(n) for n in d["class_names"]),
-                category_ids=tuple(int(i) for i in d["category_ids"]),
-                keypoint_names=tuple(str(n) for n in d.get("keypoint_names", ())),
-                flip_index=tuple(int(i) for i in d.get("flip_index", ())),
-                skeleton=tuple((int(a), int(b)) for a, b in d.get("skeleton", ())),
-                sigmas=tuple(float(s) for s in d.get("sigmas", ())),
-                min_size=int(d["min_size"]),
-                max_size=int(d["max_size"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"malformed model meta ({type(exc).__name__}: {exc})") from exc
+    min_size = spec.min_size if min_size is None else int(min_size)
+    max_size = max(min_size, spec.max_size) if max_size is None else int(max_size)
+    return ModelMeta.for_dataset(model, dataset, min_size=min_size, max_size=max_size)
 
 
 def build_model(meta: ModelMeta) -> nn.Module:
@@ -501,12 +430,6 @@ def _is_keypoint_model(model: nn.Module) -> bool:
     return isinstance(inner, GeneralizedRCNN) and inner.roi_heads.has_keypoint()
 
 
-def _external(model: Any) -> bool:
-    """A detector of another library that brings its own ``predict(images)`` and ``input_size(min, max)``
-    (:class:`datadistill.ultralytics_backend.YoloModel`)."""
-    return getattr(model, "external_backend", None) is not None
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(iter(model.parameters())).device
 
@@ -521,7 +444,7 @@ def losses(model: nn.Module, images: Sequence[Tensor], targets: Sequence[Mapping
     images: float32 ``[3, H, W]`` in [0, 1]. targets: one dict per image with ``boxes`` ``[N, 4]`` xyxy px
     in that image's frame, ``labels`` ``[N]`` int64 class indices ``0..C-1``, for keypoint models
     ``keypoints`` ``[N, K, 3]`` (x, y, visibility), and optionally ``ignore`` ``[M, 4]`` xyxy px: regions
-    that are neither objects nor background (:mod:`datadistill.ignore`). ``N = 0`` (and no ignore region)
+    that are neither objects nor background (:mod:`datadistill.models.ignore`). ``N = 0`` (and no ignore region)
     makes the image a negative.
     Returns torchvision's named scalar losses (sum them for the total); works with DDP-wrapped models.
     """
@@ -575,8 +498,6 @@ def predict(model: nn.Module, images: Sequence[Tensor]) -> list[Detections]:
     x, y and the keypoint's heatmap logit (unbounded, as in torchvision) in the third column.
     Outputs live on the device of the first image.
     """
-    if _external(model):
-        return model.predict(images)  # type: ignore[operator]
     if len(images) == 0:
         return []
     model.eval()
@@ -594,10 +515,6 @@ def input_size(model: nn.Module, min_size: int, max_size: int) -> Iterator[nn.Mo
     torchvision resizes every input to the model's ``min_size``, so a scale view of test-time
     augmentation changes this target, not the image.
     """
-    if _external(model):
-        with model.input_size(min_size, max_size):  # type: ignore[operator]
-            yield model
-        return
     transform = _unwrap(model).transform
     saved = (transform.min_size, transform.max_size)
     transform.min_size = (int(min_size),)
@@ -892,3 +809,63 @@ def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
         report.missing,
     )
     return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Detector of datadistill.models.detector
+
+
+class TorchvisionDetector:
+    """A torchvision detector (or its DDP wrapper) behind :class:`datadistill.models.detector.Detector`."""
+
+    def __init__(self, module: nn.Module, meta: ModelMeta, *, spec: str = "") -> None:
+        self.module, self.meta, self.spec = module, meta, spec or meta.model
+
+    def predict(self, images: Sequence[Tensor]) -> list[Detections]:
+        return predict(self.module, images)
+
+    @contextmanager
+    def input_size(self, min_size: int, max_size: int) -> Iterator[None]:
+        with input_size(self.module, min_size, max_size):
+            yield
+
+    @property
+    def has_heatmaps(self) -> bool:
+        return _is_keypoint_model(self.module)
+
+    def heatmaps(self, images: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[Tensor] | None:
+        return keypoint_heatmaps(self.module, images, boxes) if self.has_heatmaps else None
+
+    def keypoints_from_heatmaps(self, heatmaps: Tensor, boxes: Tensor, *, image_size: tuple[int, int]) -> Tensor:
+        return heatmaps_to_keypoints(heatmaps, boxes, model=self.module, image_size=image_size)
+
+    def unfit_reason(self, height: int, width: int, *, min_size: int, max_size: int) -> str | None:
+        """torchvision resizes the shorter side to ``min_size`` (the longer at most ``max_size``): an image
+        so elongated that a side would become 0 px cannot run (torch would raise mid-run)."""
+        h, w = resized_size(height, width, min_size=min_size, max_size=max_size)
+        return None if h >= 1 and w >= 1 else f"would resize it to {w}x{h} px"
+
+
+def load(spec: str, *, device: str | torch.device = "cpu", min_score: float | None = None) -> TorchvisionDetector:
+    """The detector of a datadistill checkpoint file (``spec`` is its path). Its score threshold is the
+    architecture's (0.05), below any labeling floor worth using: ``min_score`` changes nothing."""
+    del min_score
+    if spec in MODELS:
+        raise UserError(
+            f"--model {spec} names an architecture, not a trained model: give a checkpoint.pt written by "
+            "`datadistill train` (or its output folder)"
+        )
+    model, meta, _ = load_checkpoint(spec, device=device)
+    return TorchvisionDetector(model, meta, spec=spec)
+
+
+def model_file(spec: str) -> Path:
+    """The checkpoint file of ``spec``."""
+    return Path(spec).expanduser()
+
+
+def train(cfg: Any) -> Path:
+    """The train stage of torchvision models: datadistill's own loop (:mod:`datadistill.stages.train`)."""
+    from datadistill.stages.train import train_loop
+
+    return train_loop(cfg)

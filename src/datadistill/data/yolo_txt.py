@@ -25,12 +25,12 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
 
-from datadistill.coco import (
+from datadistill.data.coco import (
     Category,
     CocoDataset,
     ImageLabels,
@@ -41,9 +41,9 @@ from datadistill.coco import (
     load_coco,
     save_coco,
 )
+from datadistill.data.images import IMAGE_EXTENSIONS, image_size, list_images, resolve_image_path
 from datadistill.errors import DataError, UserError
-from datadistill.images import IMAGE_EXTENSIONS, image_size, list_images, resolve_image_path
-from datadistill.io import write_text_atomic
+from datadistill.runtime.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +226,35 @@ def coco_to_yolo(
         raise ValueError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
     out = Path(out_dir).resolve()
     images_dir = out / "images"
-    num_keypoints = dataset.num_keypoints
+    plan = _plan_images(dataset, image_root, out=out)
+    _check_no_stale_images(dataset, images_dir)
+    _check_schema(dataset)
+    counts = _WriteCounts()
+    copied = _write_images_and_labels(dataset, plan, link=link, counts=counts)
+    if copied:
+        log.info("%d images copied: hard links are not possible from %s to %s", copied, image_root, images_dir)
+    _log_write_counts(dataset, counts)
+    yaml_path = out / "data.yaml"
+    write_text_atomic(yaml_path, _data_yaml(dataset, out))
+    log.info("wrote %d images and their labels to %s", len(plan), out)
+    return yaml_path
 
+
+class _PlannedImage(NamedTuple):
+    record: ImageRecord
+    source: Path  # the original image
+    target: Path  # where it goes, under out/images
+    labels: Path  # its label file
+
+
+def _plan_images(dataset: CocoDataset, image_root: str | os.PathLike[str], *, out: Path) -> list[_PlannedImage]:
+    """Where each image and its label file go, after checking every image; nothing is written yet.
+
+    Raises DataError with the first problem and the count of the others.
+    """
+    images_dir = out / "images"
     problems: list[str] = []
-    plan: list[tuple[ImageRecord, Path, Path, Path]] = []  # record, source, target image, label file
+    plan: list[_PlannedImage] = []
     owner: dict[Path, str] = {}
     for record in dataset.images:
         where = f"image {record.id} ({record.file_name})"
@@ -259,31 +284,41 @@ def coco_to_yolo(
             problems.append(f"{where}: shares the label file {labels.relative_to(out)} with {owner[labels]}")
             continue
         owner[labels] = record.file_name
-        plan.append((record, source, target, labels))
+        plan.append(_PlannedImage(record, source, target, labels))
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise DataError(f"cannot convert to YOLO: {problems[0]}{more}")
+    return plan
 
-    if images_dir.is_dir():
-        stale = sorted(set(list_images(images_dir)) - {r.file_name for r in dataset.images})
-        if stale:
-            raise UserError(
-                f"{images_dir} already holds {len(stale)} images that are not in the data set "
-                f"(e.g. {stale[0]}); write to an empty folder"
-            )
 
-    _check_schema(dataset)
-    counts = _WriteCounts()
+def _check_no_stale_images(dataset: CocoDataset, images_dir: Path) -> None:
+    """UserError when ``images_dir`` holds images that are not in ``dataset`` (YOLO would train on them)."""
+    if not images_dir.is_dir():
+        return
+    stale = sorted(set(list_images(images_dir)) - {r.file_name for r in dataset.images})
+    if stale:
+        raise UserError(
+            f"{images_dir} already holds {len(stale)} images that are not in the data set "
+            f"(e.g. {stale[0]}); write to an empty folder"
+        )
+
+
+def _write_images_and_labels(
+    dataset: CocoDataset, plan: list[_PlannedImage], *, link: str, counts: _WriteCounts
+) -> int:
+    """Place every image and write its label file; returns how many images were copied instead of linked."""
     copied = 0
     for record, source, target, labels in plan:
         if _place_image(source, target, link) != link:
             copied += 1
-        lines = _label_lines(dataset.labels.get(record.id), record, num_keypoints, counts)
+        lines = _label_lines(dataset.labels.get(record.id), record, dataset.num_keypoints, counts)
         labels.parent.mkdir(parents=True, exist_ok=True)
         labels.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return copied
 
-    if copied:
-        log.info("%d images copied: hard links are not possible from %s to %s", copied, image_root, images_dir)
+
+def _log_write_counts(dataset: CocoDataset, counts: _WriteCounts) -> None:
+    """Log what YOLO could not hold as given: crowd regions, clipped boxes and keypoints, scores."""
     if counts.crowd:
         log.warning(
             "skipped %d crowd annotations (YOLO has no iscrowd); %d images that had only crowd regions "
@@ -302,6 +337,9 @@ def coco_to_yolo(
     if any(lab.scores is not None for lab in dataset.labels.values()):
         log.info("scores dropped: YOLO label files hold none")
 
+
+def _data_yaml(dataset: CocoDataset, out: Path) -> str:
+    """The text of ``data.yaml``: what Ultralytics reads, then the extras that keep what YOLO cannot hold."""
     cats = dataset.categories
     core: dict[str, Any] = {
         "path": str(out),
@@ -315,13 +353,13 @@ def coco_to_yolo(
     if any(c.supercategory for c in cats):
         extras["supercategories"] = {i: c.supercategory for i, c in enumerate(cats)}
     if kp_cat is not None:
-        core["kpt_shape"] = [num_keypoints, 3]
+        core["kpt_shape"] = [dataset.num_keypoints, 3]
         core["flip_idx"] = [int(i) for i in kp_cat.flip_index]
         core["kpt_names"] = {i: list(c.keypoints) for i, c in enumerate(cats) if c.keypoints}
         extras["skeleton"] = [[int(a), int(b)] for a, b in kp_cat.skeleton]
         extras["kpt_sigmas"] = [float(s) for s in kp_cat.sigmas]
     source_name = dataset.path.name if dataset.path is not None else "a COCO data set"
-    text = _yaml_text(
+    return _yaml_text(
         [
             (
                 f"YOLO data set (Ultralytics layout) written by datadistill from {source_name}.\n"
@@ -335,10 +373,6 @@ def coco_to_yolo(
             ),
         ]
     )
-    yaml_path = out / "data.yaml"
-    write_text_atomic(yaml_path, text)
-    log.info("wrote %d images and their labels to %s", len(plan), out)
-    return yaml_path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -426,12 +460,58 @@ def _per_class(value: Any, nc: int, key: str, problems: list[str]) -> dict[int, 
     return out
 
 
+class _KeypointSchema(NamedTuple):
+    """The keypoint metadata of a YOLO data set: names per class index, flip map, skeleton (1-based), sigmas."""
+
+    names: dict[int, tuple[str, ...]]
+    flip: tuple[int, ...]
+    skeleton: tuple[tuple[int, int], ...]
+    sigmas: tuple[float, ...]
+
+
 def _categories_from_yaml(data: dict[str, Any], problems: list[str]) -> tuple[tuple[Category, ...], int, int]:
     """Categories in class-index order, the number of keypoints K and their dims (2 or 3; 0 for boxes)."""
     raw_names = data.get("names")
     if raw_names is None:
         problems.append("missing key 'names'")
         return (), 0, 0
+    names = _class_names(raw_names, problems)
+    nc = len(names)
+    if "nc" in data and data["nc"] != nc:
+        problems.append(f"'nc' is {data['nc']!r} but 'names' lists {nc} classes")
+    ids = data.get("category_ids")
+    if ids is None:
+        ids = list(range(1, nc + 1))
+    elif not (isinstance(ids, list) and len(ids) == nc and all(_is_int(i) for i in ids) and len(set(ids)) == nc):
+        problems.append(f"'category_ids' must be {nc} distinct integers, got {ids!r}")
+        ids = list(range(1, nc + 1))
+    supers = _per_class(data.get("supercategories") or {}, nc, "supercategories", problems)
+    k, dims = _keypoint_shape(data.get("kpt_shape"), problems)
+    schema = _KeypointSchema(names={}, flip=(), skeleton=(), sigmas=())
+    if k:
+        schema = _keypoint_schema(data, k=k, nc=nc, problems=problems)
+    elif data.get("kpt_names"):
+        problems.append("'kpt_names' given without 'kpt_shape'")
+    categories = []
+    for i, name in enumerate(names):
+        kp = schema.names.get(i, ())
+        sup = supers.get(i, "")
+        categories.append(
+            Category(
+                id=int(ids[i]),
+                name=name,
+                supercategory=sup if isinstance(sup, str) else str(sup),
+                keypoints=kp,
+                skeleton=schema.skeleton if kp else (),
+                flip_index=schema.flip if kp else (),
+                sigmas=schema.sigmas if kp else (),
+            )
+        )
+    return tuple(categories), k, dims
+
+
+def _class_names(raw_names: Any, problems: list[str]) -> list[str]:
+    """One name per class index from ``names`` (a list or a mapping); numbers become text, gaps ``class{i}``."""
     nc = len(raw_names) if isinstance(raw_names, list | dict) else 0
     by_index = _per_class(raw_names, nc, "names", problems)
     names = []
@@ -445,104 +525,99 @@ def _categories_from_yaml(data: dict[str, Any], problems: list[str]) -> tuple[tu
             )
             name = f"class{i}"
         names.append(name)
-    if "nc" in data and data["nc"] != nc:
-        problems.append(f"'nc' is {data['nc']!r} but 'names' lists {nc} classes")
+    return names
 
-    ids = data.get("category_ids")
-    if ids is None:
-        ids = list(range(1, nc + 1))
-    elif not (isinstance(ids, list) and len(ids) == nc and all(_is_int(i) for i in ids) and len(set(ids)) == nc):
-        problems.append(f"'category_ids' must be {nc} distinct integers, got {ids!r}")
-        ids = list(range(1, nc + 1))
-    supers = _per_class(data.get("supercategories") or {}, nc, "supercategories", problems)
 
-    shape = data.get("kpt_shape")
-    k = dims = 0
-    if shape is not None:
-        if isinstance(shape, list) and len(shape) == 2 and _is_int(shape[0]) and shape[0] > 0 and shape[1] in (2, 3):
-            k, dims = int(shape[0]), int(shape[1])
-        else:
-            problems.append(f"'kpt_shape' must be [K, 2] or [K, 3] with K > 0, got {shape!r}")
-    cat_keypoints: dict[int, tuple[str, ...]] = {}
-    flip: tuple[int, ...] = ()
-    skeleton: tuple[tuple[int, int], ...] = ()
-    sigmas: tuple[float, ...] = ()
-    if k:
-        raw_kpt_names = data.get("kpt_names")
-        if raw_kpt_names:
-            for i, kn in _per_class(raw_kpt_names, nc, "kpt_names", problems).items():
-                if isinstance(kn, list) and len(kn) == k and all(isinstance(n, str) and n for n in kn):
-                    cat_keypoints[i] = tuple(kn)
-                else:
-                    problems.append(f"'kpt_names' for class {i} must be {k} names, got {kn!r}")
-            if len(set(cat_keypoints.values())) > 1:
-                problems.append("'kpt_names' differ between classes (one keypoint schema per data set)")
-        if not cat_keypoints:
-            cat_keypoints = {i: tuple(f"kp{j}" for j in range(k)) for i in range(nc)}
-        kp_names = next(iter(cat_keypoints.values()), ())
-        if len(set(kp_names)) != len(kp_names):
-            problems.append("'kpt_names' has duplicate names")
+MAX_KEYPOINTS = 10_000  # far above any real skeleton (COCO 17, whole-body 133, face meshes 468)
 
-        raw_flip = data.get("flip_idx")
-        if raw_flip is None:
-            flip = derive_flip_index(kp_names)
-        elif (
-            isinstance(raw_flip, list)
-            and all(_is_int(i) for i in raw_flip)
-            and sorted(raw_flip) == list(range(k))
-            and all(raw_flip[j] == i for i, j in enumerate(raw_flip))
-        ):
-            flip = tuple(int(i) for i in raw_flip)
-        else:
-            problems.append(
-                f"'flip_idx' must be a permutation of 0..{k - 1} made of swaps (its own inverse), got {raw_flip!r}"
-            )
 
-        raw_skeleton = data.get("skeleton") or []
-        edges = []
-        for edge in raw_skeleton if isinstance(raw_skeleton, list) else [raw_skeleton]:
-            if isinstance(edge, list) and len(edge) == 2 and all(_is_int(e) and 1 <= e <= k for e in edge):
-                edges.append((int(edge[0]), int(edge[1])))
+def _keypoint_shape(shape: Any, problems: list[str]) -> tuple[int, int]:
+    """``kpt_shape`` as (K, dims); (0, 0) when absent (a box data set) or malformed (the problem noted)."""
+    if shape is None:
+        return 0, 0
+    if isinstance(shape, list) and len(shape) == 2 and _is_int(shape[0]) and shape[0] > 0 and shape[1] in (2, 3):
+        if shape[0] > MAX_KEYPOINTS:  # a hostile K would have every default name built in memory
+            problems.append(f"'kpt_shape' has {shape[0]} keypoints; at most {MAX_KEYPOINTS} are read")
+            return 0, 0
+        return int(shape[0]), int(shape[1])
+    problems.append(f"'kpt_shape' must be [K, 2] or [K, 3] with K > 0, got {shape!r}")
+    return 0, 0
+
+
+def _keypoint_schema(data: dict[str, Any], *, k: int, nc: int, problems: list[str]) -> _KeypointSchema:
+    """The keypoint names (``kpt_names``, else ``kp0``..), flip map, skeleton and sigmas of K keypoints.
+
+    A missing ``flip_idx`` is derived from the names, missing sigmas are the defaults; a malformed value is
+    noted in ``problems``.
+    """
+    names: dict[int, tuple[str, ...]] = {}
+    raw_kpt_names = data.get("kpt_names")
+    if raw_kpt_names:
+        for i, kn in _per_class(raw_kpt_names, nc, "kpt_names", problems).items():
+            if isinstance(kn, list) and len(kn) == k and all(isinstance(n, str) and n for n in kn):
+                names[i] = tuple(kn)
             else:
-                problems.append(f"'skeleton' edge {edge!r} is not a pair of 1-based keypoint indices")
-        skeleton = tuple(edges)
+                problems.append(f"'kpt_names' for class {i} must be {k} names, got {kn!r}")
+        if len(set(names.values())) > 1:
+            problems.append("'kpt_names' differ between classes (one keypoint schema per data set)")
+    if not names:
+        names = {i: tuple(f"kp{j}" for j in range(k)) for i in range(nc)}
+    kp_names = next(iter(names.values()), ())
+    if len(set(kp_names)) != len(kp_names):
+        problems.append("'kpt_names' has duplicate names")
 
-        raw_sigmas = data.get("kpt_sigmas")
-        if raw_sigmas is None:
-            sigmas = default_sigmas(kp_names)
-        elif (
-            isinstance(raw_sigmas, list)
-            and len(raw_sigmas) == k
-            and all(is_finite_number(s) and s > 0 for s in raw_sigmas)
-        ):
-            sigmas = tuple(float(s) for s in raw_sigmas)
-        else:
-            problems.append(f"'kpt_sigmas' must be {k} positive numbers, got {raw_sigmas!r}")
-    elif data.get("kpt_names"):
-        problems.append("'kpt_names' given without 'kpt_shape'")
-
-    categories = []
-    for i, name in enumerate(names):
-        kp = cat_keypoints.get(i, ())
-        sup = supers.get(i, "")
-        categories.append(
-            Category(
-                id=int(ids[i]),
-                name=name,
-                supercategory=sup if isinstance(sup, str) else str(sup),
-                keypoints=kp,
-                skeleton=skeleton if kp else (),
-                flip_index=flip if kp else (),
-                sigmas=sigmas if kp else (),
-            )
+    flip: tuple[int, ...] = ()
+    raw_flip = data.get("flip_idx")
+    if raw_flip is None:
+        flip = derive_flip_index(kp_names)
+    elif (
+        isinstance(raw_flip, list)
+        and all(_is_int(i) for i in raw_flip)
+        and sorted(raw_flip) == list(range(k))
+        and all(raw_flip[j] == i for i, j in enumerate(raw_flip))
+    ):
+        flip = tuple(int(i) for i in raw_flip)
+    else:
+        problems.append(
+            f"'flip_idx' must be a permutation of 0..{k - 1} made of swaps (its own inverse), got {raw_flip!r}"
         )
-    return tuple(categories), k, dims
+    return _KeypointSchema(
+        names=names,
+        flip=flip,
+        skeleton=_yaml_skeleton(data.get("skeleton") or [], k=k, problems=problems),
+        sigmas=_yaml_sigmas(data.get("kpt_sigmas"), kp_names, k=k, problems=problems),
+    )
+
+
+def _yaml_skeleton(raw: Any, *, k: int, problems: list[str]) -> tuple[tuple[int, int], ...]:
+    """The skeleton's edges as pairs of 1-based keypoint indices; a malformed edge is noted and left out."""
+    edges = []
+    for edge in raw if isinstance(raw, list) else [raw]:
+        if isinstance(edge, list) and len(edge) == 2 and all(_is_int(e) and 1 <= e <= k for e in edge):
+            edges.append((int(edge[0]), int(edge[1])))
+        else:
+            problems.append(f"'skeleton' edge {edge!r} is not a pair of 1-based keypoint indices")
+    return tuple(edges)
+
+
+def _yaml_sigmas(raw: Any, kp_names: tuple[str, ...], *, k: int, problems: list[str]) -> tuple[float, ...]:
+    """``kpt_sigmas``: K positive numbers; the defaults for the names when absent, none when malformed."""
+    if raw is None:
+        return default_sigmas(kp_names)
+    if isinstance(raw, list) and len(raw) == k and all(is_finite_number(s) and s > 0 for s in raw):
+        return tuple(float(s) for s in raw)
+    problems.append(f"'kpt_sigmas' must be {k} positive numbers, got {raw!r}")
+    return ()
 
 
 @dataclass
 class _ReadCounts:
     clipped_boxes: int = 0
     missing_label_files: int = 0
+
+
+class _Invalid(Exception):
+    """A label line's problem: the line is left out and the message (one line) noted."""
 
 
 def _parse_label_file(
@@ -564,72 +639,101 @@ def _parse_label_file(
         layout = f"class cx cy w h + {num_keypoints} keypoints {kp_desc}"
     else:
         layout = "class cx cy w h"
-    tol = COORD_TOLERANCE
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         tokens = line.split()
         if not tokens:
             continue
         at = f"{where} line {number}"
-        if len(tokens) != expected:
-            hint = ""
-            if not num_keypoints and len(tokens) > 5 and len(tokens) % 2 == 1:
-                hint = "; segmentation polygons are not supported"
-            problems.append(f"{at}: expected {expected} values ({layout}), got {len(tokens)}{hint}")
-            continue
         try:
-            values = [float(t) for t in tokens]
-        except ValueError:
-            bad = next(t for t in tokens if not _parses(t))
-            problems.append(f"{at}: {bad!r} is not a number")
+            values = _line_values(
+                tokens, line, at=at, expected=expected, layout=layout, polygons_possible=not num_keypoints
+            )
+            cls = _line_class(values[0], tokens[0], at=at, num_classes=num_classes)
+            box = _line_box(values[1:5], tokens, at=at, width=width, height=height, counts=counts)
+            keypoints = None
+            if num_keypoints:
+                keypoints = _line_keypoints(
+                    values[5:], at=at, num_keypoints=num_keypoints, dims=dims, width=width, height=height
+                )
+        except _Invalid as exc:
+            problems.append(str(exc))
             continue
-        if not all(math.isfinite(v) for v in values):
-            problems.append(f"{at}: values must be finite, got {line.strip()!r}")
-            continue
-        cls = values[0]
-        if not (cls.is_integer() and 0 <= cls < num_classes):
-            problems.append(f"{at}: class {tokens[0]} is not a class index in 0..{num_classes - 1}")
-            continue
-        cx, cy, w, h = values[1:5]
-        outside = next((i for i in range(1, 5) if not -tol <= values[i] <= 1 + tol), None)
-        if outside is not None:
-            name = ("cx", "cy", "w", "h")[outside - 1]
-            problems.append(f"{at}: {name}={tokens[outside]} is outside [0, 1] (coordinates are normalised)")
-            continue
-        if w <= 0 or h <= 0:
-            problems.append(f"{at}: box width and height must be positive, got w={tokens[3]}, h={tokens[4]}")
-            continue
-        box = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
-        x1, y1 = max(box[0], 0.0), max(box[1], 0.0)
-        x2, y2 = min(box[2], float(width)), min(box[3], float(height))
-        if x2 <= x1 or y2 <= y1:
-            problems.append(f"{at}: box lies outside the image")
-            continue
-        if max(abs(a - b) for a, b in zip(box, (x1, y1, x2, y2), strict=True)) > _CLIP_REPORT_PX:
-            counts.clipped_boxes += 1
-        keypoints = None
-        if num_keypoints:
-            raw = np.asarray(values[5:], np.float64).reshape(num_keypoints, dims)
-            bad_xy = np.flatnonzero(((raw[:, :2] < -tol) | (raw[:, :2] > 1 + tol)).any(axis=1))
-            if bad_xy.size:
-                j = int(bad_xy[0])
-                problems.append(f"{at}: keypoint {j} ({raw[j, 0]:g}, {raw[j, 1]:g}) is outside [0, 1]")
-                continue
-            if dims == 3:
-                vis = raw[:, 2]
-                if not np.isin(vis, (0, 1, 2)).all():
-                    j = int(np.flatnonzero(~np.isin(vis, (0, 1, 2)))[0])
-                    problems.append(f"{at}: keypoint {j} visibility must be 0, 1 or 2, got {vis[j]:g}")
-                    continue
-            else:  # no visibility: (0, 0) marks a missing keypoint, anything else a labeled one
-                vis = np.where((raw[:, 0] == 0) & (raw[:, 1] == 0), 0.0, 2.0)
-            keypoints = np.zeros((num_keypoints, 3), np.float64)
-            labeled = vis > 0
-            keypoints[labeled, 0] = raw[labeled, 0] * width
-            keypoints[labeled, 1] = raw[labeled, 1] * height
-            keypoints[:, 2] = vis
-        rows.append((int(cls), (x1, y1, x2, y2), keypoints))
+        rows.append((cls, box, keypoints))
     return rows
+
+
+def _line_values(
+    tokens: list[str], line: str, *, at: str, expected: int, layout: str, polygons_possible: bool
+) -> list[float]:
+    """The line's ``expected`` numbers, all finite."""
+    if len(tokens) != expected:
+        hint = ""
+        if polygons_possible and len(tokens) > 5 and len(tokens) % 2 == 1:
+            hint = "; segmentation polygons are not supported"
+        raise _Invalid(f"{at}: expected {expected} values ({layout}), got {len(tokens)}{hint}")
+    try:
+        values = [float(t) for t in tokens]
+    except ValueError:
+        bad = next(t for t in tokens if not _parses(t))
+        raise _Invalid(f"{at}: {bad!r} is not a number") from None
+    if not all(math.isfinite(v) for v in values):
+        raise _Invalid(f"{at}: values must be finite, got {line.strip()!r}")
+    return values
+
+
+def _line_class(value: float, token: str, *, at: str, num_classes: int) -> int:
+    """The class index, an integer in ``0..num_classes - 1``."""
+    if not (value.is_integer() and 0 <= value < num_classes):
+        raise _Invalid(f"{at}: class {token} is not a class index in 0..{num_classes - 1}")
+    return int(value)
+
+
+def _line_box(
+    values: list[float], tokens: list[str], *, at: str, width: int, height: int, counts: _ReadCounts
+) -> tuple[float, float, float, float]:
+    """Normalised ``cx cy w h`` as an xyxy box in px, clipped to the image (a clip past rounding is counted)."""
+    tol = COORD_TOLERANCE
+    cx, cy, w, h = values
+    outside = next((i for i in range(4) if not -tol <= values[i] <= 1 + tol), None)
+    if outside is not None:
+        name = ("cx", "cy", "w", "h")[outside]
+        raise _Invalid(f"{at}: {name}={tokens[outside + 1]} is outside [0, 1] (coordinates are normalised)")
+    if w <= 0 or h <= 0:
+        raise _Invalid(f"{at}: box width and height must be positive, got w={tokens[3]}, h={tokens[4]}")
+    box = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
+    x1, y1 = max(box[0], 0.0), max(box[1], 0.0)
+    x2, y2 = min(box[2], float(width)), min(box[3], float(height))
+    if x2 <= x1 or y2 <= y1:
+        raise _Invalid(f"{at}: box lies outside the image")
+    if max(abs(a - b) for a, b in zip(box, (x1, y1, x2, y2), strict=True)) > _CLIP_REPORT_PX:
+        counts.clipped_boxes += 1
+    return x1, y1, x2, y2
+
+
+def _line_keypoints(
+    values: list[float], *, at: str, num_keypoints: int, dims: int, width: int, height: int
+) -> np.ndarray:
+    """``[K, 3]`` keypoints in px from normalised ``x y v`` (or ``x y``: (0, 0) unlabeled, else visible)."""
+    tol = COORD_TOLERANCE
+    raw = np.asarray(values, np.float64).reshape(num_keypoints, dims)
+    bad_xy = np.flatnonzero(((raw[:, :2] < -tol) | (raw[:, :2] > 1 + tol)).any(axis=1))
+    if bad_xy.size:
+        j = int(bad_xy[0])
+        raise _Invalid(f"{at}: keypoint {j} ({raw[j, 0]:g}, {raw[j, 1]:g}) is outside [0, 1]")
+    if dims == 3:
+        vis = raw[:, 2]
+        if not np.isin(vis, (0, 1, 2)).all():
+            j = int(np.flatnonzero(~np.isin(vis, (0, 1, 2)))[0])
+            raise _Invalid(f"{at}: keypoint {j} visibility must be 0, 1 or 2, got {vis[j]:g}")
+    else:  # no visibility: (0, 0) marks a missing keypoint, anything else a labeled one
+        vis = np.where((raw[:, 0] == 0) & (raw[:, 1] == 0), 0.0, 2.0)
+    keypoints = np.zeros((num_keypoints, 3), np.float64)
+    labeled = vis > 0
+    keypoints[labeled, 0] = raw[labeled, 0] * width
+    keypoints[labeled, 1] = raw[labeled, 1] * height
+    keypoints[:, 2] = vis
+    return keypoints
 
 
 def _parses(token: str) -> bool:
@@ -664,6 +768,37 @@ def yolo_to_coco(data_yaml_or_dir: str | os.PathLike[str], *, split: str = "trai
     """
     data, yaml_path = read_data_yaml(data_yaml_or_dir)
     root = _dataset_root(data, yaml_path)
+    images_dir = _split_folder(data, yaml_path, root=root, split=split)
+    problems: list[str] = []
+    categories, num_keypoints, dims = _categories_from_yaml(data, problems)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise DataError(f"{yaml_path}: {problems[0]}{more}")
+    file_names = list_images(images_dir)
+    if not file_names:
+        raise DataError(f"{yaml_path}: no images under the '{split}' folder {images_dir}")
+    shown_root = root.resolve()
+    counts = _ReadCounts()
+    images, labels = _read_split(
+        images_dir, file_names, categories=categories, num_keypoints=num_keypoints, dims=dims,
+        shown_root=shown_root, problems=problems, counts=counts,
+    )  # fmt: skip
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}")
+    if counts.missing_label_files:
+        log.info(
+            "%d of %d images have no label file (read as images with no objects); labels are expected at %s",
+            counts.missing_label_files, len(images), _display(label_path(images_dir / file_names[0]), shown_root),
+        )  # fmt: skip
+    if counts.clipped_boxes:
+        log.warning("%d boxes stuck out of their image and were clipped to it", counts.clipped_boxes)
+    dataset = CocoDataset(images=tuple(images), labels=labels, categories=categories)
+    return dataset, images_dir
+
+
+def _split_folder(data: dict[str, Any], yaml_path: Path, *, root: Path, split: str) -> Path:
+    """The absolute folder of images that ``split`` names; DataError when it is missing or a file list."""
     if split not in data or data[split] in (None, ""):
         keys = ", ".join(k for k in ("train", "val", "test") if data.get(k))
         raise DataError(f"{yaml_path}: no '{split}' images (splits given: {keys or 'none'})")
@@ -676,18 +811,24 @@ def yolo_to_coco(data_yaml_or_dir: str | os.PathLike[str], *, split: str = "trai
         raise DataError(f"{yaml_path}: '{split}' is a file list ({images_dir}); only a folder of images is supported")
     if not images_dir.is_dir():
         raise DataError(f"{yaml_path}: '{split}' folder {images_dir} not found")
+    return images_dir
 
-    problems: list[str] = []
-    categories, num_keypoints, dims = _categories_from_yaml(data, problems)
-    if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise DataError(f"{yaml_path}: {problems[0]}{more}")
 
-    file_names = list_images(images_dir)
-    if not file_names:
-        raise DataError(f"{yaml_path}: no images under the '{split}' folder {images_dir}")
-    shown_root = root.resolve()
-    counts = _ReadCounts()
+def _read_split(
+    images_dir: Path,
+    file_names: list[str],
+    *,
+    categories: tuple[Category, ...],
+    num_keypoints: int,
+    dims: int,
+    shown_root: Path,
+    problems: list[str],
+    counts: _ReadCounts,
+) -> tuple[list[ImageRecord], dict[int, ImageLabels]]:
+    """Each image's record (size from its header) and labels (from its label file), ids 1..N in file order.
+
+    An unreadable image or label file is noted in ``problems`` and left out; so is each bad label line.
+    """
     images: list[ImageRecord] = []
     labels: dict[int, ImageLabels] = {}
     next_ann = 1
@@ -701,53 +842,47 @@ def yolo_to_coco(data_yaml_or_dir: str | os.PathLike[str], *, split: str = "trai
         images.append(ImageRecord(id=image_id, file_name=name, width=width, height=height))
         txt = label_path(image_file)
         where = _display(txt, shown_root)
-        try:
-            text = txt.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            counts.missing_label_files += 1
-            text = ""
-        except UnicodeDecodeError as exc:
-            problems.append(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})")
-            continue
-        except OSError as exc:
-            problems.append(f"{where}: cannot read: {exc.strerror or exc}")
+        text = _read_label_text(txt, where=where, problems=problems, counts=counts)
+        if text is None:
             continue
         rows = _parse_label_file(
-            text,
-            where=where,
-            num_classes=len(categories),
-            num_keypoints=num_keypoints,
-            dims=dims,
-            width=width,
-            height=height,
-            problems=problems,
-            counts=counts,
-        )
-        if not rows:
-            labels[image_id] = ImageLabels.empty(num_keypoints)
-            continue
-        boxes = np.array([r[1] for r in rows], np.float64)
-        labels[image_id] = ImageLabels(
-            ids=np.arange(next_ann, next_ann + len(rows), dtype=np.int64),
-            boxes=boxes.astype(np.float32),
-            labels=np.array([r[0] for r in rows], np.int64),
-            iscrowd=np.zeros(len(rows), bool),
-            area=((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float32),
-            keypoints=np.stack([r[2] for r in rows]).astype(np.float32) if num_keypoints else None,
-        )
-        next_ann += len(rows)
-    if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise DataError(f"{problems[0]}{more}")
-    if counts.missing_label_files:
-        log.info(
-            "%d of %d images have no label file (read as images with no objects); labels are expected at %s",
-            counts.missing_label_files, len(images), _display(label_path(images_dir / file_names[0]), shown_root),
+            text, where=where, num_classes=len(categories), num_keypoints=num_keypoints, dims=dims, width=width,
+            height=height, problems=problems, counts=counts,
         )  # fmt: skip
-    if counts.clipped_boxes:
-        log.warning("%d boxes stuck out of their image and were clipped to it", counts.clipped_boxes)
-    dataset = CocoDataset(images=tuple(images), labels=labels, categories=categories)
-    return dataset, images_dir
+        labels[image_id] = _labels_from_rows(rows, first_id=next_ann, num_keypoints=num_keypoints)
+        next_ann += len(rows)
+    return images, labels
+
+
+def _read_label_text(txt: Path, *, where: str, problems: list[str], counts: _ReadCounts) -> str | None:
+    """A label file's text; a missing file reads as empty (counted), an unreadable one as None (noted)."""
+    try:
+        return txt.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        counts.missing_label_files += 1
+        return ""
+    except UnicodeDecodeError as exc:
+        problems.append(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+    except OSError as exc:
+        problems.append(f"{where}: cannot read: {exc.strerror or exc}")
+    return None
+
+
+def _labels_from_rows(
+    rows: list[tuple[int, tuple[float, float, float, float], np.ndarray | None]], *, first_id: int, num_keypoints: int
+) -> ImageLabels:
+    """The parsed lines of one label file as :class:`ImageLabels`, annotation ids counting up from ``first_id``."""
+    if not rows:
+        return ImageLabels.empty(num_keypoints)
+    boxes = np.array([r[1] for r in rows], np.float64)
+    return ImageLabels(
+        ids=np.arange(first_id, first_id + len(rows), dtype=np.int64),
+        boxes=boxes.astype(np.float32),
+        labels=np.array([r[0] for r in rows], np.int64),
+        iscrowd=np.zeros(len(rows), bool),
+        area=((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float32),
+        keypoints=np.stack([r[2] for r in rows]).astype(np.float32) if num_keypoints else None,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from datadistill.coco import Category, CocoDataset, ImageLabels, ImageRecord, derive_flip_index, to_coco_dict
-from datadistill.io import write_json_atomic
+from datadistill.data.coco import Category, CocoDataset, ImageLabels, ImageRecord, derive_flip_index, to_coco_dict
+from datadistill.runtime.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ def _make(
     categories: tuple[Category, ...],
     render: Callable[[np.random.Generator, int, bool], _Rendered],
 ) -> Path:
+    """Render and write every image, then the COCO json; returns its path."""
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -175,6 +176,45 @@ def _make(
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    records, labels = _write_images(
+        images_dir, kind=kind, num_images=num_images, seed=seed, size_px=size_px, plain=plain, render=render
+    )
+    info: dict[str, Any] = {
+        "description": f"datadistill synthetic {kind}",
+        "generator": f"datadistill.data.synth.make_{kind}",
+        "seed": seed,
+        "size_px": size_px,
+        "num_images": num_images,
+        "plain": plain,
+    }
+    dataset = CocoDataset(images=tuple(records), labels=labels, categories=categories, info={"info": info})
+    coco = to_coco_dict(dataset)  # flip pairs are written by name
+    json_path = out / "annotations.json"
+    write_json_atomic(json_path, coco)
+    log.info(
+        "wrote %d synthetic %s images (%d objects, %d px) to %s in %.1f s",
+        num_images,
+        kind,
+        dataset.num_annotations,
+        size_px,
+        out,
+        time.perf_counter() - start,
+    )
+    return json_path
+
+
+def _write_images(
+    images_dir: Path,
+    *,
+    kind: str,
+    num_images: int,
+    seed: int,
+    size_px: int,
+    plain: bool,
+    render: Callable[[np.random.Generator, int, bool], _Rendered],
+) -> tuple[list[ImageRecord], dict[int, ImageLabels]]:
+    """Render images ``1..num_images`` (each from its own generator) and save them as PNG; returns their
+    records and labels, annotation ids counting up from 1 in image order."""
     records: list[ImageRecord] = []
     labels: dict[int, ImageLabels] = {}
     next_id = 1
@@ -200,28 +240,7 @@ def _make(
             keypoints=r.keypoints,
         )
         next_id += n
-    info: dict[str, Any] = {
-        "description": f"datadistill synthetic {kind}",
-        "generator": f"datadistill.synth.make_{kind}",
-        "seed": seed,
-        "size_px": size_px,
-        "num_images": num_images,
-        "plain": plain,
-    }
-    dataset = CocoDataset(images=tuple(records), labels=labels, categories=categories, info={"info": info})
-    coco = to_coco_dict(dataset)  # flip pairs are written by name
-    json_path = out / "annotations.json"
-    write_json_atomic(json_path, coco)
-    log.info(
-        "wrote %d synthetic %s images (%d objects, %d px) to %s in %.1f s",
-        num_images,
-        kind,
-        next_id - 1,
-        size_px,
-        out,
-        time.perf_counter() - start,
-    )
-    return json_path
+    return records, labels
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -618,70 +637,111 @@ def _occluder(rng: np.random.Generator, size: int) -> tuple[list[tuple[float, fl
 
 
 def _render_figures(rng: np.random.Generator, size: int, plain: bool) -> _Rendered:
+    """One image of stick figures: figures placed back to front, then occluders over them (not ``plain``)."""
     canvas = _background(rng, size, plain)
     if not plain:
         img = Image.fromarray(canvas.astype(np.uint8), "RGB")
         _draw_clutter(rng, img, count=int(rng.integers(3, 11)), with_blobs=True)
         canvas = np.asarray(img).astype(np.float32)
+    scene = _Scene(size)
+    figures = _place_figures(rng, canvas, scene, size=size)
+    if not plain:
+        _place_occluders(rng, canvas, scene, size=size)
+    boxes, keypoints = _figure_labels(figures, scene, size=size)
+    return _Rendered(
+        pixels=_finish(rng, canvas, plain),
+        boxes=boxes,
+        labels=np.zeros((len(figures),), np.int64),
+        area=((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float32),
+        keypoints=keypoints,
+    )
+
+
+def _place_figures(
+    rng: np.random.Generator, canvas: np.ndarray, scene: _Scene, *, size: int
+) -> list[tuple[int, np.ndarray]]:
+    """1 to :data:`MAX_FIGURES` figures painted on ``canvas`` (in place) and added to ``scene``.
+
+    Returns each figure's scene index and keypoints ``[13, 2]`` in the continuous frame. A figure that
+    finds no place in its tries is left out; the first figure has three times the tries, the extra ones in
+    the frame.
+    """
     target = int(rng.integers(1, MAX_FIGURES + 1))
     hi_frac = FIGURE_HEIGHT_FRAC[1] if target <= 2 else 0.65
-    scene = _Scene(size)
-    figures: list[tuple[int, np.ndarray]] = []  # (scene index, keypoints [13, 2] in the continuous frame)
+    figures: list[tuple[int, np.ndarray]] = []
     for n in range(target):
         for attempt in range(_PLACEMENT_TRIES * (3 if n == 0 else 1)):
-            height = rng.uniform(FIGURE_HEIGHT_FRAC[0], hi_frac) * size
-            local, head_r = _pose(rng, height)
-            width = max(2, round(height * rng.uniform(0.045, 0.075)))
-            margin = max(head_r, width)
-            lo, hi = local.min(axis=0) - margin, local.max(axis=0) + margin
-            extent = hi - lo
-            inside = attempt >= _PLACEMENT_TRIES or rng.random() < 0.7
-            origin = np.array(
-                [
-                    rng.uniform(0, size - e) if inside and e < size else rng.uniform(-0.35 * e, size - 0.65 * e)
-                    for e in extent
-                ]
-            )
-            kp = np.round((local - lo + origin) * 4) / 4  # quarter pixels: exact in float32 and json
-            bounds = (*(kp.min(axis=0) - margin).tolist(), *(kp.max(axis=0) + margin).tolist())
-            index, total = _render_layer(size, bounds, _figure_drawer(kp, head_r, width))
-            in_frame = (kp >= 0).all(axis=1) & (kp < size).all(axis=1)
-            kp_px = np.floor(kp[in_frame]).astype(np.int64)
-            if (
-                int(in_frame.sum()) < MIN_FIGURE_IN_FRAME_KEYPOINTS
-                or np.count_nonzero(index) < MIN_FIGURE_VISIBLE * total
-                or not scene.accepts(index, total)
-            ):
+            placed = _try_figure(rng, canvas, scene, size=size, hi_frac=hi_frac, inside=attempt >= _PLACEMENT_TRIES)
+            if placed is not None:
+                figures.append(placed)
+                break
+    return figures
+
+
+def _try_figure(
+    rng: np.random.Generator, canvas: np.ndarray, scene: _Scene, *, size: int, hi_frac: float, inside: bool
+) -> tuple[int, np.ndarray] | None:
+    """One try at a figure of random pose, height (up to ``hi_frac`` of the side) and place (in the frame
+    when ``inside``, else 70% of the time); painted and added when it keeps enough of itself in frame and
+    visible and leaves every figure under it visible enough. Returns its scene index and keypoints, or None.
+    """
+    height = rng.uniform(FIGURE_HEIGHT_FRAC[0], hi_frac) * size
+    local, head_r = _pose(rng, height)
+    width = max(2, round(height * rng.uniform(0.045, 0.075)))
+    margin = max(head_r, width)
+    lo, hi = local.min(axis=0) - margin, local.max(axis=0) + margin
+    extent = hi - lo
+    inside = inside or rng.random() < 0.7
+    origin = np.array(
+        [rng.uniform(0, size - e) if inside and e < size else rng.uniform(-0.35 * e, size - 0.65 * e) for e in extent]
+    )
+    kp = np.round((local - lo + origin) * 4) / 4  # quarter pixels: exact in float32 and json
+    bounds = (*(kp.min(axis=0) - margin).tolist(), *(kp.max(axis=0) + margin).tolist())
+    index, total = _render_layer(size, bounds, _figure_drawer(kp, head_r, width))
+    in_frame = (kp >= 0).all(axis=1) & (kp < size).all(axis=1)
+    kp_px = np.floor(kp[in_frame]).astype(np.int64)
+    if (
+        int(in_frame.sum()) < MIN_FIGURE_IN_FRAME_KEYPOINTS
+        or np.count_nonzero(index) < MIN_FIGURE_VISIBLE * total
+        or not scene.accepts(index, total)
+    ):
+        return None
+    x1, y1, x2, y2 = _mask_box(index > 0)
+    colour = _pick_colour(rng, canvas[y1:y2, x1:x2].reshape(-1, 3).mean(axis=0))
+    torso = colour * rng.uniform(0.45, 0.65) if colour.mean() > 110 else colour + (255 - colour) * 0.45
+    _paint(rng, canvas, index, {1: torso, 2: colour}, plain=True)
+    k = scene.add(
+        index, total, min_visible=MIN_FIGURE_VISIBLE, keypoint_px=kp_px, min_keypoints=MIN_FIGURE_VISIBLE_KEYPOINTS
+    )
+    return k, kp
+
+
+def _place_occluders(rng: np.random.Generator, canvas: np.ndarray, scene: _Scene, *, size: int) -> None:
+    """0 to 2 occluders (:func:`_occluder`) painted over the figures, each where it leaves them visible enough."""
+    for _ in range(int(rng.choice(3, p=(0.45, 0.35, 0.2)))):
+        for _attempt in range(10):
+            poly, bounds = _occluder(rng, size)
+
+            def draw(d: ImageDraw.ImageDraw, dx: float, dy: float, poly: Any = poly) -> None:
+                d.polygon([(x + dx, y + dy) for x, y in poly], fill=1)
+
+            index, total = _render_layer(size, bounds, draw)
+            if not np.any(index) or not scene.accepts(index, total):
                 continue
             x1, y1, x2, y2 = _mask_box(index > 0)
-            colour = _pick_colour(rng, canvas[y1:y2, x1:x2].reshape(-1, 3).mean(axis=0))
-            torso = colour * rng.uniform(0.45, 0.65) if colour.mean() > 110 else colour + (255 - colour) * 0.45
-            _paint(rng, canvas, index, {1: torso, 2: colour}, plain=True)
-            k = scene.add(
-                index,
-                total,
-                min_visible=MIN_FIGURE_VISIBLE,
-                keypoint_px=kp_px,
-                min_keypoints=MIN_FIGURE_VISIBLE_KEYPOINTS,
-            )
-            figures.append((k, kp))
+            colour = _pick_colour(rng, canvas[y1:y2, x1:x2].reshape(-1, 3).mean(axis=0), 60.0)
+            _paint(rng, canvas, index, {1: colour}, plain=False)
+            scene.add(index, total, min_visible=0.0)
             break
-    if not plain:
-        for _ in range(int(rng.choice(3, p=(0.45, 0.35, 0.2)))):
-            for _attempt in range(10):
-                poly, bounds = _occluder(rng, size)
 
-                def draw(d: ImageDraw.ImageDraw, dx: float, dy: float, poly: Any = poly) -> None:
-                    d.polygon([(x + dx, y + dy) for x, y in poly], fill=1)
 
-                index, total = _render_layer(size, bounds, draw)
-                if not np.any(index) or not scene.accepts(index, total):
-                    continue
-                x1, y1, x2, y2 = _mask_box(index > 0)
-                colour = _pick_colour(rng, canvas[y1:y2, x1:x2].reshape(-1, 3).mean(axis=0), 60.0)
-                _paint(rng, canvas, index, {1: colour}, plain=False)
-                scene.add(index, total, min_visible=0.0)
-                break
+def _figure_labels(figures: list[tuple[int, np.ndarray]], scene: _Scene, *, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes ``[N, 4]`` and keypoints ``[N, 13, 3]`` (float32, px) of the placed figures, from the final pixels.
+
+    A keypoint is visible (2) where its figure owns its pixel, hidden (1) where another object does, and
+    ``(0, 0, 0)`` outside the frame. The box is the tight box of the visible pixels, grown to hold the
+    in-frame keypoints.
+    """
     boxes, keypoints = [], []
     for k, kp in figures:
         in_frame = (kp >= 0).all(axis=1) & (kp < size).all(axis=1)
@@ -695,11 +755,7 @@ def _render_figures(rng: np.random.Generator, size: int, plain: bool) -> _Render
         boxes.append((x1, y1, x2, y2))
         xyv = np.concatenate([np.where(in_frame[:, None], kp, 0.0), v[:, None]], axis=1)
         keypoints.append(xyv)
-    boxes_arr = np.array(boxes, np.float32).reshape(-1, 4)
-    return _Rendered(
-        pixels=_finish(rng, canvas, plain),
-        boxes=boxes_arr,
-        labels=np.zeros((len(figures),), np.int64),
-        area=((boxes_arr[:, 2] - boxes_arr[:, 0]) * (boxes_arr[:, 3] - boxes_arr[:, 1])).astype(np.float32),
-        keypoints=np.array(keypoints, np.float32).reshape(-1, len(FIGURE_KEYPOINTS), 3),
+    return (
+        np.array(boxes, np.float32).reshape(-1, 4),
+        np.array(keypoints, np.float32).reshape(-1, len(FIGURE_KEYPOINTS), 3),
     )

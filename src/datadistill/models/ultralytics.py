@@ -5,16 +5,16 @@ is a model YAML (``yolo11n.yaml``, ``yolo11n-pose.yaml``: Ultralytics' bundled o
 random init, for ``train``) or a local ``.pt`` (Ultralytics unpickles it: it can run code, so load only
 files you trust).
 
-- **Training** goes through Ultralytics' own trainer and recipe (:func:`train_yolo`) on a YOLO data set
+- **Training** goes through Ultralytics' own trainer and recipe (:func:`train`) on a YOLO data set
   written from the COCO inputs. A student's real:pseudo ratio is kept by *repeating files* in the training
   list (:func:`mix_plan`): the list holds real and pseudo images in the ratio, cycling the smaller sets, and
   as many samples in all as the torchvision student sees (``epochs`` passes over the real images at that
   ratio). Ultralytics shuffles the list, so the ratio holds per epoch and on average per minibatch, not
-  exactly in every minibatch as with :class:`~datadistill.data.MixedBatchSampler`.
-- **Labeling and evaluation** use :class:`YoloModel`, which gives :func:`datadistill.models.predict` and
-  :func:`datadistill.models.input_size` what they need, so views, keypoint flips with the data set's flip
-  map, fusion and shards are the ones of the torchvision models. YOLO gives keypoint coordinates and
-  scores but no heatmaps: keypoints are fused by score-weighted coordinate averaging (``mean``).
+  exactly in every minibatch as with :class:`~datadistill.data.dataset.MixedBatchSampler`.
+- **Labeling and evaluation** use :class:`YoloDetector`, one more
+  :class:`~datadistill.models.detector.Detector`, so views, keypoint flips with the data set's flip map,
+  fusion and shards are the ones of every model. YOLO gives keypoint coordinates and scores but no
+  heatmaps: keypoints are fused by score-weighted coordinate averaging (``mean``).
 - **Offline**: :func:`import_ultralytics` turns off everything that would reach the network (see there).
 
 Coordinates are absolute pixel xyxy in the original image frame, as everywhere in datadistill.
@@ -41,13 +41,13 @@ import torch
 import yaml
 from torch import Tensor
 
-from datadistill.coco import CocoDataset, default_sigmas, derive_flip_index
+from datadistill.core.types import Detections
+from datadistill.data.coco import CocoDataset, default_sigmas, derive_flip_index
 from datadistill.errors import UserError
-from datadistill.models import ModelMeta
-from datadistill.types import Detections
+from datadistill.models.torchvision import ModelMeta
 
 if TYPE_CHECKING:
-    from datadistill.train import TrainConfig
+    from datadistill.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,15 @@ DEFAULT_IOU = 0.7  # Ultralytics' NMS IoU within one view
 MAX_DEFAULT_IMGSZ = 640
 CHECKPOINT_KEY = "datadistill"  # our model meta, stored inside the Ultralytics .pt that train writes
 CHECKPOINT_NAME = "yolo.pt"
+MODEL_HELP = (
+    "Ultralytics YOLO detect/pose from a model YAML (yolo11n.yaml, yolo11n-pose.yaml) or a local .pt "
+    "(unpickled: only files you trust); pip install 'datadistill[yolo]' (AGPL-3.0)"
+)
+
+
+def list_models() -> list[tuple[str, str, str]]:
+    """The one row of ``datadistill models`` for YOLO."""
+    return [(f"{PREFIX}PATH_OR_YAML", "both", MODEL_HELP)]
 
 
 def is_yolo(spec: str | None) -> bool:
@@ -118,11 +127,25 @@ def import_ultralytics() -> Any:
         )
     dict.update(ul_utils.SETTINGS, {"sync": False, **dict.fromkeys(INTEGRATIONS, False)})
     platform_callbacks.callbacks.clear()  # no Platform streaming, even where ULTRALYTICS_API_KEY is set
+    _restore_pil_open()
     data_utils.check_font = _no_font
     plotting.check_font = _no_font
     if not getattr(trainer_module.check_amp, "_datadistill", False):
         trainer_module.check_amp = _offline_amp_check(trainer_module.check_amp, ul_utils.WEIGHTS_DIR)
     return ultralytics
+
+
+def _restore_pil_open() -> None:
+    """Undo Ultralytics' process-wide patch of ``PIL.Image.open``: on a file PIL cannot identify, the patch
+    tries to install and import ``pi-heif``, so that every later read of a broken image in this process
+    (datadistill's own, in another stage of a ``run``) raised ModuleNotFoundError instead of a one-line
+    error naming the file."""
+    from PIL import Image
+
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is not original:
+        Image.open = original
 
 
 def _no_font(font: str = "Arial.ttf") -> None:
@@ -158,8 +181,8 @@ def _stride_multiple(size: float, stride: int) -> int:
     return max(stride, int(round(size / stride)) * stride)
 
 
-class YoloModel:
-    """An Ultralytics YOLO model behind datadistill's predict/input_size (see :mod:`datadistill.models`).
+class YoloDetector:
+    """An Ultralytics YOLO model behind :class:`datadistill.models.detector.Detector`.
 
     ``predict(images)`` runs Ultralytics' predictor (letterbox to ``imgsz``, NMS within the view at
     ``iou``, boxes and keypoints mapped back to the input frame) on float32 ``[3, H, W]`` images in
@@ -167,7 +190,7 @@ class YoloModel:
     and the keypoint's confidence in [0, 1].
     """
 
-    external_backend = "ultralytics"
+    has_heatmaps = False  # YOLO gives keypoint coordinates and scores, no heatmaps
 
     def __init__(
         self,
@@ -181,19 +204,13 @@ class YoloModel:
         max_det: int = DEFAULT_MAX_DET,
     ) -> None:
         self.yolo, self.meta, self.device, self.path = yolo, meta, device, path
+        self.spec = f"{PREFIX}{path}"
         self.conf, self.iou, self.max_det = conf, iou, max_det
         self.stride = int(max(yolo.model.stride)) if hasattr(yolo.model, "stride") else 32
         self.imgsz = _stride_multiple(meta.max_size, self.stride)
 
-    def eval(self) -> YoloModel:
-        return self
-
-    def to(self, device: torch.device | str) -> YoloModel:
-        self.device = torch.device(device)
-        return self
-
     @contextlib.contextmanager
-    def input_size(self, min_size: int, max_size: int) -> Iterator[YoloModel]:
+    def input_size(self, min_size: int, max_size: int) -> Iterator[YoloDetector]:
         """Run at ``max_size`` (rounded to the stride): YOLO letterboxes the long side to ``imgsz``."""
         saved = self.imgsz
         self.imgsz = _stride_multiple(max_size, self.stride)
@@ -235,6 +252,16 @@ class YoloModel:
             detections.append(det.to(out_device))
         return detections
 
+    def heatmaps(self, images: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[Tensor] | None:
+        return None
+
+    def keypoints_from_heatmaps(self, heatmaps: Tensor, boxes: Tensor, *, image_size: tuple[int, int]) -> Tensor:
+        raise ValueError(f"{self.spec} gives no keypoint heatmaps")
+
+    def unfit_reason(self, height: int, width: int, *, min_size: int, max_size: int) -> str | None:
+        """None: YOLO letterboxes any image into its square input."""
+        return None
+
 
 def _to_bgr_uint8(image: Tensor) -> np.ndarray:
     """``[3, H, W]`` float in [0, 1] (RGB) -> ``[H, W, 3]`` uint8 BGR, what Ultralytics reads from cv2."""
@@ -259,8 +286,8 @@ def weights_path(spec: str) -> Path:
     return source
 
 
-def load_yolo(spec: str, *, device: torch.device | str = "cpu") -> YoloModel:
-    """A trained YOLO model from ``yolo:PATH.pt`` with its :class:`~datadistill.models.ModelMeta`.
+def load_yolo(spec: str, *, device: torch.device | str = "cpu") -> YoloDetector:
+    """A trained YOLO model from ``yolo:PATH.pt`` with its :class:`~datadistill.models.torchvision.ModelMeta`.
 
     A ``.pt`` written by ``datadistill train`` carries the meta (classes, keypoint names, flip map,
     sigmas, image size). For another Ultralytics ``.pt`` it is read from the model: class names,
@@ -279,7 +306,20 @@ def load_yolo(spec: str, *, device: torch.device | str = "cpu") -> YoloModel:
     ckpt = yolo.ckpt if isinstance(yolo.ckpt, dict) else {}
     stored = ckpt.get(CHECKPOINT_KEY)
     meta = ModelMeta.from_dict(stored["meta"]) if isinstance(stored, dict) else _meta_from_model(spec, yolo, ckpt)
-    return YoloModel(yolo, meta, device=torch.device(device), path=path)
+    return YoloDetector(yolo, meta, device=torch.device(device), path=path)
+
+
+def load(spec: str, *, device: torch.device | str = "cpu", min_score: float | None = None) -> YoloDetector:
+    """:func:`load_yolo`, keeping the raw predictions down to ``min_score`` (a labeling run's floor)."""
+    detector = load_yolo(spec, device=device)
+    if min_score is not None:
+        detector.conf = min(detector.conf, min_score)  # candidates as low as the floor reach the fusion
+    return detector
+
+
+def model_file(spec: str) -> Path:
+    """The local ``.pt`` of ``spec`` (:func:`weights_path`)."""
+    return weights_path(spec)
 
 
 def _meta_from_model(spec: str, yolo: Any, ckpt: dict[str, Any]) -> ModelMeta:
@@ -383,11 +423,11 @@ def write_training_set(
     """A YOLO data set for Ultralytics' trainer in ``out_dir``; returns its ``data.yaml`` and the plan.
 
     Each COCO set becomes a YOLO folder (``real/``, ``pseudo/``, ``val/``: images symlinked, label txt
-    files written by :func:`datadistill.yolo.coco_to_yolo`); ``train.txt`` lists the training images as
+    files written by :func:`datadistill.data.yolo_txt.coco_to_yolo`); ``train.txt`` lists the training images as
     :func:`mix_plan` says (repeated entries are repeated samples), ``val.txt`` the validation images (the
     real ones when there is no validation set). ``data.yaml`` keeps the classes, ``kpt_shape``, ``flip_idx``.
     """
-    from datadistill.yolo import coco_to_yolo
+    from datadistill.data.yolo_txt import coco_to_yolo
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -427,7 +467,7 @@ def default_imgsz(dataset: CocoDataset, stride: int = 32) -> int:
 # the train stage
 
 
-def train_yolo(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig) -> Path:
     """``datadistill train --model yolo:...``: Ultralytics' trainer on a YOLO data set written from COCO.
 
     Writes into ``cfg.out``: ``yolo_data/`` (the data set, :func:`write_training_set`), ``ultralytics/``
@@ -442,75 +482,137 @@ def train_yolo(cfg: TrainConfig) -> Path:
     labels and ratio, val, seed, device, threads, workers, resume. The rest of the recipe (schedule,
     warmup, mosaic and colour augmentation, weight decay) is Ultralytics'.
     """
-    from datadistill import distributed
-    from datadistill import train as train_mod
-    from datadistill.coco import load_coco
-    from datadistill.io import provenance, write_json_atomic, write_text_atomic
+    from datadistill.runtime import distributed
+    from datadistill.runtime.devices import resolve_device
 
     started = time.perf_counter()
     assert cfg.model is not None
     if distributed.launch_from_env().world_size > 1:
-        raise UserError("YOLO models train in one process here: start without torchrun")
+        raise UserError("--model yolo:...: YOLO models train in one process here: start without torchrun")
     out = Path(cfg.out).expanduser().resolve()
-    final = out / CHECKPOINT_NAME
-    run_dir = out / "ultralytics"
-    last = run_dir / "weights" / "last.pt"
+    if _check_output_folder(cfg, out):
+        return out
+    if Path(_source(cfg.model)).suffix.lower() not in (".yaml", ".yml"):
+        weights_path(cfg.model)  # a local .pt, checked before Ultralytics would try to download it
+    device = resolve_device(cfg.device)
+    inputs = _load_inputs(cfg)
+    ul = import_ultralytics()
+    data_yaml, config = _prepare_run(cfg, out, inputs, ul.__version__, device)
+    t0 = time.perf_counter()
+    _run_trainer(ul, cfg, out, inputs, data_yaml, config, device)
+    train_s = time.perf_counter() - t0
+    last, final = out / "ultralytics" / "weights" / "last.pt", out / CHECKPOINT_NAME
+    if not last.is_file():
+        raise UserError(f"Ultralytics wrote no {last}; see its log above")
+    _write_checkpoint(last, final, inputs.meta, config)
+    _write_metrics(cfg, out, inputs, device, started=started, train_s=train_s,
+                   ultralytics_epochs=config["ultralytics_epochs"])  # fmt: skip
+    log.info("wrote %s", final)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """The data of a YOLO training run, loaded and checked, and the model meta it will carry."""
+
+    dataset: CocoDataset
+    pseudo: CocoDataset | None
+    val: CocoDataset | None
+    val_images: str
+    imgsz: int
+    meta: ModelMeta
+
+
+def _check_output_folder(cfg: TrainConfig, out: Path) -> bool:
+    """True when a resumed run is already finished; a one-line UserError for a folder that holds
+    another run (without ``--resume``) or none (with it)."""
+    final, last = out / CHECKPOINT_NAME, out / "ultralytics" / "weights" / "last.pt"
     if cfg.resume and not last.is_file():
         raise UserError(f"--resume: {last} not found, so there is no run to continue; start without --resume")
     if cfg.resume and final.is_file():
         log.info("the run in %s is already finished", out)
-        return out
+        return True
     if not cfg.resume and (final.exists() or last.exists()):
         raise UserError(f"{out} already holds a training run ({final.name if final.exists() else last}); "
                         "use --resume to continue it, or another --out")  # fmt: skip
-    source = _source(cfg.model)
-    is_yaml = Path(source).suffix.lower() in (".yaml", ".yml")
-    if not is_yaml:
-        weights_path(cfg.model)  # a local .pt, checked before Ultralytics would try to download it
-    device = train_mod.resolve_device(cfg.device)
+    return False
+
+
+def _load_inputs(cfg: TrainConfig) -> _Inputs:
+    from datadistill.data.coco import load_coco
+    from datadistill.data.inputs import check_image_files, load_pseudo_labels
 
     dataset = load_coco(cfg.data, image_root=cfg.images)
     if not dataset.images:
         raise UserError(f"{cfg.data}: no images to train on")
-    train_mod.check_image_files(dataset, cfg.images, what="training", option="--images")
-    pseudo = train_mod._load_pseudo(cfg, dataset) if cfg.pseudo is not None else None
+    check_image_files(dataset, cfg.images, what="training", option="--images")
+    pseudo = None
+    if cfg.pseudo is not None:
+        assert cfg.pseudo_images is not None
+        pseudo = load_pseudo_labels(cfg.pseudo, cfg.pseudo_images, dataset)
     val = load_coco(cfg.val, image_root=cfg.val_images or cfg.images) if cfg.val is not None else None
     val_images = cfg.val_images or cfg.images
     if val is not None:
-        train_mod.check_image_files(val, val_images, what="validation", option="--val-images")
+        check_image_files(val, val_images, what="validation", option="--val-images")
     imgsz = int(cfg.min_size) if cfg.min_size is not None else default_imgsz(dataset)
     if cfg.max_size is not None and cfg.max_size != imgsz:
         log.info("YOLO letterboxes to one size: --max-size %s ignored, imgsz %d", cfg.max_size, imgsz)
-    if not dataset.categories:
-        raise UserError("the data set has no categories; a detector needs at least one class")
-    kp = dataset.keypoint_category
-    meta = ModelMeta(
-        model=cfg.model, task=dataset.task, class_names=dataset.class_names,
-        category_ids=tuple(c.id for c in dataset.categories), keypoint_names=kp.keypoints if kp else (),
-        flip_index=kp.flip_index if kp else (), skeleton=kp.skeleton if kp else (), sigmas=kp.sigmas if kp else (),
-        min_size=imgsz, max_size=imgsz,
-    )  # fmt: skip
+    assert cfg.model is not None
+    meta = ModelMeta.for_dataset(cfg.model, dataset, min_size=imgsz, max_size=imgsz)
+    return _Inputs(dataset=dataset, pseudo=pseudo, val=val, val_images=val_images, imgsz=imgsz, meta=meta)
 
-    ul = import_ultralytics()
+
+def _prepare_run(
+    cfg: TrainConfig, out: Path, inputs: _Inputs, version: str, device: torch.device
+) -> tuple[Path, dict[str, Any]]:
+    """Seed, write the YOLO data set, ``config.yaml`` and ``provenance.json``; returns the data set's
+    ``data.yaml`` and the resolved config."""
+    from datadistill.runtime.devices import seed_everything
+    from datadistill.runtime.io import provenance, to_plain, write_json_atomic, write_text_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    train_mod.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     data_yaml, plan = write_training_set(
-        out / "yolo_data", real=dataset, real_root=cfg.images, pseudo=pseudo, pseudo_root=cfg.pseudo_images,
-        val=val, val_root=val_images, pseudo_ratio=cfg.pseudo_ratio, epochs=cfg.epochs, seed=cfg.seed,
+        out / "yolo_data", real=inputs.dataset, real_root=cfg.images, pseudo=inputs.pseudo,
+        pseudo_root=cfg.pseudo_images, val=inputs.val, val_root=inputs.val_images, pseudo_ratio=cfg.pseudo_ratio,
+        epochs=cfg.epochs, seed=cfg.seed,
     )  # fmt: skip
-    resolved = dataclasses.replace(cfg, out=str(out), min_size=imgsz, max_size=imgsz)
-    config = {**train_mod._plain(dataclasses.asdict(resolved)), "ultralytics_epochs": plan.epochs,
+    resolved = dataclasses.replace(cfg, out=str(out), min_size=inputs.imgsz, max_size=inputs.imgsz)
+    config = {**to_plain(dataclasses.asdict(resolved)), "ultralytics_epochs": plan.epochs,
               "train_list": {"real": plan.real, "pseudo": plan.pseudo}}  # fmt: skip
     write_text_atomic(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    write_json_atomic(out / "provenance.json", {**provenance(), "ultralytics": ul.__version__}, indent=2)
+    write_json_atomic(out / "provenance.json", {**provenance(), "ultralytics": version}, indent=2)
+    pseudo = inputs.pseudo
     log.info(
         "training %s on %s at imgsz %d: %d real%s images; each Ultralytics epoch lists %d real and %d pseudo "
-        "entries, %d epochs", cfg.model, device, imgsz, len(dataset.images),
+        "entries, %d epochs", cfg.model, device, inputs.imgsz, len(inputs.dataset.images),
         f" + {len(pseudo.images)} pseudo-labeled" if pseudo is not None else "", plan.real, plan.pseudo, plan.epochs,
     )  # fmt: skip
+    return data_yaml, config
 
+
+def _trainer_args(
+    cfg: TrainConfig, out: Path, data_yaml: Path, config: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """Ultralytics' ``train`` arguments for a new run."""
+    args: dict[str, Any] = dict(
+        data=str(data_yaml), epochs=config["ultralytics_epochs"], imgsz=config["min_size"], batch=cfg.batch_size,
+        workers=cfg.workers, device=_ultralytics_device(device), seed=cfg.seed, deterministic=True, plots=False,
+        val=False, amp=device.type == "cuda", project=str(out), name="ultralytics", exist_ok=True,
+        fliplr=cfg.flip_prob, verbose=False,
+    )  # fmt: skip
+    if cfg.lr is not None:
+        args.update(lr0=cfg.lr, optimizer="AdamW" if cfg.optimizer == "adamw" else "SGD", momentum=cfg.momentum)
+    return args
+
+
+def _run_trainer(
+    ul: Any, cfg: TrainConfig, out: Path, inputs: _Inputs, data_yaml: Path, config: dict[str, Any],
+    device: torch.device,
+) -> None:  # fmt: skip
+    """Ultralytics' trainer, new or resumed, with the process-wide torch state it changes (thread count,
+    deterministic algorithms) restored after."""
     threads = cfg.threads or torch.get_num_threads()
-    # Ultralytics' trainer changes process-wide torch state (thread count, deterministic algorithms): restored after.
     saved_state = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
                    torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic,
                    torch.utils.deterministic.fill_uninitialized_memory)  # fmt: skip
@@ -518,72 +620,67 @@ def train_yolo(cfg: TrainConfig) -> Path:
     def set_threads(_: Any) -> None:  # Ultralytics' device setup resets torch's thread count
         torch.set_num_threads(threads)
 
-    args: dict[str, Any] = dict(
-        data=str(data_yaml), epochs=plan.epochs, imgsz=imgsz, batch=cfg.batch_size, workers=cfg.workers,
-        device=_ultralytics_device(device), seed=cfg.seed, deterministic=True, plots=False, val=False,
-        amp=device.type == "cuda", project=str(out), name="ultralytics", exist_ok=True, fliplr=cfg.flip_prob,
-        verbose=False,
-    )  # fmt: skip
-    if cfg.lr is not None:
-        args.update(lr0=cfg.lr, optimizer="AdamW" if cfg.optimizer == "adamw" else "SGD", momentum=cfg.momentum)
-    t0 = time.perf_counter()
     try:
         if cfg.resume:
-            yolo = ul.YOLO(str(last))
+            yolo = ul.YOLO(str(out / "ultralytics" / "weights" / "last.pt"))
             yolo.add_callback("on_pretrain_routine_start", set_threads)
             yolo.train(resume=True)
-        else:
-            try:
-                yolo = ul.YOLO(source)
-            except FileNotFoundError as exc:
-                raise UserError(f"--model {cfg.model}: {' '.join(str(exc).split())[:200]}") from exc
-            if yolo.task not in TASKS:
-                raise UserError(f"--model {cfg.model}: a YOLO {yolo.task} model; datadistill trains detect and pose")
-            if (yolo.task == "pose") != (dataset.task == "keypoints"):
-                raise UserError(f"--model {cfg.model} is a YOLO {yolo.task} model but the data set has {dataset.task}")
-            if cfg.init is not None:
-                init = Path(cfg.init).expanduser()
-                if init.suffix.lower() != ".pt" or not init.is_file():
-                    raise UserError(f"--init {cfg.init}: YOLO models take a local Ultralytics .pt")
-                yolo.load(str(init))
-            yolo.add_callback("on_pretrain_routine_start", set_threads)
-            yolo.train(**args)
+            return
+        yolo = _new_model(ul, cfg, inputs.dataset.task)
+        yolo.add_callback("on_pretrain_routine_start", set_threads)
+        yolo.train(**_trainer_args(cfg, out, data_yaml, config, device))
     finally:
         torch.set_num_threads(saved_state[0])
         torch.use_deterministic_algorithms(saved_state[1], warn_only=saved_state[2])
         torch.backends.cudnn.deterministic = saved_state[3]
         torch.utils.deterministic.fill_uninitialized_memory = saved_state[4]  # type: ignore[attr-defined]
-    train_s = time.perf_counter() - t0
-    if not last.is_file():
-        raise UserError(f"Ultralytics wrote no {last}; see its log above")
-    _write_checkpoint(last, final, meta, config)
 
-    record: dict[str, Any] = {"type": "epoch", "epoch": cfg.epochs, "ultralytics_epochs": plan.epochs,
+
+def _new_model(ul: Any, cfg: TrainConfig, task: str) -> Any:
+    """The YOLO model to train: from its YAML or .pt, of the data's task, with ``--init`` weights loaded."""
+    assert cfg.model is not None
+    try:
+        yolo = ul.YOLO(_source(cfg.model))
+    except FileNotFoundError as exc:
+        raise UserError(f"--model {cfg.model}: {' '.join(str(exc).split())[:200]}") from exc
+    if yolo.task not in TASKS:
+        raise UserError(f"--model {cfg.model}: a YOLO {yolo.task} model; datadistill trains detect and pose")
+    if (yolo.task == "pose") != (task == "keypoints"):
+        raise UserError(f"--model {cfg.model} is a YOLO {yolo.task} model but the data set has {task}")
+    if cfg.init is not None:
+        init = Path(cfg.init).expanduser()
+        if init.suffix.lower() != ".pt" or not init.is_file():
+            raise UserError(f"--init {cfg.init}: YOLO models take a local Ultralytics .pt")
+        yolo.load(str(init))
+    return yolo
+
+
+def _write_metrics(
+    cfg: TrainConfig, out: Path, inputs: _Inputs, device: torch.device, *, started: float, train_s: float,
+    ultralytics_epochs: int,
+) -> None:  # fmt: skip
+    """``metrics.jsonl`` (one epoch line, with our COCO evaluation of the validation set) and ``timings.json``."""
+    from datadistill.runtime.io import write_json_atomic
+    from datadistill.stages.evaluate import evaluate_model
+
+    record: dict[str, Any] = {"type": "epoch", "epoch": cfg.epochs, "ultralytics_epochs": ultralytics_epochs,
                               "time_s": train_s}  # fmt: skip
     eval_s = 0.0
-    if val is not None:
+    if inputs.val is not None:
         t0 = time.perf_counter()
-        model = load_yolo(f"{PREFIX}{final}", device=device)
-        record["val"] = train_mod.evaluate_model(
-            model,
-            val,
-            val_images,
-            device=device,
-            batch_size=cfg.batch_size,
-            workers=cfg.workers,  # type: ignore[arg-type]
-        )
+        model = load_yolo(f"{PREFIX}{out / CHECKPOINT_NAME}", device=device)
+        record["val"] = evaluate_model(model, inputs.val, inputs.val_images, device=device,
+                                       batch_size=cfg.batch_size, workers=cfg.workers)  # fmt: skip
         eval_s = time.perf_counter() - t0
     (out / "metrics.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
     total = time.perf_counter() - started
     write_json_atomic(out / "timings.json", {"setup_s": total - train_s - eval_s, "train_s": train_s,
                                             "eval_s": eval_s, "total_s": total}, indent=2)  # fmt: skip
-    log.info("wrote %s", final)
-    return out
 
 
 def _write_checkpoint(last: Path, final: Path, meta: ModelMeta, config: dict[str, Any]) -> None:
     """``final``: Ultralytics' ``last`` with datadistill's meta under :data:`CHECKPOINT_KEY` (atomic)."""
-    from datadistill.io import write_atomic
+    from datadistill.runtime.io import write_atomic
 
     # Our own file, just written by Ultralytics' trainer: unpickled as Ultralytics itself does.
     ckpt = torch.load(last, map_location="cpu", weights_only=False)

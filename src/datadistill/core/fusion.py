@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datadistill.types import Detections
+from datadistill.core.types import Detections
 
 __all__ = ["box_voting", "fuse", "fuse_keypoints_mean", "nms", "soft_nms", "wbf"]
 
@@ -726,6 +726,33 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _cluster_keypoints(
+    views: Sequence[Detections], fused: _Fused, *, num_clusters: int, device: torch.device
+) -> Tensor | None:
+    """``[C, K, 3]`` keypoints of each fused cluster (:func:`fuse_keypoints_mean`, weighted by the members'
+    weighted box scores), or None when no view has keypoints. Every view with detections must have
+    keypoints of one shape."""
+    num_keypoints = {tuple(d.keypoints.shape[1:]) for d in views if d.keypoints is not None}
+    if len(num_keypoints) > 1:
+        raise ValueError(f"views must have the same number of keypoints, got shapes {sorted(num_keypoints)}")
+    if not num_keypoints:
+        return None
+    (shape,) = num_keypoints
+    missing = [i for i, d in enumerate(views) if d.keypoints is None and len(d) > 0]
+    if missing:
+        raise ValueError(f"views {missing} have detections without keypoints while others have keypoints")
+    all_kps = torch.cat(
+        [(d.keypoints if d.keypoints is not None else torch.zeros((0, *shape))).detach().cpu().float() for d in views]
+    )
+    return fuse_keypoints_mean(
+        all_kps,
+        torch.from_numpy(fused.row_weights),
+        torch.from_numpy(fused.members),
+        torch.from_numpy(fused.clusters),
+        num_clusters,
+    ).to(device)
+
+
 def fuse(
     views: Sequence[Detections],
     *,
@@ -764,28 +791,7 @@ def fuse(
     v = max(inputs.num_views, 1)
     pairs = np.unique(fused.clusters * v + inputs.views[fused.members])
     agreement = torch.from_numpy(np.bincount(pairs // v, minlength=c).astype(np.int64)).to(inputs.device)
-    keypoints = None
-    num_keypoints = {tuple(d.keypoints.shape[1:]) for d in views if d.keypoints is not None}
-    if len(num_keypoints) > 1:
-        raise ValueError(f"views must have the same number of keypoints, got shapes {sorted(num_keypoints)}")
-    if num_keypoints:
-        (shape,) = num_keypoints
-        missing = [i for i, d in enumerate(views) if d.keypoints is None and len(d) > 0]
-        if missing:
-            raise ValueError(f"views {missing} have detections without keypoints while others have keypoints")
-        all_kps = torch.cat(
-            [
-                (d.keypoints if d.keypoints is not None else torch.zeros((0, *shape))).detach().cpu().float()
-                for d in views
-            ]
-        )
-        keypoints = fuse_keypoints_mean(
-            all_kps,
-            torch.from_numpy(fused.row_weights),
-            torch.from_numpy(fused.members),
-            torch.from_numpy(fused.clusters),
-            c,
-        ).to(inputs.device)
+    keypoints = _cluster_keypoints(views, fused, num_clusters=c, device=inputs.device)
     out = Detections(
         boxes=boxes.float(),
         scores=scores.float(),

@@ -17,13 +17,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from datadistill.data.images import image_size, read_image, resolve_image_path
 from datadistill.errors import DataError
-from datadistill.images import image_size, read_image, resolve_image_path
-from datadistill.io import write_json_atomic
+from datadistill.runtime.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,10 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
+    """The categories in file order, each with its keypoint schema; one without a valid id or name is left out.
+
+    Every keypoint category must list the same keypoint names (one schema per data set).
+    """
     if not isinstance(raw, list):
         problems.append(f"'categories' must be a list, got {type(raw).__name__}")
         return ()
@@ -283,49 +287,18 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
         if not isinstance(name, str) or not name:
             problems.append(f"{where}: 'name' must be a non-empty string, got {_show(name)}")
             continue
-        kp_names = c.get("keypoints") or []
-        if not (isinstance(kp_names, list) and all(isinstance(n, str) for n in kp_names)):
-            problems.append(f"{where}: 'keypoints' must be a list of names")
-            kp_names = []
-        kp = tuple(kp_names)
-        if kp and len(set(kp)) != len(kp):
-            problems.append(f"{where}: duplicate keypoint names")
+        kp = _category_keypoint_names(c.get("keypoints"), where=where, problems=problems)
         if kp:
             if schema is None:
                 schema = kp
             elif kp != schema:
                 problems.append(f"{where}: keypoint names differ from another category's (one schema per data set)")
-        skeleton_raw = c.get("skeleton") or []
-        skeleton: list[tuple[int, int]] = []
-        if not isinstance(skeleton_raw, list):
-            problems.append(f"{where}: 'skeleton' must be a list of [a, b] pairs")
-            skeleton_raw = []
-        for edge in skeleton_raw:
-            if (
-                isinstance(edge, list | tuple)
-                and len(edge) == 2
-                and all(_is_int(e) and 1 <= e <= len(kp) for e in edge)
-            ):
-                skeleton.append((int(edge[0]), int(edge[1])))
-            else:
-                problems.append(f"{where}: skeleton edge {_show(edge)} is not a pair of 1-based keypoint indices")
+        skeleton = _category_skeleton(c.get("skeleton"), kp, where=where, problems=problems)
         if "flip_pairs" in c:
             flip = _flip_index_from_pairs(c["flip_pairs"], kp, where, problems)
         else:
             flip = derive_flip_index(kp)
-        sigmas_raw = c.get("sigmas")
-        if sigmas_raw is None:
-            sigmas = default_sigmas(kp)
-        elif (
-            isinstance(sigmas_raw, list)
-            and len(sigmas_raw) == len(kp)
-            and _finite(sigmas_raw)
-            and all(s > 0 for s in sigmas_raw)
-        ):
-            sigmas = tuple(float(s) for s in sigmas_raw)
-        else:
-            problems.append(f"{where}: 'sigmas' must be {len(kp)} positive numbers, got {_show(sigmas_raw)}")
-            sigmas = default_sigmas(kp)
+        sigmas = _category_sigmas(c.get("sigmas"), kp, where=where, problems=problems)
         supercategory = c.get("supercategory", "")
         cats.append(
             Category(
@@ -333,12 +306,55 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
                 name=name,
                 supercategory=supercategory if isinstance(supercategory, str) else "",
                 keypoints=kp,
-                skeleton=tuple(skeleton),
+                skeleton=skeleton,
                 flip_index=flip,
                 sigmas=sigmas,
             )
         )
     return tuple(cats)
+
+
+def _category_keypoint_names(raw: Any, *, where: str, problems: list[str]) -> tuple[str, ...]:
+    """A category's keypoint names (none when missing or malformed, the problem noted)."""
+    kp_names = raw or []
+    if not (isinstance(kp_names, list) and all(isinstance(n, str) for n in kp_names)):
+        problems.append(f"{where}: 'keypoints' must be a list of names")
+        kp_names = []
+    kp = tuple(kp_names)
+    if kp and len(set(kp)) != len(kp):
+        problems.append(f"{where}: duplicate keypoint names")
+    return kp
+
+
+def _category_skeleton(
+    raw: Any, keypoints: tuple[str, ...], *, where: str, problems: list[str]
+) -> tuple[tuple[int, int], ...]:
+    """The skeleton's edges (1-based keypoint index pairs); a malformed edge is noted and left out."""
+    skeleton_raw = raw or []
+    skeleton: list[tuple[int, int]] = []
+    if not isinstance(skeleton_raw, list):
+        problems.append(f"{where}: 'skeleton' must be a list of [a, b] pairs")
+        skeleton_raw = []
+    for edge in skeleton_raw:
+        if (
+            isinstance(edge, list | tuple)
+            and len(edge) == 2
+            and all(_is_int(e) and 1 <= e <= len(keypoints) for e in edge)
+        ):
+            skeleton.append((int(edge[0]), int(edge[1])))
+        else:
+            problems.append(f"{where}: skeleton edge {_show(edge)} is not a pair of 1-based keypoint indices")
+    return tuple(skeleton)
+
+
+def _category_sigmas(raw: Any, keypoints: tuple[str, ...], *, where: str, problems: list[str]) -> tuple[float, ...]:
+    """The OKS sigmas, one positive number per keypoint; the defaults when missing or malformed."""
+    if raw is None:
+        return default_sigmas(keypoints)
+    if isinstance(raw, list) and len(raw) == len(keypoints) and _finite(raw) and all(s > 0 for s in raw):
+        return tuple(float(s) for s in raw)
+    problems.append(f"{where}: 'sigmas' must be {len(keypoints)} positive numbers, got {_show(raw)}")
+    return default_sigmas(keypoints)
 
 
 def _parse_images(raw: Any, image_root: Path | None, problems: list[str]) -> tuple[ImageRecord, ...]:
@@ -388,120 +404,179 @@ def _parse_images(raw: Any, image_root: Path | None, problems: list[str]) -> tup
     return tuple(images)
 
 
+class _Invalid(Exception):
+    """A record's problem: the record is left out and the message (one line) noted."""
+
+
+class _AnnotationRow(NamedTuple):
+    """One annotation that passed every check: box xyxy px, label a class index, keypoints ``[K, 3]``."""
+
+    id: int
+    box: tuple[float, float, float, float]
+    label: int
+    iscrowd: bool
+    area: float
+    keypoints: np.ndarray | None
+    score: float | None
+    agreement: int | None
+
+
+@dataclass
+class _OptionalColumns:
+    """Whether an annotation carried a ``score`` / an ``agreement``: then every image gets that column."""
+
+    scores: bool = False
+    agreement: bool = False
+
+
 def _parse_annotations(
     raw: Any, images: tuple[ImageRecord, ...], categories: tuple[Category, ...], problems: list[str]
 ) -> dict[int, ImageLabels]:
+    """The labels of every image (empty ones included); an annotation with a problem is left out."""
     if not isinstance(raw, list):
         problems.append(f"'annotations' must be a list, got {type(raw).__name__}")
         raw = []
     image_by_id = {im.id: im for im in images}
     class_of = {c.id: i for i, c in enumerate(categories)}
     kp_count = len(next((c.keypoints for c in categories if c.keypoints), ()))
-    rows: dict[int, list[tuple]] = {im.id: [] for im in images}
-    has_scores = has_agreement = False
+    rows: dict[int, list[_AnnotationRow]] = {im.id: [] for im in images}
+    columns = _OptionalColumns()
     seen: set[int] = set()
     for i, a in enumerate(raw):
-        where = f"annotation #{i}"
-        if not isinstance(a, dict):
-            problems.append(f"{where}: must be an object, got {type(a).__name__}")
+        try:
+            image_id, row = _parse_annotation(
+                a, i, image_by_id=image_by_id, class_of=class_of, categories=categories, kp_count=kp_count,
+                seen=seen, columns=columns,
+            )  # fmt: skip
+        except _Invalid as exc:
+            problems.append(str(exc))
             continue
-        aid = a.get("id")
-        if not _is_int(aid):
-            problems.append(f"{where}: 'id' must be an integer, got {_show(aid)}")
-            continue
-        if aid in seen:
-            problems.append(f"annotation {aid}: duplicate annotation id")
-            continue
-        seen.add(aid)
-        iid = a.get("image_id")
-        where = f"annotation {aid} (image {_show(iid)})" if not _is_int(iid) else f"annotation {aid} (image {iid})"
-        if not _is_int(iid) or iid not in image_by_id:
-            problems.append(f"{where}: unknown image_id {_show(iid)}")
-            continue
-        img = image_by_id[iid]
-        cid = a.get("category_id")
-        if not _is_int(cid) or cid not in class_of:
-            problems.append(f"{where}: unknown category_id {_show(cid)}")
-            continue
-        bbox = a.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and _finite(bbox)):
-            problems.append(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {_show(bbox)}")
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
-            problems.append(f"{where}: box has non-positive width or height (w={w:g}, h={h:g})")
-            continue
-        tol = BOX_TOLERANCE_PX
-        if x < -tol or y < -tol or x + w > img.width + tol or y + h > img.height + tol:
-            problems.append(
-                f"{where}: box [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the {img.width}x{img.height} image"
+        rows[image_id].append(row)
+    return {iid: _image_labels(rs, kp_count=kp_count, columns=columns) for iid, rs in rows.items()}
+
+
+def _parse_annotation(
+    a: Any,
+    index: int,
+    *,
+    image_by_id: dict[int, ImageRecord],
+    class_of: dict[int, int],
+    categories: tuple[Category, ...],
+    kp_count: int,
+    seen: set[int],
+    columns: _OptionalColumns,
+) -> tuple[int, _AnnotationRow]:
+    """One annotation checked field by field: its image id and row, or :class:`_Invalid` at the first problem.
+
+    Adds its id to ``seen`` once the id is known to be new, and marks ``columns`` once a score or an
+    agreement has been read, even when a later field fails.
+    """
+    where = f"annotation #{index}"
+    if not isinstance(a, dict):
+        raise _Invalid(f"{where}: must be an object, got {type(a).__name__}")
+    aid = a.get("id")
+    if not _is_int(aid):
+        raise _Invalid(f"{where}: 'id' must be an integer, got {_show(aid)}")
+    if aid in seen:
+        raise _Invalid(f"annotation {aid}: duplicate annotation id")
+    seen.add(aid)
+    iid = a.get("image_id")
+    where = f"annotation {aid} (image {_show(iid)})" if not _is_int(iid) else f"annotation {aid} (image {iid})"
+    if not _is_int(iid) or iid not in image_by_id:
+        raise _Invalid(f"{where}: unknown image_id {_show(iid)}")
+    cid = a.get("category_id")
+    if not _is_int(cid) or cid not in class_of:
+        raise _Invalid(f"{where}: unknown category_id {_show(cid)}")
+    x, y, w, h = _annotation_box(a.get("bbox"), image_by_id[iid], where=where)
+    iscrowd = a.get("iscrowd", 0)
+    if not _is_int(iscrowd) or iscrowd not in (0, 1):
+        raise _Invalid(f"{where}: 'iscrowd' must be 0 or 1, got {_show(iscrowd)}")
+    kps = _annotation_keypoints(a, categories[class_of[cid]], where=where, kp_count=kp_count)
+    score, agreement = _annotation_score_agreement(a, where=where, columns=columns)
+    area = a.get("area")
+    area = float(area) if is_finite_number(area) and area >= 0 else w * h
+    return iid, _AnnotationRow(aid, (x, y, x + w, y + h), class_of[cid], bool(iscrowd), area, kps, score, agreement)
+
+
+def _annotation_box(bbox: Any, img: ImageRecord, *, where: str) -> tuple[float, float, float, float]:
+    """COCO's ``[x, y, w, h]`` as floats: finite, positive in size, inside the image up to the tolerance."""
+    if not (isinstance(bbox, list) and len(bbox) == 4 and _finite(bbox)):
+        raise _Invalid(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {_show(bbox)}")
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        raise _Invalid(f"{where}: box has non-positive width or height (w={w:g}, h={h:g})")
+    tol = BOX_TOLERANCE_PX
+    if x < -tol or y < -tol or x + w > img.width + tol or y + h > img.height + tol:
+        raise _Invalid(f"{where}: box [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the {img.width}x{img.height} image")
+    return x, y, w, h
+
+
+def _annotation_keypoints(a: dict[str, Any], category: Category, *, where: str, kp_count: int) -> np.ndarray | None:
+    """``[K, 3]`` keypoints, or None in a data set without keypoints.
+
+    An annotation of a category without keypoints, in a data set with them, gets K unlabeled points.
+    Visibility must be 0, 1 or 2, except in predictions and pseudo-labels (a ``score``), where it is a score.
+    """
+    if not kp_count:
+        if a.get("keypoints"):
+            raise _Invalid(f"{where}: has keypoints but its category {category.id} defines none")
+        return None
+    kp_raw = a.get("keypoints")
+    if kp_raw is None and not category.keypoints:
+        kp_raw = [0] * (3 * kp_count)
+    if not (isinstance(kp_raw, list) and len(kp_raw) == 3 * kp_count):
+        got = len(kp_raw) if isinstance(kp_raw, list) else type(kp_raw).__name__
+        raise _Invalid(f"{where}: 'keypoints' must hold {3 * kp_count} numbers ({kp_count} x, y, v), got {got}")
+    if not _finite(kp_raw):
+        raise _Invalid(f"{where}: 'keypoints' must be finite numbers")
+    kps = np.asarray(kp_raw, np.float64).reshape(kp_count, 3)
+    if "score" not in a and not np.isin(kps[:, 2], (0, 1, 2)).all():
+        raise _Invalid(f"{where}: keypoint visibility must be 0, 1 or 2")
+    return kps
+
+
+def _annotation_score_agreement(
+    a: dict[str, Any], *, where: str, columns: _OptionalColumns
+) -> tuple[float | None, int | None]:
+    """The optional ``score`` (in [0, 1]) and ``agreement`` (a count of views); marks ``columns`` when read."""
+    score = a.get("score")
+    if score is not None:
+        if not (is_finite_number(score) and 0 <= score <= 1):
+            raise _Invalid(f"{where}: 'score' must be a number in [0, 1], got {_show(score)}")
+        columns.scores = True
+    agreement = a.get("agreement")
+    if agreement is not None:
+        if not _is_int(agreement) or agreement < 0:
+            raise _Invalid(f"{where}: 'agreement' must be a non-negative integer, got {_show(agreement)}")
+        columns.agreement = True
+    return score, agreement
+
+
+def _image_labels(rows: list[_AnnotationRow], *, kp_count: int, columns: _OptionalColumns) -> ImageLabels:
+    """The rows of one image as arrays; a missing score reads 1.0 and a missing agreement 0."""
+    if not rows:
+        empty = ImageLabels.empty(kp_count)
+        if columns.scores or columns.agreement:
+            empty = ImageLabels(
+                **{
+                    **empty.__dict__,
+                    "scores": np.zeros((0,), np.float64) if columns.scores else None,
+                    "agreement": np.zeros((0,), np.int64) if columns.agreement else None,
+                }
             )
-            continue
-        iscrowd = a.get("iscrowd", 0)
-        if not _is_int(iscrowd) or iscrowd not in (0, 1):
-            problems.append(f"{where}: 'iscrowd' must be 0 or 1, got {_show(iscrowd)}")
-            continue
-        kps = None
-        if kp_count:
-            kp_raw = a.get("keypoints")
-            if kp_raw is None and not categories[class_of[cid]].keypoints:
-                kp_raw = [0] * (3 * kp_count)
-            if not (isinstance(kp_raw, list) and len(kp_raw) == 3 * kp_count):
-                got = len(kp_raw) if isinstance(kp_raw, list) else type(kp_raw).__name__
-                problems.append(
-                    f"{where}: 'keypoints' must hold {3 * kp_count} numbers ({kp_count} x, y, v), got {got}"
-                )
-                continue
-            if not _finite(kp_raw):
-                problems.append(f"{where}: 'keypoints' must be finite numbers")
-                continue
-            kps = np.asarray(kp_raw, np.float64).reshape(kp_count, 3)
-            if "score" not in a and not np.isin(kps[:, 2], (0, 1, 2)).all():
-                problems.append(f"{where}: keypoint visibility must be 0, 1 or 2")
-                continue
-        elif a.get("keypoints"):
-            problems.append(f"{where}: has keypoints but its category {cid} defines none")
-            continue
-        score = a.get("score")
-        if score is not None:
-            if not (is_finite_number(score) and 0 <= score <= 1):
-                problems.append(f"{where}: 'score' must be a number in [0, 1], got {_show(score)}")
-                continue
-            has_scores = True
-        agreement = a.get("agreement")
-        if agreement is not None:
-            if not _is_int(agreement) or agreement < 0:
-                problems.append(f"{where}: 'agreement' must be a non-negative integer, got {_show(agreement)}")
-                continue
-            has_agreement = True
-        area = a.get("area")
-        area = float(area) if is_finite_number(area) and area >= 0 else w * h
-        rows[iid].append((aid, (x, y, x + w, y + h), class_of[cid], bool(iscrowd), area, kps, score, agreement))
-    out: dict[int, ImageLabels] = {}
-    for iid, rs in rows.items():
-        if not rs:
-            empty = ImageLabels.empty(kp_count)
-            if has_scores or has_agreement:
-                empty = ImageLabels(
-                    **{
-                        **empty.__dict__,
-                        "scores": np.zeros((0,), np.float64) if has_scores else None,
-                        "agreement": np.zeros((0,), np.int64) if has_agreement else None,
-                    }
-                )
-            out[iid] = empty
-            continue
-        out[iid] = ImageLabels(
-            ids=np.array([r[0] for r in rs], np.int64),
-            boxes=np.array([r[1] for r in rs], np.float64).reshape(-1, 4),
-            labels=np.array([r[2] for r in rs], np.int64),
-            iscrowd=np.array([r[3] for r in rs], bool),
-            area=np.array([r[4] for r in rs], np.float64),
-            keypoints=np.stack([r[5] for r in rs]) if kp_count else None,
-            scores=np.array([1.0 if r[6] is None else r[6] for r in rs], np.float64) if has_scores else None,
-            agreement=np.array([0 if r[7] is None else r[7] for r in rs], np.int64) if has_agreement else None,
-        )
-    return out
+        return empty
+    return ImageLabels(
+        ids=np.array([r.id for r in rows], np.int64),
+        boxes=np.array([r.box for r in rows], np.float64).reshape(-1, 4),
+        labels=np.array([r.label for r in rows], np.int64),
+        iscrowd=np.array([r.iscrowd for r in rows], bool),
+        area=np.array([r.area for r in rows], np.float64),
+        keypoints=np.stack([r.keypoints for r in rows]) if kp_count else None,
+        scores=np.array([1.0 if r.score is None else r.score for r in rows], np.float64) if columns.scores else None,
+        agreement=(
+            np.array([0 if r.agreement is None else r.agreement for r in rows], np.int64) if columns.agreement else None
+        ),
+    )
 
 
 def parse_coco(
@@ -531,6 +606,8 @@ def parse_coco(
 def load_coco(path: str | os.PathLike[str], *, image_root: str | os.PathLike[str] | None = None) -> CocoDataset:
     """Read a COCO json; any problem raises a one-line DataError that points to ``datadistill validate``."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
     try:
         raw = read_json(path)
     except DataError as exc:

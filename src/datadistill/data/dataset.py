@@ -26,9 +26,9 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from datadistill.coco import CocoDataset, ImageLabels
+from datadistill.data.coco import CocoDataset, ImageLabels
+from datadistill.data.images import read_image, resolve_image_path
 from datadistill.errors import DataError
-from datadistill.images import read_image, resolve_image_path
 
 MIN_BOX_SIDE_PX = 1.0  # boxes thinner than this after augmentation are dropped, with their keypoints
 
@@ -158,7 +158,7 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
     """The images of a :class:`CocoDataset` with their annotations as detection targets: ``boxes``,
     ``labels`` (and ``keypoints``) of the objects, and ``ignore`` ``[M, 4]``, the crowd regions
     (``iscrowd: 1``), where the image has any: neither objects nor background in training
-    (:mod:`datadistill.ignore`).
+    (:mod:`datadistill.models.ignore`).
 
     ``train=True`` augments each sample (scale jitter in ``[min_scale, max_scale]`` with crop or pad back
     to the original size, horizontal flip with ``flip_prob`` that swaps left/right keypoints with the data

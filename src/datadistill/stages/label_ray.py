@@ -2,16 +2,17 @@
 
 The streaming pipeline, for the shards still to do:
 
-1. one row per forward-pass batch of each shard (:func:`datadistill.label.plan_batches`: the local
+1. one row per forward-pass batch of each shard (:func:`datadistill.stages.shards.plan_batches`: the local
    engine's batches, so the labels are the same);
 2. ``map_batches`` tasks on CPU workers read and decode the row's images (broken files become errors,
    as in the local engine);
-3. ``map_batches`` on a pool of model actors, each holding the model loaded once from the checkpoint
+3. ``map_batches`` on a pool of model actors, each holding the detector loaded once from its model file
    (shipped through the object store, so the workers need not see the driver's files; one GPU per actor
    where the cluster has GPUs, else ``threads`` CPU threads per actor), runs
-   :func:`datadistill.label.label_images` and returns one shard-table row per image;
-4. the driver gathers each shard's rows and writes the shard atomically once it is complete, so a
-   killed run resumes from its finished shards, as with the local engine.
+   :func:`datadistill.stages.multiview.label_images` and returns one shard-table row per image;
+4. the driver gathers each shard's rows and writes the shard atomically once it is complete (the local
+   engine's :class:`~datadistill.stages.shards.ShardWriter`), so a killed run resumes from its finished
+   shards, as with the local engine.
 
 The images must be readable at the same path from every node (a shared file system); the output is
 written by the driver alone. Ray Data retries a task whose worker died and restarts a dead actor (its
@@ -21,7 +22,6 @@ defaults; Ray 2.60 takes other limits only through its deprecated ``ray_remote_a
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,22 +31,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from datadistill import models
+from datadistill.core.views import parse_views
 from datadistill.errors import UserError
-from datadistill.label import (
+from datadistill.models.detector import load_detector, model_file, with_model_file
+from datadistill.stages.multiview import LabelTimer, label_images, unfit_reason
+from datadistill.stages.shards import (
     ImageSource,
-    _error_row,
-    _row,
-    _schema,
-    _ShardImages,
-    _Timer,
-    _write_shard,
-    label_images,
+    ShardImages,
+    ShardWriter,
+    detections_row,
+    error_row,
     plan_batches,
-    shard_path,
-    unfit_reason,
+    shard_schema,
 )
-from datadistill.views import parse_views
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +63,14 @@ def _output_schema(num_keypoints: int) -> pa.Schema:
     """The shard table's columns, plus where each row goes and the batch's model time (spread evenly)."""
     extra = [pa.field("shard", pa.int64()), pa.field("position", pa.int64()), pa.field("model_s", pa.float64()),
              pa.field("fusion_s", pa.float64())]  # fmt: skip
-    return pa.schema(extra + list(_schema(num_keypoints)))
+    return pa.schema(extra + list(shard_schema(num_keypoints)))
 
 
 def _decode(batch: pa.Table, *, root: str) -> pa.Table:
     """Read and decode the images of each row (one forward-pass batch)."""
     rows = []
     for row in batch.to_pylist():
-        reader = _ShardImages(Path(root), [(row["shard"], name) for name in row["names"]])
+        reader = ShardImages(Path(root), [(row["shard"], name) for name in row["names"]])
         pixels, shapes, errors = [], [], []
         for i in range(len(reader)):
             item = reader[i]
@@ -89,17 +86,22 @@ def _decode(batch: pa.Table, *, root: str) -> pa.Table:
 
 
 class _Labeler:
-    """A model actor: loads the checkpoint once, then labels one forward-pass batch per row."""
+    """A model actor: loads the detector once, then labels one forward-pass batch per row.
 
-    def __init__(self, *, checkpoint: list[Any], device: str, threads: int, num_keypoints: int, settings: dict) -> None:
+    ``weights``: the model file's bytes in the object store; written to a temporary file named as the
+    driver's (``name``), which replaces the file in the driver's model ``spec``."""
+
+    def __init__(self, *, spec: str, name: str, weights: list[Any], device: str, threads: int, num_keypoints: int,
+                 settings: dict) -> None:  # fmt: skip
         import ray
 
         torch.set_num_threads(threads)
-        (blob,) = ray.get(checkpoint)
+        (blob,) = ray.get(weights)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "checkpoint.pt"
+            path = Path(tmp) / name
             path.write_bytes(blob)
-            self.model, self.meta, _ = models.load_checkpoint(path, device=device)
+            self.detector = load_detector(with_model_file(spec, path), device=device,
+                                          min_score=settings["score_floor"])  # fmt: skip
         self.device = torch.device(device)
         self.views = parse_views(settings["views"])
         self.fusion = {k: settings[k] for k in ("fuse", "keypoint_fuse", "iou_thr", "score_floor")}
@@ -120,21 +122,22 @@ class _Labeler:
                 c, h, w = shapes[3 * i : 3 * i + 3]
                 array = np.frombuffer(row["pixels"], np.uint8, c * h * w, offset).reshape(c, h, w)
                 offset += c * h * w
-                errors[i] = unfit_reason(h, w, meta=self.meta, views=self.views)  # as the local engine does
+                errors[i] = unfit_reason(self.detector, h, w, views=self.views)  # as the local engine does
                 images.append(None if errors[i] else torch.from_numpy(array.copy()))
             good = [im for im in images if im is not None]
-            timer = _Timer()
+            timer = LabelTimer()
             results = iter(())
             if good:
                 tensors = [im.to(self.device, non_blocking=True).float().div_(255) for im in good]
-                results = iter(label_images(self.model, self.meta, tensors, views=self.views, timer=timer,
+                results = iter(label_images(self.detector, tensors, views=self.views, timer=timer,
                                             **self.fusion))  # fmt: skip
             share = {"model_s": timer.model_s / len(names), "fusion_s": timer.fusion_s / len(names)}
             for i, (name, image) in enumerate(zip(names, images, strict=True)):
                 if image is None:
-                    table_row = _error_row(name, errors[i], self.num_keypoints)
+                    table_row = error_row(name, errors[i], self.num_keypoints)
                 else:
-                    table_row = _row(name, image.shape[-1], image.shape[-2], next(results), self.num_keypoints)
+                    w, h = image.shape[-1], image.shape[-2]
+                    table_row = detections_row(name, w, h, next(results), self.num_keypoints)
                 out.append({"shard": row["shard"], "position": row["start"] + i, **share, **table_row})
         return pa.Table.from_pylist(out, schema=self.schema)
 
@@ -168,7 +171,7 @@ def _actor_resources(device: str, threads: int) -> tuple[str, dict[str, Any], in
 
 def label_shards(
     *,
-    checkpoint: str | os.PathLike[str],
+    spec: str,
     source: ImageSource,
     shards: list[int],
     out: Path,
@@ -207,23 +210,23 @@ def label_shards(
         settings = {"views": views, "fuse": fuse, "keypoint_fuse": keypoint_fuse, "iou_thr": iou_thr,
                     "score_floor": score_floor}  # fmt: skip
         blocks = min(len(rows), max(len(shards), 4 * cpus))
-        # The actors fetch the checkpoint themselves (a reference in a list is not resolved by Ray), and
-        # this process keeps it alive, so that a restarted actor finds it again.
-        weights = [ray.put(Path(checkpoint).read_bytes())]
+        # The actors fetch the weights themselves (a reference in a list is not resolved by Ray), and
+        # this process keeps them alive, so that a restarted actor finds them again.
+        weights_file = model_file(spec)
+        weights = [ray.put(weights_file.read_bytes())]
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         ds = ds.map_batches(_decode, fn_kwargs={"root": str(source.root)}, batch_size=1, batch_format="pyarrow",
                             num_cpus=1)  # fmt: skip
         ds = ds.map_batches(
             _Labeler,
-            fn_constructor_kwargs={"checkpoint": weights, "device": actor_device, "threads": threads,
-                                   "num_keypoints": num_keypoints, "settings": settings},
+            fn_constructor_kwargs={"spec": spec, "name": weights_file.name, "weights": weights, "device": actor_device,
+                                   "threads": threads, "num_keypoints": num_keypoints, "settings": settings},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=most),
             batch_size=1,
             batch_format="pyarrow",
             **actor_resources,
         )  # fmt: skip
-        schema = _schema(num_keypoints)
-        pending: dict[int, dict[int, dict[str, Any]]] = {}
+        writer = ShardWriter(out=out, expected=expected, num_keypoints=num_keypoints)
         t_loop = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
@@ -232,17 +235,12 @@ def label_shards(
                 timings["fusion_s"] += row.pop("fusion_s")
                 if row["error"] is not None:
                     log.warning("skipped %s: %s", row["file_name"], row["error"])
-                done = pending.setdefault(k, {})
-                done[position] = row
-                if len(done) == expected[k]:
-                    _write_shard(shard_path(out, k), [done[i] for i in range(expected[k])], schema)
-                    del pending[k]
+                writer.add(k, position, row)
         timings["loop_s"] = time.perf_counter() - t_loop
         timings["processes"] = most
     finally:
         if shutdown:
             ray.shutdown()
-    if pending:  # cannot happen unless Ray lost rows; never write a partial shard
-        raise RuntimeError(f"internal error: shards {sorted(pending)} incomplete after the Ray pipeline finished")
+    writer.close()  # raises if Ray lost rows: never a partial shard
     log.info("ray engine: %d shards in %.1f s", len(shards), time.perf_counter() - started)
     return timings

@@ -5,7 +5,7 @@ A :class:`View` is a horizontal flip, a scale, or both. ``prepare`` turns an ima
 
 Scales are *not* applied to the image: torchvision detectors resize every input so that its short side
 is ``min_size`` (capped by ``max_size``), which would undo any resize we made. A scale view instead runs
-the model with ``min_size * scale`` and ``max_size * scale`` (see :func:`datadistill.models.input_size`),
+the model with ``min_size * scale`` and ``max_size * scale`` (see :func:`datadistill.models.torchvision.input_size`),
 and the model's own post-processing maps boxes back to the input frame. Only the flip needs inverting.
 
 Coordinates are continuous pixels: a pixel ``i`` covers ``[i, i + 1)``, so a flip maps ``x`` to
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from datadistill.types import Detections
+from datadistill.core.types import Detections
 
 # The paper's 18 views: short side 400 to 1200 in steps of 100 (relative to 800), each with and without flip.
 PAPER_SCALES = tuple(s / 800 for s in range(400, 1201, 100))

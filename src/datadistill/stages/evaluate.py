@@ -12,7 +12,7 @@ keypoint evaluation keeps 20 detections per image and has no small range, so ``A
 detections (over OKS 0.50:0.95), ``AR50``/``AR75`` are AR at one OKS threshold, and there is no
 ``APs``/``ARs``. The ``keypoints`` entry is present only when the data set has keypoints.
 
-Predictions enter as :class:`~datadistill.types.Detections` per image (:func:`evaluate_predictions`) or
+Predictions enter as :class:`~datadistill.core.types.Detections` per image (:func:`evaluate_predictions`) or
 as a COCO results list (:func:`evaluate_results`, :func:`load_predictions`). OKS sigmas come from the
 keypoint category's metadata (``Category.sigmas``), never from COCO's person constants.
 """
@@ -26,15 +26,20 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
-from datadistill.coco import CocoDataset, is_finite_number, parse_coco, read_json, to_coco_dict
-from datadistill.errors import DataError, UserError
-from datadistill.io import write_json_atomic
-from datadistill.types import Detections
+from datadistill.core.types import Detections
+from datadistill.data.coco import CocoDataset, is_finite_number, parse_coco, read_json, to_coco_dict
+from datadistill.errors import DataError, UserError, one_line_errors
+from datadistill.runtime.io import write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+    from datadistill.models.detector import Detector
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +376,66 @@ def evaluate_predictions(
 
 # ----------------------------------------------------------------------------------------------------
 # output
+
+
+def check_detector_fits(detector: Detector, dataset: CocoDataset) -> None:
+    """A one-line UserError naming the first image of ``dataset`` that ``detector`` cannot take at its
+    input size (:meth:`~datadistill.models.detector.Detector.unfit_reason`)."""
+    meta = detector.meta
+    bad = [im for im in dataset.images
+           if detector.unfit_reason(im.height, im.width, min_size=meta.min_size, max_size=meta.max_size)]  # fmt: skip
+    if bad:
+        im, where = bad[0], dataset.path if dataset.path is not None else "the evaluation data"
+        raise UserError(
+            f"{where}: image {im.id} ({im.file_name}) is {im.width}x{im.height} px, too elongated for the model's "
+            f"input size ({meta.min_size}-{meta.max_size} px); {len(bad)} such image(s): leave them out of the data set"
+        )
+
+
+def evaluate_model(
+    detector: Detector,
+    dataset: CocoDataset,
+    image_root: str | os.PathLike[str],
+    *,
+    device: torch.device,
+    batch_size: int,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    evaluator: str = "faster-coco-eval",
+) -> Metrics:
+    """COCO metrics of ``detector`` on ``dataset`` (:func:`evaluate_predictions`).
+
+    With ``world_size > 1`` (every rank calls it, in a process group) each rank predicts the images
+    ``rank, rank + world_size, ...`` and rank 0 gathers the predictions and returns the metrics; the
+    other ranks return an empty dict. Give a detector whose model is not wrapped in DDP: ranks predict
+    different numbers of batches, and DDP's forward would wait for the others.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from datadistill.data.dataset import DetectionDataset, collate
+    from datadistill.runtime import distributed
+
+    check_detector_fits(detector, dataset)
+    items = DetectionDataset(dataset, image_root, train=False)
+    loader = DataLoader(
+        items if world_size == 1 else Subset(items, range(rank, len(items), world_size)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+    )
+    predictions = {}
+    for images, targets in one_line_errors(loader):
+        detections = detector.predict([im.to(device) for im in images])
+        for target, det in zip(targets, detections, strict=True):
+            predictions[int(target["image_id"])] = det.to("cpu")
+    if world_size > 1:
+        parts = distributed.gather_to_main(predictions)
+        if parts is None:
+            return {}
+        predictions = {k: v for part in parts for k, v in part.items()}
+    return evaluate_predictions(dataset, predictions, evaluator=evaluator)
 
 
 def format_metrics(metrics: Mapping[str, Mapping[str, float | None]]) -> str:

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from datadistill.coco import CocoDataset, load_coco
+from datadistill.data.coco import CocoDataset, load_coco
+from datadistill.data.images import read_image, resolve_image_path
 from datadistill.errors import UserError
-from datadistill.images import read_image, resolve_image_path
-from datadistill.io import write_text_atomic
 from datadistill.layout import RunLayout
+from datadistill.runtime.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 GALLERY_SIZE = 8
@@ -227,7 +227,7 @@ def write_report(run_dir: str | Path, *, extra_sections: list[tuple[str, str]] |
             parts.append(_img_tag(layout.scores_png(r).read_bytes(), "score histogram"))
         truth = data.get("unlabeled_truth")
         if truth and layout.pseudo(r).exists() and sel:
-            from datadistill.quality import match_shards
+            from datadistill.stages.quality import match_shards
 
             matched = match_shards(layout.label(r), load_coco(base / truth), class_names=tuple(sel["thresholds"]))
             thresholds = [v for v in sel["thresholds"].values() if v is not None]

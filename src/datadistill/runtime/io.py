@@ -112,3 +112,12 @@ def package_versions() -> dict[str, str | None]:
 def provenance() -> dict[str, Any]:
     """What every output folder records next to its results: versions, git revision, host."""
     return {"versions": package_versions(), "git_revision": git_revision(), "host": platform.node()}
+
+
+def to_plain(value: Any) -> Any:
+    """Tuples as lists, recursively (the form yaml and json give back)."""
+    if isinstance(value, tuple | list):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    return value

@@ -7,7 +7,7 @@ background. ``select --ignore-band`` writes the pseudo-labels that score just be
 regions, so that the objects a teacher was unsure of are not taught to the student as background.
 
 torchvision's detectors have no notion of ignore regions; this module adds it without changing their
-weights or outputs. :func:`datadistill.models.losses` appends the ignore boxes of a target to its
+weights or outputs. :func:`datadistill.models.torchvision.losses` appends the ignore boxes of a target to its
 ``boxes`` with the label :data:`IGNORE_LABEL` (so torchvision's transform resizes them with the others),
 and the detector's loss code, made ignore-aware by :func:`make_ignore_aware`, reads that label:
 

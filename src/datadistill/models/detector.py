@@ -1,0 +1,275 @@
+"""One detector interface for every stage, and the one place that reads a model spec.
+
+Every stage (label, evaluate, run, the Ray engine, the benchmarks) speaks to a model through
+:class:`Detector`, and gets it from :func:`load_detector`; nothing else asks which library a model comes
+from. A *model spec* is what a user types after ``--model``:
+
+==========================  ===============================================================================
+``teacher/checkpoint.pt``   a datadistill checkpoint (torchvision models: :mod:`datadistill.models.torchvision`)
+``teacher/``                a training output folder: its ``checkpoint.pt`` or ``yolo.pt``
+``yolo:PATH.pt``            an Ultralytics YOLO model (:mod:`datadistill.models.ultralytics`)
+``yolo:NAME.yaml``          (train only) a YOLO architecture with random weights
+``small_fcos`` ...          (train only) a torchvision architecture of ``datadistill models``
+==========================  ===============================================================================
+
+:data:`BACKENDS` maps each backend to the module that implements it; each such module offers
+``load(spec, *, device, min_score)`` (a :class:`Detector`), ``model_file(spec)`` and ``train(cfg)`` (the
+train stage of its models); :data:`TRAINED_FILES` names what ``train`` writes last into its output
+folder. Coordinates are absolute pixel xyxy in the original image frame, as everywhere in datadistill.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from datadistill.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from datadistill.core.types import Detections
+    from datadistill.data.coco import CocoDataset
+
+Task = Literal["boxes", "keypoints"]
+
+# backend -> the module that implements it (imported only when a model of that backend is used)
+BACKENDS: dict[str, str] = {
+    "torchvision": "datadistill.models.torchvision",
+    "ultralytics": "datadistill.models.ultralytics",
+}
+# backend -> the file its train stage writes last (its presence marks a finished run)
+TRAINED_FILES: dict[str, str] = {"torchvision": "checkpoint.pt", "ultralytics": "yolo.pt"}
+# backend -> the file an interrupted train stage resumes from
+RESUME_FILES: dict[str, str] = {"torchvision": "last.pt", "ultralytics": "ultralytics/weights/last.pt"}
+# spec prefix -> backend; a spec without one of these is a torchvision name, checkpoint or folder
+PREFIXES: dict[str, str] = {"yolo:": "ultralytics"}
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything needed to rebuild a model and read its outputs, stored in every checkpoint.
+
+    ``model``: the architecture (a name of ``datadistill models`` or a ``yolo:`` spec).
+    ``class_names``/``category_ids``: the data set's categories in class-index order. Keypoint fields are
+    empty for box models: ``flip_index[i]`` is the mirror of keypoint i, ``skeleton`` is 1-based pairs as
+    in COCO, ``sigmas`` are the OKS sigmas. ``min_size``/``max_size``: the model's input size in px.
+    """
+
+    model: str
+    task: Task
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...]
+    keypoint_names: tuple[str, ...] = ()
+    flip_index: tuple[int, ...] = ()
+    skeleton: tuple[tuple[int, int], ...] = ()
+    sigmas: tuple[float, ...] = ()
+    min_size: int = 128
+    max_size: int = 128
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_keypoints(self) -> int:
+        return len(self.keypoint_names)
+
+    @staticmethod
+    def for_dataset(model: str, dataset: CocoDataset, *, min_size: int, max_size: int) -> ModelMeta:
+        """The meta of ``model`` trained on ``dataset`` at ``min_size``-``max_size`` px (classes, keypoint
+        names, flip map, skeleton and sigmas from the data set's categories)."""
+        if not dataset.categories:
+            raise UserError("the data set has no categories; a detector needs at least one class")
+        if min_size <= 0 or max_size < min_size:
+            raise UserError(f"need 0 < min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+        kp = dataset.keypoint_category
+        return ModelMeta(
+            model=model,
+            task=dataset.task,
+            class_names=dataset.class_names,
+            category_ids=tuple(c.id for c in dataset.categories),
+            keypoint_names=kp.keypoints if kp else (),
+            flip_index=kp.flip_index if kp else (),
+            skeleton=kp.skeleton if kp else (),
+            sigmas=kp.sigmas if kp else (),
+            min_size=int(min_size),
+            max_size=int(max_size),
+        )
+
+    @staticmethod
+    def from_dataset(
+        model: str, dataset: CocoDataset, *, min_size: int | None = None, max_size: int | None = None
+    ) -> ModelMeta:
+        """The meta of the torchvision architecture ``model`` trained on ``dataset``, its input size
+        defaulting to the architecture's; a model of the other task is a UserError."""
+        tv = backend_module("torchvision")
+        return tv.meta_for(model, dataset, min_size=min_size, max_size=max_size)  # type: ignore[no-any-return]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain json-able types only (so a checkpoint loads with ``weights_only=True``)."""
+        return {
+            "model": self.model,
+            "task": self.task,
+            "class_names": list(self.class_names),
+            "category_ids": list(self.category_ids),
+            "keypoint_names": list(self.keypoint_names),
+            "flip_index": list(self.flip_index),
+            "skeleton": [list(e) for e in self.skeleton],
+            "sigmas": list(self.sigmas),
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> ModelMeta:
+        if d.get("task") not in ("boxes", "keypoints"):
+            raise UserError(f"malformed model meta: task must be 'boxes' or 'keypoints', got {d.get('task')!r}")
+        try:
+            return ModelMeta(
+                model=str(d["model"]),
+                task=d["task"],
+                class_names=tuple(str(n) for n in d["class_names"]),
+                category_ids=tuple(int(i) for i in d["category_ids"]),
+                keypoint_names=tuple(str(n) for n in d.get("keypoint_names", ())),
+                flip_index=tuple(int(i) for i in d.get("flip_index", ())),
+                skeleton=tuple((int(a), int(b)) for a, b in d.get("skeleton", ())),
+                sigmas=tuple(float(s) for s in d.get("sigmas", ())),
+                min_size=int(d["min_size"]),
+                max_size=int(d["max_size"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"malformed model meta ({type(exc).__name__}: {exc})") from exc
+
+
+class Detector(Protocol):
+    """A trained detector as every stage sees it.
+
+    ``predict`` takes float32 images ``[3, H, W]`` in [0, 1] of any sizes and gives one
+    :class:`~datadistill.core.types.Detections` per image in that image's frame: boxes ``[N, 4]`` xyxy px,
+    labels as class indices ``0..C-1`` (``meta.class_names``), keypoints ``[N, K, 3]`` (x, y, score) for
+    keypoint models, on the device of the first image. ``input_size(min, max)`` is a context in which the
+    model runs at another input size (how scale views run: the image is not resized by the caller).
+    ``heatmaps`` gives the keypoint head's heatmap logits ``[N, K, M, M]`` on given boxes (None: the model
+    has none, and keypoints are fused by coordinates); ``keypoints_from_heatmaps`` decodes such heatmaps
+    as ``predict`` would. ``unfit_reason`` says why an image of ``height x width`` px cannot run at an
+    input size (e.g. "would resize it to 0x3 px"; None: it can).
+    """
+
+    meta: ModelMeta
+    spec: str
+
+    def predict(self, images: Sequence[Tensor]) -> list[Detections]: ...
+
+    def input_size(self, min_size: int, max_size: int) -> AbstractContextManager[Any]: ...
+
+    @property
+    def has_heatmaps(self) -> bool: ...
+
+    def heatmaps(self, images: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[Tensor] | None: ...
+
+    def keypoints_from_heatmaps(self, heatmaps: Tensor, boxes: Tensor, *, image_size: tuple[int, int]) -> Tensor: ...
+
+    def unfit_reason(self, height: int, width: int, *, min_size: int, max_size: int) -> str | None: ...
+
+
+def list_models() -> list[tuple[str, str, str]]:
+    """``(spec, task, description)`` of every model ``train --model`` takes, backend by backend."""
+    rows: list[tuple[str, str, str]] = []
+    for backend in BACKENDS:
+        rows += backend_module(backend).list_models()
+    return rows
+
+
+def backend_of(spec: str) -> str:
+    """The backend of a model spec (see the module docstring); a folder's backend is its trained file's."""
+    for prefix, backend in PREFIXES.items():
+        if spec.startswith(prefix):
+            return backend
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = trained_file(path)
+        if found is not None:
+            return backend_of(found)
+    return "torchvision"
+
+
+def backend_module(backend: str) -> ModuleType:
+    """The module implementing ``backend`` (a key of :data:`BACKENDS`)."""
+    return importlib.import_module(BACKENDS[backend])
+
+
+def trained_file(out: str | os.PathLike[str]) -> str | None:
+    """The model spec of what a ``train`` run left in folder ``out`` (a ``checkpoint.pt`` or a ``yolo.pt``
+    as ``yolo:PATH``), or None when the run has not finished."""
+    out = Path(out)
+    for backend, name in TRAINED_FILES.items():
+        if (out / name).is_file():
+            prefix = next((p for p, b in PREFIXES.items() if b == backend), "")
+            return f"{prefix}{out / name}"
+    return None
+
+
+def training_started(out: str | os.PathLike[str]) -> bool:
+    """Whether folder ``out`` holds an interrupted (or finished) train stage of any backend to resume."""
+    return any((Path(out) / name).exists() for name in RESUME_FILES.values())
+
+
+def trained_name(model: str | None) -> str:
+    """The file that ``train --model MODEL`` writes into its output folder when it finishes."""
+    return TRAINED_FILES[backend_of(model) if model else "torchvision"]
+
+
+def resolve_spec(spec: str) -> str:
+    """``spec`` with a training folder replaced by the spec of its trained file; a one-line UserError
+    when a folder holds no finished training run."""
+    if any(spec.startswith(p) for p in PREFIXES):
+        return spec
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = trained_file(path)
+        if found is None:
+            names = " or ".join(TRAINED_FILES.values())
+            raise UserError(f"{path}: a folder with no trained model in it ({names}); has its training finished?")
+        return found
+    return spec
+
+
+def model_file(spec: str) -> Path:
+    """The one local file that holds a loadable model spec's weights (what a labeling run's signature
+    hashes, and what the Ray engine ships to its workers)."""
+    spec = resolve_spec(spec)
+    module = backend_module(backend_of(spec))
+    return module.model_file(spec)  # type: ignore[no-any-return]
+
+
+def with_model_file(spec: str, path: str | os.PathLike[str]) -> str:
+    """``spec`` with its weights file replaced by ``path`` (a copy of :func:`model_file` elsewhere)."""
+    spec = resolve_spec(spec)
+    prefix = next((p for p in PREFIXES if spec.startswith(p)), "")
+    return f"{prefix}{path}"
+
+
+def load_detector(spec: str, *, device: Any = "cpu", min_score: float | None = None) -> Detector:
+    """The :class:`Detector` of a model spec, in eval mode on ``device``.
+
+    ``min_score``: the lowest score the caller needs (a labeling run's score floor); a backend that drops
+    low scores before returning them (YOLO's ``conf``) keeps at least those. A one-line UserError for a
+    missing, foreign or unsafe file, or a spec that names an architecture rather than a trained model.
+    """
+    spec = resolve_spec(spec)
+    module = backend_module(backend_of(spec))
+    return module.load(spec, device=device, min_score=min_score)  # type: ignore[no-any-return]
+
+
+def train(cfg: Any) -> Path:
+    """The train stage of ``cfg.model``'s backend (a :class:`~datadistill.config.TrainConfig`); returns
+    the output folder."""
+    module = backend_module(backend_of(cfg.model) if cfg.model else "torchvision")
+    return module.train(cfg)  # type: ignore[no-any-return]

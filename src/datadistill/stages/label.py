@@ -1,0 +1,335 @@
+"""The label stage: multi-transform labeling (steps 2 and 3 of data distillation) into resumable shards.
+
+The unlabeled images are listed once, in a deterministic order, and cut into shards of ``shard_size``
+images (:mod:`datadistill.stages.shards`). Each shard is decoded in DataLoader workers, run through the
+detector under every view and fused (:func:`datadistill.stages.multiview.label_images`), and written as
+``shards/part-NNNNN.parquet`` (to a temporary name, renamed when complete). A re-run skips the shards that
+exist, so a killed run resumes without losing or repeating work; memory holds one shard.
+
+Scale-out writes the same shards: under ``torchrun`` rank ``r`` of ``W`` labels the shards ``k`` with
+``k % W == r`` (rank 0 prepares the folder before any rank starts, and writes ``manifest.json`` once every
+rank has finished); ``engine="ray"`` labels them on a Ray cluster (:mod:`datadistill.stages.label_ray`).
+Every engine cuts a shard into the same forward-pass batches (:func:`~datadistill.stages.shards.plan_batches`)
+and writes through the same :class:`~datadistill.stages.shards.ShardWriter`, so the labels do not depend on
+the engine, the number of processes, or where a resumed run started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datadistill.config import LabelConfig
+from datadistill.core.types import Detections
+from datadistill.core.views import View, parse_views
+from datadistill.data.coco import read_json
+from datadistill.errors import DataError, UserError
+from datadistill.models.detector import Detector, load_detector, model_file, resolve_spec
+from datadistill.runtime import distributed
+from datadistill.runtime.devices import resolve_device
+from datadistill.runtime.io import file_sha256, provenance, remove_temporaries, write_json_atomic
+from datadistill.stages.multiview import LabelTimer, label_images, unfit_reason
+from datadistill.stages.shards import (
+    ImageSource,
+    ShardImages,
+    ShardWriter,
+    collate_items,
+    detections_row,
+    error_row,
+    list_source,
+    plan_batches,
+    read_shards,
+    shard_detections,
+    shard_path,
+    summarize_shards,
+    worker_init,
+)
+
+__all__ = ["LabelConfig", "label", "list_source", "read_shards", "shard_detections"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "datadistill-labels"
+BOX_FUSIONS = ("nms", "soft-nms", "vote", "wbf")
+KEYPOINT_FUSIONS = ("heatmap", "mean")
+# What must match for a re-run to resume a folder instead of refusing it.
+RESUME_KEYS = ("checkpoint_sha256", "views", "fuse", "keypoint_fuse", "iou_thr", "score_floor", "shard_size",
+               "batch_size", "files_sha256")  # fmt: skip
+ENGINES = ("local", "ray")
+# How long ranks under torchrun wait for each other: the last wait lasts as long as the slowest rank's
+# remaining shards. A rank that dies is noticed by torchrun, which stops the others, not by this timeout.
+RANK_WAIT = timedelta(days=7)
+
+
+def _spec(cfg: LabelConfig) -> str:
+    """The teacher's model spec (``--model``, or ``--checkpoint`` under its former name)."""
+    spec = cfg.model if cfg.model is not None else cfg.checkpoint
+    assert spec is not None
+    return spec
+
+
+def _signature(cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], task: str) -> dict[str, Any]:
+    """What a labeling folder was made with; a re-run must match its :data:`RESUME_KEYS` to resume."""
+    spec = resolve_spec(_spec(cfg))  # a training folder: the file it holds
+    return {
+        "checkpoint": spec,
+        "checkpoint_sha256": file_sha256(model_file(spec)),
+        "source": source.description,
+        "image_root": str(source.root),
+        "num_images": len(source.files),
+        "files_sha256": hashlib.sha256("\n".join(source.files).encode()).hexdigest(),
+        "views": [v.name for v in views],
+        "fuse": cfg.fuse,
+        "keypoint_fuse": cfg.keypoint_fuse if task == "keypoints" else None,
+        "iou_thr": cfg.iou_thr,
+        "score_floor": cfg.score_floor,
+        "shard_size": cfg.shard_size,
+        "batch_size": cfg.batch_size,
+    }
+
+
+def _check_config(cfg: LabelConfig) -> tuple[View, ...]:
+    if (cfg.checkpoint is None) == (cfg.model is None):
+        raise UserError(
+            "give the teacher once: --model SPEC (a checkpoint.pt, a training folder or yolo:PATH.pt; --checkpoint "
+            "is its former name)"
+        )
+    if cfg.fuse not in BOX_FUSIONS:
+        raise UserError(f"unknown --fuse {cfg.fuse!r}: choose one of {', '.join(BOX_FUSIONS)}")
+    if cfg.keypoint_fuse not in KEYPOINT_FUSIONS:
+        raise UserError(f"unknown --keypoint-fuse {cfg.keypoint_fuse!r}: choose one of {', '.join(KEYPOINT_FUSIONS)}")
+    for name, value, low, high in (("--iou-thr", cfg.iou_thr, 0.0, 1.0), ("--score-floor", cfg.score_floor, 0.0, 1.0)):
+        if not low <= value <= high:
+            raise UserError(f"{name} must be in [{low}, {high}], got {value}")
+    for name, value in (("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size), ("--threads", cfg.threads)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if cfg.workers < 0:
+        raise UserError(f"--workers must be at least 0, got {cfg.workers}")
+    if cfg.engine not in ENGINES:
+        raise UserError(f"unknown --engine {cfg.engine!r}: choose one of {', '.join(ENGINES)}")
+    if cfg.world_size < 1 or not 0 <= cfg.rank < cfg.world_size:
+        raise UserError(f"need 0 <= rank < world_size, got rank {cfg.rank} of {cfg.world_size}")
+    if cfg.engine == "ray" and cfg.world_size > 1:
+        raise UserError("--engine ray runs from one process: start it without torchrun (Ray spreads the work)")
+    if cfg.ray_address is not None and cfg.engine != "ray":
+        raise UserError("--ray-address needs --engine ray")
+    try:
+        return parse_views(cfg.views)
+    except ValueError as exc:
+        raise UserError(f"--views: {exc}") from exc
+
+
+def _prepare_out(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists() and not overwrite:
+        try:
+            old = read_json(manifest_path).get("config", {})
+        except (DataError, AttributeError):
+            old = {}
+        differing = [k for k in RESUME_KEYS if old.get(k) != signature.get(k)]
+        if differing:
+            raise UserError(
+                f"{out} holds labels made with another {differing[0]} ({old.get(differing[0])!r}, now "
+                f"{signature.get(differing[0])!r}); use another --out or --overwrite to replace them"
+            )
+    remove_temporaries(out, ("manifest.json",))  # of writes that a kill interrupted
+    if (out / "shards").is_dir():
+        for tmp in (out / "shards").glob(".part-*.tmp"):
+            tmp.unlink(missing_ok=True)
+    if manifest_path.exists() and not overwrite:
+        return
+    if overwrite:
+        for stale in (out / "shards").glob("part-*.parquet") if (out / "shards").is_dir() else ():
+            stale.unlink()
+    elif (out / "shards").is_dir() and any((out / "shards").glob("part-*.parquet")):
+        raise UserError(f"{out} holds shards but no manifest.json; use another --out or --overwrite")
+
+
+def _load_teacher(cfg: LabelConfig, views: tuple[View, ...], device: torch.device) -> tuple[Detector, LabelConfig]:
+    """The teacher on ``device``, and ``cfg`` with the keypoint fusion it can do (coordinates when it gives no
+    heatmaps)."""
+    detector = load_detector(_spec(cfg), device=device, min_score=cfg.score_floor)
+    meta = detector.meta
+    if meta.task == "keypoints" and cfg.keypoint_fuse == "heatmap" and not detector.has_heatmaps:
+        log.warning("%s gives no keypoint heatmaps: keypoints are fused by mean (--keypoint-fuse mean)", _spec(cfg))
+        cfg = replace(cfg, keypoint_fuse="mean")
+    if meta.task == "keypoints" and any(v.hflip for v in views) and len(meta.flip_index) != meta.num_keypoints:
+        raise UserError(f"{_spec(cfg)} has no keypoint flip map: flip views need one (train with datadistill)")
+    return detector, cfg
+
+
+def label(cfg: LabelConfig) -> Path:
+    """The ``label`` stage: every shard of the source labeled into ``cfg.out``; returns the manifest path.
+
+    Under torchrun (``world_size`` > 1) every rank calls it, in a gloo process group that it joins for
+    the call: rank 0 checks and prepares the folder while the others wait (so that a refusal stops all of
+    them, and ``overwrite`` deletes nothing that another rank wrote), each rank labels its shards, and
+    rank 0 writes the final manifest once all have finished.
+    """
+    started = time.time()
+    views = _check_config(cfg)
+    out = Path(cfg.out)
+    launch = distributed.Launch(rank=cfg.rank, world_size=cfg.world_size,
+                                local_rank=int(os.environ.get("LOCAL_RANK", cfg.rank)))  # fmt: skip
+    torch.set_num_threads(cfg.threads)
+    # The ray engine's driver only needs the meta; loading the model checks it up front.
+    device = distributed.rank_device(resolve_device(cfg.device), launch) if cfg.engine == "local" else None
+    detector, cfg = _load_teacher(cfg, views, device if device is not None else torch.device("cpu"))
+    source = list_source(cfg.images, image_root=cfg.image_root)
+    manifest = _new_manifest(cfg, source, views, detector)
+    num_shards = manifest["num_shards"]
+
+    def prepare() -> None:
+        _prepare_out(out, manifest["config"], cfg.overwrite)
+        write_json_atomic(out / "manifest.json", manifest, indent=2)
+
+    with distributed.process_group(launch, device=torch.device("cpu"), timeout=RANK_WAIT):
+        distributed.on_main(prepare)
+        mine = [k for k in range(num_shards) if k % cfg.world_size == cfg.rank]
+        todo = [k for k in mine if not shard_path(out, k).exists()]
+        log.info(
+            "labeling %d images from %s: %d shards (%d done, %d to do%s), %d views (%s), fusion %s, engine %s",
+            len(source.files), source.description, num_shards, len(mine) - len(todo), len(todo),
+            f" by rank {cfg.rank} of {cfg.world_size}" if cfg.world_size > 1 else "", len(views),
+            ",".join(v.name for v in views), cfg.fuse, cfg.engine,
+        )  # fmt: skip
+        if cfg.engine == "ray":
+            from datadistill.stages.label_ray import label_shards
+
+            mine_timings = label_shards(
+                spec=_spec(cfg), source=source, shards=todo, out=out, num_keypoints=detector.meta.num_keypoints,
+                views=cfg.views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
+                score_floor=cfg.score_floor, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
+                threads=cfg.threads, device=cfg.device, address=cfg.ray_address,
+            )  # fmt: skip
+        else:
+            assert device is not None
+            mine_timings = _label_local(cfg, source, todo, out, detector, views, device)
+        every_rank = distributed.gather_to_main(mine_timings)
+        if every_rank is not None:
+            _finish_manifest(out, manifest, every_rank, started=started)
+        distributed.barrier()  # every rank returns once the final manifest is written
+    return out / "manifest.json"
+
+
+def _new_manifest(cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], detector: Detector) -> dict[str, Any]:
+    """``manifest.json`` of a run in progress: the signature, the options, the classes, the shard count."""
+    meta = detector.meta
+    return {"format": MANIFEST_FORMAT, "version": 1, "config": _signature(cfg, source, views, meta.task),
+            "options": asdict(cfg), "status": "running", "num_shards": source.num_shards(cfg.shard_size),
+            "classes": {"names": list(meta.class_names), "category_ids": list(meta.category_ids),
+                        "keypoints": list(meta.keypoint_names)}}  # fmt: skip
+
+
+def _finish_manifest(out: Path, manifest: dict[str, Any], every_rank: list[dict[str, Any]], *, started: float) -> None:
+    """The final ``manifest.json``: complete or partial, counts, skipped files, timings, provenance."""
+    num_shards = manifest["num_shards"]
+    summary = summarize_shards(out)
+    done = sum(1 for k in range(num_shards) if shard_path(out, k).exists())
+    manifest.update(
+        status="complete" if done == num_shards else "partial",
+        shards_done=done,
+        counts={k: v for k, v in summary.items() if k != "skipped_files"},
+        skipped=summary["skipped_files"],
+        timings={"total_s": round(time.time() - started, 3), **_merge_timings(every_rank)},
+        provenance=provenance(),
+    )
+    write_json_atomic(out / "manifest.json", manifest, indent=2)
+
+
+def _merge_timings(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One manifest ``timings`` from each rank's (or the Ray engine's): wall times of the slowest, sums
+    of work; ``process_loop_s`` adds the processes' loop times (None where unknown, as with Ray)."""
+    images = sum(p["images"] for p in parts)
+    loop_s = max(p["loop_s"] for p in parts)
+    process_s = [p.get("process_loop_s") for p in parts]
+    return {
+        "engine": parts[0]["engine"],
+        "processes": sum(p["processes"] for p in parts),
+        "loop_s": round(loop_s, 3),
+        "process_loop_s": round(sum(process_s), 3) if None not in process_s else None,
+        "model_s": round(sum(p["model_s"] for p in parts), 3),
+        "fusion_s": round(sum(p["fusion_s"] for p in parts), 3),
+        "images_labeled_now": images,
+        "images_per_s": round(images / loop_s, 3) if loop_s > 0 and images else None,
+    }
+
+
+def _label_local(
+    cfg: LabelConfig, source: ImageSource, todo: list[int], out: Path, detector: Detector, views: tuple[View, ...],
+    device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """Label shards ``todo`` in this process (DataLoader workers decode); returns its timings."""
+    items = [(k, name) for k in todo for name in source.shard(k, cfg.shard_size)]
+    expected = {k: len(source.shard(k, cfg.shard_size)) for k in todo}
+    batches, start = [], 0
+    for k in todo:
+        batches += [[start + i for i in batch] for batch in plan_batches(expected[k], cfg.batch_size)]
+        start += expected[k]
+    positions = [i for k in todo for i in range(expected[k])]
+    loader = DataLoader(
+        ShardImages(source.root, items),
+        batch_sampler=batches,
+        num_workers=cfg.workers,
+        collate_fn=collate_items,
+        worker_init_fn=worker_init if cfg.workers else None,
+        prefetch_factor=4 if cfg.workers else None,
+        persistent_workers=False,
+    )
+    num_kp = detector.meta.num_keypoints
+    writer = ShardWriter(out=out, expected=expected, num_keypoints=num_kp)
+    timer = LabelTimer()
+    t_loop = time.perf_counter()
+    hide = None if cfg.rank == 0 else True  # rank 0's progress bar only (None: shown on a terminal)
+    with tqdm(total=len(items), unit="img", desc="label", disable=hide, dynamic_ncols=True) as bar:
+        for batch, indices in zip(loader, batches, strict=True):
+            rows = _label_batch(cfg, batch, detector, views, device, timer)
+            for b, i, row in zip(batch, indices, rows, strict=True):
+                writer.add(b["shard"], positions[i], row)
+            bar.update(len(batch))
+    loop_s = time.perf_counter() - t_loop
+    writer.close()
+    return {"engine": "local", "processes": 1, "images": len(items), "loop_s": loop_s, "process_loop_s": loop_s,
+            "model_s": timer.model_s, "fusion_s": timer.fusion_s}  # fmt: skip
+
+
+def _label_batch(
+    cfg: LabelConfig, batch: list[dict[str, Any]], detector: Detector, views: tuple[View, ...],
+    device: torch.device, timer: LabelTimer,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One shard row per decoded item of ``batch`` (an error row for a file that could not be read or
+    that the detector cannot take)."""
+    num_kp = detector.meta.num_keypoints
+    for b in batch:
+        if b["image"] is not None:
+            b["error"] = unfit_reason(detector, *b["image"].shape[-2:], views=views)
+            b["image"] = None if b["error"] else b["image"]
+    good = [b for b in batch if b["image"] is not None]
+    results: list[Detections] = []
+    if good:
+        tensors = [b["image"].to(device, non_blocking=True).float().div_(255) for b in good]
+        results = label_images(
+            detector, tensors, views=views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
+            score_floor=cfg.score_floor, timer=timer,
+        )  # fmt: skip
+    by_name = {b["file_name"]: r for b, r in zip(good, results, strict=True)}
+    rows = []
+    for b in batch:
+        if b["image"] is None:
+            rows.append(error_row(b["file_name"], b["error"], num_kp))
+            log.warning("skipped %s: %s", b["file_name"], b["error"])
+        else:
+            _, h, w = b["image"].shape
+            rows.append(detections_row(b["file_name"], w, h, by_name[b["file_name"]], num_kp))
+    return rows
