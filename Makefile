@@ -1,38 +1,46 @@
-# A newcomer types `make demo` or `make test` on a fresh machine with Python 3.11.
+# A newcomer types `make demo` or `make test` on a fresh machine with Python 3.10 or newer.
+# Everything goes into .venv inside this clone (nothing outside it changes), with the versions that CI
+# tests (constraints.txt). Python 3.11 is preferred when present: it is what CI runs.
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install --quiet -c constraints.txt
+VENV_STAMP := $(VENV)/.created
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-ray demo test lint bench clean
+.PHONY: install install-dev install-ray demo test lint clean
 
-install: $(STAMP)
-	@# put `datadistill` on the PATH when a user bin folder on it is writable (else: source .venv/bin/activate)
-	@for d in "$$HOME/.local/bin" /usr/local/bin; do \
-	  case ":$$PATH:" in *":$$d:"*) \
-	    if [ -d "$$d" ] && [ -w "$$d" ]; then \
-	      ln -sf "$(CURDIR)/$(BIN)/datadistill" "$$d/datadistill" && echo "datadistill -> $$d/datadistill"; break; \
-	    fi;; \
-	  esac; \
-	done; true
+# the package and what it needs at run time, not the dev tools
+install: $(RUN_STAMP)
+	@echo "datadistill is in $(BIN)/; to put it on PATH: source $(VENV)/bin/activate  (or: export PATH=$(CURDIR)/$(BIN):\$$PATH)"
 
-$(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is needed, found {sys.version.split()[0]}; set PYTHON=/path/to/python3.11"'
+install-dev: $(DEV_STAMP)
+
+install-ray: $(DEV_STAMP)
+	$(PIP) -e '.[dev,ray]'
+
+$(VENV_STAMP):
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), f"Python 3.10 or newer is needed, found {sys.version.split()[0]}; set PYTHON=/path/to/python3.11"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	@touch $(STAMP)
+	$(PIP) --upgrade pip
+	@touch $@
 
-install-ray: install
-	$(BIN)/pip install --quiet -e '.[dev,ray]'
+$(RUN_STAMP): $(VENV_STAMP) pyproject.toml constraints.txt
+	$(PIP) -e .
+	@touch $@
+
+$(DEV_STAMP): $(VENV_STAMP) pyproject.toml constraints.txt
+	$(PIP) -e '.[dev]'
+	@touch $@
 
 demo: install
 	$(BIN)/datadistill demo
 
-test: install
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: install
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 
