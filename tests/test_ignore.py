@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.ssd import SSD
 
 from datadistill.data.coco import Category, CocoDataset, ImageLabels, ImageRecord
 from datadistill.data.dataset import DetectionDataset
@@ -100,6 +101,44 @@ def test_without_ignore_boxes_the_loss_is_torchvision_exactly(head_class: type, 
     want = head.compute_loss(targets, outputs, anchors, matched)
     head.__class__ = aware_class
     got = head.compute_loss(targets, outputs, anchors, matched)
+    assert {k: v.item() for k, v in got.items()} == {k: v.item() for k, v in want.items()}
+
+
+def _ssd() -> torch.nn.Module:
+    torch.manual_seed(0)
+    meta = ModelMeta.from_dataset("ssdlite320_mobilenet_v3_large", _boxes_dataset(), min_size=64)
+    model = models.build_model(meta)
+    model.__class__ = SSD  # torchvision's own loss, as the oracle
+    return model
+
+
+def test_ssd_ignores_the_default_boxes_of_an_ignore_box_as_if_they_were_not_there() -> None:
+    targets, outputs, anchors = _head_case()
+    targets[0]["labels"] = torch.tensor([2, ignore.IGNORE_LABEL, 1])  # SSD's background is class 0
+    del outputs["bbox_ctrness"]
+    g = torch.Generator().manual_seed(1)
+    outputs["cls_logits"] = torch.randn(1, len(anchors[0]), NUM_CLASSES + 1, generator=g).requires_grad_()
+    matched = _matches(targets, anchors)
+    ignored = (matched[0] >= 0) & (targets[0]["labels"][matched[0].clamp(min=0)] == ignore.IGNORE_LABEL)
+    assert int(ignored.sum()) >= 4 and int((matched[0] >= 0).sum()) > int(ignored.sum())
+    model = _ssd()
+    keep = ~ignored  # the oracle: torchvision's own loss without the ignored default boxes
+    want = model.compute_loss(targets, {k: v[:, keep] for k, v in outputs.items()}, [anchors[0][keep]],
+                              [matched[0][keep]])  # fmt: skip
+    model.__class__ = ignore.IgnoreAwareSSD
+    got = model.compute_loss(targets, outputs, anchors, matched)
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=0.0)
+    sum(got.values()).backward()
+    for key, value in outputs.items():  # nothing reaches the ignored default boxes
+        assert value.grad is not None and torch.count_nonzero(value.grad[0][ignored]) == 0, key
+    assert torch.count_nonzero(outputs["cls_logits"].grad[0][keep]) > 0
+    # without ignore boxes, exactly torchvision's loss
+    plain = [{"boxes": targets[0]["boxes"][[0, 2]], "labels": targets[0]["labels"][[0, 2]]}]
+    matched = _matches(plain, anchors)
+    want = _ssd().compute_loss(plain, outputs, anchors, matched)
+    got = model.compute_loss(plain, outputs, anchors, matched)
     assert {k: v.item() for k, v in got.items()} == {k: v.item() for k, v in want.items()}
 
 

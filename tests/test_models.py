@@ -11,15 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.models import detection as tv_detection
+from torchvision.models import get_weight
 from torchvision.models._api import WeightsEnum
+from torchvision.ops import FrozenBatchNorm2d
 
 from datadistill.data.coco import Category, CocoDataset, ImageLabels, ImageRecord
 from datadistill.errors import UserError
 from datadistill.models import torchvision as models
+from datadistill.models.ignore import supports_ignore
 from datadistill.models.torchvision import MODELS, ModelMeta
 
 SMALL = [name for name, spec in MODELS.items() if not spec.pretrained]
 SMALL_BOXES = [name for name in SMALL if MODELS[name].task == "boxes"]
+RESNET50 = [name for name in MODELS if "resnet50" in name]
+# torchvision's light COCO-pretrained detectors -> their torchvision weights
+LIGHT = {
+    "fasterrcnn_mobilenet_v3_large_fpn": "FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1",
+    "fasterrcnn_mobilenet_v3_large_320_fpn": "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1",
+    "ssdlite320_mobilenet_v3_large": "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1",
+}
 KEYPOINT_NAMES = ("head", "left_hand", "right_hand", "foot")
 
 
@@ -81,11 +92,11 @@ def test_every_model_builds_for_its_task(name: str) -> None:
     assert sum(p.numel() for p in model.parameters()) > 0
     assert models._is_keypoint_model(model) == (spec.task == "keypoints")
     assert tuple(model.transform.min_size) == (_meta(name).min_size,)
-    if spec.pretrained:  # torchvision's pretrained recipe: frozen backbone norm, stem and first stage fixed
+    if spec.pretrained and name in RESNET50:  # torchvision's recipe: frozen backbone norm, stem and layer1 fixed
         body = model.backbone.body
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
         assert not body.conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
-    else:
+    elif not spec.pretrained:  # (the light pretrained ones are compared with torchvision's build below)
         assert sum(p.numel() for p in model.parameters()) < 4_000_000
 
 
@@ -138,6 +149,9 @@ def test_meta_task_follows_the_data(model: str, keypoints: bool, task: str) -> N
     [
         ("small_fcos", True),  # a box model for keypoint data
         ("small_keypointrcnn", False),  # a keypoint model for box data
+        ("fasterrcnn_mobilenet_v3_large_fpn", True),
+        ("fasterrcnn_mobilenet_v3_large_320_fpn", True),
+        ("ssdlite320_mobilenet_v3_large", True),
     ],
 )
 def test_meta_refuses_a_model_of_the_other_task(model: str, keypoints: bool) -> None:
@@ -393,7 +407,7 @@ def test_init_from_a_state_dict_skips_class_heads(
     )
     state, src = model.state_dict(), source.state_dict()
     for key, value in state.items():
-        if key.startswith(models._CLASS_HEAD_PREFIXES):
+        if models._CLASS_HEAD.match(key):
             assert value.shape != src[key].shape
         else:
             assert torch.equal(value, src[key]), key
@@ -479,6 +493,261 @@ def test_init_from_torchvision_weights_maps_the_backbone(monkeypatch: pytest.Mon
     assert torch.equal(
         model.state_dict()["backbone.body.layer4.2.conv3.weight"], coco["backbone.body.layer4.2.conv3.weight"]
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchvision's light COCO-pretrained detectors (nothing downloaded: random weights, or a mocked download)
+
+# class-head tensors another label set cannot reuse: Faster R-CNN's cls_score and bbox_pred (weight, bias);
+# SSDlite's last 1x1 conv (weight, bias) of each of its 6 per-level class branches
+LIGHT_HEAD_TENSORS = {
+    "fasterrcnn_mobilenet_v3_large_fpn": 4,
+    "fasterrcnn_mobilenet_v3_large_320_fpn": 4,
+    "ssdlite320_mobilenet_v3_large": 12,
+}
+LIGHT_PX = 96  # a small input size keeps these tests fast on a CPU
+
+
+def _light_meta(name: str, *, size: int = LIGHT_PX) -> ModelMeta:
+    return ModelMeta.from_dataset(name, _dataset(keypoints=False), min_size=size)
+
+
+def _coco_classes(name: str) -> tuple[str, ...]:
+    return tuple(c for c in get_weight(LIGHT[name]).meta["categories"] if c != "__background__")
+
+
+def _torchvision_coco_state(name: str) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision's own build of ``name`` for COCO's 91 classes, with random weights."""
+    torch.manual_seed(1)
+    return getattr(tv_detection, name)(weights=None, weights_backbone=None, num_classes=91).state_dict()
+
+
+def _settings(model: torch.nn.Module) -> dict[str, object]:
+    """Input size and the thresholds that decide what the model proposes and returns."""
+    t = model.transform
+    out: dict[str, object] = {"size": (t.min_size, t.max_size, t.fixed_size)}
+    for part in ("", "rpn", "roi_heads"):
+        obj = getattr(model, part, None) if part else model
+        for attr in ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates", "_pre_nms_top_n",
+                     "_post_nms_top_n"):  # fmt: skip
+            out[f"{part}.{attr}"] = getattr(obj, attr, None)
+    return out
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_light_model_is_built_as_torchvision_builds_it_with_its_coco_weights(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchvision freezes batch norm and first stages only when it builds with weights; we build without
+    (no download) and load them later, so our build must equal torchvision's build with the weights that
+    the description names: the same tensors, norm layers (type and eps), trainable parameters, input size
+    and thresholds. The mocked download hands torchvision our own random weights."""
+    spec, weights = MODELS[name], get_weight(LIGHT[name])
+    assert spec.pretrained and f"init weights:{LIGHT[name]}" in spec.description
+    assert (name, "boxes", spec.description) in models.list_models()
+    ours = spec.builder(
+        num_classes=len(_coco_classes(name)), num_keypoints=0, min_size=spec.min_size, max_size=spec.max_size
+    )
+    state = ours.state_dict()
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *args, **kwargs: state)
+    reference = getattr(tv_detection, name)(weights=weights)
+
+    def norms(model: torch.nn.Module) -> dict[str, tuple[str, float]]:
+        kinds = (torch.nn.BatchNorm2d, FrozenBatchNorm2d)
+        return {n: (type(m).__name__, m.eps) for n, m in model.named_modules() if isinstance(m, kinds)}
+
+    assert state.keys() == reference.state_dict().keys()
+    assert norms(ours) == norms(reference) and norms(ours)
+    trainable = {n: p.requires_grad for n, p in ours.named_parameters()}
+    assert trainable == {n: p.requires_grad for n, p in reference.named_parameters()}
+    assert _settings(ours) == _settings(reference)
+    if name.startswith("fasterrcnn"):  # batch norm frozen, the first 3 of the body's 6 stages fixed
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.backbone.body.modules())
+        assert 0 < sum(trainable.values()) < len(trainable)
+    else:  # SSDlite's recipe trains everything, batch norm included
+        assert all(trainable.values())
+
+
+def _force_light_class(model: torch.nn.Module, index: int) -> None:
+    """Make every detection of ``model`` class ``index`` (0-based) whatever the image."""
+    if not isinstance(model, models.SSD):
+        _force_class(model, index)
+        return
+    head = model.head.classification_head
+    with torch.no_grad():
+        for branch in head.module_list:  # channels: anchor-major, then background + classes
+            conv = branch[1]
+            conv.weight.zero_()
+            conv.bias.fill_(-10.0)
+            conv.bias.view(-1, head.num_columns)[:, index + 1] = 10.0
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_light_model_trains_and_predicts_zero_based_labels(name: str) -> None:
+    meta = _light_meta(name)
+    torch.manual_seed(0)
+    model = models.build_model(meta)
+    terms = models.losses(model, _images(), _targets("boxes"))
+    assert terms and all(v.ndim == 0 and torch.isfinite(v) for v in terms.values())
+    sum(terms.values()).backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    empty = _targets("boxes")[1]
+    assert all(torch.isfinite(v) for v in models.losses(model, _images(), [empty, empty]).values())
+
+    wanted = meta.num_classes - 1
+    _force_light_class(model, wanted)
+    dets = models.predict(model, _images())
+    assert not model.training and all(len(d) > 0 for d in dets)
+    for d, img in zip(dets, _images(), strict=True):
+        assert d.labels.dtype == torch.int64 and (d.labels == wanted).all() and d.keypoints is None
+        assert ((d.scores >= 0) & (d.scores <= 1)).all()
+        h, w = img.shape[-2:]
+        assert (d.boxes[:, 0::2] <= w).all() and (d.boxes[:, 1::2] <= h).all()  # the original frame
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_light_model_inits_from_a_coco_state_dict_file(name: str, tmp_path: Path) -> None:
+    """A plain state dict names no classes: COCO's class head (91 classes) is left out by its shape."""
+    source = _torchvision_coco_state(name)
+    path = tmp_path / "coco.pt"
+    torch.save(source, path)
+    model = models.build_model(_light_meta(name))
+    report = models.init_weights(model, str(path), meta=_light_meta(name))
+    head = LIGHT_HEAD_TENSORS[name]
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert report == models.LoadReport(loaded=len(state) - head, mismatched=head, unmatched=0, missing=head)
+    for key, value in state.items():
+        if models._CLASS_HEAD.match(key):
+            assert value.shape != source[key].shape, key
+        else:
+            assert torch.equal(value, source[key]), key
+
+
+@pytest.mark.parametrize("coco_names", [True, False], ids=["coco-classes", "other-90-classes"])
+@pytest.mark.parametrize("name", LIGHT)
+def test_light_model_inits_from_torchvision_weights_by_class_names(
+    name: str, coco_names: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """weights:NAME without internet (mocked download): the class head loads only for COCO's own class
+    names, and is left out for 90 other names although its shapes fit."""
+    source = _torchvision_coco_state(name)
+    seen: dict[str, object] = {}
+
+    def download(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.update(kwargs, weights=str(self))
+        return source
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", download)
+    names = _coco_classes(name) if coco_names else tuple(f"c{i}" for i in range(90))
+    meta = replace(_light_meta(name), class_names=names, category_ids=tuple(range(1, 91)))
+    model = models.build_model(meta)
+    report = models.init_weights(model, f"weights:{LIGHT[name]}", meta=meta)
+    assert seen["weights_only"] is True and seen["weights"] == LIGHT[name]
+    head = 0 if coco_names else LIGHT_HEAD_TENSORS[name]
+    total = len([k for k in model.state_dict() if not k.endswith("num_batches_tracked")])
+    assert report == models.LoadReport(loaded=total - head, mismatched=head, unmatched=0, missing=head)
+    classifier = next(k for k in source if models._CLASS_HEAD.match(k) and k.endswith("weight"))
+    assert torch.equal(model.state_dict()[classifier], source[classifier]) == coco_names
+
+
+@pytest.mark.parametrize("same_classes", [True, False], ids=["same-classes", "other-class-names"])
+@pytest.mark.parametrize("name", LIGHT)
+def test_light_model_inits_from_our_checkpoint_by_class_names(name: str, same_classes: bool, tmp_path: Path) -> None:
+    meta = _light_meta(name)
+    source_meta = meta if same_classes else replace(meta, class_names=("a", "b", "c"))
+    torch.manual_seed(1)
+    source = models.build_model(source_meta)
+    path = tmp_path / "teacher.pt"
+    models.save_checkpoint(path, model=source, meta=source_meta)
+    model = models.build_model(meta)
+    report = models.init_weights(model, str(path), meta=meta)
+    head = 0 if same_classes else LIGHT_HEAD_TENSORS[name]
+    total = len([k for k in model.state_dict() if not k.endswith("num_batches_tracked")])
+    assert report == models.LoadReport(loaded=total - head, mismatched=head, unmatched=0, missing=head)
+
+
+@pytest.mark.parametrize(
+    "name, plain, doubled",
+    [
+        ("fasterrcnn_mobilenet_v3_large_fpn", (48, 60), (76, 96)),  # short side to 48; at 96 the long side caps
+        ("fasterrcnn_mobilenet_v3_large_320_fpn", (48, 60), (76, 96)),
+        ("ssdlite320_mobilenet_v3_large", (48, 48), (96, 96)),  # a fixed square whatever the image's shape
+    ],
+)
+def test_light_model_runs_a_scale_view_at_the_new_size(
+    name: str, plain: tuple[int, int], doubled: tuple[int, int]
+) -> None:
+    s = 48
+    model = models.build_model(_light_meta(name, size=s))
+    before = _settings(model)
+    seen: list[tuple[int, int]] = []
+    model.transform.register_forward_hook(lambda module, args, out: seen.append(tuple(out[0].image_sizes[0])))
+    image = torch.rand(3, 64, 80)
+    assert models._resized_size(model, (64, 80)) == plain
+    dets = models.predict(model, [image])
+    with models.input_size(model, 2 * s, 2 * s):
+        assert models._resized_size(model, (64, 80)) == doubled
+        dets += models.predict(model, [image])
+    assert seen == [plain, doubled] and _settings(model) == before
+    for d in dets:  # predictions come back in the original frame
+        assert len(d) > 0 and (d.boxes[:, 0::2] <= 80).all() and (d.boxes[:, 1::2] <= 64).all()
+
+
+@pytest.mark.parametrize(
+    "name, fits",
+    [("fasterrcnn_mobilenet_v3_large_320_fpn", False), ("ssdlite320_mobilenet_v3_large", True)],
+    ids=["keeps-aspect", "fixed-square"],
+)
+def test_unfit_reason_tells_the_truth_for_a_strip(name: str, fits: bool) -> None:
+    """A 4000 x 1 px strip: resizing its short side to 64 px (long side at most 640) leaves 0 px, but a
+    fixed-size model squeezes any image into its square."""
+    meta = _light_meta(name, size=64)
+    detector = models.TorchvisionDetector(models.build_model(meta), meta)
+    reason = detector.unfit_reason(1, 4000, min_size=meta.min_size, max_size=meta.max_size)
+    assert (reason is None) == fits
+    if fits:
+        assert models._resized_size(detector.module, (1, 4000)) == (64, 64)
+        assert len(detector.predict([torch.rand(3, 1, 4000)])) == 1
+    else:
+        assert reason == "would resize it to 640x0 px"
+
+
+def test_a_fixed_size_model_takes_a_square() -> None:
+    name, data = "ssdlite320_mobilenet_v3_large", _dataset(keypoints=False)
+    assert ModelMeta.from_dataset(name, data).min_size == ModelMeta.from_dataset(name, data).max_size == 320
+    meta = ModelMeta.from_dataset(name, data, min_size=256)
+    assert (meta.min_size, meta.max_size) == (256, 256)
+    assert models.build_model(meta).transform.fixed_size == (256, 256)
+    assert ModelMeta.from_dataset(name, data, min_size=256, max_size=256) == meta
+    with pytest.raises(UserError, match="must equal --min-size") as exc:
+        ModelMeta.from_dataset(name, data, max_size=400)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_light_model_ignore_regions_are_honoured_or_refused(name: str) -> None:
+    """Faster R-CNN leaves ignore regions out of its loss; SSD cannot, and says so rather than teach them."""
+    model = models.build_model(_light_meta(name))
+    one, empty = _targets("boxes")
+    with_ignore = [{**one, "ignore": torch.tensor([[40.0, 40.0, 60.0, 62.0]])}, empty]
+    no_ignore = [{**one, "ignore": torch.zeros((0, 4))}, empty]
+    assert all(torch.isfinite(v) for v in models.losses(model, _images(), no_ignore).values())
+    if supports_ignore(model):
+        assert all(torch.isfinite(v) for v in models.losses(model, _images(), with_ignore).values())
+    else:
+        assert name.startswith("ssdlite")
+        with pytest.raises(UserError, match="1 ignore region") as exc:
+            models.losses(model, _images(), with_ignore)
+        assert "\n" not in str(exc.value)
+
+
+def test_ssdlite_needs_two_images_per_training_batch() -> None:
+    """torchvision's SSDlite recipe trains its batch norm, down to a 1 x 1 feature map: one image cannot."""
+    model = models.build_model(_light_meta("ssdlite320_mobilenet_v3_large"))
+    with pytest.raises(UserError, match="raise --batch-size") as exc:
+        models.losses(model, _images()[:1], _targets("boxes")[:1])
+    assert "\n" not in str(exc.value)
+    assert len(models.predict(model, _images()[:1])) == 1  # inference uses the running statistics
 
 
 def test_speed_bench_runs() -> None:

@@ -18,6 +18,8 @@ and the detector's loss code, made ignore-aware by :func:`make_ignore_aware`, re
 - Faster / Keypoint R-CNN: an RPN anchor or a box-head proposal matched to an ignore box gets label -1,
   which the positive/negative samplers leave out (the box head does this by itself: an ignore box's label
   is -1 once matched).
+- SSD: a default box matched to an ignore box is neither a positive nor a (hard-mined) negative: no
+  classification or box loss.
 
 Without ignore boxes every loss is exactly torchvision's.
 """
@@ -30,6 +32,7 @@ from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.ssd import SSD
 
 # The label of an ignore box among a torchvision target's boxes (after the R-CNN family's +1 offset).
 IGNORE_LABEL = -1
@@ -85,6 +88,30 @@ class IgnoreAwareRetinaNetHead(RetinaNetHead):
         return super().compute_loss(targets, head_outputs, anchors, matched)
 
 
+class IgnoreAwareSSD(SSD):
+    """SSD, whose loss (a method of the model, not of its head) leaves out the default boxes matched to an
+    ignore box: no box loss, and softmax logits that give exactly zero loss against the background, so
+    that hard negative mining ranks them last and they add nothing."""
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+    ) -> dict[str, Tensor]:
+        ignored = [_on_ignore_box(t, m) for t, m in zip(targets, matched_idxs, strict=True)]
+        if not any(bool(i.any()) for i in ignored):
+            return super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+        mask = torch.stack(ignored)  # [N, A]
+        matched = [torch.where(i, torch.full_like(m, -1), m) for i, m in zip(ignored, matched_idxs, strict=True)]
+        logits = head_outputs["cls_logits"]  # [N, A, 1 + C], background first
+        background = torch.full_like(logits, _SILENT_LOGIT)
+        background[..., 0] = 0.0
+        silent = torch.where(mask[..., None], background, logits)
+        return super().compute_loss(targets, {**head_outputs, "cls_logits": silent}, anchors, matched)
+
+
 class IgnoreAwareRPN(RegionProposalNetwork):
     """The R-CNN region proposal network; anchors matched to an ignore box get label -1 (not sampled)."""
 
@@ -105,6 +132,7 @@ _IGNORE_AWARE: dict[type[nn.Module], type[nn.Module]] = {
     FCOSHead: IgnoreAwareFCOSHead,
     RetinaNetHead: IgnoreAwareRetinaNetHead,
     RegionProposalNetwork: IgnoreAwareRPN,
+    SSD: IgnoreAwareSSD,
 }
 
 
@@ -115,12 +143,14 @@ def _upgrade(part: nn.Module) -> None:
 
 
 def make_ignore_aware(model: nn.Module) -> nn.Module:
-    """Make a torchvision FCOS, RetinaNet or (Faster/Keypoint) R-CNN honour ignore boxes in training (in
-    place; returns it). The R-CNN box head needs nothing: it already leaves label -1 out."""
+    """Make a torchvision FCOS, RetinaNet, SSD or (Faster/Keypoint) R-CNN honour ignore boxes in training
+    (in place; returns it). The R-CNN box head needs nothing: it already leaves label -1 out."""
     if isinstance(model, FCOS | RetinaNet):
         _upgrade(model.head)
     elif isinstance(model, GeneralizedRCNN):
         _upgrade(model.rpn)
+    elif isinstance(model, SSD):
+        _upgrade(model)
     return model
 
 
@@ -130,4 +160,6 @@ def supports_ignore(model: nn.Module) -> bool:
         return isinstance(model.head, IgnoreAwareFCOSHead | IgnoreAwareRetinaNetHead)
     if isinstance(model, GeneralizedRCNN):
         return isinstance(model.rpn, IgnoreAwareRPN)
+    if isinstance(model, SSD):
+        return isinstance(model, IgnoreAwareSSD)
     return False

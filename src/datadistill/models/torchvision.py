@@ -5,10 +5,11 @@ from 1 (0 is the background of the R-CNN family) and resize every input to ``min
 wraps that once: callers give images as float32 ``[3, H, W]`` in [0, 1] and labels as contiguous class
 indices ``0..C-1``, and get :class:`~datadistill.core.types.Detections` in the original image frame.
 
-``MODELS`` lists the builders: small models that train from scratch on a CPU in minutes at 128 px, and
-torchvision's standard large models for real work (built with no weights; :func:`init_weights` loads
-pretrained ones by torchvision weight name or from a local file). Checkpoints hold only tensors and
-plain types and are always read with ``torch.load(..., weights_only=True)``.
+``MODELS`` lists the builders: small models that train from scratch on a CPU in minutes at 128 px,
+torchvision's light COCO-pretrained MobileNetV3 detectors to fine-tune on a laptop, and its standard large
+models for real work (built with no weights; :func:`init_weights` loads pretrained ones by torchvision
+weight name or from a local file). Checkpoints hold only tensors and plain types and are always read
+with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import get_weight
 from torchvision.models.detection import (
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+    fasterrcnn_mobilenet_v3_large_fpn,
     fasterrcnn_resnet50_fpn_v2,
     fcos_resnet50_fpn,
     keypointrcnn_resnet50_fpn,
     retinanet_resnet50_fpn_v2,
+    ssdlite320_mobilenet_v3_large,
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -41,6 +45,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNN, KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as _tv_heatmaps_to_keypoints
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
@@ -51,7 +56,7 @@ from datadistill.core.views import resized_size
 from datadistill.data.coco import CocoDataset
 from datadistill.errors import UserError
 from datadistill.models.detector import ModelMeta, Task
-from datadistill.models.ignore import IGNORE_LABEL, make_ignore_aware
+from datadistill.models.ignore import IGNORE_LABEL, make_ignore_aware, supports_ignore
 from datadistill.runtime.io import write_atomic
 
 log = logging.getLogger(__name__)
@@ -66,8 +71,10 @@ class ModelSpec:
 
     ``builder(num_classes=C, num_keypoints=K, min_size=..., max_size=...)`` returns a randomly initialised
     torchvision detector; ``num_classes`` excludes any background class (the builder adds it where the
-    architecture needs it). ``pretrained`` marks the large models that are meant to start from pretrained
-    weights (their backbone batch norm is frozen, as in torchvision's pretrained recipe).
+    architecture needs it). ``pretrained`` marks the models that are meant to start from pretrained
+    weights (built as torchvision builds them with weights: backbone batch norm frozen and first stages
+    fixed where its recipe does so). ``fixed_size``: the model resizes every image to a ``min_size`` x
+    ``min_size`` square whatever its aspect ratio (SSD), so its ``max_size`` is ``min_size``.
     """
 
     name: str
@@ -77,6 +84,7 @@ class ModelSpec:
     min_size: int
     max_size: int
     pretrained: bool
+    fixed_size: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,7 +237,19 @@ def _build_small_keypointrcnn(*, num_classes: int, num_keypoints: int, min_size:
 
 
 # ----------------------------------------------------------------------------------------------------
-# torchvision's standard large models
+# torchvision's pretrained models: its light MobileNetV3 detectors and its standard large ones, built
+# without weights (init_weights loads them) the way torchvision builds them with weights
+
+
+def _freeze_norm(module: nn.Module) -> None:
+    """Replace every BatchNorm2d under ``module`` by a FrozenBatchNorm2d of torchvision's default eps (1e-5),
+    as torchvision's builders do when they pass ``norm_layer=FrozenBatchNorm2d``: ResNet's own eps, while
+    MobileNetV3's batch norm has 1e-3, its frozen one in torchvision's detectors 1e-5."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child.num_features))
+        else:
+            _freeze_norm(child)
 
 
 def _freeze_backbone_norm(model: nn.Module) -> nn.Module:
@@ -239,18 +259,24 @@ def _freeze_backbone_norm(model: nn.Module) -> nn.Module:
     build time, so the freezing is applied here, the same way whether weights are loaded later or not.
     """
     body = model.backbone.body
-
-    def freeze(module: nn.Module) -> None:
-        for name, child in module.named_children():
-            if isinstance(child, nn.BatchNorm2d):
-                setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
-            else:
-                freeze(child)
-
-    freeze(body)
+    _freeze_norm(body)
     for name, param in body.named_parameters():
         if not name.startswith(("layer2", "layer3", "layer4")):
             param.requires_grad_(False)
+    return model
+
+
+def _freeze_mobilenet_backbone(model: nn.Module, *, trainable_stages: int = 3) -> nn.Module:
+    """torchvision's pretrained recipe for its MobileNetV3 Faster R-CNNs: the body's batch norm frozen, the
+    blocks before its last ``trainable_stages`` stages (of 6: the stem, each strided block, the last
+    block) fixed, as ``backbone_utils._mobilenet_extractor`` does (applied after building, as
+    :func:`_freeze_backbone_norm`)."""
+    body = model.backbone.body
+    blocks = list(body.children())
+    starts = [0] + [i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
+    _freeze_norm(body)
+    for block in blocks[: starts[len(starts) - trainable_stages]]:
+        block.requires_grad_(False)
     return model
 
 
@@ -288,6 +314,34 @@ def _build_keypointrcnn_r50(*, num_classes: int, num_keypoints: int, min_size: i
         max_size=max_size,
     )
     return _freeze_backbone_norm(model)
+
+
+def _build_fasterrcnn_mobilenet(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    del num_keypoints
+    model = fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=min_size, max_size=max_size
+    )
+    return _freeze_mobilenet_backbone(model)
+
+
+def _build_fasterrcnn_mobilenet_320(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    """As :func:`_build_fasterrcnn_mobilenet`, with torchvision's low-resolution settings (fewer proposals)."""
+    del num_keypoints
+    model = fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=min_size, max_size=max_size
+    )
+    return _freeze_mobilenet_backbone(model)
+
+
+def _build_ssdlite(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
+    """SSDlite resizes every image to a fixed square (``min_size`` px; ``max_size`` is ``min_size``). Its
+    pretrained recipe trains every layer and its batch norm, so nothing is frozen; its default boxes are
+    fractions of the input, so another size works with the same weights."""
+    del num_keypoints
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes + 1)
+    transform = model.transform
+    transform.min_size, transform.max_size, transform.fixed_size = (min_size,), max_size, (min_size, min_size)
+    return model
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -354,6 +408,37 @@ MODELS: dict[str, ModelSpec] = {
         max_size=1333,
         pretrained=True,
     ),
+    "fasterrcnn_mobilenet_v3_large_fpn": ModelSpec(
+        name="fasterrcnn_mobilenet_v3_large_fpn",
+        task="boxes",
+        description="Faster R-CNN MobileNetV3-Large FPN (torchvision, light); "
+        "init weights:FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1",
+        builder=_build_fasterrcnn_mobilenet,
+        min_size=800,
+        max_size=1333,
+        pretrained=True,
+    ),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ModelSpec(
+        name="fasterrcnn_mobilenet_v3_large_320_fpn",
+        task="boxes",
+        description="Faster R-CNN MobileNetV3-Large FPN at 320 px (torchvision, light, fast on a CPU); "
+        "init weights:FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1",
+        builder=_build_fasterrcnn_mobilenet_320,
+        min_size=320,
+        max_size=640,
+        pretrained=True,
+    ),
+    "ssdlite320_mobilenet_v3_large": ModelSpec(
+        name="ssdlite320_mobilenet_v3_large",
+        task="boxes",
+        description="SSDlite MobileNetV3-Large, 320x320 px (torchvision, lightest, fast on a CPU); "
+        "init weights:SSDLite320_MobileNet_V3_Large_Weights.COCO_V1",
+        builder=_build_ssdlite,
+        min_size=320,
+        max_size=320,
+        pretrained=True,
+        fixed_size=True,
+    ),
 }
 
 DEFAULT_MODELS: dict[str, str] = {"boxes": "small_fcos", "keypoints": "small_keypointrcnn"}
@@ -381,7 +466,8 @@ def meta_for(
 ) -> ModelMeta:
     """The meta of architecture ``model`` trained on ``dataset``; the task follows from the data (keypoint
     categories make it ``keypoints``), and a model of the other task is a UserError. The input size
-    defaults to the architecture's."""
+    defaults to the architecture's; a fixed-size model (SSD) takes a square, so its ``max_size`` is its
+    ``min_size``."""
     spec = get_spec(model)
     task = dataset.task
     if not dataset.categories:
@@ -392,6 +478,13 @@ def meta_for(
             f"model {model!r} detects {spec.task} but the data set has {task}; choose one of: {', '.join(other)}"
         )
     min_size = spec.min_size if min_size is None else int(min_size)
+    if spec.fixed_size:
+        if max_size is not None and int(max_size) != min_size:
+            raise UserError(
+                f"model {model!r} resizes every image to a {min_size}x{min_size} px square: --max-size "
+                f"({max_size}) must equal --min-size, or be left out"
+            )
+        max_size = min_size
     max_size = max(min_size, spec.max_size) if max_size is None else int(max_size)
     return ModelMeta.for_dataset(model, dataset, min_size=min_size, max_size=max_size)
 
@@ -420,9 +513,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _label_offset(model: nn.Module) -> int:
-    """1 for the R-CNN family (softmax over background + classes), 0 for the sigmoid heads (FCOS,
+    """1 for the R-CNN family and SSD (softmax over background + classes), 0 for the sigmoid heads (FCOS,
     RetinaNet), which need no background class."""
-    return 1 if isinstance(_unwrap(model), GeneralizedRCNN) else 0
+    return 1 if isinstance(_unwrap(model), GeneralizedRCNN | SSD) else 0
 
 
 def _is_keypoint_model(model: nn.Module) -> bool:
@@ -445,11 +538,15 @@ def losses(model: nn.Module, images: Sequence[Tensor], targets: Sequence[Mapping
     in that image's frame, ``labels`` ``[N]`` int64 class indices ``0..C-1``, for keypoint models
     ``keypoints`` ``[N, K, 3]`` (x, y, visibility), and optionally ``ignore`` ``[M, 4]`` xyxy px: regions
     that are neither objects nor background (:mod:`datadistill.models.ignore`). ``N = 0`` (and no ignore region)
-    makes the image a negative.
+    makes the image a negative. Ignore regions for a model whose training cannot honour them
+    (:func:`~datadistill.models.ignore.supports_ignore`) are a UserError, as torchvision's loss would teach
+    them as objects; so is a single image for SSDlite (its batch norm, trained as in torchvision's recipe,
+    cannot take one image's 1 x 1 feature map).
     Returns torchvision's named scalar losses (sum them for the total); works with DDP-wrapped models.
     """
     if len(images) != len(targets):
         raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+    _check_ignore_support(model, targets)
     model.train()
     device = _device_of(model)
     offset = _label_offset(model)
@@ -474,7 +571,30 @@ def losses(model: nn.Module, images: Sequence[Tensor], targets: Sequence[Mapping
             target["keypoints"] = torch.cat([kps, kps.new_zeros((len(ignore), *kps.shape[1:]))])
         tv_targets.append(target)
     tv_images = [im.to(device) for im in images]
-    return model(tv_images, tv_targets)
+    try:
+        return model(tv_images, tv_targets)
+    except ValueError as exc:  # SSDlite trains its batch norm, down to a 1 x 1 feature map below ~600 px
+        if "more than 1 value per channel" not in str(exc):
+            raise
+        raise UserError(
+            f"{type(_unwrap(model)).__name__} trains its batch norm, which needs more than one image per batch "
+            f"(per process) at this input size; got {len(images)}: raise --batch-size"
+        ) from exc
+
+
+def _check_ignore_support(model: nn.Module, targets: Sequence[Mapping[str, Tensor]]) -> None:
+    """A one-line UserError when a target has ignore regions that ``model``'s loss cannot leave out."""
+    inner = _unwrap(model)
+    if supports_ignore(inner):
+        return
+    for i, t in enumerate(targets):
+        ignore = t.get("ignore")
+        if ignore is not None and ignore.numel() > 0:
+            raise UserError(
+                f"target {i} has {ignore.reshape(-1, 4).shape[0]} ignore region(s) (iscrowd annotations, or "
+                f"select --ignore-band), which {type(inner).__name__}'s training cannot leave out of its loss; "
+                "drop them from the data or train another model"
+            )
 
 
 def _to_detections(out: Mapping[str, Tensor], offset: int, device: torch.device) -> Detections:
@@ -513,16 +633,19 @@ def input_size(model: nn.Module, min_size: int, max_size: int) -> Iterator[nn.Mo
     """Temporarily resize inputs to ``min_size`` (shorter side) and at most ``max_size`` (longer side).
 
     torchvision resizes every input to the model's ``min_size``, so a scale view of test-time
-    augmentation changes this target, not the image.
+    augmentation changes this target, not the image. A fixed-size model (SSD) runs at a ``min_size`` x
+    ``min_size`` square instead of its own.
     """
     transform = _unwrap(model).transform
-    saved = (transform.min_size, transform.max_size)
+    saved = (transform.min_size, transform.max_size, transform.fixed_size)
     transform.min_size = (int(min_size),)
     transform.max_size = int(max_size)
+    if transform.fixed_size is not None:
+        transform.fixed_size = (int(min_size), int(min_size))
     try:
         yield model
     finally:
-        transform.min_size, transform.max_size = saved
+        transform.min_size, transform.max_size, transform.fixed_size = saved
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -561,7 +684,8 @@ def keypoint_heatmaps(model: nn.Module, images: Sequence[Tensor], boxes: Sequenc
 
 
 def _resized_size(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
-    """The ``(H, W)`` that the model's transform resizes an image of ``image_size`` to (eval mode)."""
+    """The ``(H, W)`` that the model's transform resizes an image of ``image_size`` to (eval mode; by
+    torchvision's own resize, so a fixed-size model gives its square)."""
     transform = _unwrap(model).transform
     was_training = transform.training
     transform.eval()
@@ -690,9 +814,12 @@ def load_checkpoint(
     return model, meta, content["extra"]
 
 
-# Tensors whose meaning depends on the class list or the keypoint list, by architecture.
-_CLASS_HEAD_PREFIXES = ("head.classification_head.cls_logits.", "roi_heads.box_predictor.")
-_KEYPOINT_HEAD_PREFIXES = ("roi_heads.keypoint_predictor.",)
+# Tensors whose meaning depends on the class list or the keypoint list, by architecture: the last conv of
+# RetinaNet's and FCOS's class branch, the last (1x1) conv of each of SSDlite's per-level class branches
+# (the depthwise conv before it, like RetinaNet's conv tower, loads), the R-CNN box predictor (class
+# scores and per-class boxes), the keypoint predictor.
+_CLASS_HEAD = re.compile(r"head\.classification_head\.(cls_logits|module_list\.\d+\.1)\.|roi_heads\.box_predictor\.")
+_KEYPOINT_HEAD = re.compile(r"roi_heads\.keypoint_predictor\.")
 # Where a backbone-only state dict (a torchvision classifier) may sit inside a detector.
 _PREFIXES = ("", "backbone.body.", "backbone.")
 
@@ -762,11 +889,11 @@ def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
     source, src_classes, src_keypoints = _source_state(spec)
     source = {k.removeprefix("module."): v for k, v in source.items() if not k.endswith("num_batches_tracked")}
     target = _unwrap(model).state_dict()
-    skip_prefixes: tuple[str, ...] = ()
+    skip: list[re.Pattern[str]] = []
     if src_classes is not None and src_classes != meta.class_names:
-        skip_prefixes += _CLASS_HEAD_PREFIXES
+        skip.append(_CLASS_HEAD)
     if src_keypoints is not None and src_keypoints != meta.keypoint_names:
-        skip_prefixes += _KEYPOINT_HEAD_PREFIXES
+        skip.append(_KEYPOINT_HEAD)
 
     best: tuple[int, str] = (-1, "")
     for prefix in _PREFIXES:
@@ -780,7 +907,7 @@ def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
         name = prefix + key
         if name not in target:
             unmatched += 1
-        elif name.startswith(skip_prefixes) or target[name].shape != value.shape:
+        elif any(p.match(name) for p in skip) or target[name].shape != value.shape:
             mismatched += 1
         else:
             update[name] = value
@@ -789,7 +916,7 @@ def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
             f"no tensor in {spec} fits model {meta.model!r} ({len(source)} tensors, {mismatched} with "
             f"another shape or label set, {unmatched} with no counterpart)"
         )
-    if src_classes is None and any(k.startswith(_CLASS_HEAD_PREFIXES) for k in update):
+    if src_classes is None and any(_CLASS_HEAD.match(k) for k in update):
         log.warning("%s does not name its classes: its class head loads because the shapes fit", spec)
     _unwrap(model).load_state_dict(update, strict=False)
     report = LoadReport(
@@ -841,14 +968,18 @@ class TorchvisionDetector:
 
     def unfit_reason(self, height: int, width: int, *, min_size: int, max_size: int) -> str | None:
         """torchvision resizes the shorter side to ``min_size`` (the longer at most ``max_size``): an image
-        so elongated that a side would become 0 px cannot run (torch would raise mid-run)."""
+        so elongated that a side would become 0 px cannot run (torch would raise mid-run). A fixed-size
+        model (SSD) resizes any image to a ``min_size`` square, so every image fits it."""
+        if isinstance(_unwrap(self.module), SSD):
+            return None
         h, w = resized_size(height, width, min_size=min_size, max_size=max_size)
         return None if h >= 1 and w >= 1 else f"would resize it to {w}x{h} px"
 
 
 def load(spec: str, *, device: str | torch.device = "cpu", min_score: float | None = None) -> TorchvisionDetector:
     """The detector of a datadistill checkpoint file (``spec`` is its path). Its score threshold is the
-    architecture's (0.05), below any labeling floor worth using: ``min_score`` changes nothing."""
+    architecture's (0.05; SSDlite's 0.001), below any labeling floor worth using: ``min_score`` changes
+    nothing."""
     del min_score
     if spec in MODELS:
         raise UserError(
