@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from datadistill.core.types import Detections
-from datadistill.core.views import PAPER_SCALES, View, parse_view, parse_views
+from datadistill.core.views import PAPER_SCALES, Tile, View, parse_view, parse_views
 
 FLIP_INDEX = (0, 2, 1, 4, 3)  # head, left_hand, right_hand, left_foot, right_foot
 
@@ -19,9 +21,17 @@ VIEWS = [
     pytest.param("hflip+scale:0.75", View(hflip=True, scale=0.75), id="hflip-then-scale"),
     pytest.param("scale:1.25+hflip", View(hflip=True, scale=1.25), id="scale-then-hflip"),
 ]
+TILE_VIEWS = [
+    pytest.param("tile:2x2:r0c1", View(tile=Tile(2, 2, 0, 1)), id="tile"),
+    pytest.param(
+        "tile:3x2@0.1:r2c0+hflip+scale:1.5",
+        View(hflip=True, scale=1.5, tile=Tile(3, 2, 2, 0, 0.1)),
+        id="tile-overlap-flip-scale",
+    ),
+]
 
 
-@pytest.mark.parametrize(("text", "view"), VIEWS)
+@pytest.mark.parametrize(("text", "view"), VIEWS + TILE_VIEWS)
 def test_parse_view(text: str, view: View) -> None:
     assert parse_view(text) == view
     assert parse_view(view.name) == view
@@ -36,10 +46,18 @@ def test_parse_view(text: str, view: View) -> None:
         pytest.param("scale:100", "view scale must be in [0.05, 8.0], got 100.0", id="scale-huge"),
         pytest.param("hflip+hflip", "flips twice", id="double-flip"),
         pytest.param("scale:1+scale:2", "two scales", id="two-scales"),
+        pytest.param("tile:0x2", "tile rows and columns must be in 1..16, got tile:0x2", id="tile-no-rows"),
+        pytest.param(
+            "tile:2x2@1.5",
+            "tile overlap must be in [0, 0.5] (a fraction of the tile side), got 1.5",
+            id="tile-overlap-too-big",
+        ),
+        pytest.param("tile:2x2", "'tile:2x2' is 4 views (one per tile)", id="tile-grid-is-not-one-view"),
+        pytest.param("tile:2x2:r0c2", "tile r0c2 is outside a 2x2 grid", id="tile-outside-grid"),
     ],
 )
 def test_bad_views(text: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         parse_view(text)
 
 
@@ -55,6 +73,10 @@ def test_view_lists() -> None:
     assert parse_views("identity, hflip+scale:0.5") == (View(), View(hflip=True, scale=0.5))
     with pytest.raises(ValueError, match="lists a view twice"):
         parse_views("hflip,hflip")
+    tiled = parse_views("default, tile:2x2")
+    assert tiled[:8] == default and [v.tile.name for v in tiled[8:]] == [
+        f"tile:2x2:r{r}c{c}" for r in (0, 1) for c in (0, 1)
+    ]
 
 
 def _random_detections(n: int, width: int, height: int, k: int = 5, seed: int = 0) -> Detections:
@@ -75,13 +97,13 @@ def test_forward_then_invert_is_exact(text: str, view: View) -> None:
     width, height = 97, 64
     det = _random_detections(7, width, height)
     in_view = Detections(
-        boxes=view.forward_boxes(det.boxes, width=width),
+        boxes=view.forward_boxes(det.boxes, width=width, height=height),
         scores=det.scores,
         labels=det.labels,
         # into the view: a flip mirrors x and swaps sides, which is its own inverse
-        keypoints=view.invert_keypoints(det.keypoints, width=width, flip_index=FLIP_INDEX),
+        keypoints=view.invert_keypoints(det.keypoints, width=width, height=height, flip_index=FLIP_INDEX),
     )
-    back = view.invert(in_view, width=width, flip_index=FLIP_INDEX)
+    back = view.invert(in_view, width=width, height=height, flip_index=FLIP_INDEX)
     torch.testing.assert_close(back.boxes, det.boxes, rtol=0, atol=1e-5)
     torch.testing.assert_close(back.keypoints, det.keypoints, rtol=0, atol=1e-5)
     assert torch.equal(back.labels, det.labels) and torch.equal(back.scores, det.scores)
@@ -93,7 +115,7 @@ def test_flip_swaps_left_and_right_keypoints() -> None:
     width = 100
     kps = torch.tensor([[[50.0, 10, 1], [80, 40, 1], [20, 40, 1], [70, 90, 1], [30, 90, 1]]])
     view = View(hflip=True)
-    mirrored_image_kps = view.invert_keypoints(kps, width=width, flip_index=FLIP_INDEX)
+    mirrored_image_kps = view.invert_keypoints(kps, width=width, height=width, flip_index=FLIP_INDEX)
     # In the mirrored image the figure's own left hand is again on the image's right: same positions.
     torch.testing.assert_close(mirrored_image_kps, kps)
     without_swap = kps.clone()
@@ -101,19 +123,19 @@ def test_flip_swaps_left_and_right_keypoints() -> None:
     assert not torch.allclose(without_swap, kps)  # a flip without the swap would be wrong
 
 
-@pytest.mark.parametrize(("text", "view"), VIEWS)
+@pytest.mark.parametrize(("text", "view"), VIEWS + TILE_VIEWS)
 def test_heatmap_inverse_matches_keypoint_inverse(text: str, view: View) -> None:
     # The argmax of an un-flipped heatmap over the original box equals the keypoint inverse.
     m, width = 8, 64
     box = torch.tensor([[8.0, 4.0, 40.0, 36.0]])
-    box_in_view = view.forward_boxes(box, width=width)
+    box_in_view = view.forward_boxes(box, width=width, height=width)
     heat = torch.zeros(1, 5, m, m)
     cols = torch.tensor([1, 6, 2, 5, 3])
     heat[0, torch.arange(5), 4, cols] = 1.0
     bw = float(box_in_view[0, 2] - box_in_view[0, 0])
     x_view = box_in_view[0, 0] + (cols.float() + 0.5) * bw / m
     kps_view = torch.stack([x_view, torch.zeros(5), torch.ones(5)], dim=1)[None]
-    expected = view.invert_keypoints(kps_view, width=width, flip_index=FLIP_INDEX)[0, :, 0]
+    expected = view.invert_keypoints(kps_view, width=width, height=width, flip_index=FLIP_INDEX)[0, :, 0]
     back = view.invert_heatmaps(heat, flip_index=FLIP_INDEX)
     col = back[0].reshape(5, -1).argmax(dim=1) % m
     got = box[0, 0] + (col.float() + 0.5) * float(box[0, 2] - box[0, 0]) / m

@@ -83,13 +83,13 @@ def test_inverted_boxes_stay_in_the_image_and_a_flip_undoes_itself(
 ) -> None:
     width, height, boxes = framed
     view = View(hflip=hflip, scale=scale)
-    back = view.invert_boxes(boxes, width=width)
+    back = view.invert_boxes(boxes, width=width, height=height)
     assert back.shape == boxes.shape and back.dtype == boxes.dtype
     assert bool((back[:, 0] >= 0).all() and (back[:, 2] <= width).all()), back
     assert bool((back[:, 1] >= 0).all() and (back[:, 3] <= height).all()), back
     assert bool((back[:, 2] >= back[:, 0]).all() and (back[:, 3] >= back[:, 1]).all())
     ulp = width * float(torch.finfo(boxes.dtype).eps)
-    torch.testing.assert_close(view.forward_boxes(back, width=width), boxes, rtol=0, atol=2 * ulp)
+    torch.testing.assert_close(view.forward_boxes(back, width=width, height=height), boxes, rtol=0, atol=2 * ulp)
 
 
 @st.composite
@@ -113,17 +113,17 @@ def test_keypoints_and_heatmaps_flip_back_exactly(flip_index: tuple[int, ...], w
     kps[..., :2] = torch.tensor(xy, dtype=torch.float64).reshape(n, k, 2) * width
     kps[..., 2] = torch.arange(k, dtype=torch.float64)  # tags which channel went where
     view = View(hflip=True)
-    once = view.invert_keypoints(kps, width=width, flip_index=flip_index)
+    once = view.invert_keypoints(kps, width=width, height=width, flip_index=flip_index)
     assert bool((once[..., 0] >= 0).all() and (once[..., 0] <= width).all())
     assert once[..., 2].tolist() == kps[..., 2][:, list(flip_index)].tolist()  # left and right swapped
-    torch.testing.assert_close(view.invert_keypoints(once, width=width, flip_index=flip_index), kps, rtol=0,
+    torch.testing.assert_close(view.invert_keypoints(once, width=width, height=width, flip_index=flip_index), kps, rtol=0,
                                atol=2 * width * float(torch.finfo(torch.float64).eps))  # fmt: skip
     heat = torch.randn(n, k, 5, 5)
     assert torch.equal(view.invert_heatmaps(view.invert_heatmaps(heat, flip_index=flip_index), flip_index=flip_index),
                        heat)  # fmt: skip
     if k > 1:
         with pytest.raises(ValueError, match=f"K={k}"):
-            view.invert_keypoints(kps, width=width, flip_index=flip_index[:-1])
+            view.invert_keypoints(kps, width=width, height=width, flip_index=flip_index[:-1])
 
 
 @settings(max_examples=40, deadline=None)

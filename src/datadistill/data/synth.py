@@ -19,6 +19,7 @@ nothing drawn is left unlabelled.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -46,6 +47,10 @@ MAX_SHAPES = 8
 SHAPE_SIZE_FRAC = (0.10, 0.45)  # extent of a shape (its circumscribed diameter), as a fraction of the side
 MIN_SHAPE_VISIBLE = 0.5  # fraction of a shape's pixels that must stay in frame and unoccluded
 MIN_SHAPE_IN_FRAME = 0.6
+# ``small_objects``: the setting of sliced inference, many small shapes on a large image (size_px 512 or more).
+# Log-uniform extents put 44% of the shapes under 6.25% of the side (32 px of 512 px: COCO's "small").
+SMALL_SHAPE_SIZE_FRAC = (0.025, 0.2)
+SMALL_SHAPE_COUNT = (4, 24)
 
 FIGURE_KEYPOINTS = (
     "head", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_hand", "right_hand",
@@ -101,7 +106,15 @@ def figure_category() -> Category:
     )
 
 
-def make_shapes(out_dir: str | Path, *, num_images: int, seed: int, size_px: int = 128, plain: bool = False) -> Path:
+def make_shapes(
+    out_dir: str | Path,
+    *,
+    num_images: int,
+    seed: int,
+    size_px: int = 128,
+    plain: bool = False,
+    small_objects: bool = False,
+) -> Path:
     """Write a box data set of coloured shapes on cluttered backgrounds; returns the json path.
 
     Seven classes (:data:`SHAPE_CLASSES`), 1 to 8 shapes per ``size_px`` x ``size_px`` image, each
@@ -111,7 +124,14 @@ def make_shapes(out_dir: str | Path, *, num_images: int, seed: int, size_px: int
 
     ``plain`` draws on a flat background with solid colours and no clutter, blur or noise, so that every
     pixel that differs from the background belongs to a labelled object (for tests and debugging).
+
+    ``small_objects``: large images with many small objects, the setting of sliced inference (tile views):
+    4 to 24 shapes per image (:data:`SMALL_SHAPE_COUNT`), each 2.5% to 20% of the side, log-uniform
+    (:data:`SMALL_SHAPE_SIZE_FRAC`), so most are small; meant for ``size_px`` 512 or more.
     """
+    render = _render_shapes
+    if small_objects:
+        render = functools.partial(_render_shapes, size_frac=SMALL_SHAPE_SIZE_FRAC, count=SMALL_SHAPE_COUNT)
     return _make(
         out_dir,
         kind="shapes",
@@ -120,7 +140,8 @@ def make_shapes(out_dir: str | Path, *, num_images: int, seed: int, size_px: int
         size_px=size_px,
         plain=plain,
         categories=shape_categories(),
-        render=_render_shapes,
+        render=render,
+        extra_info={"small_objects": True} if small_objects else {},
     )
 
 
@@ -164,8 +185,9 @@ def _make(
     plain: bool,
     categories: tuple[Category, ...],
     render: Callable[[np.random.Generator, int, bool], _Rendered],
+    extra_info: dict[str, Any] | None = None,
 ) -> Path:
-    """Render and write every image, then the COCO json; returns its path."""
+    """Render and write every image, then the COCO json (``extra_info`` added to its info); returns its path."""
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -186,6 +208,7 @@ def _make(
         "size_px": size_px,
         "num_images": num_images,
         "plain": plain,
+        **(extra_info or {}),
     }
     dataset = CocoDataset(images=tuple(records), labels=labels, categories=categories, info={"info": info})
     coco = to_coco_dict(dataset)  # flip pairs are written by name
@@ -509,20 +532,30 @@ def _unit_shape_unscaled(rng: np.random.Generator, name: str) -> list[tuple[np.n
     raise ValueError(f"unknown shape {name!r}; known: {SHAPE_CLASSES}")
 
 
-def _render_shapes(rng: np.random.Generator, size: int, plain: bool) -> _Rendered:
+def _render_shapes(
+    rng: np.random.Generator,
+    size: int,
+    plain: bool,
+    *,
+    size_frac: tuple[float, float] = SHAPE_SIZE_FRAC,
+    count: tuple[int, int] = (1, MAX_SHAPES),
+) -> _Rendered:
+    """One image of shapes: ``count`` (lo, hi) shapes, each ``size_frac`` (lo, hi) of the side; the
+    default's crowded images (more than 4 shapes) take shapes up to 32% of the side only."""
     canvas = _background(rng, size, plain)
     if not plain:
         img = Image.fromarray(canvas.astype(np.uint8), "RGB")
         _draw_clutter(rng, img, count=int(rng.integers(3, 13)), with_blobs=True)
         canvas = np.asarray(img).astype(np.float32)
-    target = int(rng.integers(1, MAX_SHAPES + 1))
-    hi_frac = SHAPE_SIZE_FRAC[1] if target <= 4 else 0.32
+    target = int(rng.integers(count[0], count[1] + 1))
+    crowded = size_frac == SHAPE_SIZE_FRAC and target > 4
+    hi_frac = 0.32 if crowded else size_frac[1]
     scene = _Scene(size)
     classes: list[int] = []
     for n in range(target):
         for attempt in range(_PLACEMENT_TRIES * (3 if n == 0 else 1)):
             cls = int(rng.integers(len(SHAPE_CLASSES)))
-            extent = math.exp(rng.uniform(math.log(SHAPE_SIZE_FRAC[0]), math.log(hi_frac))) * size
+            extent = math.exp(rng.uniform(math.log(size_frac[0]), math.log(hi_frac))) * size
             centre = rng.uniform(0, size, 2) if attempt < _PLACEMENT_TRIES else rng.uniform(0.3, 0.7, 2) * size
             rot = rng.uniform(0, 2 * math.pi)
             rotation = np.array([[math.cos(rot), math.sin(rot)], [-math.sin(rot), math.cos(rot)]])
