@@ -163,7 +163,7 @@ def _train_args(shapes: Path, out: Path) -> list[str]:
     data = str(shapes / "annotations.json")
     return ["train", "--data", data, "--images", str(shapes / "images"), "--out", str(out), "--epochs", "2",
             "--batch-size", "2", "--min-size", str(SIZE_PX), "--max-size", str(SIZE_PX), "--warmup-iters", "2",
-            "--log-every", "1", "--threads", "1", "--device", "cpu", "--val", data]  # fmt: skip
+            "--log-every", "1", "--save-every", "1", "--threads", "1", "--device", "cpu", "--val", data]  # fmt: skip
 
 
 # Under torchrun: rank 0 stops for good right after writing last.pt of epoch 1 (and says so in a file).

@@ -23,10 +23,10 @@ from datadistill.errors import UserError
         pytest.param("teacher:\n  epoch: 3\n", [], "teacher.epoch: unknown setting", id="unknown-nested-key"),
         pytest.param("round: 2\n", [], "round: unknown setting", id="unknown-top-key"),
         pytest.param(
-            "teacher:\n  epochs: ten\n", [], "teacher.epochs: expected an integer, got 'ten'", id="wrong-type"
+            "teacher:\n  epochs: ten\n", [], "teacher.epochs: expected an integer or null, got 'ten'", id="wrong-type"
         ),
         pytest.param(
-            "teacher:\n  epochs: 2.5\n", [], "teacher.epochs: expected an integer, got 2.5", id="float-for-int"
+            "teacher:\n  epochs: 2.5\n", [], "teacher.epochs: expected an integer or null, got 2.5", id="float-for-int"
         ),
         pytest.param(
             "select:\n  drop_empty: 1\n", [], "select.drop_empty: expected true or false, got 1", id="int-for-bool"
@@ -35,7 +35,9 @@ from datadistill.errors import UserError
         pytest.param("teacher: [\n", [], "invalid YAML at line", id="bad-yaml"),
         pytest.param("- 1\n- 2\n", [], "the config must be a mapping", id="list-config"),
         pytest.param("a: !!python/object/apply:os.system ['echo hi']\n", [], "invalid YAML", id="python-tag-refused"),
-        pytest.param("", ["teacher.epochs=x"], "teacher.epochs: expected an integer, got 'x'", id="override-type"),
+        pytest.param(
+            "", ["teacher.epochs=x"], "teacher.epochs: expected an integer or null, got 'x'", id="override-type"
+        ),
         pytest.param("", ["nokey"], "expected key=value", id="override-syntax"),
         pytest.param("", ["teacher.lr.x=1"], "teacher.lr: expected a number or null", id="override-into-scalar"),
     ],
@@ -54,7 +56,7 @@ def test_config_values_and_overrides(tmp_path: Path) -> None:
     cfg, base = load_run_config(path, ["student.pseudo_ratio=0.2", "rounds=2", "teacher.model=small_frcnn"])
     assert base == tmp_path and cfg.data.train == "a.json" and cfg.teacher.epochs == 3 and cfg.teacher.lr == 1.0
     assert cfg.student.pseudo_ratio == 0.2 and cfg.rounds == 2 and cfg.teacher.model == "small_frcnn"
-    assert cfg.label.views == "paper" and cfg.student.epochs == 12
+    assert cfg.label.views == "paper" and cfg.student.epochs is None and cfg.student.iterations is None
 
 
 def test_examples_are_valid_configs() -> None:
@@ -79,6 +81,7 @@ label: {views: "identity,hflip", shard_size: 4, batch_size: 4}
 device: cpu
 threads: 1
 workers: 0
+teacher_check: false  # teachers of seconds are weak: these tests are about the pipeline
 """
 
 
@@ -157,6 +160,56 @@ def test_two_rounds_label_with_the_last_student(tiny: Path) -> None:
     assert manifest["config"]["checkpoint"] == str(out / "round-1" / "student" / "checkpoint.pt")
     assert (out / "round-2" / "student" / "checkpoint.pt").exists()
     assert "student, round 2" in (out / "report.html").read_text()
+
+
+def test_a_weak_teacher_stops_the_run_before_labeling_in_one_line(
+    tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tiny / "weak"
+    argv = ["run", str(tiny / "config.yaml"), "--out", str(out), "--set", "teacher.epochs=1"]
+    assert main([*argv, "--set", "teacher_check=true"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the teacher is too weak to teach: its validation box AP50 is ")
+    assert "set teacher_check: false to go on" in err and err.count("\n") == 1
+    assert (out / "teacher" / "checkpoint.pt").exists() and not (out / "round-1").exists()
+    # told to go on, the same folder resumes after the teacher
+    assert main([*argv, "--set", "teacher_check=false"]) == 0
+    assert (out / "round-1" / "student" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("metrics", "stops"),
+    [
+        pytest.param(None, False, id="no-validation-set"),
+        pytest.param({"bbox": {"AP": 0.02, "AP50": 0.099}}, True, id="box-ap50-below-10"),
+        pytest.param({"bbox": {"AP": 0.05, "AP50": 0.10}}, False, id="box-ap50-at-10"),
+        pytest.param({"bbox": {"AP50": 0.5}, "keypoints": {"AP50": 0.05}}, True, id="keypoint-ap50-decides"),
+    ],
+)
+def test_check_teacher_reads_the_task_ap50(metrics: dict | None, stops: bool) -> None:
+    from datadistill.errors import UserError
+    from datadistill.run import check_teacher
+
+    if stops:
+        with pytest.raises(UserError, match="too weak to teach"):
+            check_teacher(metrics)
+    else:
+        check_teacher(metrics)
+
+
+def test_a_teacher_that_finds_nothing_stops_label_unless_allowed(
+    tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    teacher = tiny / "ref" / "teacher"
+    if not (teacher / "checkpoint.pt").exists():
+        assert main(["run", str(tiny / "config.yaml"), "--out", str(tiny / "ref")]) == 0
+    argv = ["label", "--model", str(teacher), "--images", str(tiny / "data" / "images"), "--out",
+            str(tiny / "nothing"), "--views", "identity", "--score-floor", "1.0", "--workers", "0"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the teacher found no object scoring at least --score-floor 1.0 on any of the ")
+    assert "--allow-weak-teacher" in err and err.count("\n") == 1
+    assert main([*argv, "--allow-weak-teacher"]) == 0  # the shards are done: it only reports
 
 
 @pytest.mark.parametrize(

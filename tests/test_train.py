@@ -17,10 +17,11 @@ import pytest
 import torch
 import yaml
 
+from datadistill.core.schedule import default_lr_steps
 from datadistill.data.synth import make_figures, make_shapes
 from datadistill.errors import DataError, UserError
 from datadistill.models import torchvision as models
-from datadistill.stages.train import LrSchedule, TrainConfig, default_lr_steps, train
+from datadistill.stages.train import LrSchedule, TrainConfig, train
 
 SIZE_PX = 64
 
@@ -51,6 +52,7 @@ def _cfg(shapes: Path, out: Path, **kwargs: Any) -> TrainConfig:
         images=str(shapes / "images"),
         out=str(out),
         epochs=2,
+        save_every=1,
         batch_size=4,
         lr=0.01,
         warmup_iters=2,
@@ -185,7 +187,7 @@ import time
 from pathlib import Path
 
 from datadistill.models import torchvision as models
-from datadistill.stages.train import LrSchedule, TrainConfig, default_lr_steps, train
+from datadistill.stages.train import TrainConfig, train
 
 real_losses, calls = models.losses, 0
 

@@ -287,7 +287,10 @@ def test_flip_view_mirrors_boxes_and_swaps_keypoints_with_the_flip_map(
     file = sorted((figures["unlabeled"] / "images").glob("*.png"))[0]
     image = _read_tensor(file)
     (mirrored,) = model.predict([image.flip(-1)])
-    (mapped,) = [View(hflip=True).invert(d, width=IMGSZ, flip_index=flip) for d in model.predict([image.flip(-1)])]
+    (mapped,) = [
+        View(hflip=True).invert(d, width=IMGSZ, height=image.shape[-2], flip_index=flip)
+        for d in model.predict([image.flip(-1)])
+    ]
     for j in range(len(mirrored)):
         x1, y1, x2, y2 = mirrored.boxes[j].tolist()
         assert mapped.boxes[j].tolist() == pytest.approx([IMGSZ - x2, y1, IMGSZ - x1, y2])
@@ -339,6 +342,7 @@ label: {views: "identity,hflip", shard_size: 4, batch_size: 4, iou_thr: 0.7}
 device: cpu
 threads: 1
 workers: 0
+teacher_check: false  # teachers of seconds are weak: these tests are about the pipeline
 """
 
 

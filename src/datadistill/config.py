@@ -26,7 +26,7 @@ from datadistill.errors import UserError
 # Options that may differ when a run is resumed: they change where and how fast it runs, or what is
 # evaluated, not the weights it ends with.
 RUNTIME_KEYS = frozenset(
-    {"out", "resume", "device", "threads", "workers", "log_every", "eval_every", "val", "val_images"}
+    {"out", "resume", "device", "threads", "workers", "log_every", "eval_every", "save_every", "val", "val_images"}
 )
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -39,18 +39,23 @@ class TrainConfig:
     ``model``: a name of :data:`datadistill.models.torchvision.MODELS`; None picks the default of the data's task;
     ``yolo:PATH_OR_YAML`` trains an Ultralytics YOLO model (:mod:`datadistill.models.ultralytics`).
     ``batch_size``: images per step of one process (under torchrun each process takes that many, as in
-    torchvision's references; ``lr`` is not scaled with the number of processes).
+    torchvision's references; ``lr`` is not scaled with the number of processes); a labeled set smaller
+    than a batch's real part is cycled. Length: ``epochs`` (passes over the labeled images) or
+    ``iterations`` (minibatches), at most one; neither: the default schedule of
+    :mod:`datadistill.core.schedule` (20 epochs, but at least 1,000 iterations).
     Optimization: ``optimizer`` ``"adamw"`` or ``"sgd"`` (with ``momentum``); ``lr`` is the peak learning
     rate (None: :func:`datadistill.stages.train.default_lr`), reached linearly from ``lr * warmup_factor``
-    over ``warmup_iters`` iterations, then multiplied by
-    ``lr_gamma`` at the start of each epoch in ``lr_steps`` (epochs counted from 0; None: at 2/3 and 8/9 of
-    the run, the "1x" schedule's 8 and 11 of 12); ``clip_grad_norm`` None or the max gradient norm.
+    over ``warmup_iters`` iterations (at most a fifth of the run), then multiplied by ``lr_gamma`` at each
+    of ``lr_steps`` (epoch numbers with ``epochs``, iteration numbers with ``iterations``; None: at 2/3
+    and 8/9 of the run, the "1x" schedule's 8 and 11 of 12); ``clip_grad_norm`` None or the max gradient norm.
     Input: ``min_size``/``max_size`` the model's resize target in px (None: the model's default);
     augmentation: scale jitter in ``[min_scale, max_scale]`` and horizontal flip with ``flip_prob``.
     ``init``: None (initial weights), ``"weights:NAME"`` (torchvision weights) or a file (a checkpoint.pt,
     e.g. the teacher's, or a state dict). ``pseudo``/``pseudo_images``/``pseudo_ratio``: pseudo-labels
     for a student (the fraction of each minibatch that is pseudo-labeled). ``val``/``val_images``
-    (default: ``images``): evaluated every ``eval_every`` epochs and at the end.
+    (default: ``images``): evaluated every ``eval_every`` epochs (None: about five times) and at the end.
+    ``save_every``: epochs between writes of ``last.pt`` (None: every epoch, or every ~50 iterations when
+    epochs are shorter: a handful of labeled images makes epochs of one iteration).
     ``resume``: continue from ``out/last.pt``. ``device``: ``"auto"`` (cuda if available), ``"cpu"``,
     ``"cuda"`` or ``"cuda:N"``. ``threads``: torch CPU threads of the training process (0: torch's default,
     one per core); DataLoader worker processes always run one thread each (torch sets that).
@@ -62,7 +67,8 @@ class TrainConfig:
     images: str
     out: str
     model: str | None = None
-    epochs: int = 20
+    epochs: int | None = None
+    iterations: int | None = None
     batch_size: int = 8
     lr: float | None = None
     optimizer: str = "adamw"
@@ -84,7 +90,8 @@ class TrainConfig:
     pseudo_ratio: float = 0.4
     val: str | None = None
     val_images: str | None = None
-    eval_every: int = 1
+    eval_every: int | None = None
+    save_every: int | None = None
     resume: bool = False
     device: str = "auto"
     seed: int = 0
@@ -97,9 +104,18 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
 
-        for name in ("epochs", "batch_size", "eval_every", "log_every"):
+        for name in ("eval_every", "save_every"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value >= 1),
+                 f"{name} must be a positive integer, got {value!r}")  # fmt: skip
+        for name in ("batch_size", "log_every"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        for name in ("epochs", "iterations"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value >= 1),
+                 f"{name} must be a positive integer, got {value!r}")  # fmt: skip
+        need(self.epochs is None or self.iterations is None, "give --epochs or --iterations, not both")
         for name in ("warmup_iters", "threads", "workers"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
@@ -114,7 +130,7 @@ class TrainConfig:
         need(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
         need(
             self.lr_steps is None or all(isinstance(s, int) and s >= 0 for s in self.lr_steps),
-            f"lr_steps must be epoch numbers >= 0, got {self.lr_steps!r}",
+            f"lr_steps must be epoch or iteration numbers >= 0, got {self.lr_steps!r}",
         )
         need(
             self.clip_grad_norm is None or self.clip_grad_norm > 0,
@@ -172,6 +188,7 @@ class LabelConfig:
     threads: int = 1
     device: str = "auto"
     overwrite: bool = False
+    allow_weak_teacher: bool = False
     rank: int = 0
     world_size: int = 1
     engine: str = "local"
@@ -217,7 +234,8 @@ class DataSection:
 @dataclass(frozen=True)
 class TrainSection:
     model: str | None = None  # None: the default small model for the data's task
-    epochs: int = 12
+    epochs: int | None = None  # passes over the labeled images; None (and no iterations): the default schedule
+    iterations: int | None = None  # or minibatches; a student with neither follows the teacher's setting
     batch_size: int = 8
     lr: float | None = None  # None: the model's default
     init: str | None = None  # None: initial weights; "teacher" (student only), "weights:NAME" or a path
@@ -257,6 +275,7 @@ class RunConfig:
     device: str = "auto"
     threads: int = 2
     workers: int = 1
+    teacher_check: bool = True  # stop before labeling when the teacher is too weak to teach (see run.py)
 
 
 def _type_name(tp: Any) -> str:

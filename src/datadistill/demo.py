@@ -94,6 +94,7 @@ def demo_config(
     threads: int,
     teacher_model: str | None = None,
     student_model: str | None = None,
+    quick: bool = False,
 ) -> RunConfig:
     """The run config of a demo; the models default to the small ones of the task (any model spec that
     ``train --model`` takes works, e.g. ``yolo:yolo11n.yaml``)."""
@@ -109,6 +110,7 @@ def demo_config(
         device="cpu",
         threads=threads,
         workers=0,
+        teacher_check=not quick,  # a --quick teacher trains for seconds: it is weak, and its numbers mean nothing
     )
 
 
@@ -181,7 +183,7 @@ def run_demo(*, task: str = "boxes", out: str | Path = "runs/demo", quick: bool 
     data = make_demo_data(out / "data", task=task, plan=plan, seed=seed)
     data_s = round(time.time() - t0, 1)
     cfg = demo_config(task, plan, data, seed=seed, threads=threads, teacher_model=teacher_model,
-                      student_model=student_model)  # fmt: skip
+                      student_model=student_model, quick=quick)  # fmt: skip
     result = run(cfg, base=Path.cwd(), out=out)
     quality = pseudo_label_quality(result.layout, data.unlabeled_truth)
     seconds = {"data": data_s, **result.seconds}

@@ -270,6 +270,10 @@ class MixedBatchSampler(Sampler[list[int]]):
     epoch's need is covered over several epochs and a smaller one is cycled. The batches are a pure function
     of ``(seed, epoch)``: call :meth:`set_epoch` before each epoch.
 
+    A real set too small for one batch per rank (fewer than ``world_size * (batch_size - p)`` images) is
+    cycled: an epoch is then one batch per rank, its real images drawn from reshuffled passes over the set
+    (an image may appear more than once in a batch); :attr:`cycles_real` says so.
+
     Distributed: the epoch's batches are dealt round-robin to ``world_size`` ranks (``batch_size`` is per
     rank); their number is cut to a multiple of ``world_size`` so that every rank takes the same number
     of steps. Real images are disjoint across ranks; pseudo images too while the pseudo set is at least
@@ -317,15 +321,17 @@ class MixedBatchSampler(Sampler[list[int]]):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.epoch = 0
-        if self.num_global_batches == 0:
-            raise ValueError(
-                f"{num_real} real images make no full batch of {self.real_per_batch} real images on each of "
-                f"{world_size} rank(s): lower batch_size, or set drop_last=False"
-            )
+
+    @property
+    def cycles_real(self) -> bool:
+        """Whether the real set is smaller than one batch per rank, and cycled (see the class docstring)."""
+        return self.drop_last and self.num_real < self.real_per_batch * self.world_size
 
     @property
     def num_global_batches(self) -> int:
         """Batches per epoch over all ranks."""
+        if self.cycles_real:
+            return self.world_size
         n = self.num_real // self.real_per_batch if self.drop_last else -(-self.num_real // self.real_per_batch)
         return n - n % self.world_size
 
@@ -351,6 +357,10 @@ class MixedBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         nb = self.num_global_batches
         real = _rng(self.seed, 0, self.epoch).permutation(self.num_real)
+        if self.cycles_real:  # more passes, each reshuffled, until the epoch's one batch per rank is full
+            passes = -(-nb * self.real_per_batch // self.num_real)
+            extra = [_rng(self.seed, 2, self.epoch, j).permutation(self.num_real) for j in range(1, passes)]
+            real = np.concatenate([real, *extra])
         need = nb * self.pseudo_per_batch
         pseudo = self._pseudo_stream(self.epoch * need, need) + self.num_real
         r, p = self.real_per_batch, self.pseudo_per_batch

@@ -506,7 +506,7 @@ def train(cfg: TrainConfig) -> Path:
         raise UserError(f"Ultralytics wrote no {last}; see its log above")
     _write_checkpoint(last, final, inputs.meta, config)
     _write_metrics(cfg, out, inputs, device, started=started, train_s=train_s,
-                   ultralytics_epochs=config["ultralytics_epochs"])  # fmt: skip
+                   ultralytics_epochs=config["ultralytics_epochs"], passes=config["epochs"])  # fmt: skip
     log.info("wrote %s", final)
     return out
 
@@ -562,6 +562,22 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
     return _Inputs(dataset=dataset, pseudo=pseudo, val=val, val_images=val_images, imgsz=imgsz, meta=meta)
 
 
+def passes_over_real(cfg: TrainConfig, num_real: int, *, with_pseudo: bool) -> int:
+    """``cfg``'s length as passes over the real images (what :func:`mix_plan` takes): ``epochs`` as given,
+    else the iterations of the schedule datadistill's own loop would run (:mod:`datadistill.core.schedule`)
+    at ``batch_size`` images per iteration, ``pseudo_ratio`` of them pseudo-labeled for a student."""
+    from datadistill.core.schedule import resolve_schedule
+
+    if cfg.epochs is not None:
+        return cfg.epochs
+    pseudo_per_batch = round(cfg.batch_size * cfg.pseudo_ratio) if with_pseudo else 0
+    real_per_batch = max(1, cfg.batch_size - pseudo_per_batch)
+    per_pass = max(1, num_real // real_per_batch)
+    schedule = resolve_schedule(epochs=None, iterations=cfg.iterations, lr_steps=None, warmup_iters=0,
+                                iterations_per_epoch=per_pass)  # fmt: skip
+    return max(1, round(schedule.iterations / per_pass))
+
+
 def _prepare_run(
     cfg: TrainConfig, out: Path, inputs: _Inputs, version: str, device: torch.device
 ) -> tuple[Path, dict[str, Any]]:
@@ -572,12 +588,14 @@ def _prepare_run(
 
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
+    passes = passes_over_real(cfg, len(inputs.dataset.images), with_pseudo=inputs.pseudo is not None)
     data_yaml, plan = write_training_set(
         out / "yolo_data", real=inputs.dataset, real_root=cfg.images, pseudo=inputs.pseudo,
         pseudo_root=cfg.pseudo_images, val=inputs.val, val_root=inputs.val_images, pseudo_ratio=cfg.pseudo_ratio,
-        epochs=cfg.epochs, seed=cfg.seed,
+        epochs=passes, seed=cfg.seed,
     )  # fmt: skip
-    resolved = dataclasses.replace(cfg, out=str(out), min_size=inputs.imgsz, max_size=inputs.imgsz)
+    resolved = dataclasses.replace(cfg, out=str(out), min_size=inputs.imgsz, max_size=inputs.imgsz, epochs=passes,
+                                   iterations=None)  # fmt: skip
     config = {**to_plain(dataclasses.asdict(resolved)), "ultralytics_epochs": plan.epochs,
               "train_list": {"real": plan.real, "pseudo": plan.pseudo}}  # fmt: skip
     write_text_atomic(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
@@ -657,13 +675,13 @@ def _new_model(ul: Any, cfg: TrainConfig, task: str) -> Any:
 
 def _write_metrics(
     cfg: TrainConfig, out: Path, inputs: _Inputs, device: torch.device, *, started: float, train_s: float,
-    ultralytics_epochs: int,
+    ultralytics_epochs: int, passes: int,
 ) -> None:  # fmt: skip
     """``metrics.jsonl`` (one epoch line, with our COCO evaluation of the validation set) and ``timings.json``."""
     from datadistill.runtime.io import write_json_atomic
     from datadistill.stages.evaluate import evaluate_model
 
-    record: dict[str, Any] = {"type": "epoch", "epoch": cfg.epochs, "ultralytics_epochs": ultralytics_epochs,
+    record: dict[str, Any] = {"type": "epoch", "epoch": passes, "ultralytics_epochs": ultralytics_epochs,
                               "time_s": train_s}  # fmt: skip
     eval_s = 0.0
     if inputs.val is not None:

@@ -220,7 +220,23 @@ def label(cfg: LabelConfig) -> Path:
         if every_rank is not None:
             _finish_manifest(out, manifest, every_rank, started=started)
         distributed.barrier()  # every rank returns once the final manifest is written
+    if not cfg.allow_weak_teacher:
+        _check_found_objects(out / "manifest.json", score_floor=cfg.score_floor)
     return out / "manifest.json"
+
+
+def _check_found_objects(manifest_path: Path, *, score_floor: float) -> None:
+    """A one-line UserError when the teacher found nothing above the floor on any image it labeled: a
+    teacher collapsed to empty predictions (a known failure of pseudo-labeling) has nothing to teach."""
+    manifest = read_json(manifest_path)
+    counts = manifest.get("counts", {})
+    labeled = counts.get("images", 0) - counts.get("skipped", 0)
+    if manifest.get("status") == "complete" and labeled > 0 and counts.get("objects", 0) == 0:
+        raise UserError(
+            f"the teacher found no object scoring at least --score-floor {score_floor} on any of the {labeled} "
+            f"images it labeled (labels in {manifest_path.parent}): it has nothing to teach; train it longer or "
+            "check its data, or pass --allow-weak-teacher to go on"
+        )
 
 
 def _new_manifest(cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], detector: Detector) -> dict[str, Any]:

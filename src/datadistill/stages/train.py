@@ -33,6 +33,7 @@ and may be another architecture than the teacher.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
 from datadistill.config import RUNTIME_KEYS, TrainConfig
+from datadistill.core.schedule import Schedule, resolve_schedule
 from datadistill.data.coco import CocoDataset, load_coco
 from datadistill.data.dataset import DetectionDataset, MixedBatchSampler, collate
 from datadistill.data.inputs import check_image_files, check_input_sizes, load_pseudo_labels, shorten
@@ -70,6 +72,13 @@ from datadistill.runtime.io import (
 from datadistill.stages.evaluate import evaluate_model
 
 log = logging.getLogger(__name__)
+
+# last.pt is written after the epoch that ends at least this many iterations after the previous one (and
+# after the last): every epoch for large sets, every few dozen for a handful of labeled images, whose
+# epochs are one iteration long. A resumed run replays the epochs since, to the same weights.
+SAVE_EVERY_ITERATIONS = 50
+# DataLoader workers start anew every epoch: below this many iterations per epoch they cost more than they give.
+MIN_WORKER_EPOCH = 10
 
 # ----------------------------------------------------------------------------------------------------
 # learning rate schedule
@@ -93,11 +102,6 @@ class LrSchedule:
         return factor * self.gamma ** sum(1 for m in self.milestones if it >= m)
 
 
-def default_lr_steps(epochs: int) -> tuple[int, ...]:
-    """The "1x" schedule's decay epochs scaled to ``epochs``: 8 and 11 of 12."""
-    return tuple(sorted({s for s in (round(epochs * 2 / 3), round(epochs * 8 / 9)) if 0 < s < epochs}))
-
-
 # ----------------------------------------------------------------------------------------------------
 # one epoch, and evaluation
 
@@ -115,16 +119,19 @@ def train_one_epoch(
     clip_grad_norm: float | None,
     record: Callable[[dict[str, Any]], None],
     progress: bool = True,
+    max_iterations: int | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` for one pass over ``loader``; returns the mean of each loss and of their sum.
+    """Train ``model`` for one pass over ``loader`` (its first ``max_iterations`` batches when given: the
+    last epoch of a schedule in iterations); returns the mean of each loss and of their sum.
 
     ``record`` receives a step line every ``log_every`` iterations and after the last one. The lr
     schedule steps once per iteration. ``progress``: False hides the progress bar (ranks other than 0).
     """
     sums: dict[str, float] = {}
     count = 0
+    steps = len(loader) if max_iterations is None else min(len(loader), max_iterations)
     last_time, last_count = time.perf_counter(), 0
-    bar = tqdm(one_line_errors(loader), desc=f"epoch {epoch + 1}/{epochs}", total=len(loader),
+    bar = tqdm(itertools.islice(one_line_errors(loader), steps), desc=f"epoch {epoch + 1}/{epochs}", total=steps,
                disable=None if progress else True, leave=False, dynamic_ncols=True)  # fmt: skip
     for images, targets in bar:
         images = [im.to(device, non_blocking=True) for im in images]
@@ -151,7 +158,7 @@ def train_one_epoch(
             sums[k] = sums.get(k, 0.0) + v
         sums["loss"] = sums.get("loss", 0.0) + value
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2g}")
-        if count % log_every == 0 or count == len(loader):
+        if count % log_every == 0 or count == steps:
             now = time.perf_counter()
             record(
                 {
@@ -197,13 +204,14 @@ def default_lr(model: str, optimizer: str) -> float:
 
 
 def resolve_config(cfg: TrainConfig, dataset: CocoDataset) -> TrainConfig:
-    """``cfg`` with absolute paths, and the model, input size and lr steps filled in."""
+    """``cfg`` with absolute paths, and the model, input size and lr filled in (the schedule follows
+    from the sampler: :func:`with_schedule`)."""
     model = cfg.model or models.DEFAULT_MODELS[dataset.task]
     meta = models.ModelMeta.from_dataset(model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
     init = cfg.init
     if init is not None and not init.startswith("weights:"):
         init = _abs(init)
-    lr_steps = default_lr_steps(cfg.epochs) if cfg.lr_steps is None else tuple(int(s) for s in cfg.lr_steps)
+    lr_steps = None if cfg.lr_steps is None else tuple(int(s) for s in cfg.lr_steps)
     lr = cfg.lr if cfg.lr is not None else default_lr(model, cfg.optimizer)
     return dataclasses.replace(
         cfg,
@@ -221,6 +229,20 @@ def resolve_config(cfg: TrainConfig, dataset: CocoDataset) -> TrainConfig:
         val=_abs(cfg.val),
         val_images=_abs(cfg.val_images or (cfg.images if cfg.val else None)),
     )
+
+
+def with_schedule(cfg: TrainConfig, schedule: Schedule) -> TrainConfig:
+    """``cfg`` with its schedule resolved: the length in the unit given (or chosen by default), the lr
+    steps in that unit, and ``eval_every`` (default: about five evaluations per run)."""
+    ipe = schedule.iterations_per_epoch
+    if schedule.unit == "epochs":
+        length = {"epochs": schedule.epochs, "iterations": None}
+        lr_steps = tuple(m // ipe for m in schedule.milestones)
+    else:
+        length = {"epochs": None, "iterations": schedule.iterations}
+        lr_steps = schedule.milestones
+    eval_every = cfg.eval_every or max(1, schedule.epochs // 5)
+    return dataclasses.replace(cfg, lr_steps=lr_steps, eval_every=eval_every, **length)  # type: ignore[arg-type]
 
 
 def _check_same_run(recorded: Mapping[str, Any], current: Mapping[str, Any], last: Path) -> None:
@@ -320,7 +342,7 @@ def load_inputs(cfg: TrainConfig) -> tuple[TrainConfig, TrainInputs]:
         pseudo = load_pseudo_labels(cfg.pseudo, cfg.pseudo_images, dataset)
     val = load_coco(cfg.val, image_root=cfg.val_images or cfg.images) if cfg.val is not None else None
     cfg = resolve_config(cfg, dataset)
-    assert cfg.model is not None and cfg.lr_steps is not None
+    assert cfg.model is not None
     if val is not None:
         assert cfg.val_images is not None
         check_image_files(val, cfg.val_images, what="validation", option="--val-images")
@@ -337,7 +359,7 @@ def load_inputs(cfg: TrainConfig) -> tuple[TrainConfig, TrainInputs]:
 def build_sampler(cfg: TrainConfig, inputs: TrainInputs, launch: distributed.Launch) -> MixedBatchSampler:
     """Every rank's minibatches: ``batch_size`` images mixing real and pseudo-labeled ones at ``pseudo_ratio``."""
     try:
-        return MixedBatchSampler(
+        sampler = MixedBatchSampler(
             len(inputs.dataset.images),
             len(inputs.pseudo.images) if inputs.pseudo is not None else 0,
             batch_size=cfg.batch_size,
@@ -348,10 +370,17 @@ def build_sampler(cfg: TrainConfig, inputs: TrainInputs, launch: distributed.Lau
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    if sampler.cycles_real:
+        log.info(
+            "%d labeled images are fewer than the %d real images of a batch%s: they are cycled (an epoch is one "
+            "batch, and an image may appear in it more than once)", sampler.num_real, sampler.real_per_batch,
+            f" on each of {launch.world_size} processes" if launch.world_size > 1 else "",
+        )  # fmt: skip
+    return sampler
 
 
 def read_resume_state(
-    cfg: TrainConfig, inputs: TrainInputs, out: Path, launch: distributed.Launch
+    cfg: TrainConfig, inputs: TrainInputs, out: Path, launch: distributed.Launch, *, epochs: int
 ) -> dict[str, Any] | None:
     """``last.pt``'s content when resuming, after checking that the run's options, input files and number
     of processes are those it started with; None for a new run (whose ``init`` is checked instead)."""
@@ -370,7 +399,7 @@ def read_resume_state(
                 "resume with the same data or use another --out"
             )
     started_with = int(extra.get("world_size", 1))
-    finished = int(extra["epoch"]) >= cfg.epochs and (out / "checkpoint.pt").is_file()
+    finished = int(extra["epoch"]) >= epochs and (out / "checkpoint.pt").is_file()
     if started_with != launch.world_size and not finished:
         raise UserError(
             f"--resume: the run in {out} was started with {started_with} process(es) and this is "
@@ -388,17 +417,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, iters_per_epoch: int
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, schedule: Schedule
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup then steps (:class:`LrSchedule`), stepped once per iteration."""
-    assert cfg.lr_steps is not None
-    schedule = LrSchedule(
-        warmup_iters=min(cfg.warmup_iters, iters_per_epoch * cfg.epochs),
-        warmup_factor=cfg.warmup_factor,
-        milestones=tuple(s * iters_per_epoch for s in cfg.lr_steps),
-        gamma=cfg.lr_gamma,
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    factor = LrSchedule(warmup_iters=schedule.warmup, warmup_factor=cfg.warmup_factor,
+                        milestones=schedule.milestones, gamma=cfg.lr_gamma)  # fmt: skip
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def build_loader(
@@ -411,7 +435,12 @@ def build_loader(
     if inputs.pseudo is not None:
         assert cfg.pseudo_images is not None
         parts.append(DetectionDataset(inputs.pseudo, cfg.pseudo_images, seed=cfg.seed + 1, **augment))  # type: ignore[arg-type]
-    loader = DataLoader(ConcatDataset(parts), batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
+    workers = cfg.workers
+    if workers and len(sampler) < MIN_WORKER_EPOCH:
+        log.info("epochs of %d iterations: images are loaded in the training process (DataLoader workers would "
+                 "start again every epoch)", len(sampler))  # fmt: skip
+        workers = 0
+    loader = DataLoader(ConcatDataset(parts), batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")  # fmt: skip
     return loader, parts
 
@@ -452,14 +481,18 @@ def train_loop(cfg: TrainConfig) -> Path:
     device = distributed.rank_device(resolve_device(cfg.device), launch)
     cfg, inputs = load_inputs(cfg)
     sampler = build_sampler(cfg, inputs, launch)
-    resume_state = read_resume_state(cfg, inputs, out, launch)
+    schedule = resolve_schedule(epochs=cfg.epochs, iterations=cfg.iterations, lr_steps=cfg.lr_steps,
+                                warmup_iters=cfg.warmup_iters, iterations_per_epoch=len(sampler))  # fmt: skip
+    cfg = with_schedule(cfg, schedule)
+    inputs = dataclasses.replace(inputs, config=to_plain(dataclasses.asdict(cfg)))
+    resume_state = read_resume_state(cfg, inputs, out, launch, epochs=schedule.epochs)
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
         with distributed.process_group(launch, device=device), distributed.quiet_unless_main(launch):
-            return fit(cfg, inputs, sampler, out=out, device=device, resume_state=resume_state, started=started,
-                       launch=launch)  # fmt: skip
+            return fit(cfg, inputs, sampler, schedule, out=out, device=device, resume_state=resume_state,
+                       started=started, launch=launch)  # fmt: skip
     finally:
         torch.set_num_threads(threads_before)
 
@@ -468,6 +501,7 @@ def fit(
     cfg: TrainConfig,
     inputs: TrainInputs,
     sampler: MixedBatchSampler,
+    schedule: Schedule,
     *,
     out: Path,
     device: torch.device,
@@ -487,13 +521,13 @@ def fit(
         models.init_weights(net, cfg.init, meta=inputs.meta)
     net.to(device)
     optimizer = build_optimizer(net, cfg)
-    scheduler = build_scheduler(optimizer, cfg, iters_per_epoch=len(sampler))
+    scheduler = build_scheduler(optimizer, cfg, schedule)
     loader, parts = build_loader(cfg, inputs, sampler, device=device)
     progress = Progress()
     if resume_state is not None:
         progress = restore(resume_state, net, optimizer, scheduler)
-        log.info("resuming %s after epoch %d of %d", out, progress.start_epoch, cfg.epochs)
-        if progress.start_epoch >= cfg.epochs and (out / "checkpoint.pt").is_file():
+        log.info("resuming %s after epoch %d of %d", out, progress.start_epoch, schedule.epochs)
+        if progress.start_epoch >= schedule.epochs and (out / "checkpoint.pt").is_file():
             log.info("the run in %s is already finished", out)
             return out
     elif main:
@@ -514,20 +548,20 @@ def fit(
     progress.timings["setup_s"] += time.perf_counter() - started
     n_pseudo = len(inputs.pseudo.images) if inputs.pseudo is not None else 0
     log.info(
-        "training %s on %s: %d real%s images, %d iterations per epoch, %d epochs, output %s",
-        cfg.model, device, len(inputs.dataset.images), f" + {n_pseudo} pseudo-labeled" if inputs.pseudo else "",
-        len(sampler), cfg.epochs, out,
+        "training %s on %s: %d real%s images, %s; output %s", cfg.model, device, len(inputs.dataset.images),
+        f" + {n_pseudo} pseudo-labeled" if inputs.pseudo else "", schedule.describe(), out,
     )  # fmt: skip
     try:
         run = EpochRun(cfg=cfg, inputs=inputs, net=net, model=model, loader=loader, parts=parts, sampler=sampler,
-                       optimizer=optimizer, scheduler=scheduler, device=device, launch=launch, out=out)  # fmt: skip
+                       schedule=schedule, optimizer=optimizer, scheduler=scheduler, device=device, launch=launch,
+                       out=out)  # fmt: skip
         val_metrics = run_epochs(run, progress, metrics)
     finally:
         if metrics is not None:
             metrics.close()
     if main:
-        save_final(out, model=model, meta=inputs.meta, cfg=cfg, config=inputs.config, val_metrics=val_metrics,
-                   timings=progress.timings)  # fmt: skip
+        save_final(out, model=model, meta=inputs.meta, epochs=schedule.epochs, config=inputs.config,
+                   val_metrics=val_metrics, timings=progress.timings)  # fmt: skip
     distributed.barrier()  # every rank returns once checkpoint.pt is written
     return out
 
@@ -543,6 +577,7 @@ class EpochRun:
     loader: DataLoader
     parts: list[DetectionDataset]
     sampler: MixedBatchSampler
+    schedule: Schedule
     optimizer: torch.optim.Optimizer
     scheduler: Any
     device: torch.device
@@ -553,25 +588,29 @@ class EpochRun:
 def run_epochs(run: EpochRun, progress: Progress, metrics: MetricsFile | None) -> dict[str, Any] | None:
     """Train epochs ``progress.start_epoch ..`` with validation every ``eval_every``; rank 0 appends each
     epoch's line to metrics.jsonl and saves ``last.pt``. Returns the last validation metrics."""
-    cfg, timings = run.cfg, progress.timings
+    cfg, timings, schedule = run.cfg, progress.timings, run.schedule
+    epochs = schedule.epochs
+    save_every = cfg.save_every or max(1, math.ceil(SAVE_EVERY_ITERATIONS / schedule.iterations_per_epoch))
     val_metrics: dict[str, Any] | None = None
-    for epoch in range(progress.start_epoch, cfg.epochs):
+    for epoch in range(progress.start_epoch, epochs):
         run.sampler.set_epoch(epoch)
         for part in run.parts:
             part.set_epoch(epoch)
         t0 = time.perf_counter()
         stats = train_one_epoch(
-            run.model, run.loader, run.optimizer, run.scheduler, device=run.device, epoch=epoch, epochs=cfg.epochs,
+            run.model, run.loader, run.optimizer, run.scheduler, device=run.device, epoch=epoch, epochs=epochs,
             log_every=cfg.log_every, clip_grad_norm=cfg.clip_grad_norm,
             record=metrics.write if metrics is not None else _discard, progress=run.launch.is_main,
+            max_iterations=schedule.steps_in(epoch),
         )  # fmt: skip
         stats = distributed.mean_over_ranks(stats)
         train_s = time.perf_counter() - t0
         timings["train_s"] += train_s
         record: dict[str, Any] = {"type": "epoch", "epoch": epoch + 1, **stats,
                                   "lr": run.optimizer.param_groups[0]["lr"], "time_s": train_s,
-                                  "it_s": len(run.sampler) / max(train_s, 1e-9)}  # fmt: skip
-        if run.inputs.val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                                  "it_s": schedule.steps_in(epoch) / max(train_s, 1e-9)}  # fmt: skip
+        assert cfg.eval_every is not None
+        if run.inputs.val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs):
             assert cfg.val_images is not None
             t0 = time.perf_counter()
             val_metrics = evaluate_model(
@@ -586,11 +625,13 @@ def run_epochs(run: EpochRun, progress: Progress, metrics: MetricsFile | None) -
         if metrics is None:
             continue
         metrics.write(record)
-        log.info(
-            "epoch %d/%d: loss %.4f, %.1f it/s%s", epoch + 1, cfg.epochs, stats.get("loss", float("nan")),
-            record["it_s"], _val_summary(val_metrics) if "val" in record else "",
-        )  # fmt: skip
-        save_epoch(run, epoch=epoch, metrics=metrics, timings=timings, rng=state, rng_ranks=rng_ranks)
+        if "val" in record or (epoch + 1) % save_every == 0 or epoch + 1 == epochs:
+            log.info(
+                "epoch %d/%d: loss %.4f, %.1f it/s%s", epoch + 1, epochs, stats.get("loss", float("nan")),
+                record["it_s"], _val_summary(val_metrics) if "val" in record else "",
+            )  # fmt: skip
+        if (epoch + 1) % save_every == 0 or epoch + 1 == epochs:
+            save_epoch(run, epoch=epoch, metrics=metrics, timings=timings, rng=state, rng_ranks=rng_ranks)
     return val_metrics
 
 
@@ -626,13 +667,13 @@ def save_final(
     *,
     model: nn.Module,
     meta: models.ModelMeta,
-    cfg: TrainConfig,
+    epochs: int,
     config: dict[str, Any],
     val_metrics: dict[str, Any] | None,
     timings: dict[str, float],
 ) -> None:
     """``timings.json``, then ``checkpoint.pt`` (last: it marks the run finished, and ``run`` skips the stage)."""
-    final_extra: dict[str, Any] = {"epochs": cfg.epochs, "config": config}
+    final_extra: dict[str, Any] = {"epochs": epochs, "config": config}
     if val_metrics is not None:
         final_extra["val"] = val_metrics
     timings["total_s"] = timings["setup_s"] + timings["train_s"] + timings["eval_s"]
