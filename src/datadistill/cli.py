@@ -69,8 +69,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from datadistill.data import synth
 
     make = {"shapes": synth.make_shapes, "figures": synth.make_figures}[args.kind]
+    if args.small_objects and args.kind != "shapes":
+        raise UserError(f"synth {args.kind}: --small-objects is for shapes only")
+    extra = {"small_objects": True} if args.small_objects else {}
     try:
-        path = make(args.out, num_images=args.images, seed=args.seed, size_px=args.size)
+        path = make(args.out, num_images=args.images, seed=args.seed, size_px=args.size, **extra)
     except ValueError as exc:
         raise UserError(f"synth {args.kind}: {exc}") from exc
     except OSError as exc:  # PIL's writes of a full disk name no file
@@ -142,13 +145,18 @@ TRAIN_HELP = {
     "out": "output folder (checkpoint.pt, last.pt, metrics.jsonl, config.yaml)",
     "model": "a name from `datadistill models`, or yolo:PATH_OR_YAML (Ultralytics: its trainer and recipe, "
     "writes OUT/yolo.pt; a .pt is unpickled, only files you trust); default: the small model of the data's task",
-    "epochs": "passes over the labeled images",
+    "epochs": "passes over the labeled images (or give --iterations; neither: 20 passes, but at least 1,000 "
+    "iterations, so that a handful of labeled images trains long enough)",
+    "iterations": "minibatches to train for (instead of --epochs)",
+    "save_every": "epochs between writes of OUT/last.pt (default: every epoch, or about every 50 iterations)",
+    "eval_every": "epochs between evaluations of --val (default: about five in the run)",
+    "lr_steps": "lower the lr (x0.1) at these epochs (iterations with --iterations); default: 2/3 and 8/9 of the run",
     "batch_size": "images per minibatch",
     "lr": "peak learning rate (default: 2e-3 for small models, 1e-4 for pretrained ones with adamw; 0.01 sgd)",
     "optimizer": "adamw or sgd",
     "clip_grad_norm": "clip the gradient norm to this",
     "weight_decay": "weight decay",
-    "warmup_iters": "iterations of linear lr warmup",
+    "warmup_iters": "iterations of linear lr warmup (at most a fifth of the run)",
     "init": "initial weights: none (default), weights:NAME (torchvision) or a file (e.g. teacher/checkpoint.pt)",
     "pseudo": "pseudo-labels (COCO json from `datadistill select`): trains a student",
     "pseudo_images": "image root of --pseudo",
@@ -229,8 +237,10 @@ LABEL_HELP = {
     "images": "unlabeled images: a folder (recursive), a text file of paths, or a COCO json",
     "out": "output folder (shards/part-NNNNN.parquet, manifest.json)",
     "image_root": "root of the paths in a list or COCO json (default: the file's folder, or images/ beside a json)",
-    "views": "comma list of identity, hflip, scale:F, hflip+scale:F; or default (scales 0.75, 1, 1.25, 1.5, each "
-    "with and without flip: 8 views), or paper (18 views)",
+    "views": "comma list of identity, hflip, scale:F, hflip+scale:F, tile:RxC (the R*C tiles of a grid, each "
+    "cropped and run at the model's input size; tile:RxC@O overlaps them by O of the tile side, default 0.25; one "
+    "tile is tile:RxC:rIcJ; composes: hflip+tile:2x2, tile:3x3+scale:1.5), default (scales 0.75, 1, 1.25, 1.5, "
+    "each with and without flip: 8 views) or paper (18 views); e.g. default,tile:2x2 adds 4 tiles to the default",
     "fuse": "box fusion: nms (the paper), soft-nms, vote, wbf",
     "keypoint_fuse": "keypoint fusion: heatmap (the paper) or mean",
     "iou_thr": "IoU threshold of the box fusion",
@@ -241,6 +251,7 @@ LABEL_HELP = {
     "threads": "torch threads of the labeling process",
     "device": "auto, cpu, cuda or cuda:N",
     "overwrite": "replace labels made with another checkpoint, views or fusion",
+    "allow_weak_teacher": "go on when the teacher finds no object above --score-floor on any image (else: an error)",
     "engine": "local (this process, or each torchrun process) or ray (Ray Data; pip install 'datadistill[ray]')",
     "ray_address": "with --engine ray: a running Ray cluster to join (default: start one on this machine)",
 }
@@ -308,6 +319,36 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# review and merge: the human in the loop
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from datadistill.stages.review import review
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    summary = review(args.labels, args.reference, out=args.out, top=args.top, selection_path=args.selection,
+                     formats=formats, image_url_prefix=args.image_url_prefix)  # fmt: skip
+    print(
+        f"sent {summary['images_sent']} of {summary['images_ranked']} images ({summary['objects_sent']} objects) "
+        f"for review; thresholds from {summary['thresholds_from']}"
+    )
+    print(f"wrote {', '.join(str(Path(args.out) / f) for f in summary['files'] + ['review.json'])}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from datadistill.stages.review import merge
+
+    summary = merge(args.labeled, args.corrections, out=args.out, images=args.images)
+    print(
+        f"added {summary['images_added']} images and {summary['annotations_added']} annotations: "
+        f"{summary['images']} images, {summary['annotations']} annotations in all"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # demo
 
 
@@ -354,26 +395,18 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "label": ("run the teacher on every view of the unlabeled images and fuse", cmd_label),
     "select": ("choose the score threshold and write the pseudo-labels", cmd_select),
     "report": ("write RUN_DIR/report.html", cmd_report),
+    "review": ("send the images the views disagree on to a person (Label Studio, CVAT, COCO)", cmd_review),
+    "merge": ("merge corrected images (Label Studio export or COCO json) into the labeled set", cmd_merge),
     "run": ("teacher, label, select, student and evaluation from one YAML config", cmd_run),
     "demo": ("run the whole method on synthetic data and print the gain", cmd_demo),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="datadistill",
-        description="Data distillation: better object and keypoint detectors from unlabeled images.",
-    )
-    parser.add_argument("--version", action="version", version=f"datadistill {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+Adder = Callable[[str], argparse.ArgumentParser]
 
-    def add(name: str) -> argparse.ArgumentParser:
-        help_text, func = COMMANDS[name]
-        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        p.set_defaults(func=func)
-        return p
 
+def _add_file_commands(add: Adder) -> None:
+    """validate, convert, synth: the data files."""
     p = add("validate")
     p.add_argument("coco", metavar="COCO.json", help="the COCO json to check")
     p.add_argument("--images", metavar="DIR", help="image root: also check every image file and its size")
@@ -390,15 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=_positive_int, default=100, metavar="N", help="number of images (100)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the output is a function of it (0)")
     p.add_argument("--size", type=_positive_int, default=128, metavar="PX", help="image side in pixels (128)")
+    p.add_argument(
+        "--small-objects",
+        action="store_true",
+        help="shapes only: 4-24 shapes of 2.5-20%% of the side per image, for tile views (use --size 512)",
+    )
 
-    add("models")
 
-    from datadistill.config import LabelConfig, SelectConfig, TrainConfig
-
-    p = add("train")
-    _add_config_options(p, TrainConfig, TRAIN_HELP)
-
-    p = add("evaluate")
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="GT.json", help="ground truth COCO json")
     p.add_argument("--out", required=True, metavar="metrics.json", help="where to write the metrics")
     p.add_argument(
@@ -420,21 +452,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="faster-coco-eval (default, ~7x faster) or pycocotools (the reference, bit for bit)",
     )
 
-    p = add("label")
-    _add_config_options(p, LabelConfig, LABEL_HELP, skip=("rank", "world_size"))
 
-    p = add("select")
-    _add_config_options(p, SelectConfig, SELECT_HELP)
+def _add_review_commands(add: Adder) -> None:
+    """review and merge: the human in the loop."""
+    p = add("review")
+    p.add_argument("--labels", required=True, metavar="LABEL_DIR", help="a folder written by `datadistill label`")
+    p.add_argument("--reference", required=True, metavar="LABELED.json", help="the labeled COCO json (classes, counts)")
+    p.add_argument("--selection", metavar="SELECTION.json", help="the thresholds (default: the count rule, as select)")
+    p.add_argument("--top", type=_positive_int, required=True, metavar="N", help="send the N most doubtful images")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes tasks.json, label_config.xml, coco.json")
+    p.add_argument("--format", default="label-studio,cvat,coco", help="comma list of label-studio, cvat, coco (all)")
+    p.add_argument("--image-url-prefix", metavar="PREFIX", help="image URL = PREFIX + file_name (default: Label "
+                   "Studio local files, /data/local-files/?d=FILE_NAME)")  # fmt: skip
 
-    p = add("report")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `datadistill run` or `demo`")
+    p = add("merge")
+    p.add_argument("--labeled", required=True, metavar="LABELED.json", help="the labeled COCO json")
+    p.add_argument("--corrections", required=True, metavar="EXPORT", help="a Label Studio JSON export or a COCO json")
+    p.add_argument("--out", required=True, metavar="MERGED.json", help="the merged COCO json to write")
+    p.add_argument("--images", metavar="DIR", help="image root: check the images and read their sizes")
 
-    p = add("run")
-    p.add_argument("config", metavar="CONFIG.yaml", help="the run config (see examples/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. teacher.epochs=5")
-    p.add_argument("--out", metavar="DIR", help="the run folder (default: runs/<config name>)")
 
-    p = add("demo")
+def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task", choices=("boxes", "keypoints"), default="boxes", help="boxes (shapes) or keypoints (figures)"
     )
@@ -445,6 +483,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="MODEL", help="the teacher: a name from `datadistill models` or yolo:YAML "
                    "(default: the small model of the task)")  # fmt: skip
     p.add_argument("--student-model", metavar="MODEL", help="the student, if not the teacher's model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="datadistill",
+        description="Data distillation: better object and keypoint detectors from unlabeled images.",
+    )
+    parser.add_argument("--version", action="version", version=f"datadistill {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str) -> argparse.ArgumentParser:
+        help_text, func = COMMANDS[name]
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        p.set_defaults(func=func)
+        return p
+
+    _add_file_commands(add)
+    add("models")
+
+    from datadistill.config import LabelConfig, SelectConfig, TrainConfig
+
+    p = add("train")
+    _add_config_options(p, TrainConfig, TRAIN_HELP)
+
+    _add_evaluate(add("evaluate"))
+
+    p = add("label")
+    _add_config_options(p, LabelConfig, LABEL_HELP, skip=("rank", "world_size"))
+
+    p = add("select")
+    _add_config_options(p, SelectConfig, SELECT_HELP)
+
+    p = add("report")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `datadistill run` or `demo`")
+
+    _add_review_commands(add)
+
+    p = add("run")
+    p.add_argument("config", metavar="CONFIG.yaml", help="the run config (see examples/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. teacher.epochs=5")
+    p.add_argument("--out", metavar="DIR", help="the run folder (default: runs/<config name>)")
+    _add_demo(add("demo"))
     return parser
 
 

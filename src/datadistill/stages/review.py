@@ -1,0 +1,476 @@
+"""The human in the loop: ``review`` sends the images the views disagree on to a person, ``merge`` takes the
+corrections back as real labels.
+
+``review`` reads a labeling folder (the shards and ``manifest.json``) and the threshold of a selection
+(``selection.json``, or the count rule computed as ``select`` does), ranks the unlabeled images from most
+to least doubtful and writes the top N as pre-annotations: Label Studio tasks (``tasks.json`` and the
+project's ``label_config.xml``) and a COCO json (``coco.json``, which CVAT imports as "COCO 1.0" and
+FiftyOne loads), beside ``review.json`` (the whole ranking, the thresholds, the formula's inputs).
+
+The doubt. For a fused candidate j with score ``s``, seen by ``a`` of the ``V`` views (the manifest's
+``views``), whose class has the selection threshold ``t``:
+
+- disagreement ``d = 1 - a / V``: 0 when every view saw the object, ``1 - 1/V`` when one view alone did;
+  the views disagree on whether it is there.
+- closeness ``c = max(0, 1 - |s - t| / max(t, 1 - t))``: 1 on the threshold, 0 as far from it as a score
+  can be (0 for a class without a threshold); a small change of threshold flips whether it is kept.
+- object doubt ``(d + c) / 2``, in [0, 1].
+
+An image's doubt is the largest doubt of its candidates (0 without any): one doubtful object is enough to
+send an image to a person, and a crowded image is not preferred for its crowd. Equal doubts are ordered by
+the sum of the objects' doubts, then by labeling order. An image skipped by ``label`` (an error) is never
+sent.
+
+The pre-annotations of an image are its kept objects (score >= ``t`` and agreement >= the selection's
+``min_agreement``) and, below the threshold, its doubtful ones (closeness >= ``min_closeness``, 0.5 by
+default), each with its ``score``; the COCO json also carries ``agreement``, ``doubt`` and ``kept``.
+
+``merge`` reads a Label Studio JSON export (tasks with ``annotations[].result`` of ``rectanglelabels`` in
+percent of ``original_width`` / ``original_height``) or a COCO json (from CVAT) and appends its images to
+the labeled COCO json with new image and annotation ids. Any conflict is a one-line :class:`UserError`
+that names the record: an image already labeled (same ``file_name``), an unknown class name, a box outside
+the image or without positive size, a task without an annotation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlparse
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+import pyarrow as pa
+
+from datadistill import __version__
+from datadistill.core import selection
+from datadistill.data.coco import CocoDataset, category_to_coco, load_coco, parse_coco, read_json
+from datadistill.data.images import image_size, resolve_image_path
+from datadistill.errors import DataError, UserError
+from datadistill.runtime.io import provenance, write_json_atomic, write_text_atomic
+from datadistill.stages.select import reference_counts
+from datadistill.stages.shards import read_shards
+
+FORMATS = ("label-studio", "cvat", "coco")
+LOCAL_FILES_URL = "/data/local-files/?d="
+BOX_TOLERANCE_PX = 1e-3  # a corrected box may pass the image's edge by float rounding, no more
+
+
+# ----------------------------------------------------------------------------------------------------
+# the doubt: pure functions
+
+
+def object_doubt(
+    scores: np.ndarray, agreement: np.ndarray, thresholds: np.ndarray, *, num_views: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate ``[N]``: the doubt ``(d + c) / 2`` and the closeness ``c`` (see the module docstring).
+
+    ``thresholds`` ``[N]`` is the threshold of each candidate's class (``inf``: the class keeps nothing).
+    """
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1, got {num_views}")
+    scores = np.asarray(scores, np.float64)
+    t = np.asarray(thresholds, np.float64)
+    disagreement = np.clip(1.0 - np.asarray(agreement, np.float64) / num_views, 0.0, 1.0)
+    finite = np.isfinite(t)
+    tf = np.where(finite, t, 0.5)
+    closeness = np.where(finite, np.clip(1.0 - np.abs(scores - tf) / np.maximum(tf, 1.0 - tf), 0.0, 1.0), 0.0)
+    return (disagreement + closeness) / 2.0, closeness
+
+
+def rank_images(doubt: np.ndarray, image: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows ``[M]`` of the images labeled without error (``ok`` ``[R]``), most doubtful first, and the
+    image doubts ``[R]`` (max of its objects' ``doubt`` ``[N]``, objects on rows ``image`` ``[N]``)."""
+    num_rows = len(ok)
+    image_max = np.zeros(num_rows)
+    np.maximum.at(image_max, image, doubt)
+    image_sum = np.bincount(image, weights=doubt, minlength=num_rows)
+    rows = np.flatnonzero(ok)
+    order = np.lexsort((rows, -image_sum[rows], -image_max[rows]))
+    return rows[order], image_max
+
+
+# ----------------------------------------------------------------------------------------------------
+# review
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per class ``[C]`` thresholds (``inf``: keep none), the minimum agreement, the keypoint threshold."""
+
+    per_class: np.ndarray
+    min_agreement: int
+    keypoint: float | None
+    source: str
+
+
+def _read_manifest(labels_dir: Path) -> dict[str, Any]:
+    path = labels_dir / "manifest.json"
+    if not path.exists():
+        raise UserError(f"{labels_dir}: no manifest.json (run `datadistill label` first)")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("status") != "complete":
+        raise UserError(f"{path}: not a complete labeling manifest (re-run the same `datadistill label` to finish)")
+    return manifest
+
+
+def read_thresholds(path: str | Path, class_names: tuple[str, ...]) -> Thresholds:
+    """The thresholds of a ``selection.json`` (written by ``select``) for ``class_names``."""
+    raw = read_json(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("thresholds"), dict):
+        raise UserError(f"{path}: not a selection.json (no 'thresholds'); pass the one `datadistill select` wrote")
+    missing = [n for n in class_names if n not in raw["thresholds"]]
+    if missing:
+        raise UserError(f"{path}: no threshold for class {missing[0]!r}; was it selected for another data set?")
+    per_class = np.array(
+        [math.inf if raw["thresholds"][n] is None else float(raw["thresholds"][n]) for n in class_names]
+    )
+    kp = raw.get("keypoint_threshold")
+    return Thresholds(per_class, int(raw.get("min_agreement", 1)), None if kp is None else float(kp), str(path))
+
+
+def count_thresholds(scores: np.ndarray, labels: np.ndarray, *, num_images: int, ref: CocoDataset) -> Thresholds:
+    """The count rule of ``select`` (its default policy ``count``, ``min_agreement`` 1) over all candidates."""
+    counts = reference_counts(ref)
+    sel = selection.select_count(
+        scores, labels, num_images=num_images, per_image=counts["per_image"], num_classes=ref.num_classes
+    )
+    return Thresholds(sel.thresholds, 1, None, "count rule (no --selection)")
+
+
+def _flat(table: pa.Table, column: str, dtype: Any) -> np.ndarray:
+    return np.asarray(pa.compute.list_flatten(table[column]).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def image_url(file_name: str, prefix: str | None) -> str:
+    """Where Label Studio finds an image: ``prefix + file_name``, or its local-files storage path
+    (``/data/local-files/?d=FILE_NAME``, relative to ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``)."""
+    if prefix is not None:
+        return prefix + quote(file_name, safe="/")
+    return LOCAL_FILES_URL + quote(file_name, safe="/")
+
+
+def label_config_xml(class_names: tuple[str, ...]) -> str:
+    """A Label Studio labeling config: one image, a RectangleLabels tag ``label`` with the class names."""
+    labels = "\n".join(f"    <Label value={quoteattr(n)}/>" for n in class_names)
+    return (
+        '<View>\n  <Image name="image" value="$image" zoom="true"/>\n'
+        f'  <RectangleLabels name="label" toName="image">\n{labels}\n  </RectangleLabels>\n</View>\n'
+    )
+
+
+def _ls_region(region_id: str, box: np.ndarray, name: str, score: float, width: int, height: int) -> dict[str, Any]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return {
+        "id": region_id, "type": "rectanglelabels", "from_name": "label", "to_name": "image",
+        "original_width": width, "original_height": height, "image_rotation": 0,
+        "value": {"x": 100.0 * x1 / width, "y": 100.0 * y1 / height, "width": 100.0 * (x2 - x1) / width,
+                  "height": 100.0 * (y2 - y1) / height, "rotation": 0, "rectanglelabels": [name]},
+        "score": score,
+    }  # fmt: skip
+
+
+def review(
+    labels: str | Path,
+    reference: str | Path,
+    *,
+    out: str | Path,
+    top: int,
+    selection_path: str | Path | None = None,
+    formats: tuple[str, ...] = FORMATS,
+    image_url_prefix: str | None = None,
+    min_closeness: float = 0.5,
+) -> dict[str, Any]:
+    """The ``review`` stage (see the module docstring); returns what it wrote into ``review.json``."""
+    started = time.time()
+    labels_dir, out = Path(labels), Path(out)
+    if top < 1:
+        raise UserError(f"--top must be >= 1, got {top}")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"--format: unknown format {bad[0] if bad else '(none)'!r}; choose from {', '.join(FORMATS)}")
+    manifest = _read_manifest(labels_dir)
+    ref = load_coco(reference)
+    names = manifest.get("classes", {}).get("names")
+    if names is not None and tuple(names) != ref.class_names:
+        raise UserError(
+            f"{labels_dir} was labeled for classes {names[:5]} but {reference} has {list(ref.class_names[:5])}"
+        )
+    k = ref.num_keypoints
+    columns = ["file_name", "width", "height", "boxes", "scores", "labels", "agreement", "error"]
+    table = read_shards(labels_dir, columns=columns + (["keypoints"] if k else []))
+    ok = np.asarray(table["error"].is_null().to_numpy(zero_copy_only=False))
+    if not ok.any():
+        raise UserError(f"{labels_dir}: no image was labeled (all skipped?)")
+    lengths = np.asarray(pa.compute.list_value_length(table["scores"]).to_numpy(zero_copy_only=False), np.int64)
+    image = np.repeat(np.arange(len(lengths)), lengths)
+    scores, cls = _flat(table, "scores", np.float64), _flat(table, "labels", np.int64)
+    agreement = _flat(table, "agreement", np.int64)
+    boxes = _flat(table, "boxes", np.float64).reshape(-1, 4)
+    keypoints = _flat(table, "keypoints", np.float64).reshape(-1, k, 3) if k else None
+    views = manifest.get("config", {}).get("views")
+    num_views = len(views) if views else max(int(agreement.max(initial=1)), 1)
+
+    if selection_path is not None:
+        thr = read_thresholds(selection_path, ref.class_names)
+    else:
+        thr = count_thresholds(scores, cls, num_images=int(ok.sum()), ref=ref)
+    doubt, closeness = object_doubt(scores, agreement, thr.per_class[cls], num_views=num_views)
+    kept = (scores >= thr.per_class[cls]) & (agreement >= thr.min_agreement)
+    written = kept | (closeness >= min_closeness)
+    order, image_doubt = rank_images(doubt, image, ok)
+    chosen = order[:top]
+
+    file_names, widths, heights = (
+        table["file_name"].to_pylist(),
+        table["width"].to_pylist(),
+        table["height"].to_pylist(),
+    )
+    objects_of = {int(r): np.flatnonzero((image == r) & written) for r in chosen}
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    if "label-studio" in formats:
+        tasks = []
+        for r in chosen:
+            w, h, name = int(widths[r]), int(heights[r]), file_names[r]
+            result = [_ls_region(f"r{j}", boxes[j], ref.class_names[cls[j]], float(scores[j]), w, h)
+                      for j in objects_of[int(r)]]  # fmt: skip
+            tasks.append({
+                "data": {"image": image_url(name, image_url_prefix), "file_name": name, "width": w, "height": h},
+                "predictions": [{"model_version": f"datadistill {__version__} review", "score": float(image_doubt[r]),
+                                 "result": result}],
+            })  # fmt: skip
+        write_json_atomic(out / "tasks.json", tasks, indent=1)
+        write_text_atomic(out / "label_config.xml", label_config_xml(ref.class_names))
+        files += ["tasks.json", "label_config.xml"]
+    if "cvat" in formats or "coco" in formats:
+        coco = _review_coco(ref, chosen, objects_of, file_names, widths, heights, boxes=boxes, cls=cls,
+                            scores=scores, agreement=agreement, doubt=doubt, kept=kept, keypoints=keypoints,
+                            kp_thr=thr.keypoint)  # fmt: skip
+        write_json_atomic(out / "coco.json", coco)
+        files.append("coco.json")
+    summary = {
+        "formula": "object doubt = ((1 - agreement / views) + max(0, 1 - |score - t| / max(t, 1 - t))) / 2; "
+        "image doubt = max over its objects (ties: sum)",
+        "num_views": num_views,
+        "thresholds": {n: (None if not np.isfinite(t) else float(t))
+                       for n, t in zip(ref.class_names, thr.per_class, strict=True)},
+        "thresholds_from": thr.source,
+        "min_agreement": thr.min_agreement,
+        "min_closeness": min_closeness,
+        "images_ranked": len(order),
+        "images_sent": len(chosen),
+        "objects_sent": int(sum(len(v) for v in objects_of.values())),
+        "files": files,
+        "ranking": [{"file_name": file_names[r], "doubt": float(image_doubt[r])} for r in order],
+        "seconds": round(time.time() - started, 3),
+        "provenance": provenance(),
+    }  # fmt: skip
+    write_json_atomic(out / "review.json", summary, indent=1)
+    return summary
+
+
+def _review_coco(
+    ref: CocoDataset,
+    chosen: np.ndarray,
+    objects_of: dict[int, np.ndarray],
+    file_names: list[str],
+    widths: list[int],
+    heights: list[int],
+    *,
+    boxes: np.ndarray,
+    cls: np.ndarray,
+    scores: np.ndarray,
+    agreement: np.ndarray,
+    doubt: np.ndarray,
+    kept: np.ndarray,
+    keypoints: np.ndarray | None,
+    kp_thr: float | None,
+) -> dict[str, Any]:
+    """The sent images as COCO, in ranking order; keypoints visible (2) from ``kp_thr`` (or a score > 0)."""
+    images, annotations = [], []
+    cat_ids = [c.id for c in ref.categories]
+    for image_id, r in enumerate((int(r) for r in chosen), 1):
+        images.append({"id": image_id, "file_name": file_names[r], "width": int(widths[r]), "height": int(heights[r])})
+        for j in objects_of[r]:
+            x1, y1, x2, y2 = (float(v) for v in boxes[j])
+            ann: dict[str, Any] = {
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": cat_ids[int(cls[j])],
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+                "score": float(scores[j]), "agreement": int(agreement[j]), "doubt": float(doubt[j]),
+                "kept": bool(kept[j]),
+            }  # fmt: skip
+            if keypoints is not None:
+                kp = keypoints[j].copy()
+                vis = kp[:, 2] >= kp_thr if kp_thr is not None else kp[:, 2] > 0
+                kp[:, 2] = np.where(vis, 2.0, 0.0)
+                kp[~vis, :2] = 0.0
+                ann["keypoints"] = kp.reshape(-1).tolist()
+                ann["num_keypoints"] = int(vis.sum())
+            annotations.append(ann)
+    return {"info": {"description": "datadistill review: the most doubtful images"}, "images": images,
+            "annotations": annotations, "categories": [category_to_coco(c) for c in ref.categories]}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# merge
+
+
+@dataclass(frozen=True)
+class CorrectedImage:
+    """One corrected image: where it came from (for messages), its name and size, its objects
+    (``boxes`` ``[N, 4]`` xyxy px, ``labels`` ``[N]`` class names, ``extra`` per object: COCO fields kept)."""
+
+    record: str
+    file_name: str
+    width: int
+    height: int
+    boxes: list[tuple[float, float, float, float]]
+    labels: list[str]
+    extra: list[dict[str, Any]]
+
+
+def file_name_of_task(data: dict[str, Any]) -> str | None:
+    """The image of a Label Studio task: ``data.file_name`` (review writes it), else the local-files path,
+    else the URL's last path component."""
+    if isinstance(data.get("file_name"), str):
+        return data["file_name"]
+    url = data.get("image")
+    if not isinstance(url, str) or not url:
+        return None
+    if url.startswith("/data/local-files/"):
+        d = parse_qs(urlparse(url).query).get("d")
+        return d[0] if d else None
+    return unquote(urlparse(url).path.rsplit("/", 1)[-1]) or None
+
+
+def read_label_studio_export(path: Path) -> list[CorrectedImage]:
+    """A Label Studio JSON export: per task, the last annotation not cancelled, its rectanglelabels back in
+    absolute pixels (``x / 100 * original_width`` ...)."""
+    raw = read_json(path)
+    out = []
+    for i, task in enumerate(raw):
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise UserError(f"{path}: task #{i} is not a Label Studio task (no 'data')")
+        name = file_name_of_task(task["data"])
+        record = f"{path}: task {task.get('id', f'#{i}')} ({name})"
+        if name is None:
+            raise UserError(f"{record}: cannot tell which image it is (no data.file_name or data.image)")
+        done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+        if not done:
+            raise UserError(f"{record}: has no annotation (label it, or leave it out of the export)")
+        width, height = task["data"].get("width"), task["data"].get("height")
+        boxes, labels = [], []
+        for region in done[-1].get("result") or []:
+            if region.get("type") != "rectanglelabels":
+                continue
+            v = region.get("value", {})
+            width, height = region.get("original_width", width), region.get("original_height", height)
+            if not width or not height:
+                raise UserError(f"{record}: a region has no original_width/original_height")
+            if abs(float(v.get("rotation", 0) or 0)) > 1e-9:
+                raise UserError(f"{record}: region {region.get('id')} is rotated; axis-aligned boxes only")
+            x, y = float(v["x"]) / 100.0 * width, float(v["y"]) / 100.0 * height
+            boxes.append((x, y, x + float(v["width"]) / 100.0 * width, y + float(v["height"]) / 100.0 * height))
+            names = v.get("rectanglelabels") or []
+            if len(names) != 1:
+                raise UserError(f"{record}: region {region.get('id')} needs one class name, got {names}")
+            labels.append(str(names[0]))
+        out.append(CorrectedImage(record, name, int(width or 0), int(height or 0), boxes, labels, [{}] * len(boxes)))
+    return out
+
+
+def read_coco_corrections(path: Path) -> list[CorrectedImage]:
+    """A COCO json (CVAT's "COCO 1.0" export): every image, its boxes (xywh -> xyxy) and class names."""
+    raw = read_json(path)
+    cat_names = {c.get("id"): c.get("name") for c in raw.get("categories", []) if isinstance(c, dict)}
+    by_image: dict[Any, list[dict[str, Any]]] = {}
+    for a in raw.get("annotations", []):
+        by_image.setdefault(a.get("image_id"), []).append(a)
+    out = []
+    for im in raw["images"]:
+        record = f"{path}: image {im.get('id')} ({im.get('file_name')})"
+        boxes, labels, extra = [], [], []
+        for a in by_image.get(im.get("id"), []):
+            where = f"{record} annotation {a.get('id')}"
+            if a.get("category_id") not in cat_names:
+                raise UserError(f"{where}: unknown category_id {a.get('category_id')}")
+            x, y, w, h = (float(v) for v in a["bbox"])
+            boxes.append((x, y, x + w, y + h))
+            labels.append(str(cat_names[a["category_id"]]))
+            extra.append({k: a[k] for k in ("keypoints", "num_keypoints", "iscrowd") if k in a})
+        size = int(im.get("width") or 0), int(im.get("height") or 0)
+        out.append(CorrectedImage(record, str(im.get("file_name")), *size, boxes, labels, extra))
+    return out
+
+
+def read_corrections(path: str | Path) -> list[CorrectedImage]:
+    """A Label Studio export (a json list of tasks) or a COCO json (an object with ``images``)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    raw = read_json(path)
+    if isinstance(raw, list):
+        return read_label_studio_export(path)
+    if isinstance(raw, dict) and isinstance(raw.get("images"), list):
+        return read_coco_corrections(path)
+    raise UserError(f"{path}: neither a Label Studio JSON export (a list of tasks) nor a COCO json")
+
+
+def merge(
+    labeled: str | Path, corrections: str | Path, *, out: str | Path, images: str | Path | None = None
+) -> dict[str, Any]:
+    """The ``merge`` stage: ``labeled`` plus the corrected images as real labels, written to ``out``."""
+    labeled_path = Path(labeled)
+    ref = load_coco(labeled_path, image_root=images)
+    raw = read_json(labeled_path)
+    corrected = read_corrections(corrections)
+    class_of = {c.name: c for c in ref.categories}
+    taken = {im.file_name: im.id for im in ref.images}
+    seen: dict[str, str] = {}
+    next_image = max((im.id for im in ref.images), default=0) + 1
+    next_ann = max((int(a["id"]) for a in raw.get("annotations", [])), default=0) + 1
+    new_images, new_anns = [], []
+    for c in corrected:
+        if c.file_name in taken:
+            raise UserError(f"{c.record}: already labeled in {labeled_path} (image {taken[c.file_name]})")
+        if c.file_name in seen:
+            raise UserError(f"{c.record}: the same image as {seen[c.file_name]}")
+        seen[c.file_name] = c.record
+        width, height = c.width, c.height
+        if images is not None:
+            try:
+                width, height = image_size(resolve_image_path(images, c.file_name))
+            except DataError as exc:
+                raise UserError(f"{c.record}: {exc}") from exc
+        if width <= 0 or height <= 0:
+            raise UserError(f"{c.record}: unknown image size (pass --images DIR)")
+        new_images.append({"id": next_image, "file_name": c.file_name, "width": width, "height": height})
+        for (x1, y1, x2, y2), name, extra in zip(c.boxes, c.labels, c.extra, strict=True):
+            if name not in class_of:
+                raise UserError(f"{c.record}: unknown class {name!r} (the labeled set has {list(class_of)[:8]})")
+            if not (x2 - x1 > 0 and y2 - y1 > 0):
+                raise UserError(f"{c.record}: a {name!r} box has non-positive size ({x2 - x1:g} x {y2 - y1:g} px)")
+            t = BOX_TOLERANCE_PX
+            if x1 < -t or y1 < -t or x2 > width + t or y2 > height + t:
+                raise UserError(f"{c.record}: a {name!r} box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] (xyxy px) lies outside "
+                                f"the {width}x{height} image")  # fmt: skip
+            ann = {"id": next_ann, "image_id": next_image, "category_id": class_of[name].id,
+                   "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+                   **extra}  # fmt: skip
+            if ref.num_keypoints and "keypoints" not in ann:  # a box corrected, its keypoints not labeled
+                ann.update(keypoints=[0.0] * (3 * ref.num_keypoints), num_keypoints=0)
+            new_anns.append(ann)
+            next_ann += 1
+        next_image += 1
+    merged = {**raw, "images": list(raw["images"]) + new_images,
+              "annotations": list(raw.get("annotations", [])) + new_anns}  # fmt: skip
+    _, problems = parse_coco(merged, image_root=images)
+    if problems:
+        raise UserError(f"{corrections}: the merged data set would not validate: {problems[0]}")
+    write_json_atomic(out, merged)
+    return {"images_added": len(new_images), "annotations_added": len(new_anns), "images": len(merged["images"]),
+            "annotations": len(merged["annotations"]), "out": str(out)}  # fmt: skip

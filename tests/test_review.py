@@ -1,0 +1,215 @@
+"""review and merge on a hand-made labeling folder: the ranking, Label Studio's task format, round trips."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from datadistill.cli import main
+from datadistill.data.coco import load_coco, validate_coco
+from datadistill.errors import UserError
+from datadistill.runtime.io import write_json_atomic
+from datadistill.stages.review import merge, object_doubt, review
+from datadistill.stages.shards import shard_schema, write_shard
+
+W, H = 200, 100
+# (file_name, scores, labels, agreement, boxes xyxy px) on W x H images, 4 views, threshold 0.5
+ROWS = [
+    ("confident.png", [0.95, 0.9], [0, 1], [4, 4], [[13.3, 7.7, 151.1, 66.6], [1.25, 2.5, 40.125, 99.0]]),
+    ("doubtful.png", [0.52], [0], [1], [[20.2, 30.3, 60.6, 70.7]]),
+    (
+        "middle.png",
+        [0.7, 0.1, 0.3],
+        [1, 0, 0],
+        [3, 1, 4],
+        [[0.0, 0.0, 200.0, 100.0], [5.0, 5.0, 9.0, 9.0], [50.0, 50.0, 60.0, 60.0]],
+    ),
+    ("empty.png", [], [], [], []),
+]
+
+
+def _labeling(folder: Path, rows: list[tuple] = ROWS) -> None:
+    out = [{"file_name": n, "width": W, "height": H, "boxes": [float(v) for b in bx for v in b], "scores": s,
+            "labels": lab, "agreement": a, "error": None} for n, s, lab, a, bx in rows]  # fmt: skip
+    out.append({"file_name": "broken.png", "width": 0, "height": 0, "boxes": [], "scores": [], "labels": [],
+                "agreement": [], "error": "empty file"})  # fmt: skip
+    write_shard(folder / "shards" / "part-00000.parquet", out, shard_schema(0))
+    manifest = {"status": "complete", "classes": {"names": ["a", "b"]},
+                "config": {"views": ["identity", "hflip", "scale:0.8", "scale:1.2"]}}  # fmt: skip
+    write_json_atomic(folder / "manifest.json", manifest)
+
+
+def _reference(path: Path) -> None:
+    images = [{"id": i, "file_name": f"l{i}.png", "width": W, "height": H} for i in (1, 2)]
+    anns = [{"id": i, "image_id": i, "category_id": i, "bbox": [10, 10, 20, 20], "iscrowd": 0} for i in (1, 2)]
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    _labeling(tmp_path / "labels")
+    _reference(tmp_path / "ref.json")
+    (tmp_path / "selection.json").write_text(json.dumps({"thresholds": {"a": 0.5, "b": 0.5}, "min_agreement": 1}))
+    return tmp_path
+
+
+def _review(folder: Path, **kw: Any) -> dict[str, Any]:
+    kw.setdefault("selection_path", folder / "selection.json")
+    return review(folder / "labels", folder / "ref.json", out=folder / "rev", top=kw.pop("top", 10), **kw)
+
+
+def _export(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What Label Studio's JSON export gives after a person accepted every pre-annotation."""
+    out = copy.deepcopy(tasks)
+    for i, t in enumerate(out, 1):
+        t["id"] = i
+        t["annotations"] = [{"id": i, "was_cancelled": False, "result": copy.deepcopy(t["predictions"][0]["result"])}]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("score", "agreement", "threshold", "expected"),
+    [(0.5, 1, 0.5, (0.75 + 1.0) / 2),  # one view of four, on the threshold: the most doubtful
+     (1.0, 4, 0.5, 0.0),  # every view, as far from the threshold as can be
+     (0.2, 4, 0.2, 0.5),  # threshold 0.2: the scale is max(t, 1 - t) = 0.8
+     (0.9, 2, np.inf, 0.25)],  # a class without a threshold: disagreement only
+)  # fmt: skip
+def test_object_doubt(score: float, agreement: int, threshold: float, expected: float) -> None:
+    doubt, _ = object_doubt(np.array([score]), np.array([agreement]), np.array([threshold]), num_views=4)
+    assert doubt[0] == pytest.approx(expected)
+
+
+def test_ranking_puts_the_lone_object_near_the_threshold_first(folder: Path) -> None:
+    summary = _review(folder, top=2)
+    ranking = [r["file_name"] for r in summary["ranking"]]
+    assert ranking == ["doubtful.png", "middle.png", "confident.png", "empty.png"]  # broken.png: never sent
+    assert summary["images_sent"] == 2 and summary["num_views"] == 4
+    tasks = json.loads((folder / "rev" / "tasks.json").read_text())
+    assert [t["data"]["file_name"] for t in tasks] == ["doubtful.png", "middle.png"]
+    assert tasks[0]["predictions"][0]["score"] == pytest.approx(summary["ranking"][0]["doubt"])
+    xml = (folder / "rev" / "label_config.xml").read_text()
+    assert '<RectangleLabels name="label" toName="image">' in xml and '<Label value="b"/>' in xml
+
+
+def test_count_rule_without_a_selection(folder: Path) -> None:
+    summary = _review(folder, selection_path=None)  # 1 object per labeled image, 4 images: keep the best 4
+    assert summary["thresholds"] == pytest.approx({"a": 0.52, "b": 0.52})
+    assert summary["thresholds_from"].startswith("count rule")
+
+
+def test_label_studio_task_format_and_percent_round_trip(folder: Path) -> None:
+    _review(folder)
+    tasks = json.loads((folder / "rev" / "tasks.json").read_text())
+    task = next(t for t in tasks if t["data"]["file_name"] == "confident.png")
+    assert task["data"]["image"] == "/data/local-files/?d=confident.png"
+    pred = task["predictions"][0]
+    assert pred["model_version"].startswith("datadistill")
+    region = pred["result"][0]
+    assert {k: region[k] for k in ("type", "from_name", "to_name", "original_width", "original_height")} == {
+        "type": "rectanglelabels", "from_name": "label", "to_name": "image", "original_width": W, "original_height": H
+    }  # fmt: skip
+    v = region["value"]
+    assert v["rectanglelabels"] == ["a"] and region["score"] == pytest.approx(0.95)
+    x1, y1, x2, y2 = np.float32([13.3, 7.7, 151.1, 66.6]).astype(np.float64)  # the shard holds float32
+    assert (v["x"], v["y"], v["width"], v["height"]) == pytest.approx(
+        (100 * x1 / W, 100 * y1 / H, 100 * (x2 - x1) / W, 100 * (y2 - y1) / H), abs=1e-9
+    )
+    back = (v["x"] / 100 * W, v["y"] / 100 * H, (v["x"] + v["width"]) / 100 * W, (v["y"] + v["height"]) / 100 * H)
+    assert np.abs(np.array(back) - [x1, y1, x2, y2]).max() < 1e-6
+    # below the threshold 0.5: far from it (0.1, closeness 0.2) not sent, nearer (0.3, closeness 0.6) sent
+    middle = next(t for t in tasks if t["data"]["file_name"] == "middle.png")
+    assert [r["score"] for r in middle["predictions"][0]["result"]] == pytest.approx([0.7, 0.3])
+    _review(folder, image_url_prefix="https://bucket.example/imgs/")
+    tasks = json.loads((folder / "rev" / "tasks.json").read_text())
+    assert tasks[0]["data"]["image"] == "https://bucket.example/imgs/doubtful.png"
+
+
+def _boxes_by_name(coco_path: Path) -> dict[str, np.ndarray]:
+    ds = load_coco(coco_path)
+    return {im.file_name: ds.labels[im.id].boxes for im in ds.images}
+
+
+def test_label_studio_export_merges_back_as_real_labels(folder: Path) -> None:
+    _review(folder)
+    export = _export(json.loads((folder / "rev" / "tasks.json").read_text()))
+    (folder / "export.json").write_text(json.dumps(export))
+    summary = merge(folder / "ref.json", folder / "export.json", out=folder / "merged.json")
+    assert summary["images_added"] == 4 and summary["images"] == 6
+    assert validate_coco(folder / "merged.json") == []
+    merged, sent = _boxes_by_name(folder / "merged.json"), _boxes_by_name(folder / "rev" / "coco.json")
+    for name, boxes in sent.items():
+        assert np.abs(merged[name] - boxes).max(initial=0) < 1e-6
+    raw = json.loads((folder / "merged.json").read_text())
+    assert len({a["id"] for a in raw["annotations"]}) == len(raw["annotations"])
+    assert all("score" not in a for a in raw["annotations"])  # real labels now
+
+
+def test_coco_export_through_cvat_merges_back(folder: Path) -> None:
+    _review(folder, formats=("cvat",))
+    assert not (folder / "rev" / "tasks.json").exists()
+    coco = json.loads((folder / "rev" / "coco.json").read_text())
+    assert {a["kept"] for a in coco["annotations"]} == {True, False}  # doubtful below the threshold sent too
+    # what CVAT's "COCO 1.0" export gives back: its own category ids, no scores, extra fields
+    cvat_id = {1: 9, 2: 7}
+    cvat = {"licenses": [{"name": "", "id": 0, "url": ""}], "info": {"contributor": ""},
+            "categories": [{"id": 7, "name": "b", "supercategory": ""}, {"id": 9, "name": "a", "supercategory": ""}],
+            "images": [{**im, "id": im["id"] + 100, "license": 0} for im in coco["images"]],
+            "annotations": [{"id": a["id"], "image_id": a["image_id"] + 100, "category_id": cvat_id[a["category_id"]],
+                             "segmentation": [], "area": a["area"], "bbox": a["bbox"], "iscrowd": 0,
+                             "attributes": {"occluded": False}} for a in coco["annotations"]]}  # fmt: skip
+    (folder / "cvat.json").write_text(json.dumps(cvat))
+    merge(folder / "ref.json", folder / "cvat.json", out=folder / "merged.json")
+    merged, sent = load_coco(folder / "merged.json"), load_coco(folder / "rev" / "coco.json")
+    assert validate_coco(folder / "merged.json") == []
+    for im in sent.images:
+        new = next(m for m in merged.images if m.file_name == im.file_name)
+        assert np.abs(merged.labels[new.id].boxes - sent.labels[im.id].boxes).max(initial=0) < 1e-9
+        assert merged.labels[new.id].labels.tolist() == sent.labels[im.id].labels.tolist()
+
+
+def _set_value(key: str, value: Any) -> Any:
+    def edit(task: dict[str, Any]) -> None:
+        task["annotations"][0]["result"][0]["value"][key] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [(lambda t: t["data"].update(file_name="l1.png"), "already labeled"),
+     (_set_value("rectanglelabels", ["zebra"]), "unknown class 'zebra'"),
+     (_set_value("x", 95.0), "outside the 200x100 image"),
+     (_set_value("width", 0.0), "non-positive size"),
+     (lambda t: t.update(annotations=[]), "has no annotation")],
+    ids=["already-labeled", "unknown-class", "box-outside", "zero-width", "no-annotation"],
+)  # fmt: skip
+def test_conflicts_are_one_line_errors_naming_the_task(folder: Path, edit: Any, message: str) -> None:
+    _review(folder)
+    export = _export(json.loads((folder / "rev" / "tasks.json").read_text()))
+    edit(export[0])  # doubtful.png, task 1
+    (folder / "export.json").write_text(json.dumps(export))
+    with pytest.raises(UserError, match=message) as exc:
+        merge(folder / "ref.json", folder / "export.json", out=folder / "merged.json")
+    assert "task 1 (" in str(exc.value) and "\n" not in str(exc.value)
+    assert not (folder / "merged.json").exists()
+
+
+def test_cli_review_and_merge(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["review", "--labels", str(folder / "labels"), "--reference", str(folder / "ref.json"),
+               "--selection", str(folder / "selection.json"), "--top", "3", "--out", str(folder / "rev")])  # fmt: skip
+    assert rc == 0 and "sent 3 of 4 images" in capsys.readouterr().out
+    (folder / "export.json").write_text(json.dumps(_export(json.loads((folder / "rev" / "tasks.json").read_text()))))
+    args = ["merge", "--labeled", str(folder / "ref.json"), "--corrections", str(folder / "export.json")]
+    assert main([*args, "--out", str(folder / "merged.json")]) == 0
+    assert main(["validate", str(folder / "merged.json")]) == 0
+    # merging the merged set again: every image is already labeled
+    assert main(["merge", "--labeled", str(folder / "merged.json"), "--corrections", str(folder / "export.json"),
+                 "--out", str(folder / "again.json")]) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "already labeled" in err and "\n" not in err
