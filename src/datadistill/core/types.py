@@ -21,6 +21,8 @@ class Detections:
     boxes: ``[N, 4]`` float32 xyxy pixels. scores: ``[N]`` float32 in [0, 1] (1 for labels).
     labels: ``[N]`` int64 class indices. keypoints: ``[N, K, 3]`` float32 or None.
     agreement: ``[N]`` int64, how many views predicted each object (fused outputs), or None.
+    score_spread, box_spread: ``[N]`` float32, how much each fused object's score and box vary across the
+    views (:func:`datadistill.core.uncertainty.view_spread`), or None.
     """
 
     boxes: Tensor
@@ -28,6 +30,8 @@ class Detections:
     labels: Tensor
     keypoints: Tensor | None = None
     agreement: Tensor | None = None
+    score_spread: Tensor | None = None
+    box_spread: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.boxes.shape[0]
@@ -44,6 +48,10 @@ class Detections:
             raise ValueError(f"keypoints must have shape [{n}, K, 3], got {tuple(self.keypoints.shape)}")
         if self.agreement is not None and tuple(self.agreement.shape) != (n,):
             raise ValueError(f"agreement must have shape [{n}], got {tuple(self.agreement.shape)}")
+        for name in ("score_spread", "box_spread"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (n,):
+                raise ValueError(f"{name} must have shape [{n}], got {tuple(value.shape)}")
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -66,6 +74,8 @@ class Detections:
             labels=self.labels[index],
             keypoints=None if self.keypoints is None else self.keypoints[index],
             agreement=None if self.agreement is None else self.agreement[index],
+            score_spread=None if self.score_spread is None else self.score_spread[index],
+            box_spread=None if self.box_spread is None else self.box_spread[index],
         )
 
     def to(self, device: torch.device | str) -> Detections:
@@ -76,4 +86,6 @@ class Detections:
             labels=self.labels.to(device),
             keypoints=None if self.keypoints is None else self.keypoints.to(device),
             agreement=None if self.agreement is None else self.agreement.to(device),
+            score_spread=None if self.score_spread is None else self.score_spread.to(device),
+            box_spread=None if self.box_spread is None else self.box_spread.to(device),
         )
