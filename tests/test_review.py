@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from datadistill.cli import main
@@ -15,7 +16,7 @@ from datadistill.data.coco import load_coco, validate_coco
 from datadistill.errors import UserError
 from datadistill.runtime.io import write_json_atomic
 from datadistill.stages.review import merge, object_doubt, review
-from datadistill.stages.shards import shard_schema, write_shard
+from datadistill.stages.shards import object_values, read_shards, shard_detections, shard_schema, write_shard
 
 W, H = 200, 100
 # (file_name, scores, labels, agreement, boxes xyxy px) on W x H images, 4 views, threshold 0.5
@@ -33,9 +34,13 @@ ROWS = [
 ]
 
 
-def _labeling(folder: Path, rows: list[tuple] = ROWS) -> None:
+def _labeling(folder: Path, rows: list[tuple] = ROWS, spreads: dict[str, tuple[list, list]] | None = None) -> None:
+    """A labeling folder; ``spreads``: per file name its (score_spread, box_spread) lists (default: none, as
+    shards written before they were measured)."""
+    spreads = spreads or {}
     out = [{"file_name": n, "width": W, "height": H, "boxes": [float(v) for b in bx for v in b], "scores": s,
-            "labels": lab, "agreement": a, "error": None} for n, s, lab, a, bx in rows]  # fmt: skip
+            "labels": lab, "agreement": a, "score_spread": spreads.get(n, (None, None))[0],
+            "box_spread": spreads.get(n, (None, None))[1], "error": None} for n, s, lab, a, bx in rows]  # fmt: skip
     out.append({"file_name": "broken.png", "width": 0, "height": 0, "boxes": [], "scores": [], "labels": [],
                 "agreement": [], "error": "empty file"})  # fmt: skip
     write_shard(folder / "shards" / "part-00000.parquet", out, shard_schema(0))
@@ -83,6 +88,61 @@ def _export(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_object_doubt(score: float, agreement: int, threshold: float, expected: float) -> None:
     doubt, _ = object_doubt(np.array([score]), np.array([agreement]), np.array([threshold]), num_views=4)
     assert doubt[0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("score_spread", "box_spread", "expected"),
+    [(0.0, 0.0, (0.0 + 0.0 + 0.0 + 0.0) / 4),  # every view agrees on all four counts
+     (0.25, 0.05, (0.0 + 0.0 + 0.5 + 0.5) / 4),  # half the largest score swing, half the full box wander
+     (0.5, 0.3, (0.0 + 0.0 + 1.0 + 1.0) / 4),  # both capped at 1
+     (np.nan, 0.05, (0.0 + 0.0 + 0.5) / 3),  # a term not measured is left out of the mean
+     (np.nan, np.nan, 0.0)],  # an older shard: (d + c) / 2, as before the spreads were measured
+)  # fmt: skip
+def test_object_doubt_with_the_views_spread(score_spread: float, box_spread: float, expected: float) -> None:
+    doubt, _ = object_doubt(np.array([1.0]), np.array([4]), np.array([0.5]), num_views=4,
+                            score_spread=np.array([score_spread]), box_spread=np.array([box_spread]))  # fmt: skip
+    assert doubt[0] == pytest.approx(expected)
+
+
+def test_spreads_reorder_the_images_and_travel_to_coco(tmp_path: Path) -> None:
+    """Two images alike in agreement and score: the one whose views swing and wander goes first."""
+    box = [[20.0, 20.0, 60.0, 60.0]]
+    rows = [("steady.png", [0.9], [0], [4], box), ("swinging.png", [0.9], [0], [4], box)]
+    _labeling(tmp_path / "labels", rows, spreads={"steady.png": ([0.01], [0.0]), "swinging.png": ([0.3], [0.08])})
+    _reference(tmp_path / "ref.json")
+    (tmp_path / "selection.json").write_text(json.dumps({"thresholds": {"a": 0.5, "b": 0.5}, "min_agreement": 1}))
+    summary = _review(tmp_path, top=1)
+    assert [r["file_name"] for r in summary["ranking"]] == ["swinging.png", "steady.png"]
+    # swinging: d 0, c 1 - 0.4 / 0.5 = 0.2, w 0.6, b 0.8
+    assert summary["ranking"][0]["doubt"] == pytest.approx((0.0 + 0.2 + 0.6 + 0.8) / 4)
+    assert summary["spreads_measured"] is True and "score_spread" in summary["formula"]
+    ann = json.loads((tmp_path / "rev" / "coco.json").read_text())["annotations"][0]
+    assert ann["score_spread"] == pytest.approx(0.3) and ann["box_spread"] == pytest.approx(0.08)
+
+
+def test_older_shards_without_spreads_are_ranked_as_before(folder: Path) -> None:
+    summary = _review(folder)
+    assert summary["spreads_measured"].startswith("no: the shards hold no score_spread")
+    assert summary["ranking"][0]["doubt"] == pytest.approx((0.75 + (1 - 0.02 / 0.5)) / 2)  # doubtful.png
+    ann = json.loads((folder / "rev" / "coco.json").read_text())["annotations"][0]
+    assert ann["score_spread"] is None and ann["box_spread"] is None
+
+
+def test_a_shard_written_before_the_spread_columns_reads_them_as_null(folder: Path) -> None:
+    part = folder / "labels" / "shards" / "part-00000.parquet"
+    table = pq.read_table(part)
+    old = table.drop_columns(["score_spread", "box_spread"])
+    pq.write_table(old, part)
+    _labeling(folder / "new", ROWS[:1], spreads={"confident.png": ([0.1, 0.2], [0.01, 0.02])})
+    (folder / "new" / "shards" / "part-00000.parquet").rename(folder / "labels" / "shards" / "part-00001.parquet")
+    whole = read_shards(folder / "labels")
+    assert whole.schema.names == shard_schema(0).names and whole.num_rows == 7  # old and new shards together
+    assert object_values(whole, "score_spread")[-2:].tolist() == pytest.approx([0.1, 0.2])
+    assert np.isnan(object_values(whole, "box_spread")[:-2]).all()
+    det = shard_detections(whole.to_pylist()[0], 0)
+    assert det.score_spread is None and det.box_spread is None and len(det) == 2
+    summary = _review(folder)
+    assert summary["images_ranked"] == 5 and summary["spreads_measured"] is True
 
 
 def test_ranking_puts_the_lone_object_near_the_threshold_first(folder: Path) -> None:

@@ -8,13 +8,21 @@ project's ``label_config.xml``) and a COCO json (``coco.json``, which CVAT impor
 FiftyOne loads), beside ``review.json`` (the whole ranking, the thresholds, the formula's inputs).
 
 The doubt. For a fused candidate j with score ``s``, seen by ``a`` of the ``V`` views (the manifest's
-``views``), whose class has the selection threshold ``t``:
+``views``), whose class has the selection threshold ``t``, with the views' score spread ``ss`` and box
+spread ``bs`` measured by ``label`` (:mod:`datadistill.core.uncertainty`):
 
 - disagreement ``d = 1 - a / V``: 0 when every view saw the object, ``1 - 1/V`` when one view alone did;
   the views disagree on whether it is there.
 - closeness ``c = max(0, 1 - |s - t| / max(t, 1 - t))``: 1 on the threshold, 0 as far from it as a score
   can be (0 for a class without a threshold); a small change of threshold flips whether it is kept.
-- object doubt ``(d + c) / 2``, in [0, 1].
+- score swing ``w = min(1, 2 ss)``: the standard deviation of the views' scores (a view that missed the
+  object counting 0) over its largest possible value, 0.5; the views disagree on how sure to be.
+- box wander ``b = min(1, bs / 0.1)``: how far the views put the box's edges apart, in units of its size,
+  over 0.1 (two views whose boxes just still match, IoU 0.5, are about 0.09 apart); the views disagree on
+  where the object is.
+- object doubt: the mean of ``d, c, w, b``, in [0, 1]. Shards written before the spreads were measured
+  (or by a labeling that did not measure them) hold none: their doubt is ``(d + c) / 2``, as before, and
+  ``review.json`` says so (``spreads_measured``).
 
 An image's doubt is the largest doubt of its candidates (0 without any): one doubtful object is enough to
 send an image to a person, and a crowded image is not preferred for its crowd. Equal doubts are ordered by
@@ -52,11 +60,17 @@ from datadistill.data.images import image_size, resolve_image_path
 from datadistill.errors import DataError, UserError
 from datadistill.runtime.io import provenance, write_json_atomic, write_text_atomic
 from datadistill.stages.select import reference_counts
-from datadistill.stages.shards import read_shards
+from datadistill.stages.shards import object_values, read_shards
 
 FORMATS = ("label-studio", "cvat", "coco")
 LOCAL_FILES_URL = "/data/local-files/?d="
 BOX_TOLERANCE_PX = 1e-3  # a corrected box may pass the image's edge by float rounding, no more
+BOX_SPREAD_FULL = 0.1  # the box spread that counts as full doubt (two views matched at IoU 0.5: about 0.09)
+FORMULA = (
+    "object doubt = mean of the terms measured: 1 - agreement / views; max(0, 1 - |score - t| / max(t, 1 - t)); "
+    f"min(1, 2 * score_spread); min(1, box_spread / {BOX_SPREAD_FULL:g}); image doubt = max over its objects "
+    "(ties: sum)"
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,11 +78,20 @@ BOX_TOLERANCE_PX = 1e-3  # a corrected box may pass the image's edge by float ro
 
 
 def object_doubt(
-    scores: np.ndarray, agreement: np.ndarray, thresholds: np.ndarray, *, num_views: int
+    scores: np.ndarray,
+    agreement: np.ndarray,
+    thresholds: np.ndarray,
+    *,
+    num_views: int,
+    score_spread: np.ndarray | None = None,
+    box_spread: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per candidate ``[N]``: the doubt ``(d + c) / 2`` and the closeness ``c`` (see the module docstring).
+    """Per candidate ``[N]``: the doubt (the mean of ``d, c, w, b``) and the closeness ``c`` (see the module
+    docstring).
 
     ``thresholds`` ``[N]`` is the threshold of each candidate's class (``inf``: the class keeps nothing).
+    ``score_spread`` and ``box_spread`` ``[N]``: NaN (or None for all) where not measured; such a candidate's
+    doubt is the mean of the terms it has.
     """
     if num_views < 1:
         raise ValueError(f"num_views must be >= 1, got {num_views}")
@@ -78,7 +101,13 @@ def object_doubt(
     finite = np.isfinite(t)
     tf = np.where(finite, t, 0.5)
     closeness = np.where(finite, np.clip(1.0 - np.abs(scores - tf) / np.maximum(tf, 1.0 - tf), 0.0, 1.0), 0.0)
-    return (disagreement + closeness) / 2.0, closeness
+    nan = np.full(len(scores), np.nan)
+    swing = np.minimum(1.0, 2.0 * (nan if score_spread is None else np.asarray(score_spread, np.float64)))
+    wander = np.minimum(1.0, (nan if box_spread is None else np.asarray(box_spread, np.float64)) / BOX_SPREAD_FULL)
+    terms = np.stack([disagreement, closeness, swing, wander])  # [4, N]
+    measured = ~np.isnan(terms)
+    doubt = np.where(measured, terms, 0.0).sum(axis=0) / measured.sum(axis=0)
+    return doubt, closeness
 
 
 def rank_images(doubt: np.ndarray, image: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +174,29 @@ def _flat(table: pa.Table, column: str, dtype: Any) -> np.ndarray:
     return np.asarray(pa.compute.list_flatten(table[column]).to_numpy(zero_copy_only=False), dtype=dtype)
 
 
+def read_objects(labels_dir: Path, num_keypoints: int) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """The shards' table (one row per image) and every candidate's values, flat over the images: ``ok``
+    ``[R]`` (the image was labeled), ``image`` ``[N]`` (its row), ``scores``, ``labels``, ``agreement``,
+    ``score_spread``, ``box_spread`` (NaN where not measured) ``[N]``, ``boxes`` ``[N, 4]`` and, for
+    keypoint tasks, ``keypoints`` ``[N, K, 3]``."""
+    columns = ["file_name", "width", "height", "boxes", "scores", "labels", "agreement", "score_spread",
+               "box_spread", "error"] + (["keypoints"] if num_keypoints else [])  # fmt: skip
+    table = read_shards(labels_dir, columns=columns)
+    ok = np.asarray(table["error"].is_null().to_numpy(zero_copy_only=False))
+    if not ok.any():
+        raise UserError(f"{labels_dir}: no image was labeled (all skipped?)")
+    lengths = np.asarray(pa.compute.list_value_length(table["scores"]).to_numpy(zero_copy_only=False), np.int64)
+    obj = {
+        "ok": ok, "image": np.repeat(np.arange(len(lengths)), lengths),
+        "scores": _flat(table, "scores", np.float64), "labels": _flat(table, "labels", np.int64),
+        "agreement": _flat(table, "agreement", np.int64), "boxes": _flat(table, "boxes", np.float64).reshape(-1, 4),
+        "score_spread": object_values(table, "score_spread"), "box_spread": object_values(table, "box_spread"),
+    }  # fmt: skip
+    if num_keypoints:
+        obj["keypoints"] = _flat(table, "keypoints", np.float64).reshape(-1, num_keypoints, 3)
+    return table, obj
+
+
 def image_url(file_name: str, prefix: str | None) -> str:
     """Where Label Studio finds an image: ``prefix + file_name``, or its local-files storage path
     (``/data/local-files/?d=FILE_NAME``, relative to ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``)."""
@@ -199,18 +251,9 @@ def review(
         raise UserError(
             f"{labels_dir} was labeled for classes {names[:5]} but {reference} has {list(ref.class_names[:5])}"
         )
-    k = ref.num_keypoints
-    columns = ["file_name", "width", "height", "boxes", "scores", "labels", "agreement", "error"]
-    table = read_shards(labels_dir, columns=columns + (["keypoints"] if k else []))
-    ok = np.asarray(table["error"].is_null().to_numpy(zero_copy_only=False))
-    if not ok.any():
-        raise UserError(f"{labels_dir}: no image was labeled (all skipped?)")
-    lengths = np.asarray(pa.compute.list_value_length(table["scores"]).to_numpy(zero_copy_only=False), np.int64)
-    image = np.repeat(np.arange(len(lengths)), lengths)
-    scores, cls = _flat(table, "scores", np.float64), _flat(table, "labels", np.int64)
-    agreement = _flat(table, "agreement", np.int64)
-    boxes = _flat(table, "boxes", np.float64).reshape(-1, 4)
-    keypoints = _flat(table, "keypoints", np.float64).reshape(-1, k, 3) if k else None
+    table, obj = read_objects(labels_dir, ref.num_keypoints)
+    ok, image, scores, cls, agreement, boxes = (obj[n] for n in ("ok", "image", "scores", "labels", "agreement",
+                                                                  "boxes"))  # fmt: skip
     views = manifest.get("config", {}).get("views")
     num_views = len(views) if views else max(int(agreement.max(initial=1)), 1)
 
@@ -218,7 +261,8 @@ def review(
         thr = read_thresholds(selection_path, ref.class_names)
     else:
         thr = count_thresholds(scores, cls, num_images=int(ok.sum()), ref=ref)
-    doubt, closeness = object_doubt(scores, agreement, thr.per_class[cls], num_views=num_views)
+    doubt, closeness = object_doubt(scores, agreement, thr.per_class[cls], num_views=num_views,
+                                    score_spread=obj["score_spread"], box_spread=obj["box_spread"])  # fmt: skip
     kept = (scores >= thr.per_class[cls]) & (agreement >= thr.min_agreement)
     written = kept | (closeness >= min_closeness)
     order, image_doubt = rank_images(doubt, image, ok)
@@ -247,14 +291,15 @@ def review(
         write_text_atomic(out / "label_config.xml", label_config_xml(ref.class_names))
         files += ["tasks.json", "label_config.xml"]
     if "cvat" in formats or "coco" in formats:
-        coco = _review_coco(ref, chosen, objects_of, file_names, widths, heights, boxes=boxes, cls=cls,
-                            scores=scores, agreement=agreement, doubt=doubt, kept=kept, keypoints=keypoints,
+        coco = _review_coco(ref, chosen, objects_of, file_names, widths, heights, obj=obj, doubt=doubt, kept=kept,
                             kp_thr=thr.keypoint)  # fmt: skip
         write_json_atomic(out / "coco.json", coco)
         files.append("coco.json")
+    measured = bool(len(scores)) and not np.isnan(obj["score_spread"]).all()
     summary = {
-        "formula": "object doubt = ((1 - agreement / views) + max(0, 1 - |score - t| / max(t, 1 - t))) / 2; "
-        "image doubt = max over its objects (ties: sum)",
+        "formula": FORMULA,
+        "spreads_measured": measured if measured or not len(scores) else "no: the shards hold no score_spread/"
+        "box_spread (labeled before they were measured); the doubt is the mean of the first two terms",
         "num_views": num_views,
         "thresholds": {n: (None if not np.isfinite(t) else float(t))
                        for n, t in zip(ref.class_names, thr.per_class, strict=True)},
@@ -281,16 +326,15 @@ def _review_coco(
     widths: list[int],
     heights: list[int],
     *,
-    boxes: np.ndarray,
-    cls: np.ndarray,
-    scores: np.ndarray,
-    agreement: np.ndarray,
+    obj: dict[str, np.ndarray],
     doubt: np.ndarray,
     kept: np.ndarray,
-    keypoints: np.ndarray | None,
     kp_thr: float | None,
 ) -> dict[str, Any]:
-    """The sent images as COCO, in ranking order; keypoints visible (2) from ``kp_thr`` (or a score > 0)."""
+    """The sent images as COCO, in ranking order; keypoints visible (2) from ``kp_thr`` (or a score > 0).
+    ``obj``: :func:`read_objects`' values; ``score_spread``/``box_spread`` null where not measured."""
+    boxes, cls, scores, agreement = obj["boxes"], obj["labels"], obj["scores"], obj["agreement"]
+    keypoints = obj.get("keypoints")
     images, annotations = [], []
     cat_ids = [c.id for c in ref.categories]
     for image_id, r in enumerate((int(r) for r in chosen), 1):
@@ -301,7 +345,8 @@ def _review_coco(
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": cat_ids[int(cls[j])],
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
                 "score": float(scores[j]), "agreement": int(agreement[j]), "doubt": float(doubt[j]),
-                "kept": bool(kept[j]),
+                "kept": bool(kept[j]), "score_spread": _or_none(obj["score_spread"][j]),
+                "box_spread": _or_none(obj["box_spread"][j]),
             }  # fmt: skip
             if keypoints is not None:
                 kp = keypoints[j].copy()
@@ -313,6 +358,10 @@ def _review_coco(
             annotations.append(ann)
     return {"info": {"description": "datadistill review: the most doubtful images"}, "images": images,
             "annotations": annotations, "categories": [category_to_coco(c) for c in ref.categories]}  # fmt: skip
+
+
+def _or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 # ----------------------------------------------------------------------------------------------------

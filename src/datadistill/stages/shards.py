@@ -4,8 +4,12 @@ The unlabeled images (:class:`ImageSource`) are listed once, in a deterministic 
 of ``shard_size`` images; each shard is cut into the same forward-pass batches by every engine
 (:func:`plan_batches`). Each parquet row is one image: ``file_name`` (relative to the source root),
 ``width``, ``height``, and flat lists ``boxes`` (4N, xyxy px), ``scores`` (N), ``labels`` (N class indices),
-``agreement`` (N, how many views saw the object), ``keypoints`` (N*K*3, x, y, score; keypoint models
-only), and ``error`` (why an image was skipped, else null). :class:`ShardWriter` writes a shard atomically
+``agreement`` (N, how many views saw the object), ``score_spread`` and ``box_spread`` (N, how much the
+object's score and box vary across the views: :mod:`datadistill.core.uncertainty`; a null list where the
+labeling did not measure them), ``keypoints`` (N*K*3, x, y, score; keypoint models only), and ``error``
+(why an image was skipped, else null). Shards written before ``score_spread``/``box_spread`` existed are
+read with those columns null (:func:`read_shard`), and their objects' spreads are NaN
+(:func:`object_values`). :class:`ShardWriter` writes a shard atomically
 once all its rows are in, the one rule that makes a killed run resume without losing or repeating work;
 the local and the Ray engines both write through it.
 """
@@ -139,6 +143,8 @@ def shard_schema(num_keypoints: int) -> pa.Schema:
         pa.field("scores", pa.list_(pa.float32())),
         pa.field("labels", pa.list_(pa.int32())),
         pa.field("agreement", pa.list_(pa.int32())),
+        pa.field("score_spread", pa.list_(pa.float32())),
+        pa.field("box_spread", pa.list_(pa.float32())),
     ]
     if num_keypoints:
         fields.append(pa.field("keypoints", pa.list_(pa.float32())))
@@ -161,6 +167,8 @@ def detections_row(name: str, width: int, height: int, det: Detections, num_keyp
         "scores": det.scores.tolist(),
         "labels": det.labels.tolist(),
         "agreement": (det.agreement if det.agreement is not None else torch.ones(len(det), dtype=torch.int64)).tolist(),
+        "score_spread": None if det.score_spread is None else det.score_spread.tolist(),
+        "box_spread": None if det.box_spread is None else det.box_spread.tolist(),
         "error": None,
     }
     if num_keypoints:
@@ -171,23 +179,61 @@ def detections_row(name: str, width: int, height: int, det: Detections, num_keyp
 
 def error_row(name: str, error: str, num_keypoints: int) -> dict[str, Any]:
     row = {"file_name": name, "width": 0, "height": 0, "boxes": [], "scores": [], "labels": [], "agreement": [],
-           "error": error}  # fmt: skip
+           "score_spread": [], "box_spread": [], "error": error}  # fmt: skip
     if num_keypoints:
         row["keypoints"] = []
     return row
 
 
+# Columns added after the first shards were written: a shard without one reads it as null lists.
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
+    "score_spread": pa.list_(pa.float32()),
+    "box_spread": pa.list_(pa.float32()),
+}
+
+
 def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
     """One shard's table; a file that is not a readable shard (copied in part, damaged on disk, written by
-    something else) is a one-line UserError that names it and says how to redo it."""
+    something else) is a one-line UserError that names it and says how to redo it. An
+    :data:`OPTIONAL_COLUMNS` column the shard lacks (an older shard) comes back as nulls, in schema order."""
     try:
-        return pq.read_table(path, columns=columns)
+        present = set(pq.read_schema(path).names)
+        missing = [c for c in (columns if columns is not None else list(OPTIONAL_COLUMNS)) if c not in present]
+        wanted = None if columns is None else [c for c in columns if c not in missing]
+        table = pq.read_table(path, columns=wanted)
+        for name in (c for c in missing if c in OPTIONAL_COLUMNS):
+            nulls = pa.nulls(table.num_rows, OPTIONAL_COLUMNS[name])
+            where = columns.index(name) if columns is not None else _optional_position(table, name)
+            table = table.add_column(where, pa.field(name, OPTIONAL_COLUMNS[name]), nulls)
+        return table
     except (OSError, pa.ArrowException) as exc:
         reason = " ".join(str(exc).replace(str(path), "").split())[:120]
         raise UserError(
             f"{path}: not a readable label shard ({reason}); delete it and re-run the same `datadistill label` "
             "to label its images again"
         ) from exc
+
+
+def _optional_position(table: pa.Table, name: str) -> int:
+    """Where ``name`` sits in :func:`shard_schema` (after ``agreement``), for an older shard read whole."""
+    names = table.schema.names
+    anchor = "agreement" if name == "score_spread" else "score_spread"
+    return names.index(anchor) + 1 if anchor in names else len(names)
+
+
+def object_values(table: pa.Table, column: str) -> np.ndarray:
+    """A per-object list column flattened to ``[N]`` float64 (N: the objects of every row, as ``scores``
+    lists them), NaN for the objects of a row whose list is null (not measured, or an older shard)."""
+    lengths = np.asarray(pa.compute.list_value_length(table["scores"]).to_numpy(zero_copy_only=False), np.int64)
+    values = table[column]
+    have = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), bool)
+    out = np.full(int(lengths.sum()), np.nan)
+    flat = np.asarray(pa.compute.list_flatten(values).to_numpy(zero_copy_only=False), np.float64)
+    mask = np.repeat(have, lengths)
+    if int(mask.sum()) != len(flat):
+        raise UserError(f"column {column!r} does not list one value per object (a damaged shard?)")
+    out[mask] = flat
+    return out
 
 
 def summarize_shards(out: Path) -> dict[str, Any]:
@@ -225,7 +271,13 @@ def shard_detections(row: dict[str, Any], num_keypoints: int) -> Detections:
         labels=torch.tensor(np.asarray(row["labels"], np.int64)),
         keypoints=kps,
         agreement=torch.tensor(np.asarray(row["agreement"], np.int64)),
+        score_spread=_optional_tensor(row.get("score_spread")),
+        box_spread=_optional_tensor(row.get("box_spread")),
     )
+
+
+def _optional_tensor(values: list[float] | None) -> torch.Tensor | None:
+    return None if values is None else torch.tensor(np.asarray(values, np.float32))
 
 
 @dataclass
