@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from datadistill import __version__
+from datadistill.config import PRECISIONS
 from datadistill.errors import UserError
 
 log = logging.getLogger("datadistill")
@@ -139,6 +140,8 @@ def _config_from_args(cls: type, args: argparse.Namespace, **fixed: typing.Any) 
     return cls(**values)
 
 
+PRECISION_HELP = "mixed precision: auto (bf16 on a GPU that has it, else fp32), fp32, bf16, or fp16 (GPU only)"
+
 TRAIN_HELP = {
     "data": "COCO json of the labeled images",
     "images": "image root of --data",
@@ -165,6 +168,7 @@ TRAIN_HELP = {
     "val_images": "image root of --val (default: --images)",
     "resume": "continue a killed run from OUT/last.pt",
     "device": "auto, cpu, cuda or cuda:N",
+    "precision": PRECISION_HELP,
     "seed": "random seed of everything",
     "threads": "torch threads of this process (0: one per core)",
     "workers": "DataLoader worker processes (1 thread each)",
@@ -213,13 +217,14 @@ def _evaluate_model(spec: str, args: argparse.Namespace) -> dict[str, typing.Any
 
     from datadistill.data.coco import load_coco
     from datadistill.models.detector import load_detector
-    from datadistill.runtime.devices import resolve_device
+    from datadistill.runtime.devices import resolve_device, resolve_precision
     from datadistill.stages.evaluate import evaluate_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     gt = load_coco(args.data, image_root=args.images)
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     detector = load_detector(spec, device=device)
     if tuple(detector.meta.class_names) != gt.class_names:
         raise UserError(
@@ -227,7 +232,7 @@ def _evaluate_model(spec: str, args: argparse.Namespace) -> dict[str, typing.Any
             f"{list(gt.class_names)[:6]}"
         )
     return evaluate_model(detector, gt, args.images, device=device, batch_size=args.batch_size, workers=args.workers,
-                          evaluator=args.evaluator)  # fmt: skip
+                          evaluator=args.evaluator, precision=precision)  # fmt: skip
 
 
 LABEL_HELP = {
@@ -250,6 +255,9 @@ LABEL_HELP = {
     "workers": "DataLoader processes decoding images",
     "threads": "torch threads of the labeling process",
     "device": "auto, cpu, cuda or cuda:N",
+    "precision": PRECISION_HELP,
+    "sync": "fuse and write in the labeling loop itself instead of beside the next batch (slower on a GPU; the "
+    "same shards)",
     "overwrite": "replace labels made with another checkpoint, views or fusion",
     "allow_weak_teacher": "go on when the teacher finds no object above --score-floor on any image (else: an error)",
     "engine": "local (this process, or each torchrun process) or ray (Ray Data; pip install 'datadistill[ray]')",
@@ -445,6 +453,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader processes (0)")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (0: one per core)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP + " (auto)")
     p.add_argument(
         "--evaluator",
         choices=("faster-coco-eval", "pycocotools"),

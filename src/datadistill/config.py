@@ -26,9 +26,12 @@ from datadistill.errors import UserError
 # Options that may differ when a run is resumed: they change where and how fast it runs, or what is
 # evaluated, not the weights it ends with.
 RUNTIME_KEYS = frozenset(
-    {"out", "resume", "device", "threads", "workers", "log_every", "eval_every", "save_every", "val", "val_images"}
-)
+    {"out", "resume", "device", "precision", "threads", "workers", "log_every", "eval_every", "save_every", "val",
+     "val_images"}
+)  # fmt: skip
 OPTIMIZERS = ("sgd", "adamw")
+# Mixed precision of every stage that runs a model (runtime.devices.resolve_precision says what each means).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class TrainConfig:
     ``iterations`` (minibatches), at most one; neither: the default schedule of
     :mod:`datadistill.core.schedule` (20 epochs, but at least 1,000 iterations).
     Optimization: ``optimizer`` ``"adamw"`` or ``"sgd"`` (with ``momentum``); ``lr`` is the peak learning
-    rate (None: :func:`datadistill.stages.train.default_lr`), reached linearly from ``lr * warmup_factor``
+    rate (None: :func:`datadistill.models.torchvision.default_lr`), reached linearly from ``lr * warmup_factor``
     over ``warmup_iters`` iterations (at most a fifth of the run), then multiplied by ``lr_gamma`` at each
     of ``lr_steps`` (epoch numbers with ``epochs``, iteration numbers with ``iterations``; None: at 2/3
     and 8/9 of the run, the "1x" schedule's 8 and 11 of 12); ``clip_grad_norm`` None or the max gradient norm.
@@ -94,6 +97,7 @@ class TrainConfig:
     save_every: int | None = None
     resume: bool = False
     device: str = "auto"
+    precision: str = "auto"
     seed: int = 0
     threads: int = 0
     workers: int = 0
@@ -154,6 +158,7 @@ class TrainConfig:
             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
         need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,6 +192,8 @@ class LabelConfig:
     workers: int = 2
     threads: int = 1
     device: str = "auto"
+    precision: str = "auto"
+    sync: bool = False  # fuse and write in the labeling loop itself, not beside the next batch (same shards)
     overwrite: bool = False
     allow_weak_teacher: bool = False
     rank: int = 0
@@ -273,6 +280,7 @@ class RunConfig:
     rounds: int = 1
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto, fp32, bf16 or fp16 (GPU only), for every stage that runs a model
     threads: int = 2
     workers: int = 1
     teacher_check: bool = True  # stop before labeling when the teacher is too weak to teach (see run.py)

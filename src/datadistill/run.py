@@ -99,6 +99,7 @@ def _train_config(section: TrainSection, cfg: RunConfig, base: Path, out: Path, 
         "batch_size": section.batch_size,
         "seed": cfg.seed,
         "device": cfg.device,
+        "precision": cfg.precision,
         "threads": cfg.threads,
         "workers": cfg.workers,
         "resume": training_started(out),
@@ -122,14 +123,15 @@ def _evaluate(model: Path, cfg: RunConfig, base: Path, out: Path) -> dict[str, A
         return read_json(out)
     from datadistill.data.coco import load_coco
     from datadistill.models.detector import load_detector
-    from datadistill.runtime.devices import resolve_device
+    from datadistill.runtime.devices import resolve_device, resolve_precision
     from datadistill.stages.evaluate import evaluate_model, write_metrics
 
     images = _path(base, cfg.data.val_images) or _path(base, cfg.data.train_images)
     gt = load_coco(_path(base, cfg.data.val), image_root=images)
     device = resolve_device(cfg.device)
     detector = load_detector(str(model), device=device)
-    metrics = evaluate_model(detector, gt, images, device=device, batch_size=8, workers=cfg.workers)
+    metrics = evaluate_model(detector, gt, images, device=device, batch_size=8, workers=cfg.workers,
+                             precision=resolve_precision(cfg.precision, device))  # fmt: skip
     write_metrics(out, metrics)
     return metrics
 
@@ -155,7 +157,7 @@ def _record_config(layout: RunLayout, cfg: RunConfig, base: Path) -> None:
         for section, keys in _ADDED_KEYS.items():  # a folder recorded before these existed ran without them
             if isinstance(recorded.get(section), dict):
                 recorded[section] = {**keys, **recorded[section]}
-        runtime = {"device", "threads", "workers", "rounds", "teacher_check"}
+        runtime = {"device", "precision", "threads", "workers", "rounds", "teacher_check"}
         for key in sorted(set(recorded) | set(current)):
             if key in runtime or key == "_base":
                 continue
@@ -274,6 +276,7 @@ def _label_config(cfg: RunConfig, base: Path, teacher: str, out: Path) -> LabelC
         workers=cfg.workers,
         threads=max(1, cfg.threads),
         device=cfg.device,
+        precision=cfg.precision,
         allow_weak_teacher=not cfg.teacher_check,
     )
 

@@ -21,7 +21,8 @@ object and is dropped (as ensemble-boxes does). Boxes whose (unweighted) score i
 are dropped. Two boxes match when their IoU is strictly greater than ``iou_thr``. Candidates are ranked
 by weighted score, ties by input order (view, then row). Outputs are sorted by score, highest first.
 The clustering loops are compiled with numba (cached on disk: the first call after install compiles for a
-few seconds, later processes load the cache).
+few seconds, later processes load the cache) and release the GIL, so that the labeling stage fuses one batch
+in its writer thread while the next batch runs.
 
 :func:`fuse` is the entry point of the labeling stage: it takes per-view :class:`Detections`, runs one of
 the methods by name, and also returns how many distinct views agreed on each fused object and the
@@ -54,7 +55,7 @@ Weights = Sequence[float] | Tensor | np.ndarray | None
 # label. Clusters are numbered in order of creation.
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _iou(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
     """IoU of boxes a[i] and b[j] (xyxy, positive areas), written as ensemble-boxes writes it."""
     w = min(a[i, 2], b[j, 2]) - max(a[i, 0], b[j, 0])
@@ -67,7 +68,7 @@ def _iou(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
     return inter / (area_a + area_b - inter)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _wbf_loop(
     boxes: np.ndarray, ws: np.ndarray, starts: np.ndarray, iou_thr: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,7 +117,7 @@ def _wbf_loop(
     return cluster, first[:c].copy(), fused[:c].copy()
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _vote_loop(
     boxes: np.ndarray, ws: np.ndarray, starts: np.ndarray, iou_thr: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,7 +168,7 @@ def _vote_loop(
     return cluster, main[:c].copy(), fused
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _nms_loop(boxes: np.ndarray, starts: np.ndarray, iou_thr: float) -> tuple[np.ndarray, np.ndarray]:
     """Greedy NMS. boxes sorted by score (descending) within each label group.
 
@@ -192,7 +193,7 @@ def _nms_loop(boxes: np.ndarray, starts: np.ndarray, iou_thr: float) -> tuple[np
     return cluster, keep[:c].copy()
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _soft_nms_loop(
     boxes: np.ndarray, scores: np.ndarray, starts: np.ndarray, iou_thr: float, sigma: float, linear: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -226,7 +227,7 @@ def _soft_nms_loop(
     return order, decayed
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _soft_nms_walk(
     boxes: np.ndarray,
     order: np.ndarray,

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from datadistill.config import PRECISIONS
 from datadistill.errors import UserError
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
@@ -70,3 +71,42 @@ def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# mixed precision
+
+PRECISION_HELP = "auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (GPU only)"
+_AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision_name(requested: str) -> None:
+    """A one-line UserError unless ``requested`` is one of :data:`PRECISIONS`."""
+    if requested not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``fp32``, ``bf16`` or ``fp16`` for ``requested`` on ``device``. ``auto``: bf16 on a GPU that supports
+    it, fp32 elsewhere (a CPU gains little from bf16 autocast and loses accuracy). fp16 needs a GPU (its
+    gradient scaler and kernels are CUDA's): refused on a CPU in one line."""
+    check_precision_name(requested)
+    cuda = device.type == "cuda"
+    if requested == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "fp16" and not cuda:
+        raise UserError(f"precision fp16 needs a GPU, and the device is {device}: use bf16 or fp32 on a CPU")
+    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}: use fp16 or fp32")
+    return requested
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context of a resolved ``precision`` (``fp32``: autocast off) on ``device``."""
+    dtype = _AUTOCAST_DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """The loss scaler of a training run: on for fp16 (whose small gradients underflow), off otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -403,18 +403,21 @@ def evaluate_model(
     rank: int = 0,
     world_size: int = 1,
     evaluator: str = "faster-coco-eval",
+    precision: str = "fp32",
 ) -> Metrics:
     """COCO metrics of ``detector`` on ``dataset`` (:func:`evaluate_predictions`).
 
     With ``world_size > 1`` (every rank calls it, in a process group) each rank predicts the images
     ``rank, rank + world_size, ...`` and rank 0 gathers the predictions and returns the metrics; the
     other ranks return an empty dict. Give a detector whose model is not wrapped in DDP: ranks predict
-    different numbers of batches, and DDP's forward would wait for the others.
+    different numbers of batches, and DDP's forward would wait for the others. ``precision`` (resolved:
+    fp32, bf16 or fp16): the forward passes run under autocast, and the predictions are scored in fp32.
     """
     from torch.utils.data import DataLoader, Subset
 
     from datadistill.data.dataset import DetectionDataset, collate
     from datadistill.runtime import distributed
+    from datadistill.stages.multiview import predict
 
     check_detector_fits(detector, dataset)
     items = DetectionDataset(dataset, image_root, train=False)
@@ -427,7 +430,7 @@ def evaluate_model(
     )
     predictions = {}
     for images, targets in one_line_errors(loader):
-        detections = detector.predict([im.to(device) for im in images])
+        detections = predict(detector, [im.to(device, non_blocking=True) for im in images], precision=precision)
         for target, det in zip(targets, detections, strict=True):
             predictions[int(target["image_id"])] = det.to("cpu")
     if world_size > 1:

@@ -20,6 +20,9 @@ import hashlib
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
@@ -36,9 +39,9 @@ from datadistill.data.coco import read_json
 from datadistill.errors import DataError, UserError
 from datadistill.models.detector import Detector, load_detector, model_file, resolve_spec
 from datadistill.runtime import distributed
-from datadistill.runtime.devices import resolve_device
+from datadistill.runtime.devices import resolve_device, resolve_precision
 from datadistill.runtime.io import file_sha256, provenance, remove_temporaries, write_json_atomic
-from datadistill.stages.multiview import LabelTimer, label_images, unfit_reason
+from datadistill.stages.multiview import LabelTimer, fuse_views, label_images, run_views, unfit_reason
 from datadistill.stages.shards import (
     ImageSource,
     ShardImages,
@@ -64,7 +67,12 @@ BOX_FUSIONS = ("nms", "soft-nms", "vote", "wbf")
 KEYPOINT_FUSIONS = ("heatmap", "mean")
 # What must match for a re-run to resume a folder instead of refusing it.
 RESUME_KEYS = ("checkpoint_sha256", "views", "fuse", "keypoint_fuse", "iou_thr", "score_floor", "shard_size",
-               "batch_size", "files_sha256")  # fmt: skip
+               "batch_size", "files_sha256", "precision")  # fmt: skip
+# What a folder written before a key existed was made with.
+LEGACY_VALUES = {"precision": "fp32"}
+# Batches whose fusion and writing may wait behind the one on the device (the overlapped loop); each holds
+# its images' raw predictions on the CPU only.
+PIPELINE_DEPTH = 2
 ENGINES = ("local", "ray")
 # How long ranks under torchrun wait for each other: the last wait lasts as long as the slowest rank's
 # remaining shards. A rank that dies is noticed by torchrun, which stops the others, not by this timeout.
@@ -78,7 +86,9 @@ def _spec(cfg: LabelConfig) -> str:
     return spec
 
 
-def _signature(cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], task: str) -> dict[str, Any]:
+def _signature(
+    cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], task: str, precision: str
+) -> dict[str, Any]:
     """What a labeling folder was made with; a re-run must match its :data:`RESUME_KEYS` to resume."""
     spec = resolve_spec(_spec(cfg))  # a training folder: the file it holds
     return {
@@ -95,6 +105,7 @@ def _signature(cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], t
         "score_floor": cfg.score_floor,
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
+        "precision": precision,
     }
 
 
@@ -137,7 +148,7 @@ def _prepare_out(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
             old = read_json(manifest_path).get("config", {})
         except (DataError, AttributeError):
             old = {}
-        differing = [k for k in RESUME_KEYS if old.get(k) != signature.get(k)]
+        differing = [k for k in RESUME_KEYS if old.get(k, LEGACY_VALUES.get(k)) != signature.get(k)]
         if differing:
             raise UserError(
                 f"{out} holds labels made with another {differing[0]} ({old.get(differing[0])!r}, now "
@@ -185,9 +196,11 @@ def label(cfg: LabelConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     # The ray engine's driver only needs the meta; loading the model checks it up front.
     device = distributed.rank_device(resolve_device(cfg.device), launch) if cfg.engine == "local" else None
+    # with Ray, the workers' devices decide; the driver's device stands in for them in the signature
+    precision = resolve_precision(cfg.precision, device if device is not None else resolve_device(cfg.device))
     detector, cfg = _load_teacher(cfg, views, device if device is not None else torch.device("cpu"))
     source = list_source(cfg.images, image_root=cfg.image_root)
-    manifest = _new_manifest(cfg, source, views, detector)
+    manifest = _new_manifest(cfg, source, views, detector, precision)
     num_shards = manifest["num_shards"]
 
     def prepare() -> None:
@@ -199,10 +212,10 @@ def label(cfg: LabelConfig) -> Path:
         mine = [k for k in range(num_shards) if k % cfg.world_size == cfg.rank]
         todo = [k for k in mine if not shard_path(out, k).exists()]
         log.info(
-            "labeling %d images from %s: %d shards (%d done, %d to do%s), %d views (%s), fusion %s, engine %s",
+            "labeling %d images from %s: %d shards (%d done, %d to do%s), %d views (%s), fusion %s, engine %s, %s",
             len(source.files), source.description, num_shards, len(mine) - len(todo), len(todo),
             f" by rank {cfg.rank} of {cfg.world_size}" if cfg.world_size > 1 else "", len(views),
-            ",".join(v.name for v in views), cfg.fuse, cfg.engine,
+            ",".join(v.name for v in views), cfg.fuse, cfg.engine, precision,
         )  # fmt: skip
         if cfg.engine == "ray":
             from datadistill.stages.label_ray import label_shards
@@ -211,11 +224,11 @@ def label(cfg: LabelConfig) -> Path:
                 spec=_spec(cfg), source=source, shards=todo, out=out, num_keypoints=detector.meta.num_keypoints,
                 views=cfg.views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
                 score_floor=cfg.score_floor, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
-                threads=cfg.threads, device=cfg.device, address=cfg.ray_address,
+                threads=cfg.threads, device=cfg.device, address=cfg.ray_address, precision=cfg.precision,
             )  # fmt: skip
         else:
             assert device is not None
-            mine_timings = _label_local(cfg, source, todo, out, detector, views, device)
+            mine_timings = _label_local(cfg, source, todo, out, detector, views, device, precision)
         every_rank = distributed.gather_to_main(mine_timings)
         if every_rank is not None:
             _finish_manifest(out, manifest, every_rank, started=started)
@@ -239,10 +252,12 @@ def _check_found_objects(manifest_path: Path, *, score_floor: float) -> None:
         )
 
 
-def _new_manifest(cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], detector: Detector) -> dict[str, Any]:
+def _new_manifest(
+    cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], detector: Detector, precision: str
+) -> dict[str, Any]:
     """``manifest.json`` of a run in progress: the signature, the options, the classes, the shard count."""
     meta = detector.meta
-    return {"format": MANIFEST_FORMAT, "version": 1, "config": _signature(cfg, source, views, meta.task),
+    return {"format": MANIFEST_FORMAT, "version": 1, "config": _signature(cfg, source, views, meta.task, precision),
             "options": asdict(cfg), "status": "running", "num_shards": source.num_shards(cfg.shard_size),
             "classes": {"names": list(meta.class_names), "category_ids": list(meta.category_ids),
                         "keypoints": list(meta.keypoint_names)}}  # fmt: skip
@@ -284,9 +299,15 @@ def _merge_timings(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _label_local(
     cfg: LabelConfig, source: ImageSource, todo: list[int], out: Path, detector: Detector, views: tuple[View, ...],
-    device: torch.device,
+    device: torch.device, precision: str,
 ) -> dict[str, Any]:  # fmt: skip
-    """Label shards ``todo`` in this process (DataLoader workers decode); returns its timings."""
+    """Label shards ``todo`` in this process; returns its timings.
+
+    The loop overlaps: DataLoader workers decode the next batches (into pinned memory for a GPU); this
+    thread runs every view of a batch back to back and queues one copy of their outputs to the CPU; a
+    writer thread maps them back, fuses them, and writes the shard rows while the next batch runs. At most
+    :data:`PIPELINE_DEPTH` batches wait for the writer. ``cfg.sync`` does all of it in this thread, one
+    batch after the other (the same rows, in the same order: the shards are identical)."""
     items = [(k, name) for k in todo for name in source.shard(k, cfg.shard_size)]
     expected = {k: len(source.shard(k, cfg.shard_size)) for k in todo}
     batches, start = [], 0
@@ -302,50 +323,86 @@ def _label_local(
         worker_init_fn=worker_init if cfg.workers else None,
         prefetch_factor=4 if cfg.workers else None,
         persistent_workers=False,
+        pin_memory=device.type == "cuda",
     )
-    num_kp = detector.meta.num_keypoints
-    writer = ShardWriter(out=out, expected=expected, num_keypoints=num_kp)
+    writer = ShardWriter(out=out, expected=expected, num_keypoints=detector.meta.num_keypoints)
     timer = LabelTimer()
+
+    def write(finish: Callable[[], list[dict[str, Any]]], batch: list[dict[str, Any]], indices: list[int]) -> int:
+        for b, i, row in zip(batch, indices, finish(), strict=True):
+            writer.add(b["shard"], positions[i], row)
+        return len(batch)
+
     t_loop = time.perf_counter()
     hide = None if cfg.rank == 0 else True  # rank 0's progress bar only (None: shown on a terminal)
-    with tqdm(total=len(items), unit="img", desc="label", disable=hide, dynamic_ncols=True) as bar:
+    with tqdm(total=len(items), unit="img", desc="label", disable=hide, dynamic_ncols=True) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="datadistill-write") as pool:  # fmt: skip
+        waiting: deque[Future[int]] = deque()
         for batch, indices in zip(loader, batches, strict=True):
-            rows = _label_batch(cfg, batch, detector, views, device, timer)
-            for b, i, row in zip(batch, indices, rows, strict=True):
-                writer.add(b["shard"], positions[i], row)
-            bar.update(len(batch))
+            finish = _start_batch(cfg, batch, detector, views, device, timer, precision)
+            if cfg.sync:
+                bar.update(write(finish, batch, indices))
+                continue
+            waiting.append(pool.submit(write, finish, batch, indices))
+            while len(waiting) > PIPELINE_DEPTH or (waiting and waiting[0].done()):
+                bar.update(waiting.popleft().result())
+        while waiting:
+            bar.update(waiting.popleft().result())
     loop_s = time.perf_counter() - t_loop
     writer.close()
     return {"engine": "local", "processes": 1, "images": len(items), "loop_s": loop_s, "process_loop_s": loop_s,
             "model_s": timer.model_s, "fusion_s": timer.fusion_s}  # fmt: skip
 
 
-def _label_batch(
+def _start_batch(
     cfg: LabelConfig, batch: list[dict[str, Any]], detector: Detector, views: tuple[View, ...],
-    device: torch.device, timer: LabelTimer,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """One shard row per decoded item of ``batch`` (an error row for a file that could not be read or
-    that the detector cannot take)."""
-    num_kp = detector.meta.num_keypoints
+    device: torch.device, timer: LabelTimer, precision: str,
+) -> Callable[[], list[dict[str, Any]]]:  # fmt: skip
+    """Run the model's part of labeling ``batch`` now; returns what makes its shard rows (one per decoded
+    item: an error row for a file that could not be read or that the detector cannot take), to be called
+    on any thread. Keypoints fused by heatmap need the fused boxes for a second pass of the model, so
+    their fusion is done here too."""
+    meta = detector.meta
     for b in batch:
         if b["image"] is not None:
             b["error"] = unfit_reason(detector, *b["image"].shape[-2:], views=views)
             b["image"] = None if b["error"] else b["image"]
     good = [b for b in batch if b["image"] is not None]
-    results: list[Detections] = []
-    if good:
-        tensors = [b["image"].to(device, non_blocking=True).float().div_(255) for b in good]
-        results = label_images(
+    sizes = {b["file_name"]: (b["image"].shape[-1], b["image"].shape[-2]) for b in good}
+
+    def rows(results: list[Detections]) -> list[dict[str, Any]]:
+        return _rows(batch, dict(zip(sizes, results, strict=True)), sizes, meta.num_keypoints)
+
+    if not good:
+        return lambda: rows([])
+    tensors = [b["image"].to(device, non_blocking=True).float().div_(255) for b in good]
+    if meta.task == "keypoints" and cfg.keypoint_fuse == "heatmap":
+        fused = label_images(
             detector, tensors, views=views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
-            score_floor=cfg.score_floor, timer=timer,
+            score_floor=cfg.score_floor, timer=timer, precision=precision,
         )  # fmt: skip
-    by_name = {b["file_name"]: r for b, r in zip(good, results, strict=True)}
-    rows = []
+        return lambda: rows(fused)
+    outputs = run_views(detector, tensors, views=views, precision=precision, timer=timer)
+
+    def finish() -> list[dict[str, Any]]:
+        per_image = outputs.per_image(views, meta.flip_index)
+        return rows(fuse_views(per_image, fuse=cfg.fuse, iou_thr=cfg.iou_thr, score_floor=cfg.score_floor,
+                               timer=timer))  # fmt: skip
+
+    return finish
+
+
+def _rows(
+    batch: list[dict[str, Any]], results: dict[str, Detections], sizes: dict[str, tuple[int, int]], num_kp: int
+) -> list[dict[str, Any]]:
+    """The shard rows of ``batch``, in its order: detections of the files in ``results``, errors of the others."""
+    out = []
     for b in batch:
-        if b["image"] is None:
-            rows.append(error_row(b["file_name"], b["error"], num_kp))
-            log.warning("skipped %s: %s", b["file_name"], b["error"])
+        name = b["file_name"]
+        if name not in results:
+            out.append(error_row(name, b["error"], num_kp))
+            log.warning("skipped %s: %s", name, b["error"])
         else:
-            _, h, w = b["image"].shape
-            rows.append(detections_row(b["file_name"], w, h, by_name[b["file_name"]], num_kp))
-    return rows
+            w, h = sizes[name]
+            out.append(detections_row(name, w, h, results[name], num_kp))
+    return out

@@ -34,6 +34,7 @@ import torch
 from datadistill.core.views import parse_views
 from datadistill.errors import UserError
 from datadistill.models.detector import load_detector, model_file, with_model_file
+from datadistill.runtime.devices import resolve_precision
 from datadistill.stages.multiview import LabelTimer, label_images, unfit_reason
 from datadistill.stages.shards import (
     ImageSource,
@@ -103,6 +104,7 @@ class _Labeler:
             self.detector = load_detector(with_model_file(spec, path), device=device,
                                           min_score=settings["score_floor"])  # fmt: skip
         self.device = torch.device(device)
+        self.precision = resolve_precision(settings["precision"], self.device)
         self.views = parse_views(settings["views"])
         self.fusion = {k: settings[k] for k in ("fuse", "keypoint_fuse", "iou_thr", "score_floor")}
         self.num_keypoints = num_keypoints
@@ -130,7 +132,7 @@ class _Labeler:
             if good:
                 tensors = [im.to(self.device, non_blocking=True).float().div_(255) for im in good]
                 results = iter(label_images(self.detector, tensors, views=self.views, timer=timer,
-                                            **self.fusion))  # fmt: skip
+                                            precision=self.precision, **self.fusion))  # fmt: skip
             share = {"model_s": timer.model_s / len(names), "fusion_s": timer.fusion_s / len(names)}
             for i, (name, image) in enumerate(zip(names, images, strict=True)):
                 if image is None:
@@ -186,6 +188,7 @@ def label_shards(
     threads: int,
     device: str,
     address: str | None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Label ``shards`` of ``source`` into ``out/shards`` on a Ray cluster (``address``: join it; None:
     start one on this machine, and stop it at the end). Returns the timings the manifest records."""
@@ -208,7 +211,7 @@ def label_shards(
         actor_device, actor_resources, most = _actor_resources(device, threads)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         settings = {"views": views, "fuse": fuse, "keypoint_fuse": keypoint_fuse, "iou_thr": iou_thr,
-                    "score_floor": score_floor}  # fmt: skip
+                    "score_floor": score_floor, "precision": precision}  # fmt: skip
         blocks = min(len(rows), max(len(shards), 4 * cpus))
         # The actors fetch the weights themselves (a reference in a list is not resolved by Ray), and
         # this process keeps them alive, so that a restarted actor finds them again.

@@ -6,23 +6,54 @@ heatmaps only for the boxes inside its tile)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-from datadistill.core import fusion
+from datadistill.core import fusion, uncertainty
 from datadistill.core.types import Detections
 from datadistill.core.views import View
 from datadistill.models.detector import Detector
+from datadistill.runtime.devices import autocast
 
 
 @dataclass
 class LabelTimer:
-    """Seconds spent in the model's forward passes vs. in the fusion (for the labeling benchmark)."""
+    """Seconds spent in the model's forward passes vs. in the fusion (for the labeling benchmark).
 
-    model_s: float = 0.0
+    On a GPU the forward passes are timed with CUDA events (:meth:`model_start`, :meth:`model_stop`), which
+    wait for nothing: :attr:`model_s` reads them once they have completed, so that the timing neither
+    misses queued work nor stalls the pipeline."""
+
     fusion_s: float = 0.0
+    cpu_model_s: float = 0.0
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)
+
+    def model_start(self, device: torch.device) -> Any:
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def model_stop(self, token: Any) -> None:
+        if isinstance(token, float):
+            self.cpu_model_s += time.perf_counter() - token
+            return
+        stop = torch.cuda.Event(enable_timing=True)
+        stop.record()
+        self.events.append((token, stop))
+
+    @property
+    def model_s(self) -> float:
+        """Seconds in the forward passes (waits for the recorded GPU work to finish)."""
+        gpu = 0.0
+        for start, stop in self.events:
+            stop.synchronize()
+            gpu += start.elapsed_time(stop) / 1000.0
+        return self.cpu_model_s + gpu
 
 
 def unfit_reason(detector: Detector, height: int, width: int, *, views: tuple[View, ...]) -> str | None:
@@ -40,6 +71,112 @@ def unfit_reason(detector: Detector, height: int, width: int, *, views: tuple[Vi
     return None
 
 
+def predict(detector: Detector, images: list[torch.Tensor], *, precision: str = "fp32") -> list[Detections]:
+    """``detector.predict(images)`` under autocast at ``precision`` (resolved: fp32, bf16 or fp16), with the
+    boxes, scores and keypoints back in fp32 (and on the images' device) before any inverse or fusion."""
+    if not images:
+        return []
+    with autocast(images[0].device, precision):
+        return [fp32(det) for det in detector.predict(images)]
+
+
+def fp32(det: Detections) -> Detections:
+    """``det`` with its floating point fields in float32 (an autocast forward pass gives bf16 or fp16)."""
+    floats = [det.boxes, det.scores] + ([] if det.keypoints is None else [det.keypoints])
+    if all(t.dtype == torch.float32 for t in floats):
+        return det
+    return replace(det, boxes=det.boxes.float(), scores=det.scores.float(),
+                   keypoints=None if det.keypoints is None else det.keypoints.float())  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ViewOutputs:
+    """Every view's raw predictions (in each view's own frame) for a batch of ``B`` images, packed into
+    one set of tensors on the CPU, so that a GPU batch needs one copy and no wait: the copy is queued
+    without blocking, and :meth:`per_image` waits for it (``ready``, a CUDA event) when the CPU needs it.
+
+    ``counts[v * B + i]``: the objects of view ``v`` on image ``i``; boxes ``[M, 4]``, scores ``[M]``,
+    labels ``[M]``, keypoints ``[M, K, 3]`` or None, rows ordered by view, then image."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    keypoints: torch.Tensor | None
+    counts: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]  # (height, width) of each original image
+    ready: torch.cuda.Event | None
+
+    def per_image(self, views: tuple[View, ...], flip_index: tuple[int, ...]) -> list[list[Detections]]:
+        """Per image, each view's detections mapped back to the original frame (on the CPU)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        splits = [t.split(list(self.counts)) for t in (self.boxes, self.scores, self.labels)]
+        kps = self.keypoints.split(list(self.counts)) if self.keypoints is not None else None
+        num = len(self.sizes)
+        out: list[list[Detections]] = [[] for _ in range(num)]
+        for v, view in enumerate(views):
+            for i, (h, w) in enumerate(self.sizes):
+                k = v * num + i
+                det = Detections(boxes=splits[0][k], scores=splits[1][k], labels=splits[2][k],
+                                 keypoints=None if kps is None else kps[k])  # fmt: skip
+                out[i].append(view.invert(det, width=w, height=h, flip_index=flip_index))
+        return out
+
+
+def run_views(
+    detector: Detector,
+    images: list[torch.Tensor],
+    *,
+    views: tuple[View, ...],
+    precision: str = "fp32",
+    timer: LabelTimer | None = None,
+) -> ViewOutputs:
+    """Every view of each image ``[3, H, W]`` (float in [0, 1], on the model's device) through
+    ``detector``, back to back, the outputs kept on the device until one copy of them all to the CPU.
+    Nothing here waits for the GPU beyond what the model's own post-processing does."""
+    timer = timer or LabelTimer()
+    meta = detector.meta
+    device = images[0].device
+    token = timer.model_start(device)
+    dets: list[Detections] = []
+    for view in views:
+        prepared = [view.prepare(img) for img in images]
+        with detector.input_size(*view.input_size(meta.min_size, meta.max_size)):
+            dets += predict(detector, prepared, precision=precision)
+    timer.model_stop(token)
+    blocking = device.type != "cuda"
+    keypoints = None
+    if dets and all(d.keypoints is not None for d in dets):
+        keypoints = torch.cat([d.keypoints for d in dets]).to("cpu", non_blocking=not blocking)  # type: ignore[misc]
+    packed = {
+        name: torch.cat([getattr(d, name) for d in dets]).to("cpu", non_blocking=not blocking)
+        for name in ("boxes", "scores", "labels")
+    }
+    ready = None
+    if device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record()
+    return ViewOutputs(**packed, keypoints=keypoints, counts=tuple(len(d) for d in dets),
+                       sizes=tuple((int(im.shape[-2]), int(im.shape[-1])) for im in images), ready=ready)  # fmt: skip
+
+
+def fuse_views(
+    per_image: list[list[Detections]], *, fuse: str, iou_thr: float, score_floor: float, timer: LabelTimer | None
+) -> list[Detections]:
+    """Step 3 for each image: its views' detections (original frame) fused, objects below ``score_floor``
+    dropped, with how much each object's score and box vary across the views
+    (:func:`datadistill.core.uncertainty.view_spread`)."""
+    t0 = time.perf_counter()
+    fused = [fusion.fuse(dets, method=fuse, iou_thr=iou_thr, skip_box_thr=0.0) for dets in per_image]
+    fused = [
+        uncertainty.view_spread(f.select(f.scores >= score_floor), dets, iou_thr=iou_thr)
+        for f, dets in zip(fused, per_image, strict=True)
+    ]
+    if timer is not None:
+        timer.fusion_s += time.perf_counter() - t0
+    return fused
+
+
 def label_images(
     detector: Detector,
     images: list[torch.Tensor],
@@ -50,37 +187,27 @@ def label_images(
     iou_thr: float = 0.5,
     score_floor: float = 0.05,
     timer: LabelTimer | None = None,
+    precision: str = "fp32",
 ) -> list[Detections]:
     """Run ``detector`` on every view of each image ``[3, H, W]`` (float in [0, 1]), map the predictions
-    back to the original frame and fuse them. Returns one :class:`Detections` per image, with ``agreement``
-    and keypoints (``[N, K, 3]`` x, y, score) for keypoint models; objects below ``score_floor`` dropped.
+    back to the original frame and fuse them. Returns one :class:`Detections` per image (on the CPU), with
+    ``agreement`` and keypoints (``[N, K, 3]`` x, y, score) for keypoint models; objects below
+    ``score_floor`` dropped. ``precision``: of the forward passes (resolved: fp32, bf16 or fp16).
     """
     timer = timer or LabelTimer()
     meta = detector.meta
     if meta.task == "keypoints" and keypoint_fuse == "heatmap" and not detector.has_heatmaps:
         raise ValueError(f"{meta.model} gives no keypoint heatmaps: use keypoint_fuse='mean'")
-    per_image: list[list[Detections]] = [[] for _ in images]
-    for view in views:
-        prepared = [view.prepare(img) for img in images]
-        t0 = time.perf_counter()
-        with detector.input_size(*view.input_size(meta.min_size, meta.max_size)):
-            predictions = detector.predict(prepared)
-        timer.model_s += time.perf_counter() - t0
-        for i, (img, det) in enumerate(zip(images, predictions, strict=True)):
-            per_image[i].append(
-                view.invert(det.to("cpu"), width=img.shape[-1], height=img.shape[-2], flip_index=meta.flip_index)
-            )
-    t0 = time.perf_counter()
-    fused = [fusion.fuse(dets, method=fuse, iou_thr=iou_thr, skip_box_thr=0.0) for dets in per_image]
-    fused = [f.select(f.scores >= score_floor) for f in fused]
-    timer.fusion_s += time.perf_counter() - t0
+    outputs = run_views(detector, images, views=views, precision=precision, timer=timer)
+    per_image = outputs.per_image(views, meta.flip_index)
+    fused = fuse_views(per_image, fuse=fuse, iou_thr=iou_thr, score_floor=score_floor, timer=timer)
     if meta.task == "keypoints" and keypoint_fuse == "heatmap":
-        fused = fuse_heatmaps(detector, images, fused, views, timer=timer)
+        fused = fuse_heatmaps(detector, images, fused, views, timer=timer, precision=precision)
     return fused
 
 
 def view_heatmaps(
-    detector: Detector, images: list[torch.Tensor], dets: list[Detections], view: View
+    detector: Detector, images: list[torch.Tensor], dets: list[Detections], view: View, *, precision: str = "fp32"
 ) -> dict[int, torch.Tensor]:
     """The keypoint head's heatmap logits ``[N, K, M, M]`` on the boxes of ``dets`` under ``view``, back in
     the original frame (mirrored, left/right channels swapped on a flip), for every image ``i`` with boxes;
@@ -96,11 +223,13 @@ def view_heatmaps(
         view.forward_boxes(dets[i].boxes[inside[i]], width=images[i].shape[-1], height=images[i].shape[-2])
         for i in todo
     ]
-    with detector.input_size(*view.input_size(meta.min_size, meta.max_size)):
+    with detector.input_size(*view.input_size(meta.min_size, meta.max_size)), autocast(images[0].device, precision):
         heats = detector.heatmaps(prepared, boxes)
     if heats is None:
         raise ValueError(f"{meta.model} gives no keypoint heatmaps")
-    return {i: view.invert_heatmaps(h.cpu(), flip_index=meta.flip_index) for i, h in zip(todo, heats, strict=True)}
+    return {
+        i: view.invert_heatmaps(h.float().cpu(), flip_index=meta.flip_index) for i, h in zip(todo, heats, strict=True)
+    }
 
 
 def fuse_heatmaps(
@@ -110,6 +239,7 @@ def fuse_heatmaps(
     views: tuple[View, ...],
     *,
     timer: LabelTimer,
+    precision: str = "fp32",
 ) -> list[Detections]:
     """The paper's keypoint fusion: the keypoint head runs on the fused boxes under every view (one batch
     per view); heatmaps are mapped back, averaged, then decoded in the original frame.
@@ -120,9 +250,9 @@ def fuse_heatmaps(
     totals: dict[int, torch.Tensor] = {}
     counts: dict[int, torch.Tensor] = {}
     for view in views:
-        t0 = time.perf_counter()
-        heats = view_heatmaps(detector, images, dets, view)
-        timer.model_s += time.perf_counter() - t0
+        token = timer.model_start(images[0].device)
+        heats = view_heatmaps(detector, images, dets, view, precision=precision)
+        timer.model_stop(token)
         for i, heat in heats.items():
             inside = _covered(view, images[i], dets[i])
             if not bool(inside.all()):
@@ -137,7 +267,7 @@ def fuse_heatmaps(
         keypoints = detector.keypoints_from_heatmaps(mean, d.boxes, image_size=(image.shape[-2], image.shape[-1]))
         if not bool(seen.all()) and d.keypoints is not None:
             keypoints = torch.where(seen[:, None, None], keypoints, d.keypoints.to(keypoints))
-        out[i] = Detections(boxes=d.boxes, scores=d.scores, labels=d.labels, keypoints=keypoints, agreement=d.agreement)
+        out[i] = replace(d, keypoints=keypoints)
     return out
 
 
