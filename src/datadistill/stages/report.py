@@ -1,7 +1,9 @@
 """``report.html``: one self-contained page (images embedded) that shows why the student is better.
 
-AP table, training curves, the score histogram with the threshold, pseudo-label precision/recall against
-the threshold where held-back labels exist, and a gallery of pseudo-labeled images.
+AP table (percent) with the student's gain over the teacher, training curves on an iteration axis, the
+score histogram with the threshold, pseudo-label precision/recall against the threshold where held-back
+labels exist, a gallery of pseudo-labeled images, a gallery of the images the views disagree on most (with
+the held-back truth beside them where it is known), and the time of each stage.
 """
 
 from __future__ import annotations
@@ -68,8 +70,13 @@ def _fmt(v: Any) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def ap_table(models: list[tuple[str, dict[str, Any]]]) -> str:
-    """An HTML table of AP figures (in percent) for each named model's metrics."""
+def _gain(a: Any, b: Any) -> str:
+    return "–" if a is None or b is None else f"{100 * (a - b):+.1f}"
+
+
+def ap_table(models: list[tuple[str, dict[str, Any]]], *, baseline: str | None = None) -> str:
+    """An HTML table of AP figures (in percent) for each named model's metrics; with ``baseline`` (one of
+    the names), a gain row (in AP points) for every other model."""
     tasks = [t for t in ("bbox", "keypoints") if any(t in m for _, m in models)]
     keys = ("AP", "AP50", "AP75")
     head = "".join(f"<th>{t} {k}</th>" for t in tasks for k in keys)
@@ -77,7 +84,29 @@ def ap_table(models: list[tuple[str, dict[str, Any]]]) -> str:
     for name, m in models:
         cells = "".join(f"<td>{_fmt(m.get(t, {}).get(k))}</td>" for t in tasks for k in keys)
         rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
-    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+    base = dict(models).get(baseline) if baseline is not None else None
+    for name, m in models if base is not None else ():
+        if name != baseline:
+            cells = "".join(f"<td>{_gain(m.get(t, {}).get(k), base.get(t, {}).get(k))}</td>" for t in tasks
+                            for k in keys)  # fmt: skip
+            rows.append(f"<tr><th>gain: {html.escape(name)} − {html.escape(str(baseline))}</th>{cells}</tr>")
+    note = "<p class='note'>AP in percent; gains in AP points.</p>" if base is not None else ""
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{note}"
+
+
+def eval_points(rows: list[dict[str, Any]], task: str) -> list[tuple[int, float]]:
+    """``(iteration, validation AP in percent)`` at each evaluation of a ``metrics.jsonl``. An epoch line
+    gives its iteration (``iteration``), else the iterations are counted from its ``it_s * time_s`` (the
+    steps of that epoch), so that runs whose epochs differ in length share one axis."""
+    points, done = [], 0
+    for r in rows:
+        if r.get("type") != "epoch":
+            continue
+        done = int(r["iteration"]) if "iteration" in r else done + round(r.get("it_s", 0.0) * r.get("time_s", 0.0))
+        ap = r["val"].get(task, {}).get("AP") if isinstance(r.get("val"), dict) else None
+        if ap is not None:
+            points.append((done, 100 * ap))
+    return points
 
 
 def _curves(runs: list[tuple[str, Path]]) -> str:
@@ -91,14 +120,12 @@ def _curves(runs: list[tuple[str, Path]]) -> str:
         steps = [r for r in rows if r.get("type") == "step" and "loss" in r]
         if steps:
             axes[0].plot([r["iteration"] for r in steps], [r["loss"] for r in steps], label=name, lw=1)
-        evals = [r for r in rows if r.get("type") == "epoch" and isinstance(r.get("val"), dict)]
         for task in ("bbox", "keypoints"):
-            pts = [(r.get("epoch"), r["val"].get(task, {}).get("AP")) for r in evals]
-            pts = [(e, a) for e, a in pts if e is not None and a is not None]
+            pts = eval_points(rows, task)
             if pts:
                 axes[1].plot(*zip(*pts, strict=True), marker="o", label=f"{name} {task}")
     axes[0].set(xlabel="iteration", ylabel="training loss", title="loss")
-    axes[1].set(xlabel="epoch", ylabel="val AP", title="validation AP")
+    axes[1].set(xlabel="iteration", ylabel="validation AP (%)", title="validation AP")
     for ax in axes:
         if ax.has_data():
             ax.legend(fontsize=8)
@@ -177,17 +204,18 @@ def write_report(run_dir: str | Path, *, extra_sections: list[tuple[str, str]] |
     layout = RunLayout(Path(run_dir))
     if not layout.root.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
-    cfg_path = layout.config
     cfg: dict[str, Any] = {}
-    if cfg_path.exists():
+    if layout.config.exists():
         from datadistill.config import read_recorded_config
 
         try:
-            cfg = read_recorded_config(cfg_path)
+            cfg = read_recorded_config(layout.config)
         except UserError as exc:
             log.warning("%s; the report leaves out what needs it", exc)
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     base = Path(cfg.get("_base", ".")) if cfg else Path(".")
+    truth_path = data.get("unlabeled_truth")
+    truth = load_coco(base / truth_path) if truth_path and (base / truth_path).exists() else None
     sections: list[tuple[str, str]] = []
 
     models: list[tuple[str, dict[str, Any]]] = []
@@ -199,46 +227,19 @@ def write_report(run_dir: str | Path, *, extra_sections: list[tuple[str, str]] |
         m = _read_json(layout.student_metrics(r))
         if m:
             models.append((f"student, round {r}", m))
-    sections.append(("Accuracy on the validation set", ap_table(models) if models else "<p>No evaluation yet.</p>"))
+    table = ap_table(models, baseline="teacher (supervised)" if teacher else None)
+    sections.append(("Accuracy on the validation set", table if models else "<p>No evaluation yet.</p>"))
     sections.append(
         ("Training", _curves([("teacher", layout.teacher)] + [(f"student {r}", layout.student(r)) for r in rounds]))
     )
     for r in rounds:
-        sel = _read_json(layout.selection(r))
-        parts = []
-        if sel:
-            thr = ", ".join(f"{k}: {v:.3f}" if v is not None else f"{k}: none" for k, v in sel["thresholds"].items())
-            parts.append(
-                f"<p>Policy <code>{html.escape(sel['policy'])}</code>; thresholds {html.escape(thr)}. "
-                f"Kept {sel['achieved_objects']} objects on {sel['unlabeled_images']} unlabeled images "
-                f"({sel['achieved_per_image']:.2f} per image; labeled data: {sel.get('target_per_image') or 0:.2f})"
-                f" out of {sel['candidates']} candidates"
-                + (f", and {sel['ignore_regions']} ignore regions" if sel.get("ignore_regions") else "")
-                + ".</p>"
-                + (
-                    f"<p>{sel['cross_class_duplicates']} objects above the threshold were dropped as a higher-scoring"
-                    f" object of another class (IoU {sel['cross_class_iou']:g} or more); the curve below is before"
-                    " that step.</p>"
-                    if sel.get("cross_class_duplicates")
-                    else ""
-                )
-            )
-        if layout.scores_png(r).exists():
-            parts.append(_img_tag(layout.scores_png(r).read_bytes(), "score histogram"))
-        truth = data.get("unlabeled_truth")
-        if truth and layout.pseudo(r).exists() and sel:
-            from datadistill.stages.quality import match_shards
-
-            matched = match_shards(layout.label(r), load_coco(base / truth), class_names=tuple(sel["thresholds"]))
-            thresholds = [v for v in sel["thresholds"].values() if v is not None]
-            curve = matched.curve(np.linspace(0.05, 0.95, 19))
-            parts.append(pr_figure(curve, thresholds[0] if len(set(thresholds)) == 1 else None))
-        if layout.pseudo(r).exists():
-            pseudo = load_coco(layout.pseudo(r))
-            root = _unlabeled_root(layout, r)
-            if root is not None:
-                parts.append(gallery(pseudo, root, title="pseudo-labels"))
-        sections.append((f"Pseudo-labels, round {r}", "".join(parts) or "<p>Not selected yet.</p>"))
+        sections.append((f"Pseudo-labels, round {r}", pseudo_section(layout, r, truth) or "<p>Not selected yet.</p>"))
+        doubtful = doubt_section(layout, r, truth)
+        if doubtful:
+            sections.append((f"The images the views disagree on most, round {r}", doubtful))
+    timings = _read_json(layout.root / "timings.json")
+    if isinstance(timings, dict) and isinstance(timings.get("seconds"), dict) and timings["seconds"]:
+        sections.append(("Time per stage", stage_times(timings["seconds"])))
     sections += extra_sections or []
     body = "".join(f"<h2>{html.escape(t)}</h2>{content}" for t, content in sections)
     page = (
@@ -248,6 +249,183 @@ def write_report(run_dir: str | Path, *, extra_sections: list[tuple[str, str]] |
     )
     write_text_atomic(layout.report, page)
     return layout.report
+
+
+def thresholds_text(thresholds: dict[str, float | None]) -> str:
+    """``threshold 0.551 (every class)`` when the classes share one, else ``thresholds circle: 0.551, ...``."""
+    values = set(thresholds.values())
+    if len(values) == 1 and None not in values:
+        (value,) = values
+        return f"threshold {value:.3f} (every class)" if len(thresholds) > 1 else f"threshold {value:.3f}"
+    return "thresholds " + ", ".join(f"{k}: {v:.3f}" if v is not None else f"{k}: none" for k, v in thresholds.items())
+
+
+def selection_text(sel: dict[str, Any]) -> str:
+    """What ``select`` chose, in a sentence or two of HTML."""
+    text = (
+        f"<p>Policy <code>{html.escape(sel['policy'])}</code>; {html.escape(thresholds_text(sel['thresholds']))}. "
+        f"Kept {sel['achieved_objects']:,} objects on {sel['unlabeled_images']:,} unlabeled images "
+        f"({sel['achieved_per_image']:.2f} per image; labeled data: {sel.get('target_per_image') or 0:.2f})"
+        f" out of {sel['candidates']:,} candidates"
+        + (f", and {sel['ignore_regions']:,} ignore regions" if sel.get("ignore_regions") else "")
+        + ".</p>"
+    )
+    if sel.get("cross_class_duplicates"):
+        text += (
+            f"<p>{sel['cross_class_duplicates']:,} objects above the threshold were dropped as a higher-scoring"
+            f" object of another class (IoU {sel['cross_class_iou']:g} or more); the score histogram and the"
+            " precision/recall plot below count the objects before that step.</p>"
+        )
+    return text
+
+
+def pseudo_section(layout: RunLayout, r: int, truth: CocoDataset | None) -> str:
+    """Round ``r``'s selection, score histogram, precision/recall against ``truth`` and pseudo-label gallery."""
+    sel = _read_json(layout.selection(r))
+    parts = [selection_text(sel)] if sel else []
+    if layout.scores_png(r).exists():
+        parts.append(_img_tag(layout.scores_png(r).read_bytes(), "score histogram"))
+    if truth is not None and layout.pseudo(r).exists() and sel:
+        from datadistill.stages.quality import match_shards
+
+        matched = match_shards(layout.label(r), truth, class_names=tuple(sel["thresholds"]))
+        thresholds = [v for v in sel["thresholds"].values() if v is not None]
+        curve = matched.curve(np.linspace(0.05, 0.95, 19))
+        parts.append(pr_figure(curve, thresholds[0] if len(set(thresholds)) == 1 else None))
+    if layout.pseudo(r).exists():
+        pseudo = load_coco(layout.pseudo(r))
+        root = _unlabeled_root(layout, r)
+        if root is not None:
+            parts.append(gallery(pseudo, root, title="pseudo-labels"))
+    return "".join(parts)
+
+
+def stage_times(seconds: dict[str, float]) -> str:
+    """One line per stage: ``label: 1,899 s (31.6 min)``."""
+    items = "".join(f"<li>{html.escape(k)}: {format_seconds(v)}</li>" for k, v in seconds.items())
+    return f"<ul>{items}</ul>"
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``1,899 s (31.6 min)``, ``12,600 s (3.5 h)``: a thousands comma, and minutes or hours past two
+    minutes, so that no figure reads as two."""
+    text = f"{seconds:,.0f} s"
+    if seconds >= 2 * 3600:
+        return f"{text} ({seconds / 3600:.1f} h)"
+    if seconds >= 120:
+        return f"{text} ({seconds / 60:.1f} min)"
+    return text
+
+
+DOUBT_GALLERY_SIZE = 6
+DOUBT_NOTE = (
+    "<p class='note'>The {n} unlabeled images that <code>datadistill review</code> ranks most doubtful (its doubt "
+    "in each title). Left: the candidates the selection kept (solid) and those just below the threshold "
+    "(dashed), coloured by how many of the {v} views saw each (red: one, green: all); each label reads class, "
+    "score, views that saw it and, where measured, &plusmn; the spread of its score across the views. The shaded "
+    "band spans &plusmn; the box spread: where the views put the box's edges (the views' own boxes are not "
+    "stored; the band stands for them). {right}</p>"
+)
+
+
+def doubt_section(layout: RunLayout, r: int, truth: CocoDataset | None) -> str:
+    """Round ``r``'s most doubtful images (:func:`doubt_gallery`), or "" when the round has no selection
+    yet, no complete labeling or no image folder."""
+    sel = _read_json(layout.selection(r))
+    root = _unlabeled_root(layout, r)
+    if not sel or root is None or not (layout.label(r) / "manifest.json").exists():
+        return ""
+    try:
+        return doubt_gallery(layout.label(r), layout.selection(r), tuple(sel["thresholds"]), root, truth)
+    except UserError as exc:
+        log.warning("the doubtful images are left out of the report: %s", exc)
+        return ""
+
+
+def doubt_gallery(
+    labels_dir: Path,
+    selection_path: Path,
+    class_names: tuple[str, ...],
+    image_root: Path,
+    truth: CocoDataset | None,
+    *,
+    count: int = DOUBT_GALLERY_SIZE,
+) -> str:
+    """The ``count`` most doubtful images of a labeling (the ranking of :func:`datadistill.stages.review.review`)
+    with their candidates drawn by :func:`draw_candidates`, each beside its held-back truth where ``truth``
+    has the image."""
+    from datadistill.stages import review
+
+    manifest = review.read_manifest(labels_dir)
+    table, obj = review.read_objects(labels_dir, 0)
+    thr = review.read_thresholds(selection_path, class_names)
+    num_views = review.num_views_of(manifest, obj["agreement"])
+    t = thr.per_class[obj["labels"]]
+    doubt, closeness = review.object_doubt(obj["scores"], obj["agreement"], t, num_views=num_views,
+                                           score_spread=obj["score_spread"], box_spread=obj["box_spread"])  # fmt: skip
+    obj["kept"] = (obj["scores"] >= t) & (obj["agreement"] >= thr.min_agreement)
+    shown = obj["kept"] | (closeness >= 0.5)
+    order, image_doubt = review.rank_images(doubt, obj["image"], obj["ok"])
+    names = table["file_name"].to_pylist()
+    by_name = {im.file_name: im.id for im in truth.images} if truth is not None else {}
+    chosen = [int(r) for r in order[:count]]
+    with_truth = any(names[r] in by_name for r in chosen)
+    plt = _plt()
+    per_row = 3
+    panels = 2 if with_truth else 1
+    rows = -(-len(chosen) // per_row)
+    fig, axes = plt.subplots(rows, per_row * panels, figsize=(2.6 * per_row * panels, 2.8 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, row in enumerate(chosen):
+        ax = axes[i // per_row, (i % per_row) * panels]
+        try:
+            img = read_image(resolve_image_path(image_root, names[row])).permute(1, 2, 0).numpy()
+        except UserError:
+            continue
+        ax.imshow(img)
+        draw_candidates(ax, {k: v[(obj["image"] == row) & shown] for k, v in obj.items() if k not in ("ok", "image")},
+                        class_names=class_names, num_views=num_views)  # fmt: skip
+        ax.set_title(f"{names[row]}: doubt {image_doubt[row]:.2f}", fontsize=7)
+        if with_truth and names[row] in by_name:
+            lab = truth.labels[by_name[names[row]]]  # type: ignore[union-attr]
+            axes[i // per_row, (i % per_row) * panels + 1].imshow(img)
+            for box, c in zip(lab.boxes, lab.labels, strict=True):
+                _box(axes[i // per_row, (i % per_row) * panels + 1], box, "white", "-", class_names[int(c)])
+            axes[i // per_row, (i % per_row) * panels + 1].set_title("held-back truth", fontsize=7)
+    fig.tight_layout()
+    right = "Right: the held-back true labels of the image." if with_truth else ""
+    return DOUBT_NOTE.format(n=len(chosen), v=num_views, right=right) + _png(fig)
+
+
+def _box(ax: Any, box: np.ndarray, colour: Any, style: str, text: str) -> None:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    ax.add_patch(_plt().Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1.2, ls=style))
+    ax.text(x1, y1, text, color="black", fontsize=5, va="bottom", bbox={"color": colour, "pad": 0.4, "alpha": 0.8})
+
+
+def draw_candidates(ax: Any, obj: dict[str, np.ndarray], *, class_names: tuple[str, ...], num_views: int) -> None:
+    """Draw candidates (``obj``: ``boxes`` ``[N, 4]``, ``labels``, ``scores``, ``agreement``, ``kept``,
+    ``score_spread``, ``box_spread`` ``[N]``): each box coloured by ``agreement / num_views`` (red to green),
+    solid when kept, dashed otherwise, with a band of +- ``box_spread`` times its width and height."""
+    from matplotlib.patches import PathPatch
+    from matplotlib.path import Path as MplPath
+
+    cmap = _plt().get_cmap("RdYlGn")
+    for j in range(len(obj["scores"])):
+        colour = cmap(float(obj["agreement"][j]) / max(num_views, 1))
+        x1, y1, x2, y2 = (float(v) for v in obj["boxes"][j])
+        bs = float(obj["box_spread"][j])
+        if np.isfinite(bs) and bs > 0:
+            dx, dy = bs * (x2 - x1), bs * (y2 - y1)
+            outer = [(x1 - dx, y1 - dy), (x2 + dx, y1 - dy), (x2 + dx, y2 + dy), (x1 - dx, y2 + dy), (0, 0)]
+            inner = [(x1 + dx, y1 + dy), (x1 + dx, y2 - dy), (x2 - dx, y2 - dy), (x2 - dx, y1 + dy), (0, 0)]
+            codes = [MplPath.MOVETO, MplPath.LINETO, MplPath.LINETO, MplPath.LINETO, MplPath.CLOSEPOLY] * 2
+            ax.add_patch(PathPatch(MplPath(outer + inner, codes), color=colour, alpha=0.35, lw=0))
+        text = f"{class_names[int(obj['labels'][j])]} {obj['scores'][j]:.2f} {int(obj['agreement'][j])}/{num_views}"
+        ss = float(obj["score_spread"][j])
+        text += f" ±{ss:.2f}" if np.isfinite(ss) else ""
+        _box(ax, obj["boxes"][j], colour, "-" if obj["kept"][j] else "--", text)
 
 
 def _unlabeled_root(layout: RunLayout, r: int) -> Path | None:

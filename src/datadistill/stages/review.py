@@ -136,7 +136,8 @@ class Thresholds:
     source: str
 
 
-def _read_manifest(labels_dir: Path) -> dict[str, Any]:
+def read_manifest(labels_dir: Path) -> dict[str, Any]:
+    """A labeling folder's ``manifest.json``; a one-line UserError unless ``label`` completed."""
     path = labels_dir / "manifest.json"
     if not path.exists():
         raise UserError(f"{labels_dir}: no manifest.json (run `datadistill label` first)")
@@ -168,6 +169,12 @@ def count_thresholds(scores: np.ndarray, labels: np.ndarray, *, num_images: int,
         scores, labels, num_images=num_images, per_image=counts["per_image"], num_classes=ref.num_classes
     )
     return Thresholds(sel.thresholds, 1, None, "count rule (no --selection)")
+
+
+def num_views_of(manifest: dict[str, Any], agreement: np.ndarray) -> int:
+    """The number of views of a labeling: its manifest's ``views``, else the largest agreement seen."""
+    views = manifest.get("config", {}).get("views")
+    return len(views) if views else max(int(np.max(agreement, initial=1)), 1)
 
 
 def _flat(table: pa.Table, column: str, dtype: Any) -> np.ndarray:
@@ -244,7 +251,7 @@ def review(
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise UserError(f"--format: unknown format {bad[0] if bad else '(none)'!r}; choose from {', '.join(FORMATS)}")
-    manifest = _read_manifest(labels_dir)
+    manifest = read_manifest(labels_dir)
     ref = load_coco(reference)
     names = manifest.get("classes", {}).get("names")
     if names is not None and tuple(names) != ref.class_names:
@@ -254,8 +261,7 @@ def review(
     table, obj = read_objects(labels_dir, ref.num_keypoints)
     ok, image, scores, cls, agreement, boxes = (obj[n] for n in ("ok", "image", "scores", "labels", "agreement",
                                                                   "boxes"))  # fmt: skip
-    views = manifest.get("config", {}).get("views")
-    num_views = len(views) if views else max(int(agreement.max(initial=1)), 1)
+    num_views = num_views_of(manifest, agreement)
 
     if selection_path is not None:
         thr = read_thresholds(selection_path, ref.class_names)
