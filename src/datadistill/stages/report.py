@@ -319,12 +319,12 @@ def format_seconds(seconds: float) -> str:
 
 DOUBT_GALLERY_SIZE = 6
 DOUBT_NOTE = (
-    "<p class='note'>The {n} unlabeled images that <code>datadistill review</code> ranks most doubtful (its doubt "
-    "in each title). Left: the candidates the selection kept (solid) and those just below the threshold "
-    "(dashed), coloured by how many of the {v} views saw each (red: one, green: all); each label reads class, "
-    "score, views that saw it and, where measured, &plusmn; the spread of its score across the views. The shaded "
-    "band spans &plusmn; the box spread: where the views put the box's edges (the views' own boxes are not "
-    "stored; the band stands for them). {right}</p>"
+    "<p class='note'>The {n} unlabeled images that <code>datadistill review</code> ranks most doubtful (its "
+    "doubt in each title). Left: the candidates the selection kept (solid) and the {below} most doubtful of "
+    "those below it (dashed), coloured by how many of the {v} views saw each (red: one, green: all); each label "
+    "reads class, score, views that saw it and, where measured, &plusmn; the spread of its score across the "
+    "views. The shaded band spans &plusmn; the box spread: where the views put the box's edges (the views' own "
+    "boxes are not stored; the band stands for them). {right}</p>"
 )
 
 
@@ -350,9 +350,11 @@ def doubt_gallery(
     truth: CocoDataset | None,
     *,
     count: int = DOUBT_GALLERY_SIZE,
+    below_count: int = 4,
 ) -> str:
     """The ``count`` most doubtful images of a labeling (the ranking of :func:`datadistill.stages.review.review`)
-    with their candidates drawn by :func:`draw_candidates`, each beside its held-back truth where ``truth``
+    with their kept candidates and the ``below_count`` most doubtful of the others drawn by
+    :func:`draw_candidates`, each beside its held-back truth where ``truth``
     has the image."""
     from datadistill.stages import review
 
@@ -361,20 +363,20 @@ def doubt_gallery(
     thr = review.read_thresholds(selection_path, class_names)
     num_views = review.num_views_of(manifest, obj["agreement"])
     t = thr.per_class[obj["labels"]]
-    doubt, closeness = review.object_doubt(obj["scores"], obj["agreement"], t, num_views=num_views,
+    doubt, _ = review.object_doubt(obj["scores"], obj["agreement"], t, num_views=num_views,
                                            score_spread=obj["score_spread"], box_spread=obj["box_spread"])  # fmt: skip
     obj["kept"] = (obj["scores"] >= t) & (obj["agreement"] >= thr.min_agreement)
-    shown = obj["kept"] | (closeness >= 0.5)
+    obj["doubt"] = doubt
     order, image_doubt = review.rank_images(doubt, obj["image"], obj["ok"])
     names = table["file_name"].to_pylist()
     by_name = {im.file_name: im.id for im in truth.images} if truth is not None else {}
     chosen = [int(r) for r in order[:count]]
     with_truth = any(names[r] in by_name for r in chosen)
     plt = _plt()
-    per_row = 3
     panels = 2 if with_truth else 1
+    per_row = 2 if with_truth else 3
     rows = -(-len(chosen) // per_row)
-    fig, axes = plt.subplots(rows, per_row * panels, figsize=(2.6 * per_row * panels, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, per_row * panels, figsize=(3.2 * per_row * panels, 3.4 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i, row in enumerate(chosen):
@@ -384,7 +386,10 @@ def doubt_gallery(
         except UserError:
             continue
         ax.imshow(img)
-        draw_candidates(ax, {k: v[(obj["image"] == row) & shown] for k, v in obj.items() if k not in ("ok", "image")},
+        mine = np.flatnonzero(obj["image"] == row)
+        below = mine[~obj["kept"][mine]]
+        shown = np.concatenate([mine[obj["kept"][mine]], below[np.argsort(-doubt[below], kind="stable")[:below_count]]])
+        draw_candidates(ax, {k: v[shown] for k, v in obj.items() if k not in ("ok", "image")},
                         class_names=class_names, num_views=num_views)  # fmt: skip
         ax.set_title(f"{names[row]}: doubt {image_doubt[row]:.2f}", fontsize=7)
         if with_truth and names[row] in by_name:
@@ -395,7 +400,7 @@ def doubt_gallery(
             axes[i // per_row, (i % per_row) * panels + 1].set_title("held-back truth", fontsize=7)
     fig.tight_layout()
     right = "Right: the held-back true labels of the image." if with_truth else ""
-    return DOUBT_NOTE.format(n=len(chosen), v=num_views, right=right) + _png(fig)
+    return DOUBT_NOTE.format(n=len(chosen), below=below_count, v=num_views, right=right) + _png(fig)
 
 
 def _box(ax: Any, box: np.ndarray, colour: Any, style: str, text: str) -> None:
