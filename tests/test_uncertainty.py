@@ -4,14 +4,19 @@ slow loop-per-object reference; and its agreement with fusion's own count of the
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from datadistill.core import fusion
 from datadistill.core.types import Detections
 from datadistill.core.uncertainty import match_views, view_spread
+from datadistill.models import torchvision as models
+from datadistill.stages.label import LabelConfig, label, read_shards, shard_detections
+from datadistill.stages.shards import object_values
 
 
 def _det(boxes: list[list[float]], scores: list[float], labels: list[int] | None = None) -> Detections:
@@ -154,3 +159,27 @@ def test_one_view_and_no_objects() -> None:
 def test_bad_input(call, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=message):
         call(_det([[0, 0, 10, 10]], [0.9]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: `label` stores the spreads (multiview.fuse_views calls view_spread after fusion).
+
+
+def test_label_stores_the_views_spread(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    meta = models.ModelMeta(model="small_fcos", task="boxes", class_names=("blob",), category_ids=(1,),
+                            keypoint_names=(), flip_index=(), skeleton=(), sigmas=(), min_size=64, max_size=64)  # fmt: skip
+    models.save_checkpoint(tmp_path / "checkpoint.pt", model=models.build_model(meta), meta=meta)
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    cfg = LabelConfig(checkpoint=str(tmp_path / "checkpoint.pt"), images=str(tmp_path / "images"),
+                      out=str(tmp_path / "labels"), views="identity,hflip,scale:0.75", workers=0, device="cpu",
+                      allow_weak_teacher=True)  # fmt: skip
+    label(cfg)
+    table = read_shards(tmp_path / "labels")
+    score_spread, box_spread = object_values(table, "score_spread"), object_values(table, "box_spread")
+    assert len(score_spread) > 0 and np.isfinite(score_spread).all() and np.isfinite(box_spread).all()
+    assert (score_spread >= 0).all() and (score_spread <= 0.5).all() and (box_spread >= 0).all()
+    assert shard_detections(table.to_pylist()[0], 0).score_spread is not None
