@@ -27,7 +27,6 @@ one process each with ``--threads`` torch threads.
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import multiprocessing
 import random
@@ -42,7 +41,6 @@ import numpy as np
 import torch
 
 from datadistill.config import LabelConfig, SelectConfig, TrainConfig
-from datadistill.core import fusion, uncertainty
 from datadistill.data.coco import CocoDataset, load_coco, read_json, save_coco
 from datadistill.demo import DemoPlan, make_demo_data
 from datadistill.models.detector import load_detector
@@ -57,25 +55,6 @@ from datadistill.stages.train import train
 
 ARMS = ("none", "random", "doubt")
 log = logging.getLogger("bench.active")
-
-
-def measure_spreads() -> str:
-    """Until ``multiview.label_images`` calls :func:`uncertainty.view_spread` itself (the integration of
-    issue 22 into issue 21's labeling), wrap ``fusion.fuse`` in this process so that ``label`` stores the
-    views' score and box spread. Returns how the spreads are measured."""
-    from datadistill.stages import multiview
-
-    if "view_spread" in inspect.getsource(multiview):
-        return "label"
-    if not getattr(fusion.fuse, "measures_spreads", False):
-        original = fusion.fuse
-
-        def fuse(views: Any, **options: Any) -> Any:
-            return uncertainty.view_spread(original(views, **options), views, iou_thr=float(options["iou_thr"]))
-
-        fuse.measures_spreads = True  # type: ignore[attr-defined]
-        fusion.fuse = fuse
-    return "bench wrapper of fusion.fuse (label_images does not call view_spread yet)"
 
 
 def subset(dataset: CocoDataset, names: set[str]) -> CocoDataset:
@@ -187,7 +166,6 @@ class Seed:
                 "labeled_images": len(load_coco(labeled).images)}  # fmt: skip
 
     def run(self) -> dict[str, Any]:
-        spreads = measure_spreads()
         teacher = self.train(self.work / "teacher", self.data.train, None)
         self.label(teacher)
         first = self.select(self.data.train, self.work / "select")
@@ -195,7 +173,7 @@ class Seed:
                          selection_path=first / "selection.json", formats=("coco",))  # fmt: skip
         ranking = [r["file_name"] for r in summary["ranking"]]
         arms = {name: self.arm(name, ranking, first) for name in ARMS if name in self.args.arms}
-        return {"teacher": {"val": self.metrics(teacher)}, "arms": arms, "spreads_measured_by": spreads,
+        return {"teacher": {"val": self.metrics(teacher)}, "arms": arms,
                 "doubt_formula": summary["formula"], "seconds": self.seconds}  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """bench/active.py at tiny sizes: the doubt arm sends review's top images, the random arm as many others; the
 corrected images join the labeled set with their true labels and leave the pseudo-labels; the shards hold
-the views' spreads (through label_images once it calls view_spread, through the bench's wrapper before)."""
+the views' spreads."""
 
 from __future__ import annotations
 
