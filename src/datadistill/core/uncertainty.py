@@ -26,9 +26,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import numba
+import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 from datadistill.core.types import Detections
 
@@ -40,33 +41,61 @@ def match_views(fused: Detections, per_view: Sequence[Detections], *, iou_thr: f
 
     Returns ``seen`` ``[N, V]`` bool (the view has a same-class box with IoU > ``iou_thr``), ``scores``
     ``[N, V]`` float64 (the match's score, 0 where missed) and ``boxes`` ``[N, V, 4]`` float64 (the match's
-    xyxy px, NaN where missed). Ties of IoU go to the view's earlier box.
+    xyxy px, NaN where missed), on the device of ``fused``. Ties of IoU go to the view's earlier box. The
+    IoUs are computed on the CPU by a compiled loop that releases the GIL (the labeling stage runs it in a
+    thread beside the model).
     """
     if not per_view:
         raise ValueError("per_view must hold the detections of at least one view, got none")
     if not 0.0 <= iou_thr < 1.0:
         raise ValueError(f"iou_thr must be in [0, 1), got {iou_thr}")
-    n, v = len(fused), len(per_view)
     device = fused.boxes.device
-    seen = torch.zeros((n, v), dtype=torch.bool, device=device)
-    scores = torch.zeros((n, v), dtype=torch.float64, device=device)
-    boxes = torch.full((n, v, 4), float("nan"), dtype=torch.float64, device=device)
-    if n == 0:
-        return seen, scores, boxes
-    fused_boxes = fused.boxes.double()
-    for k, view in enumerate(per_view):
-        if len(view) == 0:
-            continue
-        view = view.to(device)
-        iou = box_iou(fused_boxes, view.boxes.double())  # [N, M]
-        iou = torch.where(fused.labels[:, None] == view.labels[None, :], iou, torch.full_like(iou, -1.0))
-        best_iou = iou.max(dim=1).values
-        best = (iou == best_iou[:, None]).to(torch.uint8).argmax(dim=1)  # the first of equal IoUs
-        hit = best_iou > iou_thr
-        seen[:, k] = hit
-        scores[:, k] = torch.where(hit, view.scores.double()[best], torch.zeros_like(best_iou))
-        boxes[hit, k] = view.boxes.double()[best[hit]]
-    return seen, scores, boxes
+    counts = np.array([len(view) for view in per_view], np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    cat = [torch.cat([getattr(view, name).detach().cpu() for view in per_view]) for name in ("boxes", "scores",
+                                                                                          "labels")]  # fmt: skip
+    seen, scores, boxes = _match_loop(
+        fused.boxes.detach().cpu().double().numpy().reshape(-1, 4),
+        fused.labels.detach().cpu().numpy().astype(np.int64),
+        cat[0].double().numpy().reshape(-1, 4),
+        cat[1].double().numpy(),
+        cat[2].numpy().astype(np.int64),
+        starts,
+        float(iou_thr),
+    )
+    return (torch.from_numpy(seen).to(device), torch.from_numpy(scores).to(device),
+            torch.from_numpy(boxes).to(device))  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def _match_loop(
+    fused: np.ndarray, fused_labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+    starts: np.ndarray, iou_thr: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """:func:`match_views` over the views' rows ``starts[k]:starts[k + 1]``, IoU as torchvision's ``box_iou``."""
+    n, v = fused.shape[0], starts.shape[0] - 1
+    seen = np.zeros((n, v), np.bool_)
+    out_scores = np.zeros((n, v), np.float64)
+    out_boxes = np.full((n, v, 4), np.nan, np.float64)
+    for i in range(n):
+        area_i = (fused[i, 2] - fused[i, 0]) * (fused[i, 3] - fused[i, 1])
+        for k in range(v):
+            best, best_iou = -1, -1.0
+            for j in range(starts[k], starts[k + 1]):
+                if labels[j] != fused_labels[i]:
+                    continue
+                w = min(fused[i, 2], boxes[j, 2]) - max(fused[i, 0], boxes[j, 0])
+                h = min(fused[i, 3], boxes[j, 3]) - max(fused[i, 1], boxes[j, 1])
+                inter = max(w, 0.0) * max(h, 0.0)
+                union = area_i + (boxes[j, 2] - boxes[j, 0]) * (boxes[j, 3] - boxes[j, 1]) - inter
+                iou = inter / union if union > 0.0 else 0.0
+                if iou > best_iou:
+                    best, best_iou = j, iou
+            if best >= 0 and best_iou > iou_thr:
+                seen[i, k] = True
+                out_scores[i, k] = scores[best]
+                out_boxes[i, k, :] = boxes[best, :]
+    return seen, out_scores, out_boxes
 
 
 def view_spread(fused: Detections, per_view: Sequence[Detections], *, iou_thr: float) -> Detections:
