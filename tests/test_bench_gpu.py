@@ -1,0 +1,40 @@
+"""bench/gpu.py end to end on a CPU, tiny: the table's every column is measured and consistent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def _script() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_gpu_bench_runs_on_a_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _script()
+    out = tmp_path / "gpu.json"
+    argv = ["--out", str(out), "--device", "cpu", "--models", "small_fcos", "--images", "4", "--size", "128",
+            "--views", "identity,hflip", "--batch-size", "2", "--repeat", "1", "--train-iterations", "2",
+            "--train-warmup", "1", "--workers", "0", "--threads", "1", "--work", str(tmp_path / "work")]  # fmt: skip
+    assert bench.main(argv) == 0
+    results = json.loads(out.read_text())
+    (row,) = results["models"]
+    assert row["precision"] == "fp32" and results["num_views"] == 2
+    for part in ("forward", "label", "label_sync"):
+        assert row[part]["image_views_per_s"] > 0
+    assert row["efficiency"] == pytest.approx(row["label"]["image_views_per_s"] / row["forward"]["image_views_per_s"])
+    assert row["train_fp32"]["finite_losses"] and row["train_bf16"]["finite_losses"]
+    assert math.isfinite(row["train_bf16_speedup"])
+    assert "small_fcos" in capsys.readouterr().out
