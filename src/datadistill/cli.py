@@ -146,8 +146,9 @@ TRAIN_HELP = {
     "data": "COCO json of the labeled images",
     "images": "image root of --data",
     "out": "output folder (checkpoint.pt, last.pt, metrics.jsonl, config.yaml)",
-    "model": "a name from `datadistill models`, or yolo:PATH_OR_YAML (Ultralytics: its trainer and recipe, "
-    "writes OUT/yolo.pt; a .pt is unpickled, only files you trust); default: the small model of the data's task",
+    "model": "a name from `datadistill models`, yolo:PATH_OR_YAML (Ultralytics: its trainer and recipe, "
+    "writes OUT/yolo.pt; a .pt is unpickled, only files you trust), or hf:PATH_OR_ID (a transformers detector in "
+    "datadistill's loop with its own loss, writes OUT/hf_model/); default: the small model of the data's task",
     "epochs": "passes over the labeled images (or give --iterations; neither: 20 passes, but at least 1,000 "
     "iterations, so that a handful of labeled images trains long enough)",
     "iterations": "minibatches to train for (instead of --epochs)",
@@ -236,8 +237,10 @@ def _evaluate_model(spec: str, args: argparse.Namespace) -> dict[str, typing.Any
 
 
 LABEL_HELP = {
-    "model": "the teacher: a checkpoint.pt, a training folder (OUT of `datadistill train`), or yolo:PATH.pt (an "
-    "Ultralytics .pt, unpickled: only files you trust; keypoints fused by mean; use --iou-thr 0.7)",
+    "model": "the teacher: a checkpoint.pt, a training folder (OUT of `datadistill train`), yolo:PATH.pt (an "
+    "Ultralytics .pt, unpickled: only files you trust; keypoints fused by mean; use --iou-thr 0.7), or "
+    "hf:PATH_OR_ID (a transformers detector: a save_pretrained folder or a hub id; open-vocabulary ones such as "
+    "OWLv2 take --prompts)",
     "checkpoint": "the former name of --model",
     "images": "unlabeled images: a folder (recursive), a text file of paths, or a COCO json",
     "out": "output folder (shards/part-NNNNN.parquet, manifest.json)",
@@ -270,7 +273,14 @@ def cmd_label(args: argparse.Namespace) -> int:
     from datadistill.stages.label import label
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    manifest = label(_config_from_args(LabelConfig, args, rank=rank, world_size=world))
+    fixed: dict[str, typing.Any] = {"rank": rank, "world_size": world}
+    if args.prompts or args.classes:
+        from datadistill.models.detector import with_label_options
+
+        fixed["model"] = with_label_options(args.model or args.checkpoint or "", classes=args.classes,
+                                            prompts=args.prompts)  # fmt: skip
+        fixed["checkpoint"] = None
+    manifest = label(_config_from_args(LabelConfig, args, **fixed))
     if rank != 0:  # under torchrun, rank 0 speaks for all
         return 0
     from datadistill.data.coco import read_json
@@ -521,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("label")
     _add_config_options(p, LabelConfig, LABEL_HELP, skip=("rank", "world_size"))
+    p.add_argument("--prompts", metavar="FILE", help="hf: open-vocabulary teachers: a YAML/JSON mapping of category "
+                   "name -> phrase or list of phrases (default: each category's name)")  # fmt: skip
+    p.add_argument("--classes", metavar="COCO.json", help="hf: teachers: label the categories of this data set (ids, "
+                   "names, order; the labeled json), a closed-set model's classes matched by name")  # fmt: skip
 
     p = add("select")
     _add_config_options(p, SelectConfig, SELECT_HELP)

@@ -258,6 +258,7 @@ class LabelSection:
     score_floor: float = 0.05
     batch_size: int = 8
     shard_size: int = 1000
+    prompts: dict[str, Any] | None = None  # an open-vocabulary teacher's category -> phrase or list of phrases
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except UserError:
                 continue
         raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if typing.get_origin(tp) is dict:
+        if isinstance(value, dict):
+            return value
+        raise UserError(f"{key}: expected a mapping, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{key}: expected a mapping of settings, got {value!r}")

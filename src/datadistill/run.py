@@ -57,7 +57,7 @@ def _check_data(cfg: RunConfig, base: Path) -> None:
     if cfg.student.init not in (None, "teacher") and not cfg.student.init.startswith("weights:"):
         if not Path(_path(base, cfg.student.init) or "").exists():
             raise UserError(f"student.init: {cfg.student.init} is neither 'teacher', weights:NAME nor a file")
-    _check_models(cfg)
+    _check_models(cfg, base)
     from datadistill.stages.select import check_select_options
 
     try:  # before hours of training, not after
@@ -72,18 +72,46 @@ def _check_data(cfg: RunConfig, base: Path) -> None:
         raise UserError(message) from None
 
 
-def _check_models(cfg: RunConfig) -> None:
-    """Before hours of training: a student started from the teacher's weights must be of its backend."""
-    from datadistill.models.detector import backend_of
+def _check_models(cfg: RunConfig, base: Path) -> None:
+    """Before hours of training: a student started from the teacher's weights must be of its backend (and
+    the teacher one that trains); prompts need an open-vocabulary teacher."""
+    from datadistill.models.detector import backend_of, label_only
 
     teacher = cfg.teacher.model or ""
-    student = cfg.student.model or teacher
+    student = cfg.student.model or ("" if _label_only_teacher(cfg) else teacher)
+    if cfg.label.prompts is not None and not (teacher and label_only(teacher)):
+        raise UserError(f"label.prompts: the teacher ({teacher or 'the default model'}) is not an open-vocabulary "
+                        "model (hf:... OWLv2, OWL-ViT); drop label.prompts")  # fmt: skip
+    if cfg.student.init == "teacher" and _label_only_teacher(cfg):
+        raise UserError(f"student.init: teacher: the teacher {teacher} labels as it is and has no weights to start "
+                        "a student from; drop student.init")  # fmt: skip
     if cfg.student.init == "teacher" and backend_of(teacher) != backend_of(student):
         raise UserError(
             f"student.init: teacher starts the student from the teacher's weights, but the teacher "
             f"({teacher or 'the default model'}) and the student ({student or 'the default model'}) are models of "
             "different libraries; drop student.init or use one library for both"
         )
+
+
+def _label_only_teacher(cfg: RunConfig) -> bool:
+    """Whether the teacher is an open-vocabulary model that labels as it is (no teacher training)."""
+    from datadistill.models.detector import label_only
+
+    return bool(cfg.teacher.model) and label_only(cfg.teacher.model)  # type: ignore[arg-type]
+
+
+def _teacher_spec(cfg: RunConfig, base: Path, layout: RunLayout) -> str:
+    """An open-vocabulary teacher's spec: the categories of ``data.train`` and ``label.prompts`` (written to
+    ``prompts.yaml`` in the run folder) in it."""
+    from datadistill.models.detector import with_label_options
+
+    assert cfg.teacher.model is not None
+    prompts = None
+    if cfg.label.prompts is not None:
+        prompts = layout.root / "prompts.yaml"
+        write_text_atomic(prompts, yaml.safe_dump(cfg.label.prompts, sort_keys=False, allow_unicode=True))
+    return with_label_options(cfg.teacher.model, classes=_path(base, cfg.data.train),
+                              prompts=str(prompts) if prompts else None)  # fmt: skip
 
 
 def _train_config(section: TrainSection, cfg: RunConfig, base: Path, out: Path, **extra: Any) -> TrainConfig:
@@ -113,8 +141,8 @@ def _train_config(section: TrainSection, cfg: RunConfig, base: Path, out: Path, 
     return TrainConfig(**options)
 
 
-def _evaluate(model: Path, cfg: RunConfig, base: Path, out: Path) -> dict[str, Any] | None:
-    """Validation metrics of a trained model (a training folder), computed once and kept in ``out``."""
+def _evaluate(model: str | Path, cfg: RunConfig, base: Path, out: Path) -> dict[str, Any] | None:
+    """Validation metrics of a model (a training folder, or a spec), computed once and kept in ``out``."""
     if cfg.data.val is None:
         return None
     from datadistill.data.coco import read_json
@@ -141,6 +169,7 @@ _ADDED_KEYS: dict[str, dict[str, Any]] = {
     "select": {"ignore_band": 0.0, "cross_class_iou": 0.0, "keypoint_policy": "count"},
     "teacher": {"iterations": None},
     "student": {"iterations": None},
+    "label": {"prompts": None},
 }
 
 
@@ -208,7 +237,7 @@ class _Stages:
         self.seconds[name] = round(time.time() - t0, 1)
         log.info("%s: %.1f s", name, self.seconds[name])
 
-    def evaluate(self, name: str, model: Path, cfg: RunConfig, base: Path, out: Path) -> dict[str, Any] | None:
+    def evaluate(self, name: str, model: str | Path, cfg: RunConfig, base: Path, out: Path) -> dict[str, Any] | None:
         t0 = time.time()
         metrics = _evaluate(model, cfg, base, out)
         self.seconds.setdefault(name, round(time.time() - t0, 1))
@@ -233,12 +262,15 @@ def run(cfg: RunConfig, *, base: Path, out: str | Path) -> RunResult:
     stages = _Stages(seconds={})
     teacher_model = cfg.teacher.model
     student_model = cfg.student.model or cfg.teacher.model
-    stages.run("teacher", layout.teacher / trained_name(teacher_model),
-               lambda: train(_train_config(cfg.teacher, cfg, base, layout.teacher)))  # fmt: skip
-    teacher_metrics = stages.evaluate("teacher eval", layout.teacher, cfg, base, layout.teacher_metrics())
+    previous: str | Path = layout.teacher
+    if _label_only_teacher(cfg):  # an open-vocabulary teacher labels as it is
+        previous, student_model = _teacher_spec(cfg, base, layout), cfg.student.model
+    else:
+        stages.run("teacher", layout.teacher / trained_name(teacher_model),
+                   lambda: train(_train_config(cfg.teacher, cfg, base, layout.teacher)))  # fmt: skip
+    teacher_metrics = stages.evaluate("teacher eval", previous, cfg, base, layout.teacher_metrics())
     if cfg.teacher_check:
         check_teacher(teacher_metrics)
-    previous = layout.teacher
     students: list[dict[str, Any] | None] = []
     for r in range(1, cfg.rounds + 1):
         label_cfg = _label_config(cfg, base, str(previous), layout.label(r))
@@ -298,7 +330,7 @@ def _select_config(cfg: RunConfig, base: Path, layout: RunLayout, r: int) -> Any
 
 
 def _student_config(
-    cfg: RunConfig, base: Path, layout: RunLayout, r: int, *, teacher: Path, model: str | None
+    cfg: RunConfig, base: Path, layout: RunLayout, r: int, *, teacher: str | Path, model: str | None
 ) -> TrainConfig:
     """The student of round ``r``: ``model`` on real + pseudo-labels, from its initial weights, the
     teacher's (a training folder of the same library, checked up front) or the file ``student.init``."""

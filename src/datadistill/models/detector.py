@@ -6,23 +6,26 @@ from. A *model spec* is what a user types after ``--model``:
 
 ==========================  ===============================================================================
 ``teacher/checkpoint.pt``   a datadistill checkpoint (torchvision models: :mod:`datadistill.models.torchvision`)
-``teacher/``                a training output folder: its ``checkpoint.pt`` or ``yolo.pt``
+``teacher/``                a training output folder: its ``checkpoint.pt``, ``yolo.pt`` or ``hf_model/``
 ``yolo:PATH.pt``            an Ultralytics YOLO model (:mod:`datadistill.models.ultralytics`)
 ``yolo:NAME.yaml``          (train only) a YOLO architecture with random weights
+``hf:PATH_OR_ID``           a transformers detector (:mod:`datadistill.models.hf`): a save_pretrained folder
+                            or a hub id; ``?classes=COCO.json&prompts=FILE`` for open-vocabulary ones
 ``small_fcos`` ...          (train only) a torchvision architecture of ``datadistill models``
 ==========================  ===============================================================================
 
 :data:`BACKENDS` maps each backend to the module that implements it; each such module offers
 ``load(spec, *, device, min_score)`` (a :class:`Detector`), ``model_file(spec)`` and ``train(cfg)`` (the
 train stage of its models); :data:`TRAINED_FILES` names what ``train`` writes last into its output
-folder. Coordinates are absolute pixel xyxy in the original image frame, as everywhere in datadistill.
+folder. A backend whose models train in datadistill's own loop gives that loop a :class:`LoopBackend`.
+Coordinates are absolute pixel xyxy in the original image frame, as everywhere in datadistill.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +46,14 @@ Task = Literal["boxes", "keypoints"]
 BACKENDS: dict[str, str] = {
     "torchvision": "datadistill.models.torchvision",
     "ultralytics": "datadistill.models.ultralytics",
+    "hf": "datadistill.models.hf",
 }
 # backend -> the file its train stage writes last (its presence marks a finished run)
-TRAINED_FILES: dict[str, str] = {"torchvision": "checkpoint.pt", "ultralytics": "yolo.pt"}
+TRAINED_FILES: dict[str, str] = {"torchvision": "checkpoint.pt", "ultralytics": "yolo.pt", "hf": "hf_model"}
 # backend -> the file an interrupted train stage resumes from
-RESUME_FILES: dict[str, str] = {"torchvision": "last.pt", "ultralytics": "ultralytics/weights/last.pt"}
+RESUME_FILES: dict[str, str] = {"torchvision": "last.pt", "ultralytics": "ultralytics/weights/last.pt", "hf": "last.pt"}
 # spec prefix -> backend; a spec without one of these is a torchvision name, checkpoint or folder
-PREFIXES: dict[str, str] = {"yolo:": "ultralytics"}
+PREFIXES: dict[str, str] = {"yolo:": "ultralytics", "hf:": "hf"}
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,29 @@ class ModelMeta:
             raise UserError(f"malformed model meta ({type(exc).__name__}: {exc})") from exc
 
 
+@dataclass(frozen=True)
+class LoopBackend:
+    """What datadistill's training loop (:func:`datadistill.stages.train.train_loop`) takes from a backend.
+
+    ``meta_for(model, dataset, *, min_size, max_size)``: the meta of ``model`` trained on ``dataset`` (input
+    size defaulting to the model's). ``default_lr(model, optimizer)``: the peak lr when none is given.
+    ``build_model(meta)``: the module to train; in train mode ``module(images, targets)`` gives named
+    scalar losses (what DDP wraps). ``init_weights(module, spec, *, meta)``: load ``--init`` weights.
+    ``losses(module, images, targets)``: a batch's named losses (sums to the total). ``detector(module,
+    meta)``: the :class:`Detector` that validation runs. ``save_final(out, *, model, meta, extra)``: write
+    the trained model as :data:`final_name` in ``out`` (last: its presence marks the run finished).
+    """
+
+    meta_for: Callable[..., ModelMeta]
+    default_lr: Callable[[str, str], float]
+    build_model: Callable[[ModelMeta], Any]
+    init_weights: Callable[..., Any]
+    losses: Callable[..., dict[str, Any]]
+    detector: Callable[[Any, ModelMeta], Detector]
+    save_final: Callable[..., None]
+    final_name: str
+
+
 class Detector(Protocol):
     """A trained detector as every stage sees it.
 
@@ -206,11 +233,11 @@ def backend_module(backend: str) -> ModuleType:
 
 
 def trained_file(out: str | os.PathLike[str]) -> str | None:
-    """The model spec of what a ``train`` run left in folder ``out`` (a ``checkpoint.pt`` or a ``yolo.pt``
-    as ``yolo:PATH``), or None when the run has not finished."""
+    """The model spec of what a ``train`` run left in folder ``out`` (a ``checkpoint.pt``, a ``yolo.pt``
+    as ``yolo:PATH``, an ``hf_model`` folder as ``hf:PATH``), or None when the run has not finished."""
     out = Path(out)
     for backend, name in TRAINED_FILES.items():
-        if (out / name).is_file():
+        if (out / name).exists():
             prefix = next((p for p, b in PREFIXES.items() if b == backend), "")
             return f"{prefix}{out / name}"
     return None
@@ -254,6 +281,21 @@ def with_model_file(spec: str, path: str | os.PathLike[str]) -> str:
     spec = resolve_spec(spec)
     prefix = next((p for p in PREFIXES if spec.startswith(p)), "")
     return f"{prefix}{path}"
+
+
+def with_label_options(spec: str, *, classes: str | None = None, prompts: str | None = None) -> str:
+    """``spec`` with the categories to label (``classes``, a COCO json) and an open-vocabulary model's text
+    ``prompts`` (a YAML/JSON file) in it; a one-line UserError for a backend that takes neither."""
+    module = backend_module(backend_of(spec))
+    if not hasattr(module, "with_options"):
+        raise UserError(f"--prompts and --classes apply to hf: models only, not {spec!r}")
+    return module.with_options(spec, classes=classes, prompts=prompts)  # type: ignore[no-any-return]
+
+
+def label_only(spec: str) -> bool:
+    """Whether ``spec`` names a model that labels as it is and cannot be trained (an open-vocabulary one)."""
+    module = backend_module(backend_of(spec))
+    return bool(getattr(module, "label_only", lambda s: False)(spec))
 
 
 def load_detector(spec: str, *, device: Any = "cpu", min_score: float | None = None) -> Detector:

@@ -59,8 +59,17 @@ from datadistill.data.inputs import check_image_files, check_input_sizes, load_p
 from datadistill.errors import UserError, one_line_errors
 from datadistill.models import detector
 from datadistill.models import torchvision as models
+from datadistill.models.detector import LoopBackend
 from datadistill.runtime import distributed
-from datadistill.runtime.devices import resolve_device, rng_state, seed_everything, set_rng_state
+from datadistill.runtime.devices import (
+    autocast,
+    grad_scaler,
+    resolve_device,
+    resolve_precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from datadistill.runtime.io import (
     file_sha256,
     provenance,
@@ -120,12 +129,18 @@ def train_one_epoch(
     record: Callable[[dict[str, Any]], None],
     progress: bool = True,
     max_iterations: int | None = None,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+    losses: Callable[..., dict[str, torch.Tensor]] = models.losses,
 ) -> dict[str, float]:
     """Train ``model`` for one pass over ``loader`` (its first ``max_iterations`` batches when given: the
     last epoch of a schedule in iterations); returns the mean of each loss and of their sum.
 
     ``record`` receives a step line every ``log_every`` iterations and after the last one. The lr
     schedule steps once per iteration. ``progress``: False hides the progress bar (ranks other than 0).
+    ``precision`` (resolved: fp32, bf16 or fp16): the forward pass and losses run under autocast; the
+    losses are summed in fp32, and ``scaler`` (fp16) scales the loss for the backward pass. ``losses``:
+    the backend's ``losses(model, images, targets)`` (:class:`~datadistill.models.detector.LoopBackend`).
     """
     sums: dict[str, float] = {}
     count = 0
@@ -136,7 +151,9 @@ def train_one_epoch(
     for images, targets in bar:
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device) for k, v in t.items() if k != "image_id"} for t in targets]
-        loss_terms = models.losses(model, images, targets)
+        with autocast(device, precision):
+            loss_terms = losses(model, images, targets)
+        loss_terms = {k: v.float() for k, v in loss_terms.items()}
         loss = sum(loss_terms.values())
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -146,10 +163,18 @@ def train_one_epoch(
                 "lower --lr or raise --warmup-iters"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        optimizer.step()
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            if clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         count += 1
@@ -195,24 +220,16 @@ def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def default_lr(model: str, optimizer: str) -> float:
-    """The peak learning rate when none is given. AdamW: 2e-3 for the small models trained from scratch
-    (the best of the rates tried on the synthetic sets), 1e-4 to fine-tune pretrained ones; SGD: 0.01."""
-    if optimizer == "adamw":
-        return 1e-4 if models.get_spec(model).pretrained else 2e-3
-    return 0.01
-
-
-def resolve_config(cfg: TrainConfig, dataset: CocoDataset) -> TrainConfig:
-    """``cfg`` with absolute paths, and the model, input size and lr filled in (the schedule follows
-    from the sampler: :func:`with_schedule`)."""
+def resolve_config(cfg: TrainConfig, dataset: CocoDataset, backend: LoopBackend) -> TrainConfig:
+    """``cfg`` with absolute paths, and the model, input size and lr filled in (by ``backend``; the
+    schedule follows from the sampler: :func:`with_schedule`)."""
     model = cfg.model or models.DEFAULT_MODELS[dataset.task]
-    meta = models.ModelMeta.from_dataset(model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
+    meta = backend.meta_for(model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
     init = cfg.init
     if init is not None and not init.startswith("weights:"):
         init = _abs(init)
     lr_steps = None if cfg.lr_steps is None else tuple(int(s) for s in cfg.lr_steps)
-    lr = cfg.lr if cfg.lr is not None else default_lr(model, cfg.optimizer)
+    lr = cfg.lr if cfg.lr is not None else backend.default_lr(model, cfg.optimizer)
     return dataclasses.replace(
         cfg,
         lr=lr,
@@ -319,18 +336,18 @@ def train(cfg: TrainConfig) -> Path:
     return detector.train(cfg)
 
 
-def check_output_folder(cfg: TrainConfig, out: Path) -> None:
-    """Without ``resume``, a folder holding ``last.pt`` or ``checkpoint.pt`` is refused (a finished or
-    resumable run is never overwritten); with it, ``last.pt`` must exist."""
-    last_path, final_path = out / "last.pt", out / "checkpoint.pt"
+def check_output_folder(cfg: TrainConfig, out: Path, *, final_name: str = "checkpoint.pt") -> None:
+    """Without ``resume``, a folder holding ``last.pt`` or ``final_name`` (the backend's trained model) is
+    refused (a finished or resumable run is never overwritten); with it, ``last.pt`` must exist."""
+    last_path, final_path = out / "last.pt", out / final_name
     if cfg.resume and not last_path.is_file():
         raise UserError(f"--resume: {last_path} not found, so there is no run to continue; start without --resume")
     if not cfg.resume and (last_path.exists() or final_path.exists()):
-        found = "checkpoint.pt" if final_path.exists() else "last.pt"
+        found = final_name if final_path.exists() else "last.pt"
         raise UserError(f"{out} already holds a training run ({found}); use --resume to continue it, or another --out")
 
 
-def load_inputs(cfg: TrainConfig) -> tuple[TrainConfig, TrainInputs]:
+def load_inputs(cfg: TrainConfig, backend: LoopBackend) -> tuple[TrainConfig, TrainInputs]:
     """The data, pseudo-labels and validation set, checked; ``cfg`` resolved (:func:`resolve_config`)."""
     dataset = load_coco(cfg.data, image_root=cfg.images)
     if not dataset.images:
@@ -341,12 +358,12 @@ def load_inputs(cfg: TrainConfig) -> tuple[TrainConfig, TrainInputs]:
         assert cfg.pseudo_images is not None
         pseudo = load_pseudo_labels(cfg.pseudo, cfg.pseudo_images, dataset)
     val = load_coco(cfg.val, image_root=cfg.val_images or cfg.images) if cfg.val is not None else None
-    cfg = resolve_config(cfg, dataset)
+    cfg = resolve_config(cfg, dataset, backend)
     assert cfg.model is not None
     if val is not None:
         assert cfg.val_images is not None
         check_image_files(val, cfg.val_images, what="validation", option="--val-images")
-    meta = models.ModelMeta.from_dataset(cfg.model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
+    meta = backend.meta_for(cfg.model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
     for part, path in ((dataset, cfg.data), (pseudo, cfg.pseudo), (val, cfg.val)):
         if part is not None:
             check_input_sizes(part, path, min_size=meta.min_size, max_size=meta.max_size)
@@ -380,7 +397,13 @@ def build_sampler(cfg: TrainConfig, inputs: TrainInputs, launch: distributed.Lau
 
 
 def read_resume_state(
-    cfg: TrainConfig, inputs: TrainInputs, out: Path, launch: distributed.Launch, *, epochs: int
+    cfg: TrainConfig,
+    inputs: TrainInputs,
+    out: Path,
+    launch: distributed.Launch,
+    *,
+    epochs: int,
+    final_name: str = "checkpoint.pt",
 ) -> dict[str, Any] | None:
     """``last.pt``'s content when resuming, after checking that the run's options, input files and number
     of processes are those it started with; None for a new run (whose ``init`` is checked instead)."""
@@ -399,7 +422,7 @@ def read_resume_state(
                 "resume with the same data or use another --out"
             )
     started_with = int(extra.get("world_size", 1))
-    finished = int(extra["epoch"]) >= epochs and (out / "checkpoint.pt").is_file()
+    finished = int(extra["epoch"]) >= epochs and (out / final_name).exists()
     if started_with != launch.world_size and not finished:
         raise UserError(
             f"--resume: the run in {out} was started with {started_with} process(es) and this is "
@@ -460,10 +483,11 @@ def restore(state: Mapping[str, Any], net: nn.Module, optimizer: torch.optim.Opt
 # the stage: datadistill's loop
 
 
-def train_loop(cfg: TrainConfig) -> Path:
-    """Train a torchvision detector as ``cfg`` says; returns the output folder (see the module docstring).
+def train_loop(cfg: TrainConfig, backend: LoopBackend) -> Path:
+    """Train a detector as ``cfg`` says with ``backend``'s model, losses and checkpoint (torchvision's
+    ``checkpoint.pt``, or transformers' ``hf_model/``); returns the output folder (see the module docstring).
 
-    Without ``resume``, an output folder that already holds ``last.pt`` or ``checkpoint.pt`` is refused
+    Without ``resume``, an output folder that already holds ``last.pt`` or the trained model is refused
     (a finished or resumable run is never overwritten); other files there (a run killed in its first
     epoch) are overwritten. With ``resume``, ``last.pt`` must exist and the run's options must be those
     it was started with, except :data:`RUNTIME_KEYS`; resuming a finished run does nothing.
@@ -477,22 +501,23 @@ def train_loop(cfg: TrainConfig) -> Path:
     started = time.perf_counter()
     launch = distributed.launch_from_env()
     out = Path(cfg.out)
-    check_output_folder(cfg, out)
+    check_output_folder(cfg, out, final_name=backend.final_name)
     device = distributed.rank_device(resolve_device(cfg.device), launch)
-    cfg, inputs = load_inputs(cfg)
+    resolve_precision(cfg.precision, device)  # fp16 on a CPU is refused before any work
+    cfg, inputs = load_inputs(cfg, backend)
     sampler = build_sampler(cfg, inputs, launch)
     schedule = resolve_schedule(epochs=cfg.epochs, iterations=cfg.iterations, lr_steps=cfg.lr_steps,
                                 warmup_iters=cfg.warmup_iters, iterations_per_epoch=len(sampler))  # fmt: skip
     cfg = with_schedule(cfg, schedule)
     inputs = dataclasses.replace(inputs, config=to_plain(dataclasses.asdict(cfg)))
-    resume_state = read_resume_state(cfg, inputs, out, launch, epochs=schedule.epochs)
+    resume_state = read_resume_state(cfg, inputs, out, launch, epochs=schedule.epochs, final_name=backend.final_name)
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
         with distributed.process_group(launch, device=device), distributed.quiet_unless_main(launch):
             return fit(cfg, inputs, sampler, schedule, out=out, device=device, resume_state=resume_state,
-                       started=started, launch=launch)  # fmt: skip
+                       started=started, launch=launch, backend=backend)  # fmt: skip
     finally:
         torch.set_num_threads(threads_before)
 
@@ -508,26 +533,31 @@ def fit(
     resume_state: dict[str, Any] | None,
     started: float,
     launch: distributed.Launch,
+    backend: LoopBackend,
 ) -> Path:
     """Build the model, optimizer and loader, restore a resumed run, train the remaining epochs and write
-    ``checkpoint.pt``. Only rank 0 writes files."""
+    the trained model (``backend.save_final``). Only rank 0 writes files."""
     main = launch.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(out, ("last.pt", "checkpoint.pt", "config.yaml", "provenance.json", "timings.json"))
+        remove_temporaries(out, ("last.pt", backend.final_name, "config.yaml", "provenance.json", "timings.json"))
     seed_everything(cfg.seed)
-    net = models.build_model(inputs.meta)  # the detector; ``model`` is it or its DDP wrapper
+    net = backend.build_model(inputs.meta)  # the detector; ``model`` is it or its DDP wrapper
     if cfg.init is not None and resume_state is None:
-        models.init_weights(net, cfg.init, meta=inputs.meta)
+        backend.init_weights(net, cfg.init, meta=inputs.meta)
     net.to(device)
     optimizer = build_optimizer(net, cfg)
     scheduler = build_scheduler(optimizer, cfg, schedule)
+    precision = resolve_precision(cfg.precision, device)
+    scaler = grad_scaler(device, precision)
     loader, parts = build_loader(cfg, inputs, sampler, device=device)
     progress = Progress()
     if resume_state is not None:
         progress = restore(resume_state, net, optimizer, scheduler)
+        if scaler.is_enabled() and resume_state["extra"].get("scaler"):
+            scaler.load_state_dict(resume_state["extra"]["scaler"])
         log.info("resuming %s after epoch %d of %d", out, progress.start_epoch, schedule.epochs)
-        if progress.start_epoch >= schedule.epochs and (out / "checkpoint.pt").is_file():
+        if progress.start_epoch >= schedule.epochs and (out / backend.final_name).exists():
             log.info("the run in %s is already finished", out)
             return out
     elif main:
@@ -548,21 +578,21 @@ def fit(
     progress.timings["setup_s"] += time.perf_counter() - started
     n_pseudo = len(inputs.pseudo.images) if inputs.pseudo is not None else 0
     log.info(
-        "training %s on %s: %d real%s images, %s; output %s", cfg.model, device, len(inputs.dataset.images),
-        f" + {n_pseudo} pseudo-labeled" if inputs.pseudo else "", schedule.describe(), out,
+        "training %s on %s (%s): %d real%s images, %s; output %s", cfg.model, device, precision,
+        len(inputs.dataset.images), f" + {n_pseudo} pseudo-labeled" if inputs.pseudo else "", schedule.describe(), out,
     )  # fmt: skip
     try:
         run = EpochRun(cfg=cfg, inputs=inputs, net=net, model=model, loader=loader, parts=parts, sampler=sampler,
                        schedule=schedule, optimizer=optimizer, scheduler=scheduler, device=device, launch=launch,
-                       out=out)  # fmt: skip
+                       out=out, precision=precision, scaler=scaler, backend=backend)  # fmt: skip
         val_metrics = run_epochs(run, progress, metrics)
     finally:
         if metrics is not None:
             metrics.close()
     if main:
         save_final(out, model=model, meta=inputs.meta, epochs=schedule.epochs, config=inputs.config,
-                   val_metrics=val_metrics, timings=progress.timings)  # fmt: skip
-    distributed.barrier()  # every rank returns once checkpoint.pt is written
+                   val_metrics=val_metrics, timings=progress.timings, backend=backend)  # fmt: skip
+    distributed.barrier()  # every rank returns once the trained model is written
     return out
 
 
@@ -583,6 +613,9 @@ class EpochRun:
     device: torch.device
     launch: distributed.Launch
     out: Path
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler (disabled otherwise)
+    backend: LoopBackend = field(default_factory=lambda: models.LOOP)  # the model's losses, detector, files
 
 
 def run_epochs(run: EpochRun, progress: Progress, metrics: MetricsFile | None) -> dict[str, Any] | None:
@@ -601,7 +634,8 @@ def run_epochs(run: EpochRun, progress: Progress, metrics: MetricsFile | None) -
             run.model, run.loader, run.optimizer, run.scheduler, device=run.device, epoch=epoch, epochs=epochs,
             log_every=cfg.log_every, clip_grad_norm=cfg.clip_grad_norm,
             record=metrics.write if metrics is not None else _discard, progress=run.launch.is_main,
-            max_iterations=schedule.steps_in(epoch),
+            max_iterations=schedule.steps_in(epoch), precision=run.precision, scaler=run.scaler,
+            losses=run.backend.losses,
         )  # fmt: skip
         stats = distributed.mean_over_ranks(stats)
         train_s = time.perf_counter() - t0
@@ -614,9 +648,9 @@ def run_epochs(run: EpochRun, progress: Progress, metrics: MetricsFile | None) -
             assert cfg.val_images is not None
             t0 = time.perf_counter()
             val_metrics = evaluate_model(
-                models.TorchvisionDetector(run.net, run.inputs.meta), run.inputs.val, cfg.val_images,
+                run.backend.detector(run.net, run.inputs.meta), run.inputs.val, cfg.val_images,
                 device=run.device, batch_size=cfg.batch_size, workers=cfg.workers, rank=run.launch.rank,
-                world_size=run.launch.world_size,
+                world_size=run.launch.world_size, precision=run.precision,
             )  # fmt: skip
             timings["eval_s"] += time.perf_counter() - t0
             record["val"] = val_metrics
@@ -659,6 +693,8 @@ def save_epoch(
     }
     if rng_ranks is not None:
         extra["rng_ranks"] = rng_ranks
+    if run.scaler is not None and run.scaler.is_enabled():
+        extra["scaler"] = run.scaler.state_dict()
     models.save_checkpoint(run.out / "last.pt", model=run.model, meta=run.inputs.meta, extra=extra)
 
 
@@ -671,15 +707,17 @@ def save_final(
     config: dict[str, Any],
     val_metrics: dict[str, Any] | None,
     timings: dict[str, float],
+    backend: LoopBackend,
 ) -> None:
-    """``timings.json``, then ``checkpoint.pt`` (last: it marks the run finished, and ``run`` skips the stage)."""
+    """``timings.json``, then the trained model (``backend.save_final``: ``checkpoint.pt`` for torchvision;
+    last: it marks the run finished, and ``run`` skips the stage)."""
     final_extra: dict[str, Any] = {"epochs": epochs, "config": config}
     if val_metrics is not None:
         final_extra["val"] = val_metrics
     timings["total_s"] = timings["setup_s"] + timings["train_s"] + timings["eval_s"]
     write_json_atomic(out / "timings.json", timings, indent=2)
-    models.save_checkpoint(out / "checkpoint.pt", model=model, meta=meta, extra=final_extra)
-    log.info("wrote %s", out / "checkpoint.pt")
+    backend.save_final(out, model=model, meta=meta, extra=final_extra)
+    log.info("wrote %s", out / backend.final_name)
 
 
 def _discard(record: Mapping[str, Any]) -> None:
