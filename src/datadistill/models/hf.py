@@ -56,6 +56,7 @@ DEFAULT_THRESHOLD = 0.01  # raw score floor of the post-processing (fusion and t
 MAX_DETECTIONS = 100  # per image and view, the highest scores
 DEFAULT_LR = 1e-4  # AdamW, the rate the DETR-family recipes fine-tune with
 OPTIONS = ("classes", "prompts")
+FIXED_MULTIPLE = 32  # a fixed-size model (RT-DETR, D-FINE, OWL) runs a scale view at a multiple of this
 MODEL_HELP = (
     "a transformers detector: a save_pretrained folder (safetensors) or a hub id; closed-set models "
     "(DETR, RT-DETR, D-FINE, YOLOS, ...) train and label, open-vocabulary ones (OWL-ViT, OWLv2) label only "
@@ -264,9 +265,11 @@ def size_range(processor: Any) -> tuple[int, int, bool]:
 
 
 def size_dict(min_size: int, max_size: int, *, fixed: bool) -> dict[str, int]:
-    """The processor ``size`` for a model running at ``min_size``-``max_size`` px."""
+    """The processor ``size`` for a model running at ``min_size``-``max_size`` px; a fixed size rounded to a
+    multiple of :data:`FIXED_MULTIPLE` (RT-DETR's and D-FINE's feature pyramids need one)."""
     if fixed:
-        return {"height": int(min_size), "width": int(min_size)}
+        side = max(FIXED_MULTIPLE, FIXED_MULTIPLE * round(int(min_size) / FIXED_MULTIPLE))
+        return {"height": side, "width": side}
     return {"shortest_edge": int(min_size), "longest_edge": int(max_size)}
 
 
@@ -507,6 +510,8 @@ def meta_for(
     processor = _pretrained_call("processor", source, auto_processor.from_pretrained, source)
     low, high, fixed = size_range(processor)
     low = low if min_size is None else int(min_size)
+    if fixed:
+        low = size_dict(low, low, fixed=True)["height"]
     high = low if fixed else (max(low, high) if max_size is None else int(max_size))
     return ModelMeta.for_dataset(model, dataset, min_size=low, max_size=high)
 
