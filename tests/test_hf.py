@@ -352,6 +352,13 @@ def test_an_open_vocabulary_model_labels_with_prompts_in_our_category_ids(
         det.load_detector(hf.with_options(spec, prompts=str(bad)))
 
 
+def test_an_open_vocabulary_model_we_cannot_read_is_refused_in_one_line(tmp_path: Path) -> None:
+    transformers.GroundingDinoConfig().save_pretrained(tmp_path)  # its config only: refused before any weights
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"open-vocabulary grounding-dino models are not supported yet"):
+        det.load_detector(f"hf:{tmp_path}?prompts=x.yaml")
+
+
 @pytest.mark.parametrize(
     "rescale",
     [

@@ -56,6 +56,7 @@ DEFAULT_THRESHOLD = 0.01  # raw score floor of the post-processing (fusion and t
 MAX_DETECTIONS = 100  # per image and view, the highest scores
 DEFAULT_LR = 1e-4  # AdamW, the rate the DETR-family recipes fine-tune with
 OPTIONS = ("classes", "prompts")
+ZERO_SHOT_TYPES = ("owlvit", "owlv2")  # open-vocabulary models whose text queries and outputs we read
 FIXED_MULTIPLE = 32  # a fixed-size model (RT-DETR, D-FINE, OWL) runs a scale view at a multiple of this
 MODEL_HELP = (
     "a transformers detector: a save_pretrained folder (safetensors) or a hub id; closed-set models "
@@ -435,6 +436,9 @@ def load_module(spec: str, *, device: Any = "cpu") -> tuple[HfModule, ModelMeta]
     auto_model, auto_processor = _auto_classes(zero_shot)
     stored = read_meta(Path(source)) if Path(source).is_dir() else None
     if zero_shot:
+        if config.model_type not in ZERO_SHOT_TYPES:
+            raise UserError(f"{spec}: open-vocabulary {config.model_type} models are not supported yet (these are: "
+                            f"{', '.join(ZERO_SHOT_TYPES)})")  # fmt: skip
         names, ids = categories_of(hf, fallback=None)
         queries, class_of = queries_for(hf, names)
     elif stored is not None and hf.classes is None:
