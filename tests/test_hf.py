@@ -154,6 +154,7 @@ def test_spec_options_round_trip(tmp_path: Path) -> None:
     parsed = hf.parse_spec(spec)
     assert parsed == hf.HfSpec("owner/name", classes=str(tmp_path / "a b.json"), prompts=str(tmp_path / "p.yaml"))
     assert det.backend_of(spec) == "hf" and hf.parse_spec("hf:x/y") == hf.HfSpec("x/y")
+    assert ("hf:PATH_OR_ID", "boxes") in [row[:2] for row in det.list_models()]  # datadistill models
     with pytest.raises(UserError, match="unknown option 'prompt'"):
         hf.parse_spec("hf:x/y?prompt=a")
     with pytest.raises(UserError, match="hf: models only"):
@@ -335,9 +336,12 @@ def test_an_open_vocabulary_model_labels_with_prompts_in_our_category_ids(
     assert detector.module.queries == queries and detector.meta.class_names == synth.SHAPE_CLASSES
     assert detector.module.class_of.tolist() == [0, 0, 1, *range(2, len(synth.SHAPE_CLASSES))]
     labels = tmp_path / "labels"
-    manifest = json.loads(label(LabelConfig(model=spec, images=str(shapes["unlabeled"] / "images"), out=str(labels),
-                                            views="identity,hflip", score_floor=0.0, batch_size=3, workers=0,
-                                            device="cpu", allow_weak_teacher=True)).read_text())  # fmt: skip
+    assert cli.main(["label", "--model", f"hf:{models['owlvit']}", "--prompts", str(prompts), "--classes", str(data),
+                     "--images", str(shapes["unlabeled"] / "images"), "--out", str(labels), "--views", "identity,hflip",
+                     "--score-floor", "0", "--batch-size", "3", "--workers", "0", "--device", "cpu",
+                     "--allow-weak-teacher"]) == 0  # fmt: skip
+    manifest = json.loads((labels / "manifest.json").read_text())
+    assert manifest["config"]["checkpoint"] == spec
     assert manifest["classes"]["category_ids"] == [c.id for c in load_coco(data).categories]
     rows = read_shards(labels).to_pylist()
     assert sum(len(r["scores"]) for r in rows) > 0

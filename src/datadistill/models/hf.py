@@ -61,7 +61,7 @@ FIXED_MULTIPLE = 32  # a fixed-size model (RT-DETR, D-FINE, OWL) runs a scale vi
 MODEL_HELP = (
     "a transformers detector: a save_pretrained folder (safetensors) or a hub id; closed-set models "
     "(DETR, RT-DETR, D-FINE, YOLOS, ...) train and label, open-vocabulary ones (OWL-ViT, OWLv2) label only "
-    "(?prompts=FILE); pip install 'datadistill[hf]'"
+    "(label --prompts FILE); pip install 'datadistill[hf]'"
 )
 
 
