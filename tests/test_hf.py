@@ -92,9 +92,9 @@ def write_detr(folder: Path, names: tuple[str, ...]) -> Path:
     return folder
 
 
-def write_owlvit(folder: Path) -> Path:
-    """A tiny OWL-ViT with a CLIP tokenizer built from a vocabulary of single letters (no merges: each
-    word is spelled letter by letter, so different phrases give different token ids)."""
+def write_owlvit(folder: Path, *, v2: bool = False) -> Path:
+    """A tiny OWL-ViT (OWLv2 with ``v2``) with a CLIP tokenizer built from a vocabulary of single letters (no
+    merges: each word is spelled letter by letter, so different phrases give different token ids)."""
     vocab: dict[str, int] = {}
     for c in string.ascii_lowercase:
         vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
@@ -106,12 +106,13 @@ def write_owlvit(folder: Path) -> Path:
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=SIZE,
                   patch_size=16)  # fmt: skip
     torch.manual_seed(0)
-    model = transformers.OwlViTForObjectDetection(
-        transformers.OwlViTConfig(text_config=text, vision_config=vision, projection_dim=32)
+    prefix = "Owlv2" if v2 else "OwlViT"
+    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, projection_dim=32)
+    getattr(transformers, f"{prefix}ForObjectDetection")(config).save_pretrained(folder)
+    image_processor = getattr(transformers, f"{prefix}ImageProcessor")(size={"height": SIZE, "width": SIZE})
+    getattr(transformers, f"{prefix}Processor")(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+        folder
     )
-    model.save_pretrained(folder)
-    image_processor = transformers.OwlViTImageProcessor(size={"height": SIZE, "width": SIZE})
-    transformers.OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -128,7 +129,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     coco = tuple(["person", "bicycle", *synth.SHAPE_CLASSES[::-1]])  # other classes, other order
     return {"rtdetr": write_rtdetr(root / "rtdetr", coco), "detr": write_detr(root / "detr", synth.SHAPE_CLASSES),
-            "owlvit": write_owlvit(root / "owlvit")}  # fmt: skip
+            "owlvit": write_owlvit(root / "owlvit"), "owlv2": write_owlvit(root / "owlv2", v2=True)}  # fmt: skip
 
 
 def _train_cfg(data: dict[str, Path], out: Path, model: str, **kw: Any) -> TrainConfig:
@@ -354,6 +355,25 @@ def test_an_open_vocabulary_model_labels_with_prompts_in_our_category_ids(
     bad.write_text("zebra: a zebra\n")
     with pytest.raises(UserError, match=r"prompts for 'zebra', which is not a category"):
         det.load_detector(hf.with_options(spec, prompts=str(bad)))
+
+
+def test_owlv2_boxes_are_mapped_back_from_its_padded_square(models: dict[str, Path], tmp_path: Path) -> None:
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("circle: a circle\nsquare: a square\n")
+    detector = det.load_detector(hf.with_options(f"hf:{models['owlv2']}", prompts=str(prompts)), min_score=0.0)
+    assert detector.meta.class_names == ("circle", "square") and detector.meta.category_ids == (1, 2)
+    image = torch.rand(3, 40, 80, generator=torch.Generator().manual_seed(0))
+    (got,) = detector.predict([image])
+    module = detector.module
+    with torch.no_grad():
+        out = module.model(**module.encode([image]))
+    scores = out.logits[0].max(-1).values.sigmoid()
+    cx, cy, w, h = (out.pred_boxes[0] * 80).unbind(-1)  # fractions of the 80 x 80 square OWLv2 pads to
+    boxes = torch.stack([(cx - w / 2).clamp(0, 80), (cy - h / 2).clamp(0, 40), (cx + w / 2).clamp(0, 80),
+                         (cy + h / 2).clamp(0, 40)], -1)  # fmt: skip
+    order = scores.argsort(descending=True)[: hf.MAX_DETECTIONS]
+    torch.testing.assert_close(got.scores, scores[order])
+    torch.testing.assert_close(got.boxes, boxes[order])
 
 
 def test_an_open_vocabulary_model_we_cannot_read_is_refused_in_one_line(tmp_path: Path) -> None:
