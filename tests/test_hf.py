@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import socket
 import string
@@ -423,7 +424,7 @@ data:
   val: data/val.json
   val_images: data/images
 teacher: {{model: "hf:{teacher}", epochs: 2, batch_size: 4, lr: 0.0002}}
-student: {{model: "hf:{student}", epochs: 1, batch_size: 5, lr: 0.0002}}
+student: {{model: "hf:{student}", epochs: 1, batch_size: 5, lr: 0.0002{student_options}}}
 label: {{views: "identity,hflip", shard_size: 4, batch_size: 4{label}}}
 device: cpu
 threads: 1
@@ -443,15 +444,23 @@ def run_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_run_with_an_hf_teacher_and_an_hf_student(run_data: Path, models: dict[str, Path]) -> None:
+def test_run_with_an_hf_teacher_and_an_hf_student(
+    run_data: Path, models: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     config = run_data / "hf.yaml"
-    config.write_text(RUN.format(teacher=models["rtdetr"], student=models["detr"], label=""))
+    config.write_text(RUN.format(teacher=models["rtdetr"], student=models["rtdetr"], label="",
+                                 student_options=", init: teacher"))  # fmt: skip
     out = run_data / "out-hf"
-    assert cli.main(["run", str(config), "--out", str(out)]) == 0
+    with caplog.at_level(logging.INFO, logger="datadistill.models.hf"):
+        assert cli.main(["run", str(config), "--out", str(out)]) == 0
+    inits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("init ")]
+    assert len(inits) == 1 and "(0 class-head tensors skipped); 0 keep their init" in inits[0]  # all of the teacher
     assert (out / "teacher" / hf.TRAINED_DIR / hf.META_FILE).is_file()
     assert (out / "round-1" / "student" / hf.TRAINED_DIR / "model.safetensors").is_file()
     metrics = json.loads((out / "round-1" / "student" / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["bbox"]["AP"] <= 1.0
+    student = read_checkpoint(out / "round-1" / "student" / "last.pt")
+    assert student["extra"]["config"]["init"] == str(out / "teacher" / hf.TRAINED_DIR / "model.safetensors")
     assert cli.main(["run", str(config), "--out", str(out)]) == 0  # finished: every stage is skipped
 
 
@@ -460,7 +469,9 @@ def test_run_with_an_open_vocabulary_teacher_labels_without_training_it(
 ) -> None:
     label_options = ", prompts: {circle: [a circle, a disc]}"
     config = run_data / "owl.yaml"
-    config.write_text(RUN.format(teacher=models["owlvit"], student=models["detr"], label=label_options))
+    config.write_text(
+        RUN.format(teacher=models["owlvit"], student=models["detr"], label=label_options, student_options="")
+    )
     out = run_data / "out-owl"
     assert cli.main(["run", str(config), "--out", str(out)]) == 0
     assert not (out / "teacher" / hf.TRAINED_DIR).exists()  # labels as it is
@@ -470,6 +481,8 @@ def test_run_with_an_open_vocabulary_teacher_labels_without_training_it(
     assert (out / "teacher" / "eval" / "metrics.json").is_file() and (
         out / "round-1" / "student" / hf.TRAINED_DIR
     ).is_dir()
-    config.write_text(RUN.format(teacher=models["rtdetr"], student=models["detr"], label=label_options))
+    config.write_text(
+        RUN.format(teacher=models["rtdetr"], student=models["detr"], label=label_options, student_options="")
+    )
     assert cli.main(["run", str(config), "--out", str(run_data / "out-bad")]) == 1
     assert "label.prompts: the teacher" in capsys.readouterr().err

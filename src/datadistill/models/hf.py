@@ -570,21 +570,23 @@ def build_model(meta: ModelMeta) -> HfModule:
 
 
 def _init_state(spec: str) -> tuple[dict[str, Tensor], tuple[str, ...] | None]:
-    """``(state dict keyed as the transformers model's, its class names or None)`` of an ``init`` file:
-    a safetensors file (of a save_pretrained folder), such a folder, or a datadistill checkpoint."""
+    """``(state dict keyed as the transformers model's, its class names or None)`` of an ``init`` file: a
+    save_pretrained folder or its safetensors file (loaded by transformers, which renames the keys of older
+    files to the model's), a bare safetensors file, or a datadistill checkpoint."""
     from safetensors.torch import load_file
 
     from datadistill.models.torchvision import read_checkpoint
 
     path = Path(spec.removeprefix(PREFIX)).expanduser()
     folder = path if path.is_dir() else path.parent
-    if path.is_dir():
-        path = Path(model_file(f"{PREFIX}{path}"))
+    if (folder / "config.json").is_file() and (path.is_dir() or path.suffix == ".safetensors"):
+        source, config = _closed_set_config(f"{PREFIX}{folder}")
+        auto_model, _ = _auto_classes(False)
+        model = _pretrained_call("weights", source, auto_model.from_pretrained, source, use_safetensors=True)
+        return model.state_dict(), model_names(config)
     if path.suffix == ".safetensors":
-        config_file = folder / "config.json"
-        names = model_names(load_config(str(folder))) if config_file.is_file() else None
         try:
-            return load_file(str(path)), names
+            return load_file(str(path)), None
         except Exception as exc:  # safetensors' header and io errors
             raise UserError(f"--init {spec}: not a readable safetensors file ({type(exc).__name__})") from exc
     content = read_checkpoint(path)
