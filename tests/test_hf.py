@@ -287,6 +287,11 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(
     train(_train_cfg(shapes, killed, spec, resume=True))
     a, b = read_checkpoint(whole / "last.pt")["state_dict"], read_checkpoint(killed / "last.pt")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --init with the training folder starts a model from exactly its weights
+    meta = dataclasses.replace(det.load_detector(str(killed)).meta, model=spec)
+    net = hf.build_model(meta)
+    hf.init_weights(net, str(killed), meta=meta)
+    assert all(torch.equal(v, b[k]) for k, v in net.state_dict().items())
     strip = ("it_s", "time_s")
     lines = [[{k: v for k, v in json.loads(x).items() if k not in strip} for x in (f / "metrics.jsonl").read_text().splitlines()]
              for f in (whole, killed)]  # fmt: skip

@@ -572,12 +572,14 @@ def build_model(meta: ModelMeta) -> HfModule:
 def _init_state(spec: str) -> tuple[dict[str, Tensor], tuple[str, ...] | None]:
     """``(state dict keyed as the transformers model's, its class names or None)`` of an ``init`` file: a
     save_pretrained folder or its safetensors file (loaded by transformers, which renames the keys of older
-    files to the model's), a bare safetensors file, or a datadistill checkpoint."""
+    files to the model's), a training output folder, a bare safetensors file, or a datadistill checkpoint."""
     from safetensors.torch import load_file
 
     from datadistill.models.torchvision import read_checkpoint
 
     path = Path(spec.removeprefix(PREFIX)).expanduser()
+    if (path / TRAINED_DIR).is_dir():  # a training output folder: its trained model
+        path = path / TRAINED_DIR
     folder = path if path.is_dir() else path.parent
     if (folder / "config.json").is_file() and (path.is_dir() or path.suffix == ".safetensors"):
         source, config = _closed_set_config(f"{PREFIX}{folder}")
