@@ -117,7 +117,12 @@ class Seed:
                           pseudo_images=self.images if pseudo else None, iterations=self.args.iterations,
                           seed=self.seed, threads=self.args.threads, workers=0, device="cpu",
                           resume=(out / "last.pt").exists())  # fmt: skip
-        timed(f"seed {self.seed}: train {out.name}", out / "checkpoint.pt", lambda: train(cfg), self.seconds)
+        timed(
+            f"seed {self.seed}: train {out.relative_to(self.work)}",
+            out / "checkpoint.pt",
+            lambda: train(cfg),
+            self.seconds,
+        )
         return out
 
     def metrics(self, folder: Path) -> dict[str, Any]:
@@ -130,8 +135,8 @@ class Seed:
 
     def select(self, reference: str, out: Path) -> Path:
         cfg = SelectConfig(labels=str(self.work / "labels"), reference=reference, out=str(out / "pseudo.json"))
-        timed(f"seed {self.seed}: select {out.name}", out / "pseudo.json", lambda: select_pseudo_labels(cfg),
-              self.seconds)  # fmt: skip
+        name = f"seed {self.seed}: select {out.relative_to(self.work)}"
+        timed(name, out / "pseudo.json", lambda: select_pseudo_labels(cfg), self.seconds)
         return out
 
     def label(self, teacher: Path) -> None:
