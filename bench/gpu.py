@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="timed passes of the forward-only loop (2)")
     p.add_argument("--train-iterations", type=int, default=30, help="timed training iterations (30)")
     p.add_argument("--train-warmup", type=int, default=5, help="training iterations not timed (5)")
-    p.add_argument("--train-precisions", nargs="+", default=["fp32", "bf16"], help="fp32 bf16 (fp16 on a GPU)")
+    p.add_argument("--train-precisions", nargs="*", default=["fp32", "bf16"],
+                   help="fp32 bf16 (fp16: GPU); none: no (c)")  # fmt: skip
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding images (4)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)

@@ -20,9 +20,6 @@ import hashlib
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +30,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datadistill.config import LabelConfig
-from datadistill.core.types import Detections
 from datadistill.core.views import View, parse_views
 from datadistill.data.coco import read_json
 from datadistill.errors import DataError, UserError
@@ -41,11 +37,11 @@ from datadistill.models.detector import Detector, load_detector, model_file, res
 from datadistill.runtime import distributed
 from datadistill.runtime.devices import resolve_device, resolve_precision
 from datadistill.runtime.io import file_sha256, provenance, remove_temporaries, write_json_atomic
-from datadistill.stages.multiview import LabelTimer, fuse_views, label_images, run_views, unfit_reason
+from datadistill.stages.label_writer import Fusion, Job, make_writer
+from datadistill.stages.multiview import LabelTimer, label_images, run_views, unfit_reason
 from datadistill.stages.shards import (
     ImageSource,
     ShardImages,
-    ShardWriter,
     collate_items,
     detections_row,
     error_row,
@@ -73,6 +69,8 @@ LEGACY_VALUES = {"precision": "fp32"}
 # Batches whose fusion and writing may wait behind the one on the device (the overlapped loop); each holds
 # its images' raw predictions on the CPU only.
 PIPELINE_DEPTH = 2
+# Where the local engine's fusion and writing run beside the model (stages.label_writer), by device type.
+WRITER_BY_DEVICE = {"cpu": "thread", "cuda": "process"}
 ENGINES = ("local", "ray")
 # How long ranks under torchrun wait for each other: the last wait lasts as long as the slowest rank's
 # remaining shards. A rank that dies is noticed by torchrun, which stops the others, not by this timeout.
@@ -292,6 +290,7 @@ def _merge_timings(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "process_loop_s": round(sum(process_s), 3) if None not in process_s else None,
         "model_s": round(sum(p["model_s"] for p in parts), 3),
         "fusion_s": round(sum(p["fusion_s"] for p in parts), 3),
+        "writer": parts[0].get("writer"),  # where fusion and writing ran beside the model (local engine)
         "images_labeled_now": images,
         "images_per_s": round(images / loop_s, 3) if loop_s > 0 and images else None,
     }
@@ -305,9 +304,9 @@ def _label_local(
 
     The loop overlaps: DataLoader workers decode the next batches (into pinned memory for a GPU); this
     thread runs every view of a batch back to back and queues one copy of their outputs to the CPU; a
-    writer thread maps them back, fuses them, and writes the shard rows while the next batch runs. At most
-    :data:`PIPELINE_DEPTH` batches wait for the writer. ``cfg.sync`` does all of it in this thread, one
-    batch after the other (the same rows, in the same order: the shards are identical)."""
+    writer (:mod:`datadistill.stages.label_writer`: a thread on a CPU, a process on a GPU) maps them back,
+    fuses them and writes the shard rows while the next batch runs. ``cfg.sync`` does all of it in this
+    thread, one batch after the other: the same rows in the same order, so the same shards."""
     items = [(k, name) for k in todo for name in source.shard(k, cfg.shard_size)]
     expected = {k: len(source.shard(k, cfg.shard_size)) for k in todo}
     batches, start = [], 0
@@ -325,84 +324,62 @@ def _label_local(
         persistent_workers=False,
         pin_memory=device.type == "cuda",
     )
-    writer = ShardWriter(out=out, expected=expected, num_keypoints=detector.meta.num_keypoints)
+    meta = detector.meta
+    fusion = Fusion(views=views, flip_index=meta.flip_index, fuse=cfg.fuse, iou_thr=cfg.iou_thr,
+                    score_floor=cfg.score_floor, num_keypoints=meta.num_keypoints)  # fmt: skip
     timer = LabelTimer()
-
-    def write(finish: Callable[[], list[dict[str, Any]]], batch: list[dict[str, Any]], indices: list[int]) -> int:
-        for b, i, row in zip(batch, indices, finish(), strict=True):
-            writer.add(b["shard"], positions[i], row)
-        return len(batch)
-
+    mode = "inline" if cfg.sync or not todo else WRITER_BY_DEVICE.get(device.type, "thread")
+    writer = make_writer(out=out, expected=expected, fusion=fusion, timer=timer, mode=mode, depth=PIPELINE_DEPTH)
     t_loop = time.perf_counter()
     hide = None if cfg.rank == 0 else True  # rank 0's progress bar only (None: shown on a terminal)
-    with tqdm(total=len(items), unit="img", desc="label", disable=hide, dynamic_ncols=True) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="datadistill-write") as pool:  # fmt: skip
-        waiting: deque[Future[int]] = deque()
-        for batch, indices in zip(loader, batches, strict=True):
-            finish = _start_batch(cfg, batch, detector, views, device, timer, precision)
-            if cfg.sync:
-                bar.update(write(finish, batch, indices))
-                continue
-            waiting.append(pool.submit(write, finish, batch, indices))
-            while len(waiting) > PIPELINE_DEPTH or (waiting and waiting[0].done()):
-                bar.update(waiting.popleft().result())
-        while waiting:
-            bar.update(waiting.popleft().result())
+    try:
+        with tqdm(total=len(items), unit="img", desc="label", disable=hide, dynamic_ncols=True) as bar:
+            for batch, indices in zip(loader, batches, strict=True):
+                job = _start_batch(cfg, batch, detector, views, device, timer, precision, fusion)
+                job = replace(
+                    job, places=tuple((b["shard"], positions[i]) for b, i in zip(batch, indices, strict=True))
+                )
+                bar.update(writer.put(job))
+            bar.update(writer.finish())
+    except BaseException:
+        writer.abort()
+        raise
     loop_s = time.perf_counter() - t_loop
-    writer.close()
     return {"engine": "local", "processes": 1, "images": len(items), "loop_s": loop_s, "process_loop_s": loop_s,
-            "model_s": timer.model_s, "fusion_s": timer.fusion_s}  # fmt: skip
+            "model_s": timer.model_s, "fusion_s": timer.fusion_s, "writer": mode}  # fmt: skip
 
 
 def _start_batch(
     cfg: LabelConfig, batch: list[dict[str, Any]], detector: Detector, views: tuple[View, ...],
-    device: torch.device, timer: LabelTimer, precision: str,
-) -> Callable[[], list[dict[str, Any]]]:  # fmt: skip
-    """Run the model's part of labeling ``batch`` now; returns what makes its shard rows (one per decoded
-    item: an error row for a file that could not be read or that the detector cannot take), to be called
-    on any thread. Keypoints fused by heatmap need the fused boxes for a second pass of the model, so
-    their fusion is done here too."""
+    device: torch.device, timer: LabelTimer, precision: str, fusion: Fusion,
+) -> Job:  # fmt: skip
+    """Run the model's part of labeling ``batch`` now; returns the job that makes its shard rows (an error
+    row for a file that could not be read or that the detector cannot take). Keypoints fused by heatmap
+    need the fused boxes for a second pass of the model, so their rows are made here."""
     meta = detector.meta
     for b in batch:
         if b["image"] is not None:
             b["error"] = unfit_reason(detector, *b["image"].shape[-2:], views=views)
             b["image"] = None if b["error"] else b["image"]
     good = [b for b in batch if b["image"] is not None]
-    sizes = {b["file_name"]: (b["image"].shape[-1], b["image"].shape[-2]) for b in good}
-
-    def rows(results: list[Detections]) -> list[dict[str, Any]]:
-        return _rows(batch, dict(zip(sizes, results, strict=True)), sizes, meta.num_keypoints)
-
+    rows: list[dict[str, Any] | None] = []
+    for b in batch:
+        rows.append(None if b["image"] is not None else error_row(b["file_name"], b["error"], meta.num_keypoints))
+        if b["image"] is None:
+            log.warning("skipped %s: %s", b["file_name"], b["error"])
+    names = tuple(b["file_name"] for b in good)
+    sizes = tuple((int(b["image"].shape[-1]), int(b["image"].shape[-2])) for b in good)
+    job = Job(places=(), rows=tuple(rows), names=names, sizes=sizes)
     if not good:
-        return lambda: rows([])
+        return job
     tensors = [b["image"].to(device, non_blocking=True).float().div_(255) for b in good]
     if meta.task == "keypoints" and cfg.keypoint_fuse == "heatmap":
-        fused = label_images(
+        fused = iter(label_images(
             detector, tensors, views=views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
             score_floor=cfg.score_floor, timer=timer, precision=precision,
-        )  # fmt: skip
-        return lambda: rows(fused)
-    outputs = run_views(detector, tensors, views=views, precision=precision, timer=timer)
-
-    def finish() -> list[dict[str, Any]]:
-        per_image = outputs.per_image(views, meta.flip_index)
-        return rows(fuse_views(per_image, fuse=cfg.fuse, iou_thr=cfg.iou_thr, score_floor=cfg.score_floor,
-                               timer=timer))  # fmt: skip
-
-    return finish
-
-
-def _rows(
-    batch: list[dict[str, Any]], results: dict[str, Detections], sizes: dict[str, tuple[int, int]], num_kp: int
-) -> list[dict[str, Any]]:
-    """The shard rows of ``batch``, in its order: detections of the files in ``results``, errors of the others."""
-    out = []
-    for b in batch:
-        name = b["file_name"]
-        if name not in results:
-            out.append(error_row(name, b["error"], num_kp))
-            log.warning("skipped %s: %s", name, b["error"])
-        else:
-            w, h = sizes[name]
-            out.append(detections_row(name, w, h, results[name], num_kp))
-    return out
+        ))  # fmt: skip
+        made = [row if row is not None else detections_row(b["file_name"], *sizes[names.index(b["file_name"])],
+                                                           next(fused), meta.num_keypoints)
+                for b, row in zip(batch, rows, strict=True)]  # fmt: skip
+        return replace(job, rows=tuple(made), names=(), sizes=())
+    return replace(job, outputs=run_views(detector, tensors, views=views, precision=precision, timer=timer))
