@@ -69,8 +69,6 @@ LEGACY_VALUES = {"precision": "fp32"}
 # Batches whose fusion and writing may wait behind the one on the device (the overlapped loop); each holds
 # its images' raw predictions on the CPU only.
 PIPELINE_DEPTH = 2
-# Where the local engine's fusion and writing run beside the model (stages.label_writer), by device type.
-WRITER_BY_DEVICE = {"cpu": "thread", "cuda": "process"}
 ENGINES = ("local", "ray")
 # How long ranks under torchrun wait for each other: the last wait lasts as long as the slowest rank's
 # remaining shards. A rank that dies is noticed by torchrun, which stops the others, not by this timeout.
@@ -304,8 +302,8 @@ def _label_local(
 
     The loop overlaps: DataLoader workers decode the next batches (into pinned memory for a GPU); this
     thread runs every view of a batch back to back and queues one copy of their outputs to the CPU; a
-    writer (:mod:`datadistill.stages.label_writer`: a thread on a CPU, a process on a GPU) maps them back,
-    fuses them and writes the shard rows while the next batch runs. ``cfg.sync`` does all of it in this
+    writer thread (:mod:`datadistill.stages.label_writer`) maps them back, fuses them and writes the shard
+    rows while the next batch runs. ``cfg.sync`` does all of it in this
     thread, one batch after the other: the same rows in the same order, so the same shards."""
     items = [(k, name) for k in todo for name in source.shard(k, cfg.shard_size)]
     expected = {k: len(source.shard(k, cfg.shard_size)) for k in todo}
@@ -328,7 +326,7 @@ def _label_local(
     fusion = Fusion(views=views, flip_index=meta.flip_index, fuse=cfg.fuse, iou_thr=cfg.iou_thr,
                     score_floor=cfg.score_floor, num_keypoints=meta.num_keypoints)  # fmt: skip
     timer = LabelTimer()
-    mode = "inline" if cfg.sync or not todo else WRITER_BY_DEVICE.get(device.type, "thread")
+    mode = "inline" if cfg.sync or not todo else "thread"
     writer = make_writer(out=out, expected=expected, fusion=fusion, timer=timer, mode=mode, depth=PIPELINE_DEPTH)
     t_loop = time.perf_counter()
     hide = None if cfg.rank == 0 else True  # rank 0's progress bar only (None: shown on a terminal)

@@ -3,39 +3,28 @@ written (:class:`~datadistill.stages.shards.ShardWriter`), while the model runs 
 
 A :class:`Job` is one batch as the model left it: its images' places in the shards, the rows already made
 (errors; keypoints fused by heatmap, which needed the model again), and the packed raw outputs of every
-view (:class:`~datadistill.stages.multiview.ViewOutputs`) for the rest. :func:`job_rows` finishes it. Three
-ways to run it, the same rows in the same order, so the same shards:
+view (:class:`~datadistill.stages.multiview.ViewOutputs`) for the rest. :func:`job_rows` finishes it,
+in one of two ways that give the same rows in the same order, so the same shards:
 
 - :class:`InlineWriter`: in the labeling loop, one batch after the other (``--sync``);
-- :class:`ThreadWriter`: in a thread (on a CPU: the model's kernels release the GIL, and a short run does not
-  pay for starting a process);
-- :class:`ProcessWriter`: in a child process (on a GPU: the model's Python, which launches its kernels and
-  waits for them, keeps the GIL to itself; a thread measurably slowed a small model's forward passes). The
-  parent sends a batch once the next one has run (by then its copy to the CPU has landed, so nothing waits),
-  as NumPy arrays; the child writes the shards and answers each batch. If the parent dies, the child reads
-  the end of its pipe and stops: a shard is written whole or not at all, as always.
+- :class:`ThreadWriter`: in a thread beside the loop, at most ``depth`` batches waiting (the default). The
+  fusion's compiled loops release the GIL; its Python does not, and competes with the model's own Python
+  (measured on an H200: a thread helps Faster R-CNN R50-FPN, whose forward passes are long, and slows the
+  small FCOS, whose forward passes are mostly Python; ``docs/results.md``).
 
-At most ``depth`` batches wait for the writer; each writer's :meth:`put` returns the number of images
-finished since its last call, for the progress bar.
+Each writer's :meth:`put` returns the number of images finished since its last call, for the progress bar.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from datadistill.core.views import View
-from datadistill.errors import UserError
 from datadistill.stages.multiview import LabelTimer, ViewOutputs, fuse_views
 from datadistill.stages.shards import ShardWriter, detections_row
 
@@ -44,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Fusion:
-    """How a job's views are fused into rows (picklable: it goes to the child process)."""
+    """How a job's views are fused into rows."""
 
     views: tuple[View, ...]
     flip_index: tuple[int, ...]
@@ -65,29 +54,12 @@ class Job:
     sizes: tuple[tuple[int, int], ...] = ()
     outputs: ViewOutputs | None = None
 
-    def portable(self) -> Job:
-        """This job with its outputs as NumPy arrays, waited for (to send to another process)."""
-        if self.outputs is None:
-            return self
-        o = self.outputs
-        if o.ready is not None:
-            o.ready.synchronize()
-        return replace(self, outputs=_convert(replace(o, ready=None), lambda t: t.numpy()))
-
-
-def _convert(outputs: ViewOutputs, fn: Callable[[Any], Any]) -> ViewOutputs:
-    """``outputs`` with ``fn`` applied to each of its arrays (torch <-> NumPy)."""
-    fields = {k: getattr(outputs, k) for k in ("boxes", "scores", "labels", "keypoints")}
-    return replace(outputs, **{k: None if v is None else fn(v) for k, v in fields.items()})
-
 
 def job_rows(job: Job, fusion: Fusion, timer: LabelTimer) -> list[tuple[int, int, dict[str, Any]]]:
     """``(shard, position, row)`` of every item of ``job``, fusing its views' outputs."""
     made: list[dict[str, Any]] = []
     if job.outputs is not None:
         o = job.outputs
-        if isinstance(o.boxes, np.ndarray):  # a job sent from the labeling process
-            o = _convert(o, torch.from_numpy)
         per_image = o.per_image(fusion.views, fusion.flip_index)
         fused = fuse_views(per_image, fuse=fusion.fuse, iou_thr=fusion.iou_thr, score_floor=fusion.score_floor,
                            timer=timer)  # fmt: skip
@@ -143,97 +115,11 @@ class ThreadWriter(InlineWriter):
         self.pool.shutdown(cancel_futures=True)
 
 
-class ProcessWriter:
-    """Jobs finished and written by a child process, one batch behind the loop, at most ``depth`` waiting."""
-
-    def __init__(self, out: Path, expected: dict[int, int], fusion: Fusion, timer: LabelTimer, *, depth: int) -> None:
-        self.timer, self.depth = timer, depth
-        context = multiprocessing.get_context("spawn")  # no fork of a process that holds CUDA and threads
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child, out, expected, fusion), daemon=True,
-                                       name="datadistill-write")  # fmt: skip
-        self.process.start()
-        child.close()
-        self.held: Job | None = None
-        self.sent = 0
-
-    def put(self, job: Job) -> int:
-        done = self._send(self.held) if self.held is not None else 0
-        self.held = job
-        return done
-
-    def _send(self, job: Job) -> int:
-        self.conn.send(job.portable())
-        self.sent += 1
-        done = 0
-        while self.sent > self.depth or self.conn.poll():
-            done += self._answer()
-        return done
-
-    def _answer(self) -> int:
-        try:
-            kind, value = self.conn.recv()
-        except EOFError:
-            raise RuntimeError("the labeling writer process died (out of memory?); run again to resume") from None
-        if kind == "error":
-            raise UserError(value)
-        self.sent -= 1
-        if kind == "closed":
-            self.timer.fusion_s += value
-            return 0
-        return value
-
-    def finish(self) -> int:
-        done = self._send(self.held) if self.held is not None else 0
-        self.held = None
-        self.conn.send(None)
-        self.sent += 1
-        while self.sent:
-            done += self._answer()
-        self.process.join()
-        return done
-
-    def abort(self) -> None:
-        self.conn.close()  # the child reads the end of the pipe and stops
-        self.process.join(timeout=60)
-
-
-def serve(conn: Any, out: Path, expected: dict[int, int], fusion: Fusion) -> None:
-    """The child process of :class:`ProcessWriter`: finish and write each job it receives, answer
-    ``("done", images)``; on None, check every shard was written and answer ``("closed", fusion seconds)``."""
-    torch.set_num_threads(1)
-    writer = ShardWriter(out=out, expected=expected, num_keypoints=fusion.num_keypoints)
-    timer = LabelTimer()
-    try:
-        while True:
-            try:
-                job = conn.recv()
-            except EOFError:  # the labeling process is gone: what it sent is written, the rest is its to redo
-                return
-            if job is None:
-                writer.close()
-                conn.send(("closed", timer.fusion_s))
-                return
-            for shard, position, row in job_rows(job, fusion, timer):
-                writer.add(shard, position, row)
-            conn.send(("done", len(job.places)))
-    except Exception as exc:  # noqa: BLE001 - reported to the labeling process, which raises it
-        conn.send(("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, UserError) else str(exc)))
-
-
 def make_writer(
     *, out: Path, expected: dict[int, int], fusion: Fusion, timer: LabelTimer, mode: str, depth: int
-) -> InlineWriter | ThreadWriter | ProcessWriter:
-    """``mode``: ``inline``, ``thread`` or ``process`` (see the module docstring)."""
-    started = time.perf_counter()
-    if mode == "process":
-        made: Any = ProcessWriter(out, expected, fusion, timer, depth=depth)
-    else:
-        shards = ShardWriter(out=out, expected=expected, num_keypoints=fusion.num_keypoints)
-        made = (
-            ThreadWriter(shards, fusion, timer, depth=depth)
-            if mode == "thread"
-            else InlineWriter(shards, fusion, timer)
-        )
-    log.debug("labeling writer: %s (%.2f s to start)", mode, time.perf_counter() - started)
-    return made
+) -> InlineWriter:
+    """``mode``: ``inline`` or ``thread`` (see the module docstring)."""
+    shards = ShardWriter(out=out, expected=expected, num_keypoints=fusion.num_keypoints)
+    if mode == "thread":
+        return ThreadWriter(shards, fusion, timer, depth=depth)
+    return InlineWriter(shards, fusion, timer)
