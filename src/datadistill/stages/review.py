@@ -31,13 +31,21 @@ sent.
 
 The pre-annotations of an image are its kept objects (score >= ``t`` and agreement >= the selection's
 ``min_agreement``) and, below the threshold, its doubtful ones (closeness >= ``min_closeness``, 0.5 by
-default), each with its ``score``; the COCO json also carries ``agreement``, ``doubt`` and ``kept``.
+default), each with its ``score``; the COCO json also carries ``agreement``, ``doubt`` and ``kept``. In a
+keypoint task (the reference's categories have keypoints) an object's keypoints go along: those whose score
+reaches the selection's ``keypoint_threshold`` (or is above 0 without one), in the COCO json as COCO
+keypoints (v 2; the others 0, 0, 0), in the Label Studio tasks as ``keypointlabels`` regions (x, y in
+percent, the keypoint's name, a ``parentID`` naming its box's region) under a ``KeyPointLabels`` tag
+``keypoint`` of the labeling config.
 
 ``merge`` reads a Label Studio JSON export (tasks with ``annotations[].result`` of ``rectanglelabels`` in
-percent of ``original_width`` / ``original_height``) or a COCO json (from CVAT) and appends its images to
-the labeled COCO json with new image and annotation ids. Any conflict is a one-line :class:`UserError`
-that names the record: an image already labeled (same ``file_name``), an unknown class name, a box outside
-the image or without positive size, a task without an annotation.
+percent of ``original_width`` / ``original_height``, and ``keypointlabels`` for keypoints) or a COCO json
+(from CVAT) and appends its images to the labeled COCO json with new image and annotation ids. A Label
+Studio keypoint belongs to the box its ``parentID`` names, else to the one box that contains it; it comes
+back as a COCO keypoint (x, y px, v 2), a keypoint not marked as 0, 0, 0. Any conflict is a one-line
+:class:`UserError` that names the record: an image already labeled (same ``file_name``), an unknown class
+or keypoint name, a box outside the image or without positive size, a keypoint outside every box (or in
+more than one) without a ``parentID``, a task without an annotation.
 """
 
 from __future__ import annotations
@@ -55,7 +63,14 @@ import pyarrow as pa
 
 from datadistill import __version__
 from datadistill.core import selection
-from datadistill.data.coco import CocoDataset, category_to_coco, load_coco, parse_coco, read_json
+from datadistill.data.coco import (
+    CocoDataset,
+    category_to_coco,
+    is_finite_number,
+    load_coco,
+    parse_coco,
+    read_json,
+)
 from datadistill.data.images import image_size, resolve_image_path
 from datadistill.errors import DataError, UserError
 from datadistill.runtime.io import provenance, write_json_atomic, write_text_atomic
@@ -65,6 +80,7 @@ from datadistill.stages.shards import object_values, read_shards
 FORMATS = ("label-studio", "cvat", "coco")
 LOCAL_FILES_URL = "/data/local-files/?d="
 BOX_TOLERANCE_PX = 1e-3  # a corrected box may pass the image's edge by float rounding, no more
+KEYPOINT_SIZE_PCT = 0.5  # how large Label Studio draws a pre-annotated keypoint, in percent of the image width
 BOX_SPREAD_FULL = 0.1  # the box spread that counts as full doubt (two views matched at IoU 0.5: about 0.09)
 FORMULA = (
     "object doubt = mean of the terms measured: 1 - agreement / views; max(0, 1 - |score - t| / max(t, 1 - t)); "
@@ -212,13 +228,28 @@ def image_url(file_name: str, prefix: str | None) -> str:
     return LOCAL_FILES_URL + quote(file_name, safe="/")
 
 
-def label_config_xml(class_names: tuple[str, ...]) -> str:
-    """A Label Studio labeling config: one image, a RectangleLabels tag ``label`` with the class names."""
-    labels = "\n".join(f"    <Label value={quoteattr(n)}/>" for n in class_names)
+def label_config_xml(class_names: tuple[str, ...], keypoint_names: tuple[str, ...] = ()) -> str:
+    """A Label Studio labeling config: one image, a RectangleLabels tag ``label`` with the class names and,
+    for a keypoint task, a KeyPointLabels tag ``keypoint`` with the keypoint names."""
+
+    def control(tag: str, name: str, values: tuple[str, ...]) -> str:
+        labels = "\n".join(f"    <Label value={quoteattr(n)}/>" for n in values)
+        return f'  <{tag} name="{name}" toName="image">\n{labels}\n  </{tag}>\n'
+
+    keypoints = control("KeyPointLabels", "keypoint", keypoint_names) if keypoint_names else ""
     return (
         '<View>\n  <Image name="image" value="$image" zoom="true"/>\n'
-        f'  <RectangleLabels name="label" toName="image">\n{labels}\n  </RectangleLabels>\n</View>\n'
+        + control("RectangleLabels", "label", class_names)
+        + keypoints
+        + "</View>\n"
     )
+
+
+def visible_keypoints(keypoints: np.ndarray, kp_thr: float | None) -> np.ndarray:
+    """``[..., K]`` bool: the pseudo keypoints ``[..., K, 3]`` (x, y px, score) sent as visible: a score from
+    the selection's keypoint threshold ``kp_thr`` on, or above 0 without one."""
+    scores = keypoints[..., 2]
+    return scores >= kp_thr if kp_thr is not None else scores > 0
 
 
 def _ls_region(region_id: str, box: np.ndarray, name: str, score: float, width: int, height: int) -> dict[str, Any]:
@@ -230,6 +261,53 @@ def _ls_region(region_id: str, box: np.ndarray, name: str, score: float, width: 
                   "height": 100.0 * (y2 - y1) / height, "rotation": 0, "rectanglelabels": [name]},
         "score": score,
     }  # fmt: skip
+
+
+def _ls_keypoints(
+    parent_id: str, keypoints: np.ndarray, names: tuple[str, ...], *, kp_thr: float | None, width: int, height: int
+) -> list[dict[str, Any]]:
+    """The visible keypoints ``[K, 3]`` of one box as Label Studio keypointlabels regions in percent of the
+    image, each linked to its box's region by ``parentID`` (as Label Studio links a keypoint drawn in a box)."""
+    return [{
+        "id": f"{parent_id}k{k}", "type": "keypointlabels", "from_name": "keypoint", "to_name": "image",
+        "original_width": width, "original_height": height, "image_rotation": 0, "parentID": parent_id,
+        "value": {"x": 100.0 * float(keypoints[k, 0]) / width, "y": 100.0 * float(keypoints[k, 1]) / height,
+                  "width": KEYPOINT_SIZE_PCT, "keypointlabels": [names[k]]},
+        "score": float(keypoints[k, 2]),
+    } for k in np.flatnonzero(visible_keypoints(keypoints, kp_thr))]  # fmt: skip
+
+
+def _label_studio_tasks(
+    ref: CocoDataset,
+    chosen: np.ndarray,
+    objects_of: dict[int, np.ndarray],
+    table: pa.Table,
+    *,
+    obj: dict[str, np.ndarray],
+    image_doubt: np.ndarray,
+    kp_thr: float | None,
+    prefix: str | None,
+) -> list[dict[str, Any]]:
+    """One Label Studio task per sent image, in ranking order: its objects as rectanglelabels regions and,
+    for a keypoint task, their visible keypoints as keypointlabels regions."""
+    file_names, widths, heights = (table[c].to_pylist() for c in ("file_name", "width", "height"))
+    kp_cat = ref.keypoint_category
+    tasks = []
+    for r in (int(r) for r in chosen):
+        w, h, name = int(widths[r]), int(heights[r]), file_names[r]
+        result = []
+        for j in objects_of[r]:
+            cls = ref.class_names[obj["labels"][j]]
+            result.append(_ls_region(f"r{j}", obj["boxes"][j], cls, float(obj["scores"][j]), w, h))
+            if kp_cat is not None:
+                result += _ls_keypoints(f"r{j}", obj["keypoints"][j], kp_cat.keypoints, kp_thr=kp_thr, width=w,
+                                        height=h)  # fmt: skip
+        tasks.append({
+            "data": {"image": image_url(name, prefix), "file_name": name, "width": w, "height": h},
+            "predictions": [{"model_version": f"datadistill {__version__} review", "score": float(image_doubt[r]),
+                             "result": result}],
+        })  # fmt: skip
+    return tasks
 
 
 def review(
@@ -283,18 +361,11 @@ def review(
     out.mkdir(parents=True, exist_ok=True)
     files = []
     if "label-studio" in formats:
-        tasks = []
-        for r in chosen:
-            w, h, name = int(widths[r]), int(heights[r]), file_names[r]
-            result = [_ls_region(f"r{j}", boxes[j], ref.class_names[cls[j]], float(scores[j]), w, h)
-                      for j in objects_of[int(r)]]  # fmt: skip
-            tasks.append({
-                "data": {"image": image_url(name, image_url_prefix), "file_name": name, "width": w, "height": h},
-                "predictions": [{"model_version": f"datadistill {__version__} review", "score": float(image_doubt[r]),
-                                 "result": result}],
-            })  # fmt: skip
+        tasks = _label_studio_tasks(ref, chosen, objects_of, table, obj=obj, image_doubt=image_doubt,
+                                    kp_thr=thr.keypoint, prefix=image_url_prefix)  # fmt: skip
         write_json_atomic(out / "tasks.json", tasks, indent=1)
-        write_text_atomic(out / "label_config.xml", label_config_xml(ref.class_names))
+        kp_names = ref.keypoint_category.keypoints if ref.keypoint_category is not None else ()
+        write_text_atomic(out / "label_config.xml", label_config_xml(ref.class_names, kp_names))
         files += ["tasks.json", "label_config.xml"]
     if "cvat" in formats or "coco" in formats:
         coco = _review_coco(ref, chosen, objects_of, file_names, widths, heights, obj=obj, doubt=doubt, kept=kept,
@@ -356,7 +427,7 @@ def _review_coco(
             }  # fmt: skip
             if keypoints is not None:
                 kp = keypoints[j].copy()
-                vis = kp[:, 2] >= kp_thr if kp_thr is not None else kp[:, 2] > 0
+                vis = visible_keypoints(kp, kp_thr)
                 kp[:, 2] = np.where(vis, 2.0, 0.0)
                 kp[~vis, :2] = 0.0
                 ann["keypoints"] = kp.reshape(-1).tolist()
@@ -402,9 +473,10 @@ def file_name_of_task(data: dict[str, Any]) -> str | None:
     return unquote(urlparse(url).path.rsplit("/", 1)[-1]) or None
 
 
-def read_label_studio_export(path: Path) -> list[CorrectedImage]:
+def read_label_studio_export(path: Path, keypoint_names: tuple[str, ...] = ()) -> list[CorrectedImage]:
     """A Label Studio JSON export: per task, the last annotation not cancelled, its rectanglelabels back in
-    absolute pixels (``x / 100 * original_width`` ...)."""
+    absolute pixels (``x / 100 * original_width`` ...) and, for a keypoint task (``keypoint_names``), its
+    keypointlabels as each box's COCO keypoints (see :func:`task_keypoints`)."""
     raw = read_json(path)
     out = []
     for i, task in enumerate(raw):
@@ -418,8 +490,11 @@ def read_label_studio_export(path: Path) -> list[CorrectedImage]:
         if not done:
             raise UserError(f"{record}: has no annotation (label it, or leave it out of the export)")
         width, height = task["data"].get("width"), task["data"].get("height")
-        boxes, labels = [], []
+        size = width, height
+        boxes, labels, box_ids, points = [], [], [], []
         for region in done[-1].get("result") or []:
+            if region.get("type") == "keypointlabels":
+                points.append(region)
             if region.get("type") != "rectanglelabels":
                 continue
             v = region.get("value", {})
@@ -434,8 +509,70 @@ def read_label_studio_export(path: Path) -> list[CorrectedImage]:
             if len(names) != 1:
                 raise UserError(f"{record}: region {region.get('id')} needs one class name, got {names}")
             labels.append(str(names[0]))
-        out.append(CorrectedImage(record, name, int(width or 0), int(height or 0), boxes, labels, [{}] * len(boxes)))
+            box_ids.append(region.get("id"))
+        extra: list[dict[str, Any]] = [{}] * len(boxes)
+        if keypoint_names or points:  # not a box task with boxes only (that path is as before)
+            extra = task_keypoints(record, points, boxes, box_ids, keypoint_names=keypoint_names, size=size)
+        out.append(CorrectedImage(record, name, int(width or 0), int(height or 0), boxes, labels, extra))
     return out
+
+
+def task_keypoints(
+    record: str,
+    points: list[dict[str, Any]],
+    boxes: list[tuple[float, float, float, float]],
+    box_ids: list[Any],
+    *,
+    keypoint_names: tuple[str, ...],
+    size: tuple[Any, Any],
+) -> list[dict[str, Any]]:
+    """Per box of a task (``boxes`` xyxy px, ``box_ids`` their region ids), its COCO ``keypoints`` (x, y px,
+    v 2; a keypoint not marked 0, 0, 0) and ``num_keypoints``, from the task's keypointlabels regions
+    ``points``: each goes to the box its ``parentID`` names, else to the one box that contains it.
+    ``size``: the task's (width, height), for a region without ``original_width``/``original_height``."""
+    index = {n: k for k, n in enumerate(keypoint_names)}
+    kps = np.zeros((len(boxes), len(keypoint_names), 3))
+    for region in points:
+        rid, v = region.get("id"), region.get("value") or {}
+        names = v.get("keypointlabels") or []
+        if len(names) != 1:
+            raise UserError(f"{record}: keypoint {rid} needs one keypoint name, got {names}")
+        name = str(names[0])
+        if name not in index:
+            known = list(keypoint_names[:8]) if keypoint_names else "no keypoints"
+            raise UserError(f"{record}: keypoint {rid} has an unknown keypoint name {name!r} (the labeled set has "
+                            f"{known})")  # fmt: skip
+        width, height = region.get("original_width", size[0]), region.get("original_height", size[1])
+        if not width or not height or not is_finite_number(v.get("x")) or not is_finite_number(v.get("y")):
+            raise UserError(f"{record}: keypoint {rid} ({name}) needs x, y and original_width/original_height")
+        x, y = float(v["x"]) / 100.0 * width, float(v["y"]) / 100.0 * height
+        b = _parent_box(f"{record}: keypoint {rid} ({name})", region.get("parentID"), (x, y), boxes, box_ids)
+        if kps[b, index[name], 2]:
+            raise UserError(f"{record}: box {box_ids[b]} has two {name!r} keypoints")
+        kps[b, index[name]] = (x, y, 2.0)
+    return [{"keypoints": kp.reshape(-1).tolist(), "num_keypoints": int((kp[:, 2] > 0).sum())} for kp in kps]
+
+
+def _parent_box(
+    where: str,
+    parent: Any,
+    point: tuple[float, float],
+    boxes: list[tuple[float, float, float, float]],
+    box_ids: list[Any],
+) -> int:
+    """The index of the box a keypoint belongs to: the one ``parent`` (its parentID) names, else the one box
+    that contains ``point`` (x, y px); a one-line UserError when there is none or more than one."""
+    if parent:
+        if parent not in box_ids:
+            raise UserError(f"{where}: its parentID {parent!r} names no box of the task")
+        return box_ids.index(parent)
+    x, y, t = point[0], point[1], BOX_TOLERANCE_PX
+    inside = [i for i, (x1, y1, x2, y2) in enumerate(boxes) if x1 - t <= x <= x2 + t and y1 - t <= y <= y2 + t]
+    if len(inside) == 1:
+        return inside[0]
+    ids = ", ".join(str(box_ids[i]) for i in inside)
+    lies = f"inside {len(inside)} boxes ({ids})" if inside else "outside every box"
+    raise UserError(f"{where}: has no parentID and lies {lies} at ({x:g}, {y:g}) px; link it to its box")
 
 
 def read_coco_corrections(path: Path) -> list[CorrectedImage]:
@@ -462,14 +599,15 @@ def read_coco_corrections(path: Path) -> list[CorrectedImage]:
     return out
 
 
-def read_corrections(path: str | Path) -> list[CorrectedImage]:
-    """A Label Studio export (a json list of tasks) or a COCO json (an object with ``images``)."""
+def read_corrections(path: str | Path, keypoint_names: tuple[str, ...] = ()) -> list[CorrectedImage]:
+    """A Label Studio export (a json list of tasks) or a COCO json (an object with ``images``);
+    ``keypoint_names``: the labeled set's keypoints (none for a box task)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: file not found")
     raw = read_json(path)
     if isinstance(raw, list):
-        return read_label_studio_export(path)
+        return read_label_studio_export(path, keypoint_names)
     if isinstance(raw, dict) and isinstance(raw.get("images"), list):
         return read_coco_corrections(path)
     raise UserError(f"{path}: neither a Label Studio JSON export (a list of tasks) nor a COCO json")
@@ -482,7 +620,7 @@ def merge(
     labeled_path = Path(labeled)
     ref = load_coco(labeled_path, image_root=images)
     raw = read_json(labeled_path)
-    corrected = read_corrections(corrections)
+    corrected = read_corrections(corrections, ref.keypoint_category.keypoints if ref.keypoint_category else ())
     class_of = {c.name: c for c in ref.categories}
     taken = {im.file_name: im.id for im in ref.images}
     seen: dict[str, str] = {}
