@@ -13,6 +13,7 @@ import pytest
 
 from datadistill.cli import main
 from datadistill.data.coco import load_coco, validate_coco
+from datadistill.data.synth import make_figures
 from datadistill.errors import UserError
 from datadistill.runtime.io import write_json_atomic
 from datadistill.stages.review import merge, object_doubt, review
@@ -246,8 +247,12 @@ def _set_value(key: str, value: Any) -> Any:
      (_set_value("rectanglelabels", ["zebra"]), "unknown class 'zebra'"),
      (_set_value("x", 95.0), "outside the 200x100 image"),
      (_set_value("width", 0.0), "non-positive size"),
-     (lambda t: t.update(annotations=[]), "has no annotation")],
-    ids=["already-labeled", "unknown-class", "box-outside", "zero-width", "no-annotation"],
+     (lambda t: t.update(annotations=[]), "has no annotation"),
+     (lambda t: t["annotations"][0]["result"].append(
+         {"id": "p", "type": "keypointlabels", "original_width": W, "original_height": H,
+          "value": {"x": 50.0, "y": 50.0, "width": 0.5, "keypointlabels": ["head"]}}),
+      "unknown keypoint name 'head' \\(the labeled set has no keypoints\\)")],
+    ids=["already-labeled", "unknown-class", "box-outside", "zero-width", "no-annotation", "keypoint-in-a-box-task"],
 )  # fmt: skip
 def test_conflicts_are_one_line_errors_naming_the_task(folder: Path, edit: Any, message: str) -> None:
     _review(folder)
@@ -273,3 +278,188 @@ def test_cli_review_and_merge(folder: Path, capsys: pytest.CaptureFixture[str]) 
                  "--out", str(folder / "again.json")]) == 1  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "already labeled" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# keypoints: synthetic stick figures, their true boxes and keypoints written as the pseudo-labels
+
+KP_SCORE_SHOWN, KP_SCORE_HIDDEN, KP_THR = 0.9, 0.1, 0.5
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A keypoint labeling folder: 6 figure images, the first 2 the labeled reference, the other 4 labeled
+    by "the teacher" with their true boxes and keypoints (score 0.9 where visible, 0.1 where hidden or out of
+    the frame); a selection at 0.5 for boxes and keypoints."""
+    folder = tmp_path_factory.mktemp("figures")
+    raw = json.loads(make_figures(folder / "data", num_images=6, seed=0).read_text())
+    ref_ids = {im["id"] for im in raw["images"][:2]}
+    ref = {**raw, "images": [im for im in raw["images"] if im["id"] in ref_ids],
+           "annotations": [a for a in raw["annotations"] if a["image_id"] in ref_ids]}  # fmt: skip
+    (folder / "ref.json").write_text(json.dumps(ref))
+    truth = load_coco(folder / "data" / "annotations.json")
+    rows = []
+    for im in truth.images[2:]:
+        lab = truth.labels[im.id]
+        kp = lab.keypoints.copy()
+        kp[..., 2] = np.where(kp[..., 2] == 2, KP_SCORE_SHOWN, KP_SCORE_HIDDEN)
+        n = len(lab.boxes)
+        rows.append({"file_name": im.file_name, "width": im.width, "height": im.height,
+                     "boxes": lab.boxes.reshape(-1).tolist(), "scores": [0.6] * n, "labels": [0] * n,
+                     "agreement": [3] * n, "keypoints": kp.reshape(-1).tolist(), "error": None})  # fmt: skip
+    write_shard(folder / "labels" / "shards" / "part-00000.parquet", rows, shard_schema(truth.num_keypoints))
+    manifest = {"status": "complete", "classes": {"names": ["figure"]},
+                "config": {"views": ["identity", "hflip", "scale:0.8", "scale:1.2"]}}  # fmt: skip
+    write_json_atomic(folder / "labels" / "manifest.json", manifest)
+    selection = {"thresholds": {"figure": 0.5}, "min_agreement": 1, "keypoint_threshold": KP_THR}
+    (folder / "selection.json").write_text(json.dumps(selection))
+    review(folder / "labels", folder / "ref.json", out=folder / "rev", top=10, selection_path=folder / "selection.json")
+    return folder
+
+
+def _sent_keypoints(folder: Path) -> dict[str, np.ndarray]:
+    """Per unlabeled image, the keypoints ``[N, K, 3]`` review should send: the true visible ones (as the
+    shard's float32 holds them) with v 2, the others 0, 0, 0."""
+    truth = load_coco(folder / "data" / "annotations.json")
+    out = {}
+    for im in truth.images[2:]:
+        kp = truth.labels[im.id].keypoints.astype(np.float32).astype(np.float64)
+        shown = kp[..., 2] == 2
+        out[im.file_name] = np.where(shown[..., None], kp, 0.0)
+    return out
+
+
+def _merged_keypoints(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+    ds = load_coco(path)  # validates
+    return {im.file_name: ds.labels[im.id].keypoints for im in ds.images if im.file_name in names}
+
+
+def _assert_keypoints_back(merged: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> None:
+    assert set(merged) == set(sent)
+    for name, kp in sent.items():
+        assert merged[name].shape == kp.shape
+        assert np.abs(merged[name] - kp).max() < 1e-6, name
+
+
+def test_keypoints_go_to_label_studio_as_keypointlabels_linked_to_their_box(figures: Path) -> None:
+    xml = (figures / "rev" / "label_config.xml").read_text()
+    assert '<KeyPointLabels name="keypoint" toName="image">' in xml and '<Label value="right_foot"/>' in xml
+    assert '<RectangleLabels name="label" toName="image">' in xml and '<Label value="figure"/>' in xml
+    tasks = json.loads((figures / "rev" / "tasks.json").read_text())
+    sent = _sent_keypoints(figures)
+    assert sorted(t["data"]["file_name"] for t in tasks) == sorted(sent)
+    names = load_coco(figures / "ref.json").keypoint_category.keypoints
+    for task in tasks:
+        result = task["predictions"][0]["result"]
+        boxes = [r for r in result if r["type"] == "rectanglelabels"]
+        points = [r for r in result if r["type"] == "keypointlabels"]
+        kp = sent[task["data"]["file_name"]]
+        assert len(boxes) == len(kp) and len(points) == int((kp[..., 2] == 2).sum()) > 0
+        w, h = task["data"]["width"], task["data"]["height"]
+        for r in points:
+            b = [x["id"] for x in boxes].index(r["parentID"])
+            k = names.index(r["value"]["keypointlabels"][0])
+            assert r["from_name"] == "keypoint" and r["score"] == pytest.approx(KP_SCORE_SHOWN)
+            assert (r["value"]["x"] * w / 100, r["value"]["y"] * h / 100) == pytest.approx(
+                tuple(kp[b, k, :2]), abs=1e-9
+            )
+
+
+def test_keypoints_through_a_label_studio_export_come_back(figures: Path, tmp_path: Path) -> None:
+    export = _export(json.loads((figures / "rev" / "tasks.json").read_text()))
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    summary = merge(figures / "ref.json", tmp_path / "export.json", out=tmp_path / "merged.json")
+    sent = _sent_keypoints(figures)
+    assert summary["images_added"] == 4 and summary["annotations_added"] == sum(len(k) for k in sent.values())
+    assert validate_coco(tmp_path / "merged.json") == []
+    _assert_keypoints_back(_merged_keypoints(tmp_path / "merged.json", set(sent)), sent)
+    raw = json.loads((tmp_path / "merged.json").read_text())
+    added = raw["annotations"][-summary["annotations_added"] :]  # in the export's order
+    shown = [int((k[:, 2] == 2).sum()) for t in export for k in sent[t["data"]["file_name"]]]
+    assert [a["num_keypoints"] for a in added] == shown and sum(shown) > 0
+
+
+def test_keypoints_through_cvat_coco_come_back(figures: Path, tmp_path: Path) -> None:
+    """What CVAT's "COCO 1.0" export of a skeleton task gives: its own ids, the keypoint schema on the
+    category, ``keypoints`` and ``num_keypoints`` on every annotation."""
+    coco = json.loads((figures / "rev" / "coco.json").read_text())
+    cat = coco["categories"][0]
+    cvat = {"licenses": [{"name": "", "id": 0, "url": ""}], "info": {"contributor": ""},
+            "categories": [{"id": 4, "name": cat["name"], "supercategory": "", "keypoints": cat["keypoints"],
+                            "skeleton": cat["skeleton"]}],
+            "images": [{**im, "id": im["id"] + 100, "license": 0} for im in coco["images"]],
+            "annotations": [{"id": a["id"] + 50, "image_id": a["image_id"] + 100, "category_id": 4, "segmentation": [],
+                             "area": a["area"], "bbox": a["bbox"], "iscrowd": 0, "attributes": {"occluded": False},
+                             "keypoints": a["keypoints"], "num_keypoints": a["num_keypoints"]}
+                            for a in coco["annotations"]]}  # fmt: skip
+    (tmp_path / "cvat.json").write_text(json.dumps(cvat))
+    merge(figures / "ref.json", tmp_path / "cvat.json", out=tmp_path / "merged.json")
+    assert validate_coco(tmp_path / "merged.json") == []
+    sent = _sent_keypoints(figures)
+    _assert_keypoints_back(_merged_keypoints(tmp_path / "merged.json", set(sent)), sent)
+
+
+def _one_box(task: dict[str, Any]) -> dict[str, Any]:
+    """The task's annotation cut to its first box and that box's keypoints."""
+    result = task["annotations"][0]["result"]
+    first = next(r for r in result if r["type"] == "rectanglelabels")
+    task["annotations"][0]["result"] = [r for r in result if r is first or r.get("parentID") == first["id"]]
+    return first
+
+
+def test_keypoints_without_parent_id_go_to_the_box_that_holds_them(figures: Path, tmp_path: Path) -> None:
+    export = _export(json.loads((figures / "rev" / "tasks.json").read_text()))
+    _one_box(export[0])
+    for r in export[0]["annotations"][0]["result"]:
+        r.pop("parentID", None)
+    (tmp_path / "export.json").write_text(json.dumps(export[:1]))
+    merge(figures / "ref.json", tmp_path / "export.json", out=tmp_path / "merged.json")
+    name = export[0]["data"]["file_name"]
+    sent = _sent_keypoints(figures)[name][:1]
+    _assert_keypoints_back(_merged_keypoints(tmp_path / "merged.json", {name}), {name: sent})
+
+
+def _orphan(where: str) -> Any:
+    """An edit: one box left, its first keypoint without a parentID, put ``where``."""
+
+    def edit(task: dict[str, Any]) -> None:
+        box = _one_box(task)
+        point = next(r for r in task["annotations"][0]["result"] if r["type"] == "keypointlabels")
+        point.pop("parentID")
+        if where == "outside":
+            box["value"].update(x=10.0, y=10.0, width=20.0, height=20.0)
+            point["value"].update(x=90.0, y=90.0)
+        else:  # the same box twice: the point is in both
+            task["annotations"][0]["result"].append({**copy.deepcopy(box), "id": "twin"})
+
+    return edit
+
+
+def _keypoint_edit(**changes: Any) -> Any:
+    def edit(task: dict[str, Any]) -> None:
+        point = next(r for r in task["annotations"][0]["result"] if r["type"] == "keypointlabels")
+        point["value"].update(changes.get("value", {}))
+        point.update({k: v for k, v in changes.items() if k != "value"})
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [(_keypoint_edit(value={"keypointlabels": ["tail"]}), "unknown keypoint name 'tail'"),
+     (_orphan("outside"), "has no parentID and lies outside every box"),
+     (_orphan("twice"), "has no parentID and lies inside 2 boxes"),
+     (_keypoint_edit(parentID="r999"), "parentID 'r999' names no box of the task"),
+     (_keypoint_edit(value={"keypointlabels": []}), "needs one keypoint name")],
+    ids=["unknown-name", "outside-every-box", "in-two-boxes", "parent-not-a-box", "no-name"],
+)  # fmt: skip
+def test_keypoint_conflicts_are_one_line_errors_naming_the_task(
+    figures: Path, tmp_path: Path, edit: Any, message: str
+) -> None:
+    export = _export(json.loads((figures / "rev" / "tasks.json").read_text()))
+    edit(export[0])
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    with pytest.raises(UserError, match=message) as exc:
+        merge(figures / "ref.json", tmp_path / "export.json", out=tmp_path / "merged.json")
+    assert f"task 1 ({export[0]['data']['file_name']})" in str(exc.value) and "\n" not in str(exc.value)
+    assert not (tmp_path / "merged.json").exists()
