@@ -50,6 +50,7 @@ log = logging.getLogger("bench.hf_views")
 
 ARMS = {"identity": "identity", "default": "default"}  # arm -> --views
 REFERENCE = "identity"
+SINGLE_VIEWS = ("hflip", "scale:0.75", "scale:1.25", "scale:1.5")  # each of the default views alone: pseudo AP only
 
 
 def write_model(folder: Path, *, size_px: int, width: int, queries: int, seed: int) -> Path:
@@ -169,10 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = {k: v for k, v in ARMS.items() if not args.only or k in set(args.only.split(",")) | {REFERENCE}}
     for name, views in arms.items():
         folder = work / f"label-{name}"
-        label_cfg = LabelConfig(model=str(teacher), images=str(data.unlabeled), image_root=str(data.unlabeled_images),
-                                out=str(folder), views=views, fuse="nms", workers=0, threads=args.threads,
-                                device="cpu", allow_weak_teacher=True)  # fmt: skip
-        stages.run(f"label {name}", folder / "manifest.complete", lambda c=label_cfg, f=folder: _label(c, f))
+        stages.run(f"label {name}", folder / "manifest.complete",
+                   lambda f=folder, v=views: _label(teacher, data, f, views=v, threads=args.threads))  # fmt: skip
         pseudo = work / f"select-{name}" / "pseudo.json"
         select_cfg = SelectConfig(labels=str(folder), reference=str(data.train), out=str(pseudo))
         stages.run(f"select {name}", pseudo, lambda c=select_cfg: select_pseudo_labels(c))
@@ -185,9 +184,16 @@ def main(argv: list[str] | None = None) -> int:
             "student": _val_ap(student, val, data.val_images),
             "label_seconds": read_json(folder / "manifest.json")["timings"]["total_s"],
         }  # fmt: skip
+    results["single_views"] = {}
+    for view in SINGLE_VIEWS:  # what each view gives alone: the pseudo-labels' AP, no student
+        folder = work / f"label-{view.replace(':', '')}"
+        stages.run(f"label {view}", folder / "manifest.complete",
+                   lambda f=folder, v=view: _label(teacher, data, f, views=v, threads=args.threads))  # fmt: skip
+        results["single_views"][view] = percent(evaluate_predictions(truth, fused_candidates(folder, truth)))
     _finish(results, args, argv, stages.seconds, started=started, load_start=load_start, truth=truth)
     write_json_atomic(out, results, indent=2)
     print(format_table(results))
+    print("each view alone, pseudo AP:", ", ".join(f"{v} {m['AP']}" for v, m in results["single_views"].items()))
     print(f"total {results['total_seconds'] / 60:.1f} min, {results['cpu_seconds'] / 60:.1f} CPU min (this run; stages "
           f"done earlier are not counted); load average {load_start[0]} at the start")  # fmt: skip
     return 0
@@ -224,7 +230,11 @@ def _finish(results: dict[str, Any], args: argparse.Namespace, argv: list[str] |
     results["provenance"] = provenance()
 
 
-def _label(cfg: LabelConfig, folder: Path) -> None:
+def _label(teacher: Path, data: Any, folder: Path, *, views: str, threads: int) -> None:
+    """``label`` U with the teacher under ``views`` (nms fusion), marked complete when it is."""
+    cfg = LabelConfig(model=str(teacher), images=str(data.unlabeled), image_root=str(data.unlabeled_images),
+                      out=str(folder), views=views, fuse="nms", workers=0, threads=threads, device="cpu",
+                      allow_weak_teacher=True)  # fmt: skip
     label(cfg)
     if read_json(folder / "manifest.json").get("status") == "complete":
         (folder / "manifest.complete").write_text("")

@@ -37,6 +37,7 @@ def test_tiny_bench_scores_both_arms_and_resumes(tmp_path: Path, capsys: pytest.
         assert set(arm["pseudo_labels"]) == {"AP", "AP50", "AP75"} and set(arm["student"]) == {"AP", "AP50", "AP75"}
         assert arm["kept_per_image"] > 0  # the count rule kept about L's objects per image
     assert results["ratios_vs_identity"]["identity"]["pseudo_labels"] in (1.0, None)
+    assert list(results["single_views"]) == ["hflip", "scale:0.75", "scale:1.25", "scale:1.5"]
     table = capsys.readouterr().out
     assert "student AP" in table and "teacher" in table
     assert bench.main(argv) == 0  # every stage done: skipped, the same scores
