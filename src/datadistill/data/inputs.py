@@ -74,3 +74,40 @@ def load_pseudo_labels(path: str, image_root: str, real: CocoDataset) -> CocoDat
             f"{path}: pseudo-label keypoints {shorten(pseudo_kp)} differ from the data's {shorten(real_kp)}"
         )
     return match_categories(pseudo, real, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSets:
+    """A training run's data: the labeled set, its pseudo-labels (a student) and its validation set."""
+
+    dataset: CocoDataset
+    pseudo: CocoDataset | None
+    val: CocoDataset | None
+
+
+def load_training_sets(
+    *,
+    data: str,
+    images: str,
+    pseudo: str | None = None,
+    pseudo_images: str | None = None,
+    val: str | None = None,
+    val_images: str | None = None,
+) -> TrainingSets:
+    """Load and check what every backend's trainer trains on: the labeled COCO json ``data`` (not empty, every
+    image file under ``images``), the pseudo-labels (:func:`load_pseudo_labels`) and the validation set
+    (its images under ``val_images``, default ``images``); each problem a one-line UserError."""
+    dataset = load_coco(data, image_root=images)
+    if not dataset.images:
+        raise UserError(f"{data}: no images to train on")
+    check_image_files(dataset, images, what="training", option="--images")
+    pseudo_set = None
+    if pseudo is not None:
+        if pseudo_images is None:
+            raise UserError("--pseudo needs --pseudo-images (the root of its images)")
+        pseudo_set = load_pseudo_labels(pseudo, pseudo_images, dataset)
+    val_set = None
+    if val is not None:
+        val_set = load_coco(val, image_root=val_images or images)
+        check_image_files(val_set, val_images or images, what="validation", option="--val-images")
+    return TrainingSets(dataset=dataset, pseudo=pseudo_set, val=val_set)

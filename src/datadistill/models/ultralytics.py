@@ -539,21 +539,12 @@ def _check_output_folder(cfg: TrainConfig, out: Path) -> bool:
 
 
 def _load_inputs(cfg: TrainConfig) -> _Inputs:
-    from datadistill.data.coco import load_coco
-    from datadistill.data.inputs import check_image_files, load_pseudo_labels
+    from datadistill.data.inputs import load_training_sets
 
-    dataset = load_coco(cfg.data, image_root=cfg.images)
-    if not dataset.images:
-        raise UserError(f"{cfg.data}: no images to train on")
-    check_image_files(dataset, cfg.images, what="training", option="--images")
-    pseudo = None
-    if cfg.pseudo is not None:
-        assert cfg.pseudo_images is not None
-        pseudo = load_pseudo_labels(cfg.pseudo, cfg.pseudo_images, dataset)
-    val = load_coco(cfg.val, image_root=cfg.val_images or cfg.images) if cfg.val is not None else None
+    sets = load_training_sets(data=cfg.data, images=cfg.images, pseudo=cfg.pseudo, pseudo_images=cfg.pseudo_images,
+                              val=cfg.val, val_images=cfg.val_images)  # fmt: skip
+    dataset, pseudo, val = sets.dataset, sets.pseudo, sets.val
     val_images = cfg.val_images or cfg.images
-    if val is not None:
-        check_image_files(val, val_images, what="validation", option="--val-images")
     imgsz = int(cfg.min_size) if cfg.min_size is not None else default_imgsz(dataset)
     if cfg.max_size is not None and cfg.max_size != imgsz:
         log.info("YOLO letterboxes to one size: --max-size %s ignored, imgsz %d", cfg.max_size, imgsz)
@@ -700,7 +691,8 @@ def _write_checkpoint(last: Path, final: Path, meta: ModelMeta, config: dict[str
     """``final``: Ultralytics' ``last`` with datadistill's meta under :data:`CHECKPOINT_KEY` (atomic)."""
     from datadistill.runtime.io import write_atomic
 
-    # Our own file, just written by Ultralytics' trainer: unpickled as Ultralytics itself does.
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    # Our own file, just written by Ultralytics' trainer: read back by Ultralytics' own loader (an Ultralytics
+    # checkpoint holds pickled model objects, which a weights-only load refuses).
+    ckpt = dict(import_ultralytics().YOLO(str(last)).ckpt)
     ckpt[CHECKPOINT_KEY] = {"meta": meta.to_dict(), "config": config}
     write_atomic(final, lambda f: torch.save(ckpt, f))

@@ -53,9 +53,9 @@ from tqdm import tqdm
 
 from datadistill.config import RUNTIME_KEYS, TrainConfig
 from datadistill.core.schedule import Schedule, resolve_schedule
-from datadistill.data.coco import CocoDataset, load_coco
+from datadistill.data.coco import CocoDataset
 from datadistill.data.dataset import DetectionDataset, MixedBatchSampler, collate
-from datadistill.data.inputs import check_image_files, check_input_sizes, load_pseudo_labels, shorten
+from datadistill.data.inputs import check_input_sizes, load_training_sets, shorten
 from datadistill.errors import UserError, one_line_errors
 from datadistill.models import detector
 from datadistill.models import torchvision as models
@@ -349,20 +349,11 @@ def check_output_folder(cfg: TrainConfig, out: Path, *, final_name: str = "check
 
 def load_inputs(cfg: TrainConfig, backend: LoopBackend) -> tuple[TrainConfig, TrainInputs]:
     """The data, pseudo-labels and validation set, checked; ``cfg`` resolved (:func:`resolve_config`)."""
-    dataset = load_coco(cfg.data, image_root=cfg.images)
-    if not dataset.images:
-        raise UserError(f"{cfg.data}: no images to train on")
-    check_image_files(dataset, cfg.images, what="training", option="--images")
-    pseudo = None
-    if cfg.pseudo is not None:
-        assert cfg.pseudo_images is not None
-        pseudo = load_pseudo_labels(cfg.pseudo, cfg.pseudo_images, dataset)
-    val = load_coco(cfg.val, image_root=cfg.val_images or cfg.images) if cfg.val is not None else None
+    sets = load_training_sets(data=cfg.data, images=cfg.images, pseudo=cfg.pseudo, pseudo_images=cfg.pseudo_images,
+                              val=cfg.val, val_images=cfg.val_images)  # fmt: skip
+    dataset, pseudo, val = sets.dataset, sets.pseudo, sets.val
     cfg = resolve_config(cfg, dataset, backend)
     assert cfg.model is not None
-    if val is not None:
-        assert cfg.val_images is not None
-        check_image_files(val, cfg.val_images, what="validation", option="--val-images")
     meta = backend.meta_for(cfg.model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
     for part, path in ((dataset, cfg.data), (pseudo, cfg.pseudo), (val, cfg.val)):
         if part is not None:
@@ -640,7 +631,7 @@ def run_epochs(run: EpochRun, progress: Progress, metrics: MetricsFile | None) -
         stats = distributed.mean_over_ranks(stats)
         train_s = time.perf_counter() - t0
         timings["train_s"] += train_s
-        record: dict[str, Any] = {"type": "epoch", "epoch": epoch + 1, **stats,
+        record: dict[str, Any] = {"type": "epoch", "epoch": epoch + 1, "iteration": run.scheduler.last_epoch, **stats,
                                   "lr": run.optimizer.param_groups[0]["lr"], "time_s": train_s,
                                   "it_s": schedule.steps_in(epoch) / max(train_s, 1e-9)}  # fmt: skip
         assert cfg.eval_every is not None
