@@ -259,8 +259,8 @@ LABEL_HELP = {
     "threads": "torch threads of the labeling process",
     "device": "auto, cpu, cuda or cuda:N",
     "precision": PRECISION_HELP,
-    "sync": "fuse and write in the labeling loop itself instead of beside the next batch (slower on a GPU; the "
-    "same shards)",
+    "sync": "fuse and write in the labeling loop itself, not in a thread beside the next batch (the same shards; "
+    "measured faster for a small model on a GPU, slower for a large one)",
     "overwrite": "replace labels made with another checkpoint, views or fusion",
     "allow_weak_teacher": "go on when the teacher finds no object above --score-floor on any image (else: an error)",
     "engine": "local (this process, or each torchrun process) or ray (Ray Data; pip install 'datadistill[ray]')",
