@@ -215,21 +215,6 @@ def test_predictions_are_the_post_processed_boxes_in_the_original_frame(models: 
     assert detector.unfit_reason(1, 4000, min_size=64, max_size=96) == "would resize it to 96x0 px"
 
 
-def test_training_minibatches_run_at_several_input_sizes(
-    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    detector = det.load_detector(f"hf:{models['detr']}")
-    module, seen = detector.module, []
-    encode = module.encode
-    monkeypatch.setattr(module, "encode", lambda images: seen.append(module.size["shortest_edge"]) or encode(images))
-    torch.manual_seed(0)
-    target = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 20.0]]), "labels": torch.tensor([1])}
-    for _ in range(12):
-        hf.losses(module, [torch.rand(3, 48, 64)], [target])
-    assert set(seen) <= {48, 56, 64, 72, 80} and len(set(seen)) >= 3  # 0.75 ... 1.25 x 64 px
-    assert module.size == {"shortest_edge": 64, "longest_edge": 96}  # and back after each one
-
-
 def test_classes_map_by_name_to_the_data_sets_categories(models: dict[str, Path], shapes: dict[str, Path]) -> None:
     data = shapes["labeled"] / "annotations.json"
     detector = det.load_detector(hf.with_options(f"hf:{models['rtdetr']}", classes=str(data)), min_score=0.0)

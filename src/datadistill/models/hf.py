@@ -58,10 +58,6 @@ DEFAULT_LR = 1e-4  # AdamW, the rate the DETR-family recipes fine-tune with
 OPTIONS = ("classes", "prompts")
 ZERO_SHOT_TYPES = ("owlvit", "owlv2")  # open-vocabulary models whose text queries and outputs we read
 FIXED_MULTIPLE = 32  # a fixed-size model (RT-DETR, D-FINE, OWL) runs a scale view at a multiple of this
-# Each training minibatch runs at one of these multiples of the model's input size, drawn at random, as the
-# DETR-family recipes train (RT-DETR: 480-800 px for 640): a model trained at one size regresses boxes from
-# their extent in pixels, so that a scale view's boxes came out about s^0.7 times too large or small.
-TRAIN_SCALES = (0.75, 0.875, 1.0, 1.125, 1.25)
 MODEL_HELP = (
     "a transformers detector: a save_pretrained folder (safetensors) or a hub id; closed-set models "
     "(DETR, RT-DETR, D-FINE, YOLOS, ...) train and label, open-vocabulary ones (OWL-ViT, OWLv2) label only "
@@ -287,7 +283,7 @@ class HfModule(nn.Module):
 
     ``forward(images, targets)`` returns the model's own training loss (Hungarian matching) as
     ``{"loss_hf": scalar}`` (what the training loop sums; under DDP the forward pass must be this
-    module's), each minibatch at an input size drawn from :data:`TRAIN_SCALES`. ``detect(images,
+    module's), at the model's input size (multi-scale training was tried: docs/results.md). ``detect(images,
     threshold=...)`` gives detections in each image's frame. ``class_of`` maps the model's label index (or
     text-query index) to our class index (-1: not ours).
     ``queries``: the text queries of an open-vocabulary model (empty for closed-set ones).
@@ -302,7 +298,6 @@ class HfModule(nn.Module):
         self.register_buffer("class_of", class_of, persistent=False)
         self.queries = queries
         self.fixed = fixed
-        self.base = (int(min_size), int(max_size))
         self.size = size_dict(min_size, max_size, fixed=fixed)
         # OWLv2 pads every image to a square before resizing: its boxes are fractions of that square
         self.square_pad = type(self.image_processor).__name__.startswith("Owlv2")
@@ -337,13 +332,7 @@ class HfModule(nn.Module):
             cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
             labels.append({"class_labels": t["labels"].to(device=device, dtype=torch.int64).reshape(-1),
                            "boxes": cxcywh})  # fmt: skip
-        saved = self.size
-        scale = TRAIN_SCALES[int(torch.randint(len(TRAIN_SCALES), ()))]  # the global RNG: restored on resume
-        self.size = size_dict(round(self.base[0] * scale), round(self.base[1] * scale), fixed=self.fixed)
-        try:
-            out = self.model(**self.encode(images), labels=labels)
-        finally:
-            self.size = saved
+        out = self.model(**self.encode(images), labels=labels)
         return {"loss_hf": out.loss}
 
     @torch.no_grad()
