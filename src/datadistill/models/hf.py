@@ -348,27 +348,10 @@ class HfModule(nn.Module):
             boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
                                  boxes[:, 3].clamp(0, h)], dim=1)  # fmt: skip
             keep = torch.nonzero(labels >= 0).flatten()
-            keep = keep[best_per_box(boxes[keep], r["scores"].float()[keep])[:MAX_DETECTIONS]]
+            keep = keep[r["scores"].float()[keep].argsort(descending=True)[:MAX_DETECTIONS]]
             det = Detections(boxes=boxes[keep], scores=r["scores"].float()[keep], labels=labels[keep])
             detections.append(det.to(images[0].device))
         return detections
-
-
-def best_per_box(boxes: Tensor, scores: Tensor) -> Tensor:
-    """Indices of the highest-scoring of each set of identical ``boxes`` ``[N, 4]``, by descending score.
-
-    A sigmoid head's post-processing (RT-DETR, D-FINE: the top k of queries x classes) lists one query's box
-    once for each class it scores; one object per query is what the count rule must count (else the
-    one-class-per-object filter of ``select`` removes the extra ones after the threshold, short of its count).
-    """
-    if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    _, group = torch.unique(boxes, dim=0, return_inverse=True)
-    order = scores.argsort(descending=True, stable=True)
-    position = torch.arange(len(order), device=boxes.device)
-    first = torch.full((int(group.max()) + 1,), len(order), device=boxes.device)
-    first = first.scatter_reduce(0, group[order], position, reduce="amin")
-    return order[first.sort().values]
 
 
 def _unwrap(model: nn.Module) -> HfModule:
