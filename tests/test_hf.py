@@ -359,6 +359,10 @@ def test_an_open_vocabulary_model_labels_with_prompts_in_our_category_ids(
     assert all(0 <= lab < len(synth.SHAPE_CLASSES) for r in rows for lab in r["labels"])
     pseudo = select_pseudo_labels(SelectConfig(labels=str(labels), reference=str(data), out=str(tmp_path / "p.json")))
     assert json.loads(pseudo.read_text())["annotations"]
+    prompts.write_text("circle: a wheel\nsquare: a square\n")  # other prompts: the folder's labels no longer fit
+    with pytest.raises(UserError, match=r"labels made with another options_sha256"):
+        label(LabelConfig(model=spec, images=str(shapes["unlabeled"] / "images"), out=str(labels),
+                          views="identity,hflip", score_floor=0.0, batch_size=3, workers=0, device="cpu"))  # fmt: skip
     with pytest.raises(UserError, match="labels only"):
         train(_train_cfg(shapes, tmp_path / "t", spec))
     bad = tmp_path / "bad.yaml"

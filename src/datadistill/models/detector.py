@@ -276,6 +276,14 @@ def model_file(spec: str) -> Path:
     return module.model_file(spec)  # type: ignore[no-any-return]
 
 
+def option_files(spec: str) -> tuple[Path, ...]:
+    """The files besides the weights that change what ``spec`` labels (an open-vocabulary model's prompts and
+    classes); none for most backends."""
+    spec = resolve_spec(spec)
+    module = backend_module(backend_of(spec))
+    return tuple(getattr(module, "option_files", lambda s: ())(spec))
+
+
 def with_model_file(spec: str, path: str | os.PathLike[str]) -> str:
     """``spec`` with its weights file replaced by ``path`` (a copy of :func:`model_file` elsewhere)."""
     spec = resolve_spec(spec)

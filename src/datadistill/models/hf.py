@@ -107,6 +107,13 @@ def with_options(spec: str, *, classes: str | None = None, prompts: str | None =
     return f"{PREFIX}{parsed.source}" + (f"?{query}" if query else "")
 
 
+def option_files(spec: str) -> tuple[Path, ...]:
+    """The files of ``spec``'s options (``classes``, ``prompts``) that change what the model labels: a labeling
+    run's signature hashes them beside the weights."""
+    parsed = parse_spec(spec)
+    return tuple(Path(f) for f in (parsed.classes, parsed.prompts) if f)
+
+
 def label_only(spec: str) -> bool:
     """Whether ``spec`` is an open-vocabulary model (it labels as it is; it cannot be trained here)."""
     return is_zero_shot(load_config(check_source(parse_spec(spec).source)))

@@ -33,7 +33,7 @@ from datadistill.config import LabelConfig
 from datadistill.core.views import View, parse_views
 from datadistill.data.coco import read_json
 from datadistill.errors import DataError, UserError
-from datadistill.models.detector import Detector, load_detector, model_file, resolve_spec
+from datadistill.models.detector import Detector, load_detector, model_file, option_files, resolve_spec
 from datadistill.runtime import distributed
 from datadistill.runtime.devices import resolve_device, resolve_precision
 from datadistill.runtime.io import file_sha256, provenance, remove_temporaries, write_json_atomic
@@ -63,9 +63,9 @@ BOX_FUSIONS = ("nms", "soft-nms", "vote", "wbf")
 KEYPOINT_FUSIONS = ("heatmap", "mean")
 # What must match for a re-run to resume a folder instead of refusing it.
 RESUME_KEYS = ("checkpoint_sha256", "views", "fuse", "keypoint_fuse", "iou_thr", "score_floor", "shard_size",
-               "batch_size", "files_sha256", "precision")  # fmt: skip
+               "batch_size", "files_sha256", "precision", "options_sha256")  # fmt: skip
 # What a folder written before a key existed was made with.
-LEGACY_VALUES = {"precision": "fp32"}
+LEGACY_VALUES: dict[str, Any] = {"precision": "fp32", "options_sha256": None}
 # Batches whose fusion and writing may wait behind the one on the device (the overlapped loop); each holds
 # its images' raw predictions on the CPU only.
 PIPELINE_DEPTH = 2
@@ -90,6 +90,8 @@ def _signature(
     return {
         "checkpoint": spec,
         "checkpoint_sha256": file_sha256(model_file(spec)),
+        # an open-vocabulary teacher's prompts and classes: edited between runs, they change the labels
+        "options_sha256": _options_sha256(option_files(spec)),
         "source": source.description,
         "image_root": str(source.root),
         "num_images": len(source.files),
@@ -103,6 +105,16 @@ def _signature(
         "batch_size": cfg.batch_size,
         "precision": precision,
     }
+
+
+def _options_sha256(files: tuple[Path, ...]) -> str | None:
+    """One hash of the contents of ``files`` (None for none); a missing file is a one-line UserError."""
+    if not files:
+        return None
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f}: not found (named in the model spec)")
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
 def _check_config(cfg: LabelConfig) -> tuple[View, ...]:
