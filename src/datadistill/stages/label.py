@@ -384,12 +384,11 @@ def _start_batch(
         return job
     tensors = [b["image"].to(device, non_blocking=True).float().div_(255) for b in good]
     if meta.task == "keypoints" and cfg.keypoint_fuse == "heatmap":
-        fused = iter(label_images(
+        fused = label_images(
             detector, tensors, views=views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
             score_floor=cfg.score_floor, timer=timer, precision=precision,
-        ))  # fmt: skip
-        made = [row if row is not None else detections_row(b["file_name"], *sizes[names.index(b["file_name"])],
-                                                           next(fused), meta.num_keypoints)
-                for b, row in zip(batch, rows, strict=True)]  # fmt: skip
-        return replace(job, rows=tuple(made), names=(), sizes=())
+        )  # fmt: skip
+        made = iter([detections_row(name, w, h, det, meta.num_keypoints)
+                     for name, (w, h), det in zip(names, sizes, fused, strict=True)])  # fmt: skip
+        return replace(job, rows=tuple(row if row is not None else next(made) for row in rows), names=(), sizes=())
     return replace(job, outputs=run_views(detector, tensors, views=views, precision=precision, timer=timer))
