@@ -306,12 +306,21 @@ def run_arms(bench_args: dict[str, Any], arms: dict[str, Arm], *, jobs: int, thr
     return results, seconds
 
 
-def stop(pool: ProcessPoolExecutor) -> None:
+def stop(pool: ProcessPoolExecutor, *, grace_s: float = 5.0) -> None:
     """Cancel the queued stages and terminate the running ones (each resumes from its last epoch or shard
     when the bench is run again): a killed bench leaves no worker training on."""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
         process.terminate()
     pool.shutdown(wait=False, cancel_futures=True)
+    # A worker that inherited a SIGTERM handler (this bench's own, under fork) turns the signal into an
+    # exception of its current stage and lives on: it gets SIGKILL after a grace period.
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(5)
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:

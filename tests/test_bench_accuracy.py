@@ -178,3 +178,32 @@ def test_stopping_the_bench_terminates_the_running_stages() -> None:
         p.join(5)
     assert not any(p.is_alive() for p in processes)
     assert queued.cancelled() or queued.exception(timeout=10) is not None  # never runs
+
+
+def _deaf_to_sigterm(ready: str) -> None:
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(ready).touch()
+    time.sleep(60)
+
+
+def test_stopping_the_bench_kills_a_worker_that_ignores_sigterm(tmp_path: Path) -> None:
+    import multiprocessing
+    import signal
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    bench = _bench()
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+    ready = tmp_path / "ready"
+    pool.submit(_deaf_to_sigterm, str(ready))
+    deadline = time.time() + 20
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    processes = list(pool._processes.values())
+    assert ready.exists() and processes
+    bench.stop(pool, grace_s=0.5)
+    assert not any(p.is_alive() for p in processes)
+    assert [p.exitcode for p in processes] == [-signal.SIGKILL]
