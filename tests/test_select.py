@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from torchvision.ops import box_iou
 
 from datadistill.data.coco import load_coco
 from datadistill.errors import UserError
 from datadistill.runtime.io import write_json_atomic
-from datadistill.stages.select import SelectConfig, select_pseudo_labels
+from datadistill.stages.select import SelectConfig, cross_class_duplicates, select_pseudo_labels
 from datadistill.stages.shards import shard_schema, write_shard
 
 KP = ["head", "left_hand", "right_hand"]
@@ -199,3 +202,133 @@ def test_cross_class_iou_keeps_one_class_per_object(tmp_path: Path) -> None:
     assert len(json.loads(plain.read_text())["annotations"]) == 9  # the count rule: 3 x 3 images
     with pytest.raises(UserError, match=r"--cross-class-iou must be in \[0, 1\] \(0: off\), got 1.5"):
         select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "x" / "p.json"), cross_class_iou=1.5))
+
+
+def _reference_duplicates(boxes, scores, labels, image, *, among, iou_thr):  # noqa: ANN001, ANN202
+    """The greedy of :func:`cross_class_duplicates` as first written: a Python loop over torchvision's box_iou."""
+    out = np.zeros(scores.shape, bool)
+    idx = np.flatnonzero(among)
+    idx = idx[np.argsort(image[idx], kind="stable")]
+    for group in np.split(idx, np.flatnonzero(np.diff(image[idx])) + 1):
+        group = group[np.argsort(-scores[group], kind="stable")]
+        iou = box_iou(torch.from_numpy(boxes[group]), torch.from_numpy(boxes[group])).numpy()
+        other_class = labels[group][:, None] != labels[group][None, :]
+        dropped = np.zeros(group.size, bool)
+        for i in range(group.size):
+            if not dropped[i]:
+                dropped[i + 1 :] |= other_class[i, i + 1 :] & (iou[i, i + 1 :] >= iou_thr)
+        out[group[dropped]] = True
+    return out
+
+
+def _random_candidates(rng: np.random.Generator, n: int, images: int, classes: int) -> tuple[np.ndarray, ...]:
+    """Boxes on a coarse grid (so that IoUs land exactly on 0.5, 1/3, 1 and 0 often), some repeated under
+    another class, a few of zero area; scores in steps of 0.05 (ties); image keys in random order."""
+    xy = rng.integers(0, 8, (n, 2)) * 4.0
+    wh = rng.integers(0, 4, (n, 2)) * 4.0  # 0: a zero-area box
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    scores = rng.integers(1, 20, n) * 0.05
+    labels = rng.integers(0, classes, n)
+    image = rng.integers(0, images, n)
+    again = rng.random(n) < 0.3  # the previous candidate's box and image under another class
+    again[0] = False
+    boxes[again] = boxes[np.flatnonzero(again) - 1]
+    image[again] = image[np.flatnonzero(again) - 1]
+    labels[again] = (labels[np.flatnonzero(again) - 1] + 1) % classes
+    return boxes, scores, labels, image
+
+
+@pytest.mark.parametrize("iou_thr", [0.5, 1 / 3, 1.0, 0.05, 0.7])
+def test_cross_class_duplicates_match_the_python_reference(iou_thr: float) -> None:
+    rng = np.random.default_rng(int(iou_thr * 1000))
+    boxes, scores, labels, image = _random_candidates(rng, 20_000, 600, 3)
+    among = rng.random(scores.size) < 0.9
+    got = cross_class_duplicates(boxes, scores, labels, image, among=among, iou_thr=iou_thr)
+    want = _reference_duplicates(boxes, scores, labels, image, among=among, iou_thr=iou_thr)
+    assert 500 < want.sum() < among.sum() and np.array_equal(got, want)
+    assert not got[~among].any()
+    # one threshold for all classes: dropping the duplicates, then thresholding = thresholding, then dropping
+    above = among & (scores >= 0.5)
+    after = cross_class_duplicates(boxes, scores, labels, image, among=above, iou_thr=iou_thr)
+    assert np.array_equal(after, got & above)
+
+
+def test_cross_class_duplicates_edges() -> None:
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 0, 0], [0, 0, 0, 0]], float)
+    args = (np.array([0.9, 0.8, 0.8, 0.7, 0.6]), np.array([0, 1, 0, 0, 1]), np.array([0, 0, 0, 1, 1]))
+    everything = np.ones(5, bool)
+    # the b at 0.8 is the a seen again; the second a is of the same class; zero-area boxes overlap nothing
+    got = cross_class_duplicates(boxes, *args, among=everything, iou_thr=1.0)
+    assert got.tolist() == [False, True, False, False, False]
+    assert not cross_class_duplicates(boxes, *args, among=everything, iou_thr=0.0).any()  # 0: off
+    # one class among the candidates (keypoint tasks): nothing to do
+    assert not cross_class_duplicates(boxes, *args, among=args[1] == 0, iou_thr=0.5).any()
+    # the a at 0.9 not among them: the b and the second a tie at 0.8, and the earlier (the b) goes first
+    got = cross_class_duplicates(boxes, *args, among=np.arange(5) > 0, iou_thr=0.5)
+    assert got.tolist() == [False, False, True, False, False]
+
+
+def _twice_per_object(rng: np.random.Generator, images: int) -> list[tuple]:
+    """Rows with 2 to 6 objects per image, each listed twice: as class a and as class b (a box moved by half
+    a pixel, a score 0.001 to 0.01 lower or higher), as a DETR-family teacher lists a query once per class."""
+    rows = []
+    for i in range(images):
+        n = int(rng.integers(2, 7))
+        x = np.arange(n) * 16.0  # the objects do not overlap each other
+        scores, labels, boxes = [], [], []
+        for k in range(n):
+            s, d, first = float(rng.uniform(0.1, 0.9)), float(rng.uniform(0.001, 0.01)), int(rng.integers(0, 2))
+            scores += [s, s - d]
+            labels += [first, 1 - first]
+            boxes += [[x[k], 10.0, x[k] + 12, 50.0], [x[k] + 0.5, 10.0, x[k] + 12.5, 50.5]]
+        rows.append((f"u{i}.png", scores, labels, [1] * 2 * n, boxes))
+    return rows
+
+
+def test_count_rule_counts_objects_not_class_hypotheses(tmp_path: Path) -> None:
+    _reference(tmp_path / "ref.json", per_image=[[0, 1, 0], [1, 0, 1]])  # 3 objects per labeled image
+    _shards(tmp_path / "labels", _twice_per_object(np.random.default_rng(0), 40))
+    common = {"labels": str(tmp_path / "labels"), "reference": str(tmp_path / "ref.json")}
+    out = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "s" / "p.json")))
+    sel = json.loads((tmp_path / "s" / "selection.json").read_text())
+    assert sel["unlabeled_images"] == 40 and sel["target_objects"] == [120]
+    assert sel["achieved_objects"] == 120 and sel["achieved_per_image"] == sel["target_per_image"] == 3.0
+    assert sel["cross_class_duplicates"] == sel["candidates"] // 2  # every object's second class
+    kept = load_coco(out)
+    assert sum(len(lab.boxes) for lab in kept.labels.values()) == 120
+    # what it did before: the count threshold on the class hypotheses, the duplicates dropped after it
+    plain = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "p" / "p.json"), cross_class_iou=0.0))
+    hypotheses = json.loads(plain.read_text())["annotations"]
+    assert len(hypotheses) == 120
+    boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                      for a in hypotheses])  # fmt: skip
+    scores, labels = np.array([a["score"] for a in hypotheses]), np.array([a["category_id"] for a in hypotheses])
+    image = np.array([a["image_id"] for a in hypotheses])
+    old = cross_class_duplicates(boxes, scores, labels, image, among=np.ones(len(hypotheses), bool), iou_thr=0.5)
+    assert 0.45 < (len(hypotheses) - old.sum()) / 120 < 0.55  # about half of the target
+
+
+@pytest.mark.parametrize("policy", ["count", "count-per-class", "fixed:0.4"])
+def test_without_cross_class_duplicates_the_filter_changes_nothing(tmp_path: Path, policy: str) -> None:
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(30):
+        n = int(rng.integers(0, 8))
+        # class a on the left half, class b on the right: boxes of other classes never overlap; boxes of the
+        # same class do (per-class fusion leaves such pairs below its IoU)
+        labels = rng.integers(0, 2, n).tolist()
+        x = [float(rng.uniform(0, 30)) + 50.0 * c for c in labels]
+        boxes = [[x0, 5.0, x0 + 20, 25.0] for x0 in x]
+        rows.append((f"u{i}.png", rng.uniform(0.05, 1, n).round(3).tolist(), labels, rng.integers(1, 4, n).tolist(),
+                     boxes))  # fmt: skip
+    _reference(tmp_path / "ref.json", per_image=[[0, 0, 1], [0, 1]])
+    _shards(tmp_path / "labels", rows)
+    common = {"labels": str(tmp_path / "labels"), "reference": str(tmp_path / "ref.json"), "policy": policy,
+              "min_agreement": 2, "ignore_band": 0.5}  # fmt: skip
+    on = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "on" / "p.json")))
+    off = select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "off" / "p.json"), cross_class_iou=0.0))
+    assert on.read_text() == off.read_text() and len(json.loads(on.read_text())["annotations"]) > 10
+    sel_on, sel_off = (json.loads((p.parent / "selection.json").read_text()) for p in (on, off))
+    for volatile in ("options", "seconds", "provenance", "cross_class_iou"):
+        del sel_on[volatile], sel_off[volatile]
+    assert sel_on == sel_off and sel_on["cross_class_duplicates"] == 0
