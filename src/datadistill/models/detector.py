@@ -15,10 +15,11 @@ from. A *model spec* is what a user types after ``--model``:
 ==========================  ===============================================================================
 
 :data:`BACKENDS` maps each backend to the module that implements it; each such module offers
-``load(spec, *, device, min_score)`` (a :class:`Detector`), ``model_file(spec)`` and ``train(cfg)`` (the
-train stage of its models); :data:`TRAINED_FILES` names what ``train`` writes last into its output
-folder. A backend whose models train in datadistill's own loop gives that loop a :class:`LoopBackend`.
-Coordinates are absolute pixel xyxy in the original image frame, as everywhere in datadistill.
+``load(spec, *, device, min_score)`` (a :class:`Detector`), ``model_file(spec)``, ``model_files(spec)`` (a
+:class:`ModelFiles`) and ``train(cfg)`` (the train stage of its models); :data:`TRAINED_FILES` names what
+``train`` writes last into its output folder. A backend whose models train in datadistill's own loop
+gives that loop a :class:`LoopBackend`. Coordinates are absolute pixel xyxy in the original image frame,
+as everywhere in datadistill.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
+from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -289,6 +291,78 @@ def with_model_file(spec: str, path: str | os.PathLike[str]) -> str:
     spec = resolve_spec(spec)
     prefix = next((p for p in PREFIXES if spec.startswith(p)), "")
     return f"{prefix}{path}"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Every local file a model spec loads from, to copy to a machine that cannot see them (a Ray worker).
+
+    ``files``: ``(name, path)`` pairs; the copy of ``path`` goes to ``FOLDER/name`` (``name`` is relative,
+    ``/``-separated, never ``..``). ``rebuild(FOLDER)``: the spec that loads the copies laid out in ``FOLDER``
+    (a ``partial`` of a module-level function, so that the record pickles)."""
+
+    files: tuple[tuple[str, Path], ...]
+    rebuild: Callable[[Path], str]
+
+    def spec_in(self, folder: str | os.PathLike[str]) -> str:
+        """The spec of the copies laid out in ``folder`` (by :func:`write_model_files`)."""
+        return self.rebuild(Path(folder))
+
+
+def model_files(spec: str) -> ModelFiles:
+    """What to ship so that another machine loads ``spec`` without seeing this one's files: its weights
+    file or whole model folder and its option files (prompts, classes), each backend saying which (its
+    ``model_files``); a one-line UserError for a file that is missing or a link that leads out of its folder."""
+    spec = resolve_spec(spec)
+    shipped: ModelFiles = backend_module(backend_of(spec)).model_files(spec)
+    names = [check_file_name(name) for name, _ in shipped.files]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{spec}: two files to ship under one name: {sorted(names)}")
+    return shipped
+
+
+def check_file_name(name: str) -> str:
+    """``name`` when it is a relative ``/``-separated path that stays in its folder; ValueError otherwise."""
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or any(p in ("", ".", "..") for p in parts) or "\\" in name:
+        raise ValueError(f"not a relative file name inside a folder: {name!r}")
+    return name
+
+
+def single_file(spec: str, path: Path) -> ModelFiles:
+    """The :class:`ModelFiles` of a spec that is its one weights file ``path`` (a checkpoint, a YOLO .pt)."""
+    return ModelFiles(files=((path.name, path),), rebuild=partial(_spec_of_copy, spec, path.name))
+
+
+def _spec_of_copy(spec: str, name: str, folder: Path) -> str:
+    return with_model_file(spec, folder / name)
+
+
+def folder_files(folder: Path, *, within: Path | None = None) -> tuple[tuple[str, Path], ...]:
+    """``(name, path)`` of the files directly in ``folder``, by name; hidden ones (``.git``, ``.cache``) and
+    folders (links to folders too) are left out. A link is followed only when it stays inside ``within`` (default: ``folder``;
+    a Hugging Face cache snapshot's links lead to the repo's ``blobs/``); one leading elsewhere, or nowhere,
+    is a one-line UserError (as is any other thing that is not a regular file)."""
+    bound = (within if within is not None else folder).resolve()
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        target = path.resolve()
+        if path.is_symlink() and not target.is_relative_to(bound):
+            raise UserError(f"{path}: refused: a link to {target}, outside {bound}")
+        if not target.is_file():
+            raise UserError(f"{path}: refused: {'a link to ' + str(target) if path.is_symlink() else 'not a file'}")
+        files.append((path.name, path))
+    return tuple(files)
+
+
+def write_model_files(contents: Mapping[str, bytes], folder: str | os.PathLike[str]) -> None:
+    """Write the shipped files ``name -> bytes`` (the names of a :class:`ModelFiles`) into ``folder``."""
+    for name, blob in contents.items():
+        path = Path(folder) / check_file_name(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
 
 
 def with_label_options(spec: str, *, classes: str | None = None, prompts: str | None = None) -> str:

@@ -32,6 +32,7 @@ import logging
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -44,7 +45,7 @@ from datadistill.core.types import Detections
 from datadistill.core.views import resized_size
 from datadistill.data.coco import CocoDataset
 from datadistill.errors import UserError
-from datadistill.models.detector import LoopBackend, ModelMeta
+from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, folder_files
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +494,56 @@ def model_file(spec: str) -> Path:
             raise UserError(f"hf:{source}: cannot get model.safetensors ({type(exc).__name__})") from exc
     single = folder / "model.safetensors"
     return single if single.is_file() else folder / "model.safetensors.index.json"
+
+
+def model_files(spec: str) -> ModelFiles:
+    """Every file ``spec`` loads from, for a machine that cannot see them (the Ray engine's actors): the
+    files of its ``save_pretrained`` folder under ``model/`` (from_pretrained reads no subfolder: a Trainer's
+    ``checkpoint-N/`` is not shipped), its ``classes`` and ``prompts`` files under ``classes/`` and ``prompts/``.
+
+    A hub id ships the snapshot that this machine's Hugging Face cache holds for it (the driver downloaded it
+    when it loaded the model; its ``model.safetensors`` is the :func:`model_file` a labeling signature
+    hashes): the workers need no hub access and label with the very revision the driver checked. An id that
+    is not in the cache is a one-line UserError; so is a link that leads out of the folder (out of the cache's
+    folder of that repo, whose ``blobs/`` a snapshot's links point to)."""
+    hf = parse_spec(spec)
+    source = check_source(hf.source)
+    folder, within = Path(source), None
+    if not folder.is_dir():
+        folder, within = cached_snapshot(source)
+    files = [(f"model/{name}", path) for name, path in folder_files(folder, within=within)]
+    options: dict[str, str] = {}
+    for key, value in (("classes", hf.classes), ("prompts", hf.prompts)):
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UserError(f"{path}: {key} file not found (named in the model spec)")
+        options[key] = f"{key}/{path.name}"
+        files.append((options[key], path))
+    return ModelFiles(files=tuple(files), rebuild=partial(spec_in_folder, **options))
+
+
+def spec_in_folder(folder: Path, *, classes: str | None = None, prompts: str | None = None) -> str:
+    """The spec of the copies of :func:`model_files` laid out in ``folder`` (``classes``, ``prompts``: the
+    names of the option files in it)."""
+    return with_options(f"{PREFIX}{folder / 'model'}", classes=str(folder / classes) if classes else None,
+                        prompts=str(folder / prompts) if prompts else None)  # fmt: skip
+
+
+def cached_snapshot(repo_id: str) -> tuple[Path, Path]:
+    """``(snapshot folder, the repo's cache folder)`` of hub id ``repo_id`` in this machine's Hugging Face cache
+    (its ``main`` revision, as transformers loads it); a one-line UserError when it is not there."""
+    import_transformers()
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(config, str):
+        raise UserError(f"hf:{repo_id}: not in this machine's Hugging Face cache, so there is nothing to ship to the "
+                        "Ray workers: load it here once (datadistill evaluate or label), or give a save_pretrained "
+                        "folder")  # fmt: skip
+    snapshot = Path(config).parent
+    return snapshot, snapshot.parent.parent
 
 
 # ----------------------------------------------------------------------------------------------------

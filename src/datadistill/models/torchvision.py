@@ -55,7 +55,7 @@ from datadistill.core.types import Detections
 from datadistill.core.views import resized_size
 from datadistill.data.coco import CocoDataset
 from datadistill.errors import UserError
-from datadistill.models.detector import LoopBackend, ModelMeta, Task
+from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, Task, single_file
 from datadistill.models.ignore import IGNORE_LABEL, make_ignore_aware, supports_ignore
 from datadistill.runtime.io import write_atomic
 
@@ -993,6 +993,11 @@ def load(spec: str, *, device: str | torch.device = "cpu", min_score: float | No
 def model_file(spec: str) -> Path:
     """The checkpoint file of ``spec``."""
     return Path(spec).expanduser()
+
+
+def model_files(spec: str) -> ModelFiles:
+    """What another machine needs to load ``spec``: its checkpoint file, the only file it reads."""
+    return single_file(spec, model_file(spec))
 
 
 def default_lr(model: str, optimizer: str) -> float:

@@ -44,6 +44,7 @@ from torch import Tensor
 from datadistill.core.types import Detections
 from datadistill.data.coco import CocoDataset, default_sigmas, derive_flip_index
 from datadistill.errors import UserError
+from datadistill.models.detector import ModelFiles, single_file
 from datadistill.models.torchvision import ModelMeta
 
 if TYPE_CHECKING:
@@ -320,6 +321,12 @@ def load(spec: str, *, device: torch.device | str = "cpu", min_score: float | No
 def model_file(spec: str) -> Path:
     """The local ``.pt`` of ``spec`` (:func:`weights_path`)."""
     return weights_path(spec)
+
+
+def model_files(spec: str) -> ModelFiles:
+    """What another machine needs to load ``spec``: its ``.pt`` (a foreign pose model's flip map is read from
+    its training data YAML only where that file is still at its path, else from its keypoint names)."""
+    return single_file(spec, weights_path(spec))
 
 
 def _meta_from_model(spec: str, yolo: Any, ckpt: dict[str, Any]) -> ModelMeta:

@@ -6,8 +6,10 @@ The streaming pipeline, for the shards still to do:
    engine's batches, so the labels are the same);
 2. ``map_batches`` tasks on CPU workers read and decode the row's images (broken files become errors,
    as in the local engine);
-3. ``map_batches`` on a pool of model actors, each holding the detector loaded once from its model file
-   (shipped through the object store, so the workers need not see the driver's files; one GPU per actor
+3. ``map_batches`` on a pool of model actors, each holding the detector loaded once from the model's files
+   (:func:`datadistill.models.detector.model_files`: a weights file, or a Hugging Face model's whole folder,
+   and an open-vocabulary teacher's prompts and classes files), shipped through the object store and
+   rebuilt in a temporary folder, so the workers need not see the driver's files (one GPU per actor
    where the cluster has GPUs, else ``threads`` CPU threads per actor), runs
    :func:`datadistill.stages.multiview.label_images` and returns one shard-table row per image;
 4. the driver gathers each shard's rows and writes the shard atomically once it is complete (the local
@@ -33,7 +35,7 @@ import torch
 
 from datadistill.core.views import parse_views
 from datadistill.errors import UserError
-from datadistill.models.detector import load_detector, model_file, with_model_file
+from datadistill.models.detector import ModelFiles, load_detector, model_files, write_model_files
 from datadistill.runtime.devices import resolve_precision
 from datadistill.stages.multiview import LabelTimer, label_images, unfit_reason
 from datadistill.stages.shards import (
@@ -89,20 +91,18 @@ def _decode(batch: pa.Table, *, root: str) -> pa.Table:
 class _Labeler:
     """A model actor: loads the detector once, then labels one forward-pass batch per row.
 
-    ``weights``: the model file's bytes in the object store; written to a temporary file named as the
-    driver's (``name``), which replaces the file in the driver's model ``spec``."""
+    ``contents``: each of ``shipped``'s files (by name) as bytes in the object store; written to a
+    temporary folder, from which the detector loads (``shipped.spec_in``), then deleted."""
 
-    def __init__(self, *, spec: str, name: str, weights: list[Any], device: str, threads: int, num_keypoints: int,
-                 settings: dict) -> None:  # fmt: skip
+    def __init__(self, *, shipped: ModelFiles, contents: dict[str, Any], device: str, threads: int,
+                 num_keypoints: int, settings: dict) -> None:  # fmt: skip
         import ray
 
         torch.set_num_threads(threads)
-        (blob,) = ray.get(weights)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_bytes(blob)
-            self.detector = load_detector(with_model_file(spec, path), device=device,
-                                          min_score=settings["score_floor"])  # fmt: skip
+        blobs = ray.get(list(contents.values()))
+        with tempfile.TemporaryDirectory(prefix="datadistill-model-") as tmp:
+            write_model_files(dict(zip(contents, blobs, strict=True)), tmp)
+            self.detector = load_detector(shipped.spec_in(tmp), device=device, min_score=settings["score_floor"])
         self.device = torch.device(device)
         self.precision = resolve_precision(settings["precision"], self.device)
         self.views = parse_views(settings["views"])
@@ -206,6 +206,7 @@ def label_shards(
                "process_loop_s": None, "model_s": 0.0, "fusion_s": 0.0}  # fmt: skip
     if not rows:
         return timings
+    shipped = model_files(spec)  # its refusals come before Ray starts
     shutdown = _connect(address)
     try:
         actor_device, actor_resources, most = _actor_resources(device, threads)
@@ -213,16 +214,15 @@ def label_shards(
         settings = {"views": views, "fuse": fuse, "keypoint_fuse": keypoint_fuse, "iou_thr": iou_thr,
                     "score_floor": score_floor, "precision": precision}  # fmt: skip
         blocks = min(len(rows), max(len(shards), 4 * cpus))
-        # The actors fetch the weights themselves (a reference in a list is not resolved by Ray), and
+        # The actors fetch the model's files themselves (a reference in a dict is not resolved by Ray), and
         # this process keeps them alive, so that a restarted actor finds them again.
-        weights_file = model_file(spec)
-        weights = [ray.put(weights_file.read_bytes())]
+        contents = {name: ray.put(path.read_bytes()) for name, path in shipped.files}
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         ds = ds.map_batches(_decode, fn_kwargs={"root": str(source.root)}, batch_size=1, batch_format="pyarrow",
                             num_cpus=1)  # fmt: skip
         ds = ds.map_batches(
             _Labeler,
-            fn_constructor_kwargs={"spec": spec, "name": weights_file.name, "weights": weights, "device": actor_device,
+            fn_constructor_kwargs={"shipped": shipped, "contents": contents, "device": actor_device,
                                    "threads": threads, "num_keypoints": num_keypoints, "settings": settings},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=most),
             batch_size=1,
