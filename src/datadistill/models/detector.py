@@ -340,9 +340,9 @@ def _spec_of_copy(spec: str, name: str, folder: Path) -> str:
 
 def folder_files(folder: Path, *, within: Path | None = None) -> tuple[tuple[str, Path], ...]:
     """``(name, path)`` of the files directly in ``folder``, by name; hidden ones (``.git``, ``.cache``) and
-    folders (links to folders too) are left out. A link is followed only when it stays inside ``within`` (default: ``folder``;
-    a Hugging Face cache snapshot's links lead to the repo's ``blobs/``); one leading elsewhere, or nowhere,
-    is a one-line UserError (as is any other thing that is not a regular file)."""
+    folders (links to folders too) are left out. A link is followed only when it stays inside ``within``
+    (default: ``folder``; a Hugging Face cache snapshot's links lead to the repo's ``blobs/``); one leading
+    elsewhere, or nowhere, is a one-line UserError (as is any other thing that is not a regular file)."""
     bound = (within if within is not None else folder).resolve()
     files = []
     for path in sorted(folder.iterdir()):
