@@ -361,3 +361,53 @@ def test_ray_engine_gives_the_local_labels_and_resumes_after_sigkill(
     _assert_same_labels(out, reference)
     _assert_resumed(out, before)
     assert json.loads((out / "manifest.json").read_text())["timings"]["engine"] == "ray"
+
+
+def test_ray_actors_label_an_hf_model_and_its_prompts_from_shipped_copies(
+    unlabeled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiny RT-DETR folder, then an OWL-ViT teacher with prompts and classes files: the Ray engine gives the
+    local engine's shards, though the model folder and the option files are moved away once the driver has
+    shipped them, before any actor loads (so the actors can only have read the copies)."""
+    pytest.importorskip("ray", reason="the Ray engine is optional: pip install 'datadistill[ray]'")
+    tiny = pytest.importorskip("test_hf", reason="needs the hf extra (transformers)")  # its offline model writers
+    import ray
+    import ray.data
+
+    from datadistill.models.detector import with_label_options
+
+    rtdetr = tiny.write_rtdetr(tmp_path / "rtdetr", ("spot", "blob"))
+    classes, prompts = tmp_path / "classes.json", tmp_path / "prompts.yaml"
+    classes.write_text(json.dumps({"images": [], "annotations": [], "categories": [
+        {"id": 3, "name": "blob"}, {"id": 9, "name": "spot"}]}))  # fmt: skip
+    prompts.write_text("blob: [a blob, a round spot]\n")
+    owl = tiny.write_owlvit(tmp_path / "owlvit")
+    runs = {"rtdetr": (f"hf:{rtdetr}", [rtdetr]),
+            "owlvit": (with_label_options(f"hf:{owl}", classes=str(classes), prompts=str(prompts)),
+                       [owl, classes, prompts])}  # fmt: skip
+    options = {**LABEL_OPTIONS, "allow_weak_teacher": True}
+    for name, (spec, _) in runs.items():
+        label(LabelConfig(model=spec, images=str(unlabeled), out=str(tmp_path / "local" / name), **options))
+
+    hidden: list[Path] = []
+    iter_batches = ray.data.Dataset.iter_batches
+
+    def hide_then_iterate(self: Any, *args: Any, **kwargs: Any) -> Any:  # the pipeline starts, actors with it
+        for path in to_hide:
+            hidden.append(path.rename(path.with_name(path.name + ".away")))
+        return iter_batches(self, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", hide_then_iterate)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        for name, (spec, to_hide) in runs.items():
+            out = tmp_path / "ray" / name
+            label(LabelConfig(model=spec, images=str(unlabeled), out=str(out), engine="ray", **options))
+            assert not any(p.exists() for p in to_hide)
+            manifest = json.loads((out / "manifest.json").read_text())
+            assert (manifest["timings"]["engine"], manifest["config"]["checkpoint"]) == ("ray", spec)
+            assert sum(len(r["scores"]) for rows in _tables(out).values() for r in rows) > 0
+            _assert_same_labels(out, tmp_path / "local" / name)
+    finally:
+        ray.shutdown()
+    assert len(hidden) == 4

@@ -6,9 +6,11 @@ labeling with prompts; safety (safetensors only, no network)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import string
 from collections.abc import Iterator
@@ -499,3 +501,120 @@ def test_run_with_an_open_vocabulary_teacher_labels_without_training_it(
     )
     assert cli.main(["run", str(config), "--out", str(run_data / "out-bad")]) == 1
     assert "label.prompts: the teacher" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# shipping a model to machines that cannot see its files (the Ray engine's actors)
+
+
+def _ship(spec: str, folder: Path) -> str:
+    """Copy the files of ``spec`` into ``folder`` as a Ray actor does; the spec that loads the copies."""
+    shipped = det.model_files(spec)
+    det.write_model_files({name: path.read_bytes() for name, path in shipped.files}, folder)
+    return shipped.spec_in(folder)
+
+
+def test_a_folder_and_its_option_files_ship_and_load_from_the_copies_alone(
+    models: dict[str, Path], shapes: dict[str, Path], tmp_path: Path
+) -> None:
+    source, classes, prompts = tmp_path / "owl", tmp_path / "coco.json", tmp_path / "prompts.yaml"
+    shutil.copytree(models["owlvit"], source)
+    (source / ".git").mkdir()  # hidden: left out
+    (source / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (source / "checkpoint-5").mkdir()  # a subfolder, which from_pretrained never reads: left out
+    (source / "checkpoint-5" / "optimizer.pt").write_bytes(b"large")
+    shutil.copyfile(shapes["labeled"] / "annotations.json", classes)
+    prompts.write_text("circle: [a circle, a round disc]\n")
+    spec = hf.with_options(f"hf:{source}", classes=str(classes), prompts=str(prompts))
+    names = [name for name, _ in det.model_files(spec).files]
+    model = [f"model/{p.name}" for p in sorted(models["owlvit"].iterdir())]
+    assert names == [*model, "classes/coco.json", "prompts/prompts.yaml"]
+    assert {"model/model.safetensors", "model/config.json", "model/tokenizer_config.json"} <= set(model)
+    want = det.load_detector(spec, min_score=0.0)
+    image = torch.rand(3, SIZE, SIZE + 16, generator=torch.Generator().manual_seed(0))
+    expected = want.predict([image])[0]
+    copied = _ship(spec, tmp_path / "copies")
+    for path in (source, classes, prompts):  # the copies alone from here on
+        path.rename(path.with_name(path.name + ".away"))
+    got = det.load_detector(copied, min_score=0.0)
+    assert (got.meta.class_names, got.meta.category_ids) == (want.meta.class_names, want.meta.category_ids)
+    assert got.module.queries == want.module.queries == ("a circle", "a round disc", *synth.SHAPE_CLASSES[1:])
+    result = got.predict([image])[0]
+    assert len(expected.scores) > 0
+    torch.testing.assert_close(result.boxes, expected.boxes)
+    torch.testing.assert_close(result.scores, expected.scores)
+    assert torch.equal(result.labels, expected.labels)
+
+
+@pytest.mark.parametrize(
+    ("edge", "link", "target", "refused"),
+    [
+        ("a link to a file outside the folder", "extra.json", "../secret.json", True),
+        ("a link to a file inside the folder", "weights.safetensors", "model.safetensors", False),
+        ("a link that leads nowhere", "gone.json", "missing.json", True),
+        ("a link out through a link inside", "hop.json", "inner-link.json", True),
+    ],
+)
+def test_a_link_out_of_the_model_folder_is_refused_in_one_line(
+    models: dict[str, Path], tmp_path: Path, edge: str, link: str, target: str, refused: bool
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(models["rtdetr"], folder)
+    (tmp_path / "secret.json").write_text("{}")
+    if link == "hop.json":
+        (folder / "inner-link.json").symlink_to("../secret.json")
+    (folder / link).symlink_to(target)
+    if refused:
+        with pytest.raises(UserError, match=r"refused: a link to /") as info:
+            det.model_files(f"hf:{folder}")
+        assert "\n" not in str(info.value) and str(folder) in str(info.value)
+    else:
+        files = dict(det.model_files(f"hf:{folder}").files)
+        assert files[f"model/{link}"].read_bytes() == (folder / target).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("model/config.json", True), ("prompts/p.yaml", True), ("x", True), ("/etc/passwd", False), ("..", False),
+     ("model/../../x", False), ("./x", True), ("", False), ("a\\..\\b", False)],
+)  # fmt: skip
+def test_shipped_file_names_stay_inside_the_copy_folder(name: str, ok: bool, tmp_path: Path) -> None:
+    if ok:
+        det.write_model_files({name: b"1"}, tmp_path / "copies")
+        assert (tmp_path / "copies" / name).resolve().is_relative_to((tmp_path / "copies").resolve())
+    else:
+        with pytest.raises(ValueError, match="not a relative file name"):
+            det.write_model_files({name: b"1"}, tmp_path / "copies")
+        assert not (tmp_path / "copies").exists()
+
+
+def test_a_hub_id_ships_the_snapshot_in_the_cache_and_an_uncached_one_is_refused(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub cache laid out as huggingface_hub does (refs/main, snapshots/<commit>/ of links to blobs/)."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-rtdetr"
+    snapshot = repo / "snapshots" / "0123abcd"
+    for folder in (repo / "refs", repo / "blobs", snapshot):
+        folder.mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    for f in sorted(models["rtdetr"].iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = "hf:someone/tiny-rtdetr"
+    files = dict(det.model_files(spec).files)
+    assert list(files) == [f"model/{f.name}" for f in sorted(models["rtdetr"].iterdir())]
+    assert files["model/model.safetensors"].resolve() == det.model_file(spec).resolve()  # what the signature hashes
+    copied = _ship(spec, tmp_path / "copies")
+    assert copied == f"hf:{tmp_path / 'copies' / 'model'}"
+    assert det.load_detector(copied).meta.class_names == det.load_detector(f"hf:{models['rtdetr']}").meta.class_names
+    (tmp_path / "token").write_text("secret")
+    (snapshot / "extra.json").symlink_to(tmp_path / "token")  # out of the repo's cache folder
+    with pytest.raises(UserError, match=r"extra.json: refused: a link to"):
+        det.model_files(spec)
+    with pytest.raises(UserError, match=r"^hf:nobody/absent: not in this machine's Hugging Face cache") as info:
+        det.model_files("hf:nobody/absent")
+    assert "\n" not in str(info.value)
