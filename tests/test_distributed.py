@@ -25,6 +25,7 @@ from PIL import Image
 from datadistill.data.synth import make_shapes
 from datadistill.errors import UserError
 from datadistill.models import torchvision as models
+from datadistill.models.detector import model_files, single_file
 from datadistill.runtime.distributed import Launch, launch_from_env, rank_device
 from datadistill.stages.label import LabelConfig, label
 from datadistill.stages.shards import plan_batches
@@ -361,6 +362,14 @@ def test_ray_engine_gives_the_local_labels_and_resumes_after_sigkill(
     _assert_same_labels(out, reference)
     _assert_resumed(out, before)
     assert json.loads((out / "manifest.json").read_text())["timings"]["engine"] == "ray"
+
+
+def test_a_checkpoint_ships_as_its_one_file_under_its_own_name(checkpoint: Path, tmp_path: Path) -> None:
+    for spec in (str(checkpoint), str(checkpoint.parent)):  # the file, or the training folder that holds it
+        shipped = model_files(spec)
+        assert [(name, path.resolve()) for name, path in shipped.files] == [("checkpoint.pt", checkpoint.resolve())]
+        assert shipped.spec_in(tmp_path) == str(tmp_path / "checkpoint.pt")
+    assert single_file("yolo:/w/best.pt", Path("/w/best.pt")).spec_in("/copies") == "yolo:/copies/best.pt"
 
 
 def test_ray_actors_label_an_hf_model_and_its_prompts_from_shipped_copies(
