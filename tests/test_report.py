@@ -65,8 +65,8 @@ def test_report_mends_what_a_newcomer_found_confusing(run_dir: Path) -> None:
     assert "<th>gain: student, round 1 − teacher (supervised)</th><td>+1.8</td><td>+1.5</td><td>–</td>" in page
     assert "threshold 0.551 (every class)" in page and "a: 0.551" not in page
     assert "Kept 5,928 objects on 1,800 unlabeled images" in page and "out of 431,257 candidates" in page
-    assert "1,749 objects above the threshold" in page and "the curve below" not in page
-    assert "the score histogram and the precision/recall plot below count the objects before that step" in page
+    assert "1,749 candidates were dropped before the threshold was chosen" in page and "the curve below" not in page
+    assert "(one class per object); the precision/recall plot below still counts them" in page
     assert "<li>label: 1,899 s (31.7 min)</li>" in page and "<li>teacher: 42 s</li>" in page
     assert "The images the views disagree on most, round 1" in page
     assert "The 3 unlabeled images" in page and "Right: the held-back true labels" in page

@@ -309,8 +309,9 @@ SELECT_HELP = {
     "ignore_band": "F in [0, 1): write the candidates that score in [F x threshold, threshold) as ignore regions "
     "(iscrowd 1; the student learns them neither as objects nor as background; YOLO students drop them); 0: "
     "none, as in the paper",
-    "cross_class_iou": "drop a kept object that overlaps a higher-scoring kept object of another class by at "
-    "least this IoU (one class per object); 0: keep both, as the paper's per-class NMS does",
+    "cross_class_iou": "before the threshold is chosen, drop a candidate that overlaps a higher-scoring candidate "
+    "of another class by at least this IoU (one class per object: the count rule counts objects); 0: keep both, "
+    "as the paper's per-class NMS does",
 }
 
 

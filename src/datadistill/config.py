@@ -218,7 +218,7 @@ class SelectConfig:
     drop_empty: bool = False
     keypoint_policy: str = "count"  # "count": match the labeled mean of visible keypoints; "count:F": F times it; "all"
     ignore_band: float = 0.0  # > 0: candidates scoring in [ignore_band * threshold, threshold) become ignore regions
-    cross_class_iou: float = 0.5  # a kept object overlapping a better one of another class this much: dropped; 0: off
+    cross_class_iou: float = 0.5  # a candidate overlapping a better one of another class this much: dropped; 0: off
 
 
 # ----------------------------------------------------------------------------------------------------

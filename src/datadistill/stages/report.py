@@ -272,9 +272,9 @@ def selection_text(sel: dict[str, Any]) -> str:
     )
     if sel.get("cross_class_duplicates"):
         text += (
-            f"<p>{sel['cross_class_duplicates']:,} objects above the threshold were dropped as a higher-scoring"
-            f" object of another class (IoU {sel['cross_class_iou']:g} or more); the score histogram and the"
-            " precision/recall plot below count the objects before that step.</p>"
+            f"<p>{sel['cross_class_duplicates']:,} candidates were dropped before the threshold was chosen, each"
+            f" overlapping a higher-scoring candidate of another class by IoU {sel['cross_class_iou']:g} or more"
+            " (one class per object); the precision/recall plot below still counts them.</p>"
         )
     return text
 
