@@ -639,3 +639,58 @@ def test_cuda_inputs_come_back_on_cuda(method: str) -> None:
     assert on_gpu.keypoints is not None and on_gpu.keypoints.is_cuda
     torch.testing.assert_close(on_gpu.to("cpu").boxes, on_cpu.boxes)
     torch.testing.assert_close(on_gpu.to("cpu").keypoints, on_cpu.keypoints)
+
+
+def _batch_of_views(seed: int, *, num_images: int, num_views: int, keypoints: bool) -> list[list[Detections]]:
+    """``[image][view]`` random detections with near-duplicates across views, ties and empty views."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(num_images):
+        n = int(torch.randint(0, 12, (1,), generator=g))
+        base = torch.rand(n, 2, generator=g) * 200
+        base = torch.cat([base, base + 5 + torch.rand(n, 2, generator=g) * 60], dim=1)
+        views = []
+        for v in range(num_views):
+            if (i + v) % 5 == 4:
+                views.append(Detections.empty(3 if keypoints else None))
+                continue
+            boxes = base + torch.randn(n, 4, generator=g) * 3
+            boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)], dim=1)
+            scores = (torch.rand(n, generator=g) * 8).round() / 8  # ties
+            kps = torch.rand(n, 3, 3, generator=g) * 100 if keypoints else None
+            views.append(Detections(boxes=boxes, scores=scores, labels=torch.randint(0, 3, (n,), generator=g),
+                                    keypoints=kps))  # fmt: skip
+        out.append(views)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("nms", {}), ("soft-nms", {}), ("soft-nms", {"decay": "linear", "decayed_scores": True}), ("vote", {}),
+     ("wbf", {}), ("wbf", {"conf_type": "absent_model_aware_avg"})],
+)  # fmt: skip
+@pytest.mark.parametrize("keypoints", [False, True])
+def test_fusing_a_batch_gives_each_images_own_fusion_exactly(method: str, options: dict, keypoints: bool) -> None:
+    per_image = _batch_of_views(7, num_images=9, num_views=4, keypoints=keypoints)
+    views = [Detections(boxes=torch.cat([img[v].boxes for img in per_image]),
+                        scores=torch.cat([img[v].scores for img in per_image]),
+                        labels=torch.cat([img[v].labels for img in per_image]),
+                        keypoints=torch.cat([img[v].keypoints for img in per_image]) if keypoints else None)
+             for v in range(4)]  # fmt: skip
+    images = [torch.cat([torch.full((len(img[v]),), i) for i, img in enumerate(per_image)]) for v in range(4)]
+    batch = fusion.fuse_images(views, images, len(per_image), method=method, iou_thr=0.4, skip_box_thr=0.1, **options)
+    assert len(batch) == len(per_image)
+    assert sum(len(b) for b in batch) > 20
+    for got, img in zip(batch, per_image, strict=True):
+        want = fusion.fuse(img, method=method, iou_thr=0.4, skip_box_thr=0.1, **options)
+        for name in ("boxes", "scores", "labels", "agreement", "keypoints"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_fusing_a_batch_refuses_rows_without_an_image() -> None:
+    det = Detections(boxes=torch.tensor([[0.0, 0, 10, 10]]), scores=torch.tensor([0.9]), labels=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"images must be in 0\.\.1, got 2\.\.2"):
+        fusion.fuse_images([det], [torch.tensor([2])], 2, method="nms", iou_thr=0.5, skip_box_thr=0.0)
+    with pytest.raises(ValueError, match=r"images of view 0 must be \[1\] integers"):
+        fusion.fuse_images([det], [torch.tensor([0, 1])], 2, method="nms", iou_thr=0.5, skip_box_thr=0.0)

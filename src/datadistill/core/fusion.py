@@ -43,7 +43,7 @@ from torch import Tensor
 
 from datadistill.core.types import Detections
 
-__all__ = ["box_voting", "fuse", "fuse_keypoints_mean", "nms", "soft_nms", "wbf"]
+__all__ = ["box_voting", "fuse", "fuse_images", "fuse_keypoints_mean", "nms", "soft_nms", "wbf"]
 
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
 Decay = Literal["gaussian", "linear"]
@@ -778,6 +778,29 @@ def fuse(
     it suppressed (IoU > iou_thr, same class); for ``soft-nms`` a kept box and every box of its class
     ranked after it with IoU > iou_thr (the duplicates it decayed, kept or not: clusters may overlap).
     """
+    one_image = [torch.zeros(len(v), dtype=torch.int64) for v in views]
+    (fused,) = fuse_images(
+        views, one_image, 1, method=method, iou_thr=iou_thr, skip_box_thr=skip_box_thr, weights=weights, **options
+    )
+    return fused
+
+
+def fuse_images(
+    views: Sequence[Detections],
+    images: Sequence[Tensor],
+    num_images: int,
+    *,
+    method: str,
+    iou_thr: float,
+    skip_box_thr: float,
+    weights: Weights = None,
+    **options: object,
+) -> list[Detections]:
+    """:func:`fuse` for a batch of images in one call: ``views[v]`` holds view v's detections of every
+    image (original frames) and ``images[v]`` ``[N_v]`` the image (``0..num_images - 1``) of each of its
+    rows. Returns one :class:`Detections` per image, the same as :func:`fuse` on that image's rows of every
+    view (same values, same order): the classes of different images never meet, and the compiled loops
+    and the bookkeeping run once for the batch instead of once per image."""
     try:
         run = _METHODS[method]
     except KeyError:
@@ -786,21 +809,59 @@ def fuse(
     if unknown:
         raise ValueError(f"method {method!r} takes the options {list(_OPTIONS[method])}, got {unknown}")
     inputs = _gather([v.boxes for v in views], [v.scores for v in views], [v.labels for v in views])
-    fused = run(inputs, weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, with_clusters=True, **options)
-    boxes, scores, labels = _as_tensors(fused, inputs)
+    image = _image_of_rows(views, images, num_images)
+    # Fusion works within label groups: a group per (image, class), numbered in (image, class) order, so
+    # that each image's groups come in its classes' order, as they would alone.
+    pairs, group = _groups(image, inputs.labels, num_images)
+    grouped = _Inputs(inputs.boxes, inputs.scores, group.reshape(-1).astype(np.int64), inputs.views,
+                      inputs.num_views, inputs.dtype, inputs.device)  # fmt: skip
+    fused = run(grouped, weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, with_clusters=True, **options)
+    boxes, scores, _ = _as_tensors(fused, inputs)
     c = len(fused.scores)
     v = max(inputs.num_views, 1)
-    pairs = np.unique(fused.clusters * v + inputs.views[fused.members])
-    agreement = torch.from_numpy(np.bincount(pairs // v, minlength=c).astype(np.int64)).to(inputs.device)
-    keypoints = _cluster_keypoints(views, fused, num_clusters=c, device=inputs.device)
+    cluster_pairs = np.unique(fused.clusters * v + inputs.views[fused.members])
+    agreement = torch.from_numpy(np.bincount(cluster_pairs // v, minlength=c).astype(np.int64)).to(inputs.device)
     out = Detections(
         boxes=boxes.float(),
         scores=scores.float(),
-        labels=labels,
-        keypoints=keypoints,
+        labels=torch.from_numpy(pairs[fused.labels, 1].copy()).to(inputs.device),
+        keypoints=_cluster_keypoints(views, fused, num_clusters=c, device=inputs.device),
         agreement=agreement,
     )
     # A box thinner than float32 resolves at its place (1e-6 px at x = 100) has no width left: drop it, as
     # boxes of zero size are dropped on the way in (a zero-size pseudo-label would fail the student's data).
-    solid = (out.boxes[:, 2] > out.boxes[:, 0]) & (out.boxes[:, 3] > out.boxes[:, 1])
-    return out if bool(solid.all()) else out.select(solid)
+    solid = np.flatnonzero(((out.boxes[:, 2] > out.boxes[:, 0]) & (out.boxes[:, 3] > out.boxes[:, 1])).cpu().numpy())
+    image_of_object = pairs[fused.labels[solid], 0]
+    order = solid[np.argsort(image_of_object, kind="stable")]  # by image, each in score order
+    counts = np.bincount(image_of_object, minlength=num_images).tolist()
+    return out.select(torch.from_numpy(order).to(inputs.device)).split(counts)
+
+
+def _groups(image: np.ndarray, labels: np.ndarray, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (image, label) pairs ``[G, 2]`` in (image, label) order, and each row's pair ``[M]``."""
+    if not labels.size:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+    low, span = int(labels.min()), int(labels.max()) - int(labels.min()) + 1
+    if num_images * span < 2**62:  # one int64 key per row: a 1-D unique is far faster than one over rows
+        keys, group = np.unique(image * span + (labels - low), return_inverse=True)
+        return np.stack([keys // span, keys % span + low], axis=1), group.reshape(-1)
+    pairs, group = np.unique(np.stack([image, labels], axis=1), axis=0, return_inverse=True)
+    return pairs.reshape(-1, 2), group.reshape(-1)
+
+
+def _image_of_rows(views: Sequence[Detections], images: Sequence[Tensor], num_images: int) -> np.ndarray:
+    """``[M]`` int64: the image of every row of the views' concatenation, checked."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    if len(images) != len(views):
+        raise ValueError(f"images needs one entry per view ({len(views)}), got {len(images)}")
+    parts = []
+    for v, (det, img) in enumerate(zip(views, images, strict=True)):
+        img = torch.as_tensor(img)
+        if tuple(img.shape) != (len(det),) or img.dtype.is_floating_point:
+            raise ValueError(f"images of view {v} must be [{len(det)}] integers, got {tuple(img.shape)} {img.dtype}")
+        parts.append(img.detach().cpu().numpy().astype(np.int64))
+    image = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if image.size and (image.min() < 0 or image.max() >= num_images):
+        raise ValueError(f"images must be in 0..{num_images - 1}, got {int(image.min())}..{int(image.max())}")
+    return image

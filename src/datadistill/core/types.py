@@ -89,3 +89,24 @@ class Detections:
             score_spread=None if self.score_spread is None else self.score_spread.to(device),
             box_spread=None if self.box_spread is None else self.box_spread.to(device),
         )
+
+    def split(self, counts: list[int]) -> list[Detections]:
+        """Consecutive parts of ``counts[i]`` rows each (views of this one's tensors, one split per field)."""
+        fields = {f: getattr(self, f) for f in FIELDS}
+        parts = {f: (None if t is None else t.split(counts)) for f, t in fields.items()}
+        return [Detections(**{f: (None if p is None else p[i]) for f, p in parts.items()}) for i in range(len(counts))]
+
+
+FIELDS = ("boxes", "scores", "labels", "keypoints", "agreement", "score_spread", "box_spread")
+
+
+def concat(parts: list[Detections], *, num_keypoints: int | None = None) -> Detections:
+    """The rows of ``parts`` one after the other; a field is kept when every part has it. No parts: empty
+    detections (with ``num_keypoints`` keypoints, if given)."""
+    if not parts:
+        return Detections.empty(num_keypoints)
+    out = {}
+    for f in FIELDS:
+        values = [getattr(p, f) for p in parts]
+        out[f] = None if any(v is None for v in values) else torch.cat(values)
+    return Detections(**out)

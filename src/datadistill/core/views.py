@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -288,6 +288,27 @@ class View:
         if self.tile is None:
             return out
         return out.select(self.clear_of_cuts(out.boxes, width=width, height=height))
+
+    def invert_rows(self, detections: Detections, *, widths: Tensor, flip_index: tuple[int, ...] = ()) -> Detections:
+        """:meth:`invert` for the rows of several images at once, ``widths`` ``[N]`` the width of each row's
+        image (a flip mirrors within it); for a view without a tile (a tile's crop depends on each image's
+        size). The same values as :meth:`invert` image by image."""
+        if self.tile is not None:
+            raise ValueError(f"view {self.name}: a tile view maps back one image at a time (invert)")
+        if not self.hflip:
+            return detections
+        b = detections.boxes
+        if tuple(widths.shape) != (len(b),):
+            raise ValueError(f"widths must have shape [{len(b)}], one per row, got {tuple(widths.shape)}")
+        widths = widths.to(b.dtype)
+        boxes = torch.stack([widths - b[:, 2], b[:, 1], widths - b[:, 0], b[:, 3]], dim=1)
+        keypoints = detections.keypoints
+        if keypoints is not None:
+            if len(flip_index) != keypoints.shape[1]:
+                raise ValueError(f"flip_index has {len(flip_index)} entries but keypoints have K={keypoints.shape[1]}")
+            keypoints = keypoints[:, list(flip_index)].clone()
+            keypoints[..., 0] = widths.to(keypoints.dtype)[:, None] - keypoints[..., 0]
+        return replace(detections, boxes=boxes, keypoints=keypoints)
 
 
 def resized_size(height: int, width: int, *, min_size: int, max_size: int) -> tuple[int, int]:

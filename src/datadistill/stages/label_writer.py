@@ -59,10 +59,8 @@ def job_rows(job: Job, fusion: Fusion, timer: LabelTimer) -> list[tuple[int, int
     """``(shard, position, row)`` of every item of ``job``, fusing its views' outputs."""
     made: list[dict[str, Any]] = []
     if job.outputs is not None:
-        o = job.outputs
-        per_image = o.per_image(fusion.views, fusion.flip_index)
-        fused = fuse_views(per_image, fuse=fusion.fuse, iou_thr=fusion.iou_thr, score_floor=fusion.score_floor,
-                           timer=timer)  # fmt: skip
+        rows = job.outputs.invert(fusion.views, fusion.flip_index)
+        fused = fuse_views(rows, fuse=fusion.fuse, iou_thr=fusion.iou_thr, score_floor=fusion.score_floor, timer=timer)
         made = [detections_row(name, w, h, det, fusion.num_keypoints)
                 for name, (w, h), det in zip(job.names, job.sizes, fused, strict=True)]  # fmt: skip
     rest = iter(made)

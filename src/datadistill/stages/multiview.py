@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from datadistill.core import fusion, uncertainty
-from datadistill.core.types import Detections
+from datadistill.core.types import Detections, concat
 from datadistill.core.views import View
 from datadistill.models.detector import Detector
 from datadistill.runtime.devices import autocast
@@ -93,7 +93,7 @@ def fp32(det: Detections) -> Detections:
 class ViewOutputs:
     """Every view's raw predictions (in each view's own frame) for a batch of ``B`` images, packed into
     one set of tensors on the CPU, so that a GPU batch needs one copy and no wait: the copy is queued
-    without blocking, and :meth:`per_image` waits for it (``ready``, a CUDA event) when the CPU needs it.
+    without blocking, and :meth:`invert` waits for it (``ready``, a CUDA event) when the CPU needs it.
 
     ``counts[v * B + i]``: the objects of view ``v`` on image ``i``; boxes ``[M, 4]``, scores ``[M]``,
     labels ``[M]``, keypoints ``[M, K, 3]`` or None, rows ordered by view, then image."""
@@ -106,21 +106,42 @@ class ViewOutputs:
     sizes: tuple[tuple[int, int], ...]  # (height, width) of each original image
     ready: torch.cuda.Event | None
 
-    def per_image(self, views: tuple[View, ...], flip_index: tuple[int, ...]) -> list[list[Detections]]:
-        """Per image, each view's detections mapped back to the original frame (on the CPU)."""
+    def invert(self, views: tuple[View, ...], flip_index: tuple[int, ...]) -> ViewRows:
+        """Every view's detections of the whole batch mapped back to the original frames (on the CPU), one
+        set per view, as :meth:`View.invert <datadistill.core.views.View.invert>` maps each image's."""
         if self.ready is not None:
             self.ready.synchronize()
-        splits = [t.split(list(self.counts)) for t in (self.boxes, self.scores, self.labels)]
-        kps = self.keypoints.split(list(self.counts)) if self.keypoints is not None else None
         num = len(self.sizes)
-        out: list[list[Detections]] = [[] for _ in range(num)]
+        per_view, images = [], []
+        ends = [0, *torch.tensor(self.counts, dtype=torch.int64).cumsum(0).tolist()]
         for v, view in enumerate(views):
-            for i, (h, w) in enumerate(self.sizes):
-                k = v * num + i
-                det = Detections(boxes=splits[0][k], scores=splits[1][k], labels=splits[2][k],
-                                 keypoints=None if kps is None else kps[k])  # fmt: skip
-                out[i].append(view.invert(det, width=w, height=h, flip_index=flip_index))
-        return out
+            lo, hi = ends[v * num], ends[(v + 1) * num]
+            counts = torch.tensor(self.counts[v * num : (v + 1) * num], dtype=torch.int64)
+            image = torch.repeat_interleave(torch.arange(num), counts)
+            det = Detections(boxes=self.boxes[lo:hi], scores=self.scores[lo:hi], labels=self.labels[lo:hi],
+                             keypoints=None if self.keypoints is None else self.keypoints[lo:hi])  # fmt: skip
+            if view.tile is None:
+                widths = det.boxes.new_tensor([w for _, w in self.sizes])[image]
+                per_view.append(view.invert_rows(det, widths=widths, flip_index=flip_index))
+                images.append(image)
+                continue
+            # A tile's crop depends on each image's size: image by image.
+            starts = [0, *counts.cumsum(0).tolist()]
+            inverted = [view.invert(det.select(torch.arange(starts[i], starts[i + 1])), width=w, height=h,
+                                    flip_index=flip_index) for i, (h, w) in enumerate(self.sizes)]  # fmt: skip
+            per_view.append(concat(inverted))
+            images.append(torch.repeat_interleave(torch.arange(num), torch.tensor([len(d) for d in inverted])))
+        return ViewRows(per_view=tuple(per_view), images=tuple(images), num_images=num)
+
+
+@dataclass(frozen=True)
+class ViewRows:
+    """A batch's detections in the original frames: ``per_view[v]`` holds view v's detections of every
+    image, ``images[v]`` ``[N_v]`` the image of each of its rows (``0..num_images - 1``), rows in image order."""
+
+    per_view: tuple[Detections, ...]
+    images: tuple[torch.Tensor, ...]
+    num_images: int
 
 
 def run_views(
@@ -161,17 +182,21 @@ def run_views(
 
 
 def fuse_views(
-    per_image: list[list[Detections]], *, fuse: str, iou_thr: float, score_floor: float, timer: LabelTimer | None
+    rows: ViewRows, *, fuse: str, iou_thr: float, score_floor: float, timer: LabelTimer | None
 ) -> list[Detections]:
-    """Step 3 for each image: its views' detections (original frame) fused, objects below ``score_floor``
-    dropped, with how much each object's score and box vary across the views
-    (:func:`datadistill.core.uncertainty.view_spread`)."""
+    """Step 3 for each image of a batch: its views' detections (original frame) fused, objects below
+    ``score_floor`` dropped, with how much each object's score and box vary across the views
+    (:func:`datadistill.core.uncertainty.view_spread`). One call for the batch
+    (:func:`datadistill.core.fusion.fuse_images`): the same objects as image by image, with a fraction of
+    the Python work, which matters when a thread does it beside the model's own Python."""
     t0 = time.perf_counter()
-    fused = [fusion.fuse(dets, method=fuse, iou_thr=iou_thr, skip_box_thr=0.0) for dets in per_image]
-    fused = [
-        uncertainty.view_spread(f.select(f.scores >= score_floor), dets, iou_thr=iou_thr)
-        for f, dets in zip(fused, per_image, strict=True)
-    ]
+    fused = fusion.fuse_images(rows.per_view, rows.images, rows.num_images, method=fuse, iou_thr=iou_thr,
+                               skip_box_thr=0.0)  # fmt: skip
+    everything = concat(fused)
+    floor = everything.scores >= score_floor
+    image = torch.repeat_interleave(torch.arange(len(fused)), torch.tensor([len(f) for f in fused]))
+    kept = everything.select(floor).split(torch.bincount(image[floor], minlength=len(fused)).tolist())
+    fused = uncertainty.view_spread_images(kept, rows.per_view, rows.images, iou_thr=iou_thr)
     if timer is not None:
         timer.fusion_s += time.perf_counter() - t0
     return fused
@@ -199,8 +224,9 @@ def label_images(
     if meta.task == "keypoints" and keypoint_fuse == "heatmap" and not detector.has_heatmaps:
         raise ValueError(f"{meta.model} gives no keypoint heatmaps: use keypoint_fuse='mean'")
     outputs = run_views(detector, images, views=views, precision=precision, timer=timer)
-    per_image = outputs.per_image(views, meta.flip_index)
-    fused = fuse_views(per_image, fuse=fuse, iou_thr=iou_thr, score_floor=score_floor, timer=timer)
+    fused = fuse_views(
+        outputs.invert(views, meta.flip_index), fuse=fuse, iou_thr=iou_thr, score_floor=score_floor, timer=timer
+    )
     if meta.task == "keypoints" and keypoint_fuse == "heatmap":
         fused = fuse_heatmaps(detector, images, fused, views, timer=timer, precision=precision)
     return fused

@@ -1,0 +1,85 @@
+"""The labeling stage's batch path (one inverse per view, one fusion and one spread per batch) against the
+image-by-image composition it replaced: the same objects, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datadistill.core import fusion, uncertainty
+from datadistill.core.types import Detections
+from datadistill.core.views import View, parse_views
+from datadistill.stages.multiview import ViewOutputs, fuse_views
+
+SIZES = ((480, 640), (300, 200), (640, 480), (123, 457), (480, 640))  # (height, width): every image its own
+
+
+def _outputs(views: tuple[View, ...], *, keypoints: int | None, seed: int) -> ViewOutputs:
+    """Random raw outputs of ``views`` for the images of SIZES, packed as the model loop packs them: rows
+    by view, then image; near-duplicates across views, ties, and empty images."""
+    g = torch.Generator().manual_seed(seed)
+    boxes, scores, labels, kps, counts = [], [], [], [], []
+    for view in views:
+        for i, (h, w) in enumerate(SIZES):
+            fh, fw = view.frame_size(height=h, width=w)
+            n = 0 if (i == 1 and view.hflip) else int(torch.randint(0, 15, (1,), generator=g))
+            xy = torch.rand(n, 2, generator=g) * torch.tensor([fw * 0.8, fh * 0.8])
+            b = torch.cat([xy, xy + 2 + torch.rand(n, 2, generator=g) * 40], dim=1)
+            boxes.append(b)
+            scores.append((torch.rand(n, generator=g) * 10).round() / 10)
+            labels.append(torch.randint(0, 4, (n,), generator=g))
+            if keypoints is not None:
+                kps.append(torch.rand(n, keypoints, 3, generator=g) * 100)
+            counts.append(n)
+    return ViewOutputs(boxes=torch.cat(boxes), scores=torch.cat(scores), labels=torch.cat(labels),
+                       keypoints=torch.cat(kps) if keypoints is not None else None, counts=tuple(counts),
+                       sizes=SIZES, ready=None)  # fmt: skip
+
+
+def _image_by_image(out: ViewOutputs, views: tuple[View, ...], flip_index: tuple[int, ...], method: str,
+                    ) -> list[Detections]:  # fmt: skip
+    """The composition the batch path replaced: per image, each view's rows inverted, fused, floored,
+    and their spread measured."""
+    num = len(out.sizes)
+    ends = [0, *torch.tensor(out.counts).cumsum(0).tolist()]
+    result = []
+    for i, (h, w) in enumerate(out.sizes):
+        per_view = []
+        for v, view in enumerate(views):
+            lo, hi = ends[v * num + i], ends[v * num + i + 1]
+            det = Detections(boxes=out.boxes[lo:hi], scores=out.scores[lo:hi], labels=out.labels[lo:hi],
+                             keypoints=None if out.keypoints is None else out.keypoints[lo:hi])  # fmt: skip
+            per_view.append(view.invert(det, width=w, height=h, flip_index=flip_index))
+        fused = fusion.fuse(per_view, method=method, iou_thr=0.5, skip_box_thr=0.0)
+        fused = fused.select(fused.scores >= 0.02)
+        result.append(uncertainty.view_spread(fused, per_view, iou_thr=0.5))
+    return result
+
+
+@pytest.mark.parametrize("method", ["nms", "wbf", "soft-nms", "vote"])
+@pytest.mark.parametrize(
+    ("spec", "keypoints"),
+    [("default", None), ("default", 3), ("identity,hflip,tile:2x2", None), ("hflip,hflip+tile:2x1", 3)],
+)
+def test_a_batch_is_fused_as_each_image_alone(method: str, spec: str, keypoints: int | None) -> None:
+    views = parse_views(spec)
+    flip_index = (1, 0, 2) if keypoints else ()
+    out = _outputs(views, keypoints=keypoints, seed=len(spec) + (keypoints or 0))
+    batch = fuse_views(out.invert(views, flip_index), fuse=method, iou_thr=0.5, score_floor=0.02, timer=None)
+    alone = _image_by_image(out, views, flip_index, method)
+    assert sum(len(d) for d in batch) > 10
+    for got, want in zip(batch, alone, strict=True):
+        for name in ("boxes", "scores", "labels", "agreement", "keypoints", "score_spread", "box_spread"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_a_flip_maps_each_row_back_within_its_own_image() -> None:
+    view = View(hflip=True)
+    det = Detections(boxes=torch.tensor([[10.0, 1, 30, 5], [10.0, 1, 30, 5]]), scores=torch.tensor([0.5, 0.5]),
+                     labels=torch.tensor([0, 0]), keypoints=torch.tensor([[[1.0, 2, 1], [3, 4, 1]]] * 2))  # fmt: skip
+    got = view.invert_rows(det, widths=torch.tensor([100.0, 50.0]), flip_index=(1, 0))
+    assert got.boxes.tolist() == [[70.0, 1, 90, 5], [20.0, 1, 40, 5]]
+    assert got.keypoints.tolist() == [[[97.0, 4, 1], [99, 2, 1]], [[47.0, 4, 1], [49, 2, 1]]]  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="a tile view maps back one image at a time"):
+        parse_views("tile:2x2")[0].invert_rows(det, widths=torch.tensor([100.0, 50.0]))
