@@ -13,8 +13,8 @@ same ``--images`` synthetic images of ``--size`` px and the same views (``--view
 - (b) ``datadistill label`` on those images as PNG files (decoding, copies, inverses, fusion, shard
   writing), the overlapped loop, and (b') the same with ``--sync`` (the plain loop); images x views per
   second. (b) / (a) is the pipeline's efficiency: the share of the model's speed that labeling keeps;
-- (c) training iterations per second (``--batch-size`` images, the model's losses, backward, step) in fp32
-  and in bf16 (autocast), after ``--train-warmup`` iterations;
+- (c) training iterations per second (``--train-batch-size`` images, by default ``--batch-size``; the
+  model's losses, backward, step) in fp32 and in bf16 (autocast), after ``--train-warmup`` iterations;
 - (d) peak device memory of (a), (b), and each training run (CUDA's allocator; on a CPU: the process's
   peak resident memory, which only grows, so only its final value is given).
 
@@ -176,7 +176,8 @@ def bench_model(model: str, data: Path, work: Path, args: argparse.Namespace, de
     for p in args.train_precisions:
         log.info("%s: (c) training in %s", model, p)
         row[f"train_{p}"] = train_speed(model, data, work / f"{model}-train-{p}", size=args.size,
-                                        batch_size=args.batch_size, iterations=args.train_iterations,
+                                        batch_size=args.train_batch_size or args.batch_size,
+                                        iterations=args.train_iterations,
                                         warmup=args.train_warmup, precision=p, device=device, workers=args.workers,
                                         threads=args.threads)  # fmt: skip
     if "fp32" in args.train_precisions and "bf16" in args.train_precisions:
@@ -187,7 +188,8 @@ def bench_model(model: str, data: Path, work: Path, args: argparse.Namespace, de
 def format_table(results: dict[str, Any]) -> str:
     lines = [
         f"device {results['device']} ({results['device_name']}), {results['images']} images of {results['size']} px, "
-        f"{results['num_views']} views, batch {results['batch_size']}",
+        f"{results['num_views']} views, batch {results['batch_size']} "
+        f"(training {results.get('train_batch_size', results['batch_size'])})",
         f"{'model':28}{'prec':>6}{'(a) fwd':>10}{'(b) label':>11}{'(b)/(a)':>9}{'sync':>8}{'sync/(a)':>10}"
         f"{'fp32 it/s':>11}{'bf16 it/s':>11}{'bf16/fp32':>11}{'peak GiB a/b/train':>22}",
     ]
@@ -219,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=640, help="image side and model input size in px (640)")
     p.add_argument("--views", default="default", help="label views (default: the 8 default views)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass and per training step (8)")
+    p.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=0,
+        help="images per training step (0: --batch-size); larger batches leave less of a step to Python",
+    )
     p.add_argument("--repeat", type=int, default=2, help="timed passes of the forward-only loop (2)")
     p.add_argument("--train-iterations", type=int, default=30, help="timed training iterations (30)")
     p.add_argument("--train-warmup", type=int, default=5, help="training iterations not timed (5)")
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "views": args.views,
         "num_views": len(parse_views(args.views)),
         "batch_size": args.batch_size,
+        "train_batch_size": args.train_batch_size or args.batch_size,
         "threads": torch.get_num_threads(),
         "workers": args.workers,
         "cpus": os.cpu_count(),

@@ -9,8 +9,10 @@ in one of two ways that give the same rows in the same order, so the same shards
 - :class:`InlineWriter`: in the labeling loop, one batch after the other (``--sync``);
 - :class:`ThreadWriter`: in a thread beside the loop, at most ``depth`` batches waiting (the default). The
   fusion's compiled loops release the GIL; its Python does not, and competes with the model's own Python
-  (measured on an H200: a thread helps Faster R-CNN R50-FPN, whose forward passes are long, and slows the
-  small FCOS, whose forward passes are mostly Python; ``docs/results.md``).
+  (measured on an H200: a thread helps Faster R-CNN R50-FPN, whose forward passes are long, and slowed the
+  small FCOS, whose forward passes are mostly Python; ``docs/results.md``). So the writer works on a whole
+  batch per call (:func:`~datadistill.stages.multiview.fuse_views`), each torch call of it a point where it
+  takes the GIL from the model's thread (``bench/writer_gil.py``).
 
 Each writer's :meth:`put` returns the number of images finished since its last call, for the progress bar.
 """
