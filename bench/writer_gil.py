@@ -52,7 +52,12 @@ def batch_path(out: ViewOutputs, views: tuple[View, ...]) -> list[Detections]:
     return fuse_views(out.invert(views, ()), fuse="nms", iou_thr=0.5, score_floor=0.05, timer=None)
 
 
-def image_by_image(out: ViewOutputs, views: tuple[View, ...]) -> list[Detections]:
+def image_by_image(
+    out: ViewOutputs, views: tuple[View, ...], *, flip_index: tuple[int, ...] = (), method: str = "nms",
+    score_floor: float = 0.05, iou_thr: float = 0.5,
+) -> list[Detections]:  # fmt: skip
+    """What the writer did before, and the batch path's reference (``tests/test_multiview.py``): per image,
+    each view's rows mapped back, fused, floored, and their spread measured."""
     num = len(out.sizes)
     ends = [0, *torch.tensor(out.counts).cumsum(0).tolist()]
     result = []
@@ -60,10 +65,12 @@ def image_by_image(out: ViewOutputs, views: tuple[View, ...]) -> list[Detections
         per_view = []
         for v, view in enumerate(views):
             lo, hi = ends[v * num + i], ends[v * num + i + 1]
-            det = Detections(boxes=out.boxes[lo:hi], scores=out.scores[lo:hi], labels=out.labels[lo:hi])
-            per_view.append(view.invert(det, width=w, height=h))
-        fused = fusion.fuse(per_view, method="nms", iou_thr=0.5, skip_box_thr=0.0)
-        result.append(uncertainty.view_spread(fused.select(fused.scores >= 0.05), per_view, iou_thr=0.5))
+            det = Detections(boxes=out.boxes[lo:hi], scores=out.scores[lo:hi], labels=out.labels[lo:hi],
+                             keypoints=None if out.keypoints is None else out.keypoints[lo:hi])  # fmt: skip
+            per_view.append(view.invert(det, width=w, height=h, flip_index=flip_index))
+        fused = fusion.fuse(per_view, method=method, iou_thr=iou_thr, skip_box_thr=0.0)
+        fused = fused.select(fused.scores >= score_floor)
+        result.append(uncertainty.view_spread(fused, per_view, iou_thr=iou_thr))
     return result
 
 

@@ -12,9 +12,9 @@ from types import ModuleType
 import pytest
 
 
-def _script() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+def _script(name: str = "gpu") -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -42,18 +42,8 @@ def test_tiny_gpu_bench_runs_on_a_cpu(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "small_fcos" in capsys.readouterr().out
 
 
-def _writer_gil() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / "writer_gil.py"
-    spec = importlib.util.spec_from_file_location("bench_writer_gil", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_writer_gil_bench_compares_both_paths_on_the_same_objects(tmp_path: Path) -> None:
-    bench = _writer_gil()
+    bench = _script("writer_gil")
     views = bench.parse_views("default")
     outputs = bench.make_outputs(views, batch=3, per_view=20, size=200, seed=1)
     batch, alone = bench.batch_path(outputs, views), bench.image_by_image(outputs, views)

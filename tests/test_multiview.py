@@ -3,10 +3,14 @@ image-by-image composition it replaced: the same objects, bit for bit."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
-from datadistill.core import fusion, uncertainty
 from datadistill.core.types import Detections
 from datadistill.core.views import View, parse_views
 from datadistill.stages.multiview import ViewOutputs, fuse_views
@@ -36,24 +40,15 @@ def _outputs(views: tuple[View, ...], *, keypoints: int | None, seed: int) -> Vi
                        sizes=SIZES, ready=None)  # fmt: skip
 
 
-def _image_by_image(out: ViewOutputs, views: tuple[View, ...], flip_index: tuple[int, ...], method: str,
-                    ) -> list[Detections]:  # fmt: skip
-    """The composition the batch path replaced: per image, each view's rows inverted, fused, floored,
-    and their spread measured."""
-    num = len(out.sizes)
-    ends = [0, *torch.tensor(out.counts).cumsum(0).tolist()]
-    result = []
-    for i, (h, w) in enumerate(out.sizes):
-        per_view = []
-        for v, view in enumerate(views):
-            lo, hi = ends[v * num + i], ends[v * num + i + 1]
-            det = Detections(boxes=out.boxes[lo:hi], scores=out.scores[lo:hi], labels=out.labels[lo:hi],
-                             keypoints=None if out.keypoints is None else out.keypoints[lo:hi])  # fmt: skip
-            per_view.append(view.invert(det, width=w, height=h, flip_index=flip_index))
-        fused = fusion.fuse(per_view, method=method, iou_thr=0.5, skip_box_thr=0.0)
-        fused = fused.select(fused.scores >= 0.02)
-        result.append(uncertainty.view_spread(fused, per_view, iou_thr=0.5))
-    return result
+def _bench() -> ModuleType:
+    """bench/writer_gil.py, whose ``image_by_image`` is the composition the batch path replaced."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "writer_gil.py"
+    spec = importlib.util.spec_from_file_location("bench_writer_gil", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("method", ["nms", "wbf", "soft-nms", "vote"])
@@ -66,7 +61,7 @@ def test_a_batch_is_fused_as_each_image_alone(method: str, spec: str, keypoints:
     flip_index = (1, 0, 2) if keypoints else ()
     out = _outputs(views, keypoints=keypoints, seed=len(spec) + (keypoints or 0))
     batch = fuse_views(out.invert(views, flip_index), fuse=method, iou_thr=0.5, score_floor=0.02, timer=None)
-    alone = _image_by_image(out, views, flip_index, method)
+    alone = _bench().image_by_image(out, views, flip_index=flip_index, method=method, score_floor=0.02)
     assert sum(len(d) for d in batch) > 10
     for got, want in zip(batch, alone, strict=True):
         for name in ("boxes", "scores", "labels", "agreement", "keypoints", "score_spread", "box_spread"):
