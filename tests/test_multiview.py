@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 
 from datadistill.core.types import Detections
 from datadistill.core.views import View, parse_views
-from datadistill.stages.multiview import ViewOutputs, fuse_views
+from datadistill.models.detector import ModelMeta
+from datadistill.stages.multiview import ViewOutputs, fuse_views, label_images
 
 SIZES = ((480, 640), (300, 200), (640, 480), (123, 457), (480, 640))  # (height, width): every image its own
 
@@ -78,3 +81,40 @@ def test_a_flip_maps_each_row_back_within_its_own_image() -> None:
     assert got.keypoints.tolist() == [[[97.0, 4, 1], [99, 2, 1]], [[47.0, 4, 1], [49, 2, 1]]]  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="a tile view maps back one image at a time"):
         parse_views("tile:2x2")[0].invert_rows(det, widths=torch.tensor([100.0, 50.0]))
+
+
+class _TwoHands:
+    """A keypoint detector that sees one figure, its "left hand" (keypoint 0) at the left of its input and
+    its "right hand" (keypoint 1) at the right, whatever the input: mirrored, its hands swap places."""
+
+    def __init__(self, flip_index: tuple[int, ...]) -> None:
+        self.meta = ModelMeta(model="fake", task="keypoints", class_names=("figure",), category_ids=(1,),
+                              keypoint_names=("left_hand", "right_hand"), flip_index=flip_index, min_size=64,
+                              max_size=64)  # fmt: skip
+        self.has_heatmaps = False
+
+    def input_size(self, min_size: int, max_size: int) -> Any:
+        return nullcontext()
+
+    def predict(self, images: list[torch.Tensor]) -> list[Detections]:
+        out = []
+        for image in images:
+            w = float(image.shape[-1])
+            kps = torch.tensor([[[0.2 * w, 10.0, 1.0], [0.4 * w, 10.0, 1.0]]])
+            out.append(Detections(boxes=torch.tensor([[0.1 * w, 5.0, 0.9 * w, 20.0]]), scores=torch.tensor([0.9]),
+                                  labels=torch.tensor([0]), keypoints=kps))  # fmt: skip
+        return out
+
+
+def test_a_given_flip_map_replaces_the_detectors_own() -> None:
+    image = [torch.zeros(3, 32, 100)]
+    views = parse_views("identity,hflip")
+
+    def run(own: tuple[int, ...], given: tuple[int, ...] | None) -> list[list[float]]:
+        (det,) = label_images(_TwoHands(own), image, views=views, keypoint_fuse="mean", flip_index=given)
+        return det.keypoints[0].tolist()  # type: ignore[index]
+
+    # the mirror's left hand, at 80 px in the original frame, is the right hand: hands at 40 and 60 px
+    assert run((1, 0), None) == [[40.0, 10.0, 1.0], [60.0, 10.0, 1.0]]
+    assert run((0, 1), (1, 0)) == [[40.0, 10.0, 1.0], [60.0, 10.0, 1.0]]  # an actor told the driver's map
+    assert run((0, 1), None) == [[50.0, 10.0, 1.0], [50.0, 10.0, 1.0]]  # a wrong map blurs the hands

@@ -233,6 +233,7 @@ def label(cfg: LabelConfig) -> Path:
                 views=cfg.views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
                 score_floor=cfg.score_floor, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
                 threads=cfg.threads, device=cfg.device, address=cfg.ray_address, precision=cfg.precision,
+                flip_index=detector.meta.flip_index,
             )  # fmt: skip
         else:
             assert device is not None

@@ -106,7 +106,8 @@ class _Labeler:
         self.device = torch.device(device)
         self.precision = resolve_precision(settings["precision"], self.device)
         self.views = parse_views(settings["views"])
-        self.fusion = {k: settings[k] for k in ("fuse", "keypoint_fuse", "iou_thr", "score_floor")}
+        # the driver's flip map: a foreign YOLO pose model's comes from a file the actor may not see
+        self.fusion = {k: settings[k] for k in ("fuse", "keypoint_fuse", "iou_thr", "score_floor", "flip_index")}
         self.num_keypoints = num_keypoints
         self.schema = _output_schema(num_keypoints)
 
@@ -189,9 +190,11 @@ def label_shards(
     device: str,
     address: str | None,
     precision: str = "auto",
+    flip_index: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Label ``shards`` of ``source`` into ``out/shards`` on a Ray cluster (``address``: join it; None:
-    start one on this machine, and stop it at the end). Returns the timings the manifest records."""
+    start one on this machine, and stop it at the end). Returns the timings the manifest records.
+    ``flip_index``: the keypoint flip map of the driver's detector, which every actor uses."""
     try:
         import ray
         import ray.data
@@ -212,7 +215,7 @@ def label_shards(
         actor_device, actor_resources, most = _actor_resources(device, threads)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         settings = {"views": views, "fuse": fuse, "keypoint_fuse": keypoint_fuse, "iou_thr": iou_thr,
-                    "score_floor": score_floor, "precision": precision}  # fmt: skip
+                    "score_floor": score_floor, "precision": precision, "flip_index": tuple(flip_index)}  # fmt: skip
         blocks = min(len(rows), max(len(shards), 4 * cpus))
         # The actors fetch the model's files themselves (a reference in a dict is not resolved by Ray), and
         # this process keeps them alive, so that a restarted actor finds them again.

@@ -213,27 +213,34 @@ def label_images(
     score_floor: float = 0.05,
     timer: LabelTimer | None = None,
     precision: str = "fp32",
+    flip_index: tuple[int, ...] | None = None,
 ) -> list[Detections]:
     """Run ``detector`` on every view of each image ``[3, H, W]`` (float in [0, 1]), map the predictions
     back to the original frame and fuse them. Returns one :class:`Detections` per image (on the CPU), with
     ``agreement`` and keypoints (``[N, K, 3]`` x, y, score) for keypoint models; objects below
     ``score_floor`` dropped. ``precision``: of the forward passes (resolved: fp32, bf16 or fp16).
+    ``flip_index``: the keypoint flip map (default: the detector's own; a Ray actor gets the driver's).
     """
     timer = timer or LabelTimer()
     meta = detector.meta
     if meta.task == "keypoints" and keypoint_fuse == "heatmap" and not detector.has_heatmaps:
         raise ValueError(f"{meta.model} gives no keypoint heatmaps: use keypoint_fuse='mean'")
+    flip = meta.flip_index if flip_index is None else tuple(flip_index)
     outputs = run_views(detector, images, views=views, precision=precision, timer=timer)
-    fused = fuse_views(
-        outputs.invert(views, meta.flip_index), fuse=fuse, iou_thr=iou_thr, score_floor=score_floor, timer=timer
-    )
+    fused = fuse_views(outputs.invert(views, flip), fuse=fuse, iou_thr=iou_thr, score_floor=score_floor, timer=timer)
     if meta.task == "keypoints" and keypoint_fuse == "heatmap":
-        fused = fuse_heatmaps(detector, images, fused, views, timer=timer, precision=precision)
+        fused = fuse_heatmaps(detector, images, fused, views, timer=timer, precision=precision, flip_index=flip)
     return fused
 
 
 def view_heatmaps(
-    detector: Detector, images: list[torch.Tensor], dets: list[Detections], view: View, *, precision: str = "fp32"
+    detector: Detector,
+    images: list[torch.Tensor],
+    dets: list[Detections],
+    view: View,
+    *,
+    precision: str = "fp32",
+    flip_index: tuple[int, ...] | None = None,
 ) -> dict[int, torch.Tensor]:
     """The keypoint head's heatmap logits ``[N, K, M, M]`` on the boxes of ``dets`` under ``view``, back in
     the original frame (mirrored, left/right channels swapped on a flip), for every image ``i`` with boxes;
@@ -253,9 +260,8 @@ def view_heatmaps(
         heats = detector.heatmaps(prepared, boxes)
     if heats is None:
         raise ValueError(f"{meta.model} gives no keypoint heatmaps")
-    return {
-        i: view.invert_heatmaps(h.float().cpu(), flip_index=meta.flip_index) for i, h in zip(todo, heats, strict=True)
-    }
+    flip = meta.flip_index if flip_index is None else flip_index
+    return {i: view.invert_heatmaps(h.float().cpu(), flip_index=flip) for i, h in zip(todo, heats, strict=True)}
 
 
 def fuse_heatmaps(
@@ -266,6 +272,7 @@ def fuse_heatmaps(
     *,
     timer: LabelTimer,
     precision: str = "fp32",
+    flip_index: tuple[int, ...] | None = None,
 ) -> list[Detections]:
     """The paper's keypoint fusion: the keypoint head runs on the fused boxes under every view (one batch
     per view); heatmaps are mapped back, averaged, then decoded in the original frame.
@@ -277,7 +284,7 @@ def fuse_heatmaps(
     counts: dict[int, torch.Tensor] = {}
     for view in views:
         token = timer.model_start(images[0].device)
-        heats = view_heatmaps(detector, images, dets, view, precision=precision)
+        heats = view_heatmaps(detector, images, dets, view, precision=precision, flip_index=flip_index)
         timer.model_stop(token)
         for i, heat in heats.items():
             inside = _covered(view, images[i], dets[i])
