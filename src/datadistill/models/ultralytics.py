@@ -324,8 +324,9 @@ def model_file(spec: str) -> Path:
 
 
 def model_files(spec: str) -> ModelFiles:
-    """What another machine needs to load ``spec``: its ``.pt`` (a foreign pose model's flip map is read from
-    its training data YAML only where that file is still at its path, else from its keypoint names)."""
+    """What another machine needs to load ``spec``: its ``.pt``. (A foreign pose model's flip map is read from
+    its training data YAML only where that file is still at its path, else from its keypoint names; the Ray
+    engine hands every actor the driver's map.)"""
     return single_file(spec, weights_path(spec))
 
 
