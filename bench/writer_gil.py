@@ -68,7 +68,8 @@ def image_by_image(
             det = Detections(boxes=out.boxes[lo:hi], scores=out.scores[lo:hi], labels=out.labels[lo:hi],
                              keypoints=None if out.keypoints is None else out.keypoints[lo:hi])  # fmt: skip
             per_view.append(view.invert(det, width=w, height=h, flip_index=flip_index))
-        fused = fusion.fuse(per_view, method=method, iou_thr=iou_thr, skip_box_thr=0.0)
+        crops = [view.crop(height=h, width=w) for view in views] if any(v.tile is not None for v in views) else None
+        fused = fusion.fuse(per_view, method=method, iou_thr=iou_thr, skip_box_thr=0.0, crops=crops)
         fused = fused.select(fused.scores >= score_floor)
         result.append(uncertainty.view_spread(fused, per_view, iou_thr=iou_thr))
     return result

@@ -694,3 +694,27 @@ def test_fusing_a_batch_refuses_rows_without_an_image() -> None:
         fusion.fuse_images([det], [torch.tensor([2])], 2, method="nms", iou_thr=0.5, skip_box_thr=0.0)
     with pytest.raises(ValueError, match=r"images of view 0 must be \[1\] integers"):
         fusion.fuse_images([det], [torch.tensor([0, 1])], 2, method="nms", iou_thr=0.5, skip_box_thr=0.0)
+
+
+def test_wbf_counts_only_the_views_that_could_see_a_box() -> None:
+    # identity and the four tiles of tile:2x2 on a 200 px image (tiles span 0..115 and 85..200)
+    crops = torch.tensor([[0.0, 0, 200, 200], [0, 0, 115, 115], [85, 0, 200, 115], [0, 85, 115, 200],
+                          [85, 85, 200, 200]])  # fmt: skip
+    corner, middle = [10.0, 10, 40, 40], [90.0, 90, 110, 110]
+
+    def det(rows: list[tuple[list[float], float]]) -> Detections:
+        return Detections(boxes=torch.tensor([b for b, _ in rows]).reshape(-1, 4),
+                          scores=torch.tensor([s for _, s in rows]), labels=torch.zeros(len(rows), dtype=torch.int64))  # fmt: skip
+
+    views = [det([(corner, 0.8), (middle, 0.9)]), det([(corner, 0.6)]), det([]), det([]), det([])]
+    seen = fusion.fuse(views, method="wbf", iou_thr=0.5, skip_box_thr=0.0, crops=crops)
+    blind = fusion.fuse(views, method="wbf", iou_thr=0.5, skip_box_thr=0.0)
+    # the corner box: 2 of the 2 views that hold it (identity, the top left tile); the middle box: 1 of 5
+    assert sorted(seen.scores.tolist()) == pytest.approx([0.9 / 5, 0.7])
+    assert sorted(blind.scores.tolist()) == pytest.approx([0.9 / 5, 0.7 * 2 / 5])
+    assert seen.agreement.tolist() == blind.agreement.tolist()
+    absent = fusion.fuse(views, method="wbf", iou_thr=0.5, skip_box_thr=0.0, crops=crops,
+                         conf_type="absent_model_aware_avg")  # fmt: skip
+    assert sorted(absent.scores.tolist()) == pytest.approx([0.9 / 5, (0.8 + 0.6) / 2])
+    with pytest.raises(ValueError, match=r"crops must have shape \[5, 1, 4\]"):
+        fusion.fuse(views, method="wbf", iou_thr=0.5, skip_box_thr=0.0, crops=crops[:3])

@@ -290,6 +290,10 @@ class _Inputs:
     num_views: int
     dtype: torch.dtype  # of the returned boxes and scores
     device: torch.device  # of the returned tensors
+    # The part of each image each view saw, [V, I, 4] xyxy, with the image [M] and the (image, label) pairs of
+    # the groups [G, 2] (fuse_images with crops): WBF counts the views that could have seen a fused box.
+    crops: np.ndarray | None = None
+    pairs: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -508,6 +512,23 @@ def _vote(
     return _ranked(fused)
 
 
+def _could_see(
+    inputs: _Inputs, boxes: np.ndarray, groups: np.ndarray, present: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray | int, np.ndarray | float]:
+    """How many views could have seen each fused box (of label group ``groups``) and their summed weight:
+    every view, without crops; with crops, the views whose crop holds the box wholly, and those with a
+    member in its cluster (``present``: cluster * V + view pairs)."""
+    v = inputs.num_views
+    if inputs.crops is None or inputs.pairs is None:
+        return v, w.sum()
+    crops = inputs.crops[:, inputs.pairs[groups, 0]]  # [V, C, 4]
+    could = (boxes[None, :, 0] >= crops[..., 0]) & (boxes[None, :, 1] >= crops[..., 1])
+    could &= (boxes[None, :, 2] <= crops[..., 2]) & (boxes[None, :, 3] <= crops[..., 3])
+    could = could.T.copy()  # [C, V]
+    could[present // v, present % v] = True
+    return could.sum(axis=1), could.astype(np.float64) @ w
+
+
 def _wbf(
     inputs: _Inputs,
     weights: Weights,
@@ -533,19 +554,21 @@ def _wbf(
     c = len(boxes)
     count = np.bincount(cluster, minlength=c)
     sum_ws = np.bincount(cluster, weights=ws[rows], minlength=c)
+    v = inputs.num_views
+    pairs = np.unique(cluster * v + inputs.views[rows])
+    present_w = np.bincount(pairs // v, weights=w[pairs % v], minlength=c)
+    could_n, could_w = _could_see(inputs, boxes, inputs.labels[rows[first]], pairs, w)
     if conf_type == "avg":
-        scores = np.minimum(sum_ws / count * np.minimum(inputs.num_views, count) / w.sum(), 1.0)
+        scores = np.minimum(sum_ws / count * np.minimum(could_n, count) / could_w, 1.0)
     elif conf_type == "max":
         scores = ws[rows[first]] / w.max()
     else:
         sum_w = np.bincount(cluster, weights=wv[rows], minlength=c)
-        pairs = np.unique(cluster * inputs.num_views + inputs.views[rows])
-        present_w = np.bincount(pairs // inputs.num_views, weights=w[pairs % inputs.num_views], minlength=c)
         if conf_type == "box_and_model_avg":
             safe = np.where(sum_w > 0.0, sum_w, 1.0)
-            scores = np.where(sum_w > 0.0, sum_ws / safe * present_w / w.sum(), 0.0)
+            scores = np.where(sum_w > 0.0, sum_ws / safe * present_w / could_w, 0.0)
         else:
-            scores = sum_ws / (sum_w + (w.sum() - present_w))
+            scores = sum_ws / (sum_w + (could_w - present_w))
     fused = _Fused(boxes, scores, inputs.labels[rows[first]], rows, cluster, ws)
     return _ranked(fused)
 
@@ -761,6 +784,7 @@ def fuse(
     iou_thr: float,
     skip_box_thr: float,
     weights: Weights = None,
+    crops: Tensor | np.ndarray | None = None,
     **options: object,
 ) -> Detections:
     """Fuse the detections of several views of one image (all in the original image frame) into one.
@@ -777,11 +801,14 @@ def fuse(
     Clusters: the boxes merged into a fused box (``wbf``, ``vote``); for ``nms`` a kept box and the boxes
     it suppressed (IoU > iou_thr, same class); for ``soft-nms`` a kept box and every box of its class
     ranked after it with IoU > iou_thr (the duplicates it decayed, kept or not: clusters may overlap).
+
+    crops: ``[V, 4]``, the part of the image each view saw (see :func:`fuse_images`; WBF only).
     """
     one_image = [torch.zeros(len(v), dtype=torch.int64) for v in views]
-    (fused,) = fuse_images(
-        views, one_image, 1, method=method, iou_thr=iou_thr, skip_box_thr=skip_box_thr, weights=weights, **options
-    )
+    if crops is not None:
+        crops = torch.as_tensor(crops)[:, None]
+    (fused,) = fuse_images(views, one_image, 1, method=method, iou_thr=iou_thr, skip_box_thr=skip_box_thr,
+                           weights=weights, crops=crops, **options)  # fmt: skip
     return fused
 
 
@@ -794,13 +821,20 @@ def fuse_images(
     iou_thr: float,
     skip_box_thr: float,
     weights: Weights = None,
+    crops: Tensor | np.ndarray | None = None,
     **options: object,
 ) -> list[Detections]:
     """:func:`fuse` for a batch of images in one call: ``views[v]`` holds view v's detections of every
     image (original frames) and ``images[v]`` ``[N_v]`` the image (``0..num_images - 1``) of each of its
     rows. Returns one :class:`Detections` per image, the same as :func:`fuse` on that image's rows of every
     view (same values, same order): the classes of different images never meet, and the compiled loops
-    and the bookkeeping run once for the batch instead of once per image."""
+    and the bookkeeping run once for the batch instead of once per image.
+
+    ``crops`` ``[V, num_images, 4]``: the part (xyxy px) of each image that each view saw, when some saw only
+    a part (tiles). WBF then rescales a fused box's score by the views that could have seen it (those whose
+    crop holds it wholly, or that have a member in its cluster) instead of by every view: a box seen by the
+    whole-image views and the one tile that holds it is not marked down for the tiles that never saw it.
+    The other methods' scores take no view count."""
     try:
         run = _METHODS[method]
     except KeyError:
@@ -814,7 +848,8 @@ def fuse_images(
     # that each image's groups come in its classes' order, as they would alone.
     pairs, group = _groups(image, inputs.labels, num_images)
     grouped = _Inputs(inputs.boxes, inputs.scores, group.reshape(-1).astype(np.int64), inputs.views,
-                      inputs.num_views, inputs.dtype, inputs.device)  # fmt: skip
+                      inputs.num_views, inputs.dtype, inputs.device, _crops(crops, len(views), num_images),
+                      pairs)  # fmt: skip
     fused = run(grouped, weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, with_clusters=True, **options)
     boxes, scores, _ = _as_tensors(fused, inputs)
     c = len(fused.scores)
@@ -847,6 +882,15 @@ def _groups(image: np.ndarray, labels: np.ndarray, num_images: int) -> tuple[np.
         return np.stack([keys // span, keys % span + low], axis=1), group.reshape(-1)
     pairs, group = np.unique(np.stack([image, labels], axis=1), axis=0, return_inverse=True)
     return pairs.reshape(-1, 2), group.reshape(-1)
+
+
+def _crops(crops: Tensor | np.ndarray | None, num_views: int, num_images: int) -> np.ndarray | None:
+    if crops is None:
+        return None
+    arr = crops.detach().cpu().double().numpy() if isinstance(crops, Tensor) else np.asarray(crops, np.float64)
+    if arr.shape != (num_views, num_images, 4):
+        raise ValueError(f"crops must have shape [{num_views}, {num_images}, 4] (views, images, xyxy), got {arr.shape}")
+    return arr
 
 
 def _image_of_rows(views: Sequence[Detections], images: Sequence[Tensor], num_images: int) -> np.ndarray:

@@ -131,7 +131,10 @@ class ViewOutputs:
                                     flip_index=flip_index) for i, (h, w) in enumerate(self.sizes)]  # fmt: skip
             per_view.append(concat(inverted))
             images.append(torch.repeat_interleave(torch.arange(num), torch.tensor([len(d) for d in inverted])))
-        return ViewRows(per_view=tuple(per_view), images=tuple(images), num_images=num)
+        crops = None
+        if any(view.tile is not None for view in views):
+            crops = torch.tensor([[view.crop(height=h, width=w) for h, w in self.sizes] for view in views])
+        return ViewRows(per_view=tuple(per_view), images=tuple(images), num_images=num, crops=crops)
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class ViewRows:
     per_view: tuple[Detections, ...]
     images: tuple[torch.Tensor, ...]
     num_images: int
+    crops: torch.Tensor | None = None  # [V, num_images, 4]: the part of each image each view saw, with tiles
 
 
 def run_views(
@@ -191,7 +195,7 @@ def fuse_views(
     the Python work, which matters when a thread does it beside the model's own Python."""
     t0 = time.perf_counter()
     fused = fusion.fuse_images(rows.per_view, rows.images, rows.num_images, method=fuse, iou_thr=iou_thr,
-                               skip_box_thr=0.0)  # fmt: skip
+                               skip_box_thr=0.0, crops=rows.crops)  # fmt: skip
     everything = concat(fused)
     floor = everything.scores >= score_floor
     image = torch.repeat_interleave(torch.arange(len(fused)), torch.tensor([len(f) for f in fused]))
