@@ -153,11 +153,9 @@ def train_speed(
             "peak_gib": peak_gib(device)}  # fmt: skip
 
 
-def bench_model(model: str, data: Path, work: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    precision = resolve_precision(args.precision, device)
-    checkpoint = make_checkpoint(model, data, args.size, work)
-    common = dict(views=args.views, batch_size=args.batch_size, precision=precision, device=device)
-    row: dict[str, Any] = {"model": model, "precision": precision}
+def label_part(row: dict[str, Any], model: str, checkpoint: Path, data: Path, work: Path, args: argparse.Namespace,
+               common: dict[str, Any]) -> None:  # fmt: skip
+    """(a) and (b) of ``model`` into ``row``."""
     log.info("%s: (a) forward-only limit", model)
     row["forward"] = forward_limit(checkpoint, data, repeat=args.repeat, **common)  # type: ignore[arg-type]
     warm = work / "warm"  # one batch labeled first: numba's cache, cuDNN's kernel choice, the first worker start
@@ -173,6 +171,15 @@ def bench_model(model: str, data: Path, work: Path, args: argparse.Namespace, de
                                 sync_loop=sync_loop, **common)  # type: ignore[arg-type]  # fmt: skip
     row["efficiency"] = row["label"]["image_views_per_s"] / row["forward"]["image_views_per_s"]
     row["efficiency_sync"] = row["label_sync"]["image_views_per_s"] / row["forward"]["image_views_per_s"]
+
+
+def bench_model(model: str, data: Path, work: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    precision = resolve_precision(args.precision, device)
+    checkpoint = make_checkpoint(model, data, args.size, work)
+    common = dict(views=args.views, batch_size=args.batch_size, precision=precision, device=device)
+    row: dict[str, Any] = {"model": model, "precision": precision}
+    if not args.skip_label:
+        label_part(row, model, checkpoint, data, work, args, common)
     for p in args.train_precisions:
         log.info("%s: (c) training in %s", model, p)
         row[f"train_{p}"] = train_speed(model, data, work / f"{model}-train-{p}", size=args.size,
@@ -193,16 +200,18 @@ def format_table(results: dict[str, Any]) -> str:
         f"{'model':28}{'prec':>6}{'(a) fwd':>10}{'(b) label':>11}{'(b)/(a)':>9}{'sync':>8}{'sync/(a)':>10}"
         f"{'fp32 it/s':>11}{'bf16 it/s':>11}{'bf16/fp32':>11}{'peak GiB a/b/train':>22}",
     ]
+    nan = float("nan")
     for r in results["models"]:
         f32, b16 = r.get("train_fp32", {}), r.get("train_bf16", {})
-        peaks = "/".join(f"{x:.1f}" for x in (r["forward"]["peak_gib"], r["label"]["peak_gib"],
+        fwd, lab, syn = r.get("forward", {}), r.get("label", {}), r.get("label_sync", {})  # none with --skip-label
+        peaks = "/".join(f"{x:.1f}" for x in (fwd.get("peak_gib", nan), lab.get("peak_gib", nan),
                                               max(f32.get("peak_gib", 0), b16.get("peak_gib", 0))))  # fmt: skip
         lines.append(
-            f"{r['model']:28}{r['precision']:>6}{r['forward']['image_views_per_s']:10.1f}"
-            f"{r['label']['image_views_per_s']:11.1f}{r['efficiency']:9.2f}{r['label_sync']['image_views_per_s']:8.1f}"
-            f"{r['efficiency_sync']:10.2f}{f32.get('iterations_per_s', float('nan')):11.2f}"
-            f"{b16.get('iterations_per_s', float('nan')):11.2f}{r.get('train_bf16_speedup', float('nan')):11.2f}"
-            f"{peaks:>22}"
+            f"{r['model']:28}{r['precision']:>6}{fwd.get('image_views_per_s', nan):10.1f}"
+            f"{lab.get('image_views_per_s', nan):11.1f}{r.get('efficiency', nan):9.2f}"
+            f"{syn.get('image_views_per_s', nan):8.1f}{r.get('efficiency_sync', nan):10.2f}"
+            f"{f32.get('iterations_per_s', nan):11.2f}{b16.get('iterations_per_s', nan):11.2f}"
+            f"{r.get('train_bf16_speedup', nan):11.2f}{peaks:>22}"
         )
     lines.append("(a), (b): images x views per second; peak memory: CUDA allocator, or the process's peak RSS on a CPU")
     return "\n".join(lines)
@@ -232,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-warmup", type=int, default=5, help="training iterations not timed (5)")
     p.add_argument("--train-precisions", nargs="*", default=["fp32", "bf16"],
                    help="fp32 bf16 (fp16: GPU); none: no (c)")  # fmt: skip
+    p.add_argument("--skip-label", action="store_true", help="training only: no (a), (b)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding images (4)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
