@@ -42,6 +42,17 @@ def test_tiny_gpu_bench_runs_on_a_cpu(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "small_fcos" in capsys.readouterr().out
 
 
+def test_gpu_bench_trains_alone_with_skip_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "gpu.json"
+    argv = ["--out", str(out), "--device", "cpu", "--models", "small_fcos", "--images", "2", "--size", "128",
+            "--skip-label", "--train-precisions", "fp32", "--batch-size", "2", "--train-iterations", "1",
+            "--train-warmup", "1", "--workers", "0", "--threads", "1"]  # fmt: skip
+    assert _script().main(argv) == 0
+    (row,) = json.loads(out.read_text())["models"]
+    assert "forward" not in row and "label" not in row and row["train_fp32"]["iterations_per_s"] > 0
+    assert "nan" in capsys.readouterr().out  # the labeling columns, not measured
+
+
 def test_writer_gil_bench_compares_both_paths_on_the_same_objects(tmp_path: Path) -> None:
     bench = _script("writer_gil")
     views = bench.parse_views("default")
