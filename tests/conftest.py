@@ -1,9 +1,32 @@
 """Set for the whole test session, before any test module imports transformers or huggingface_hub (which read
-these once, at import): nothing may be downloaded in a test."""
+these once, at import): nothing may be downloaded in a test. Also the one loader of the bench scripts."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def load_bench(name: str):  # noqa: ANN201 (a module)
+    """``bench/NAME.py`` as a module (``bench/`` is not a package; its scripts are loaded by path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def bench_script():  # noqa: ANN201
+    """:func:`load_bench`, for a test: ``bench_script("writer_gil")``."""
+    return load_bench

@@ -3,10 +3,8 @@ image-by-image composition it replaced: the same objects, bit for bit."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -43,28 +41,21 @@ def _outputs(views: tuple[View, ...], *, keypoints: int | None, seed: int) -> Vi
                        sizes=SIZES, ready=None)  # fmt: skip
 
 
-def _bench() -> ModuleType:
-    """bench/writer_gil.py, whose ``image_by_image`` is the composition the batch path replaced."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "writer_gil.py"
-    spec = importlib.util.spec_from_file_location("bench_writer_gil", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("method", ["nms", "wbf", "soft-nms", "vote"])
 @pytest.mark.parametrize(
     ("spec", "keypoints"),
     [("default", None), ("default", 3), ("identity,hflip,tile:2x2", None), ("hflip,hflip+tile:2x1", 3)],
 )
-def test_a_batch_is_fused_as_each_image_alone(method: str, spec: str, keypoints: int | None) -> None:
+def test_a_batch_is_fused_as_each_image_alone(
+    method: str, spec: str, keypoints: int | None, bench_script: Callable[[str], ModuleType]
+) -> None:
     views = parse_views(spec)
     flip_index = (1, 0, 2) if keypoints else ()
     out = _outputs(views, keypoints=keypoints, seed=len(spec) + (keypoints or 0))
     batch = fuse_views(out.invert(views, flip_index), fuse=method, iou_thr=0.5, score_floor=0.02, timer=None)
-    alone = _bench().image_by_image(out, views, flip_index=flip_index, method=method, score_floor=0.02)
+    alone = bench_script("writer_gil").image_by_image(
+        out, views, flip_index=flip_index, method=method, score_floor=0.02
+    )
     assert sum(len(d) for d in batch) > 10
     for got, want in zip(batch, alone, strict=True):
         for name in ("boxes", "scores", "labels", "agreement", "keypoints", "score_spread", "box_spread"):
