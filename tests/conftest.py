@@ -1,5 +1,5 @@
 """Set for the whole test session, before any test module imports transformers or huggingface_hub (which read
-these once, at import): nothing may be downloaded in a test. Also the one loader of the bench scripts."""
+these once, at import): nothing may be downloaded in a test. Also the fixture that loads a bench script by path (bench_script)."""
 
 from __future__ import annotations
 

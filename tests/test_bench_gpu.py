@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from conftest import load_bench
 
-
-def _script(name: str = "gpu") -> ModuleType:
-    return load_bench(name)
-
-
-def test_tiny_gpu_bench_runs_on_a_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _script()
+def test_tiny_gpu_bench_runs_on_a_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bench_script: Callable[[str], ModuleType]
+) -> None:
+    bench = bench_script("gpu")
     out = tmp_path / "gpu.json"
     argv = ["--out", str(out), "--device", "cpu", "--models", "small_fcos", "--images", "4", "--size", "128",
             "--views", "identity,hflip", "--batch-size", "2", "--train-batch-size", "3", "--repeat", "1",
@@ -36,19 +33,23 @@ def test_tiny_gpu_bench_runs_on_a_cpu(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "small_fcos" in capsys.readouterr().out
 
 
-def test_gpu_bench_trains_alone_with_skip_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gpu_bench_trains_alone_with_skip_label(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bench_script: Callable[[str], ModuleType]
+) -> None:
     out = tmp_path / "gpu.json"
     argv = ["--out", str(out), "--device", "cpu", "--models", "small_fcos", "--images", "2", "--size", "128",
             "--skip-label", "--train-precisions", "fp32", "--batch-size", "2", "--train-iterations", "1",
             "--train-warmup", "1", "--workers", "0", "--threads", "1"]  # fmt: skip
-    assert _script().main(argv) == 0
+    assert bench_script("gpu").main(argv) == 0
     (row,) = json.loads(out.read_text())["models"]
     assert "forward" not in row and "label" not in row and row["train_fp32"]["iterations_per_s"] > 0
     assert "nan" in capsys.readouterr().out  # the labeling columns, not measured
 
 
-def test_writer_gil_bench_compares_both_paths_on_the_same_objects(tmp_path: Path) -> None:
-    bench = _script("writer_gil")
+def test_writer_gil_bench_compares_both_paths_on_the_same_objects(
+    tmp_path: Path, bench_script: Callable[[str], ModuleType]
+) -> None:
+    bench = bench_script("writer_gil")
     views = bench.parse_views("default")
     outputs = bench.make_outputs(views, batch=3, per_view=20, size=200, seed=1)
     batch, alone = bench.batch_path(outputs, views), bench.image_by_image(outputs, views)
