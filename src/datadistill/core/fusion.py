@@ -290,8 +290,8 @@ class _Inputs:
     num_views: int
     dtype: torch.dtype  # of the returned boxes and scores
     device: torch.device  # of the returned tensors
-    # The part of each image each view saw, [V, I, 4] xyxy, with the image [M] and the (image, label) pairs of
-    # the groups [G, 2] (fuse_images with crops): WBF counts the views that could have seen a fused box.
+    # With fuse_images' crops: the part of each image each view saw [V, I, 4] xyxy, and the (image, label)
+    # pair of each label group [G, 2]; WBF counts the views that could have seen a fused box.
     crops: np.ndarray | None = None
     pairs: np.ndarray | None = None
 
@@ -822,6 +822,7 @@ def fuse_images(
     skip_box_thr: float,
     weights: Weights = None,
     crops: Tensor | np.ndarray | None = None,
+    score_floor: float = 0.0,
     **options: object,
 ) -> list[Detections]:
     """:func:`fuse` for a batch of images in one call: ``views[v]`` holds view v's detections of every
@@ -834,7 +835,7 @@ def fuse_images(
     a part (tiles). WBF then rescales a fused box's score by the views that could have seen it (those whose
     crop holds it wholly, or that have a member in its cluster) instead of by every view: a box seen by the
     whole-image views and the one tile that holds it is not marked down for the tiles that never saw it.
-    The other methods' scores take no view count."""
+    The other methods' scores take no view count. ``score_floor``: fused objects scoring below it are dropped."""
     try:
         run = _METHODS[method]
     except KeyError:
@@ -865,9 +866,10 @@ def fuse_images(
     )
     # A box thinner than float32 resolves at its place (1e-6 px at x = 100) has no width left: drop it, as
     # boxes of zero size are dropped on the way in (a zero-size pseudo-label would fail the student's data).
-    solid = np.flatnonzero(((out.boxes[:, 2] > out.boxes[:, 0]) & (out.boxes[:, 3] > out.boxes[:, 1])).cpu().numpy())
-    image_of_object = pairs[fused.labels[solid], 0]
-    order = solid[np.argsort(image_of_object, kind="stable")]  # by image, each in score order
+    solid = (out.boxes[:, 2] > out.boxes[:, 0]) & (out.boxes[:, 3] > out.boxes[:, 1])
+    kept = np.flatnonzero((solid & (out.scores >= score_floor)).cpu().numpy())
+    image_of_object = pairs[fused.labels[kept], 0]
+    order = kept[np.argsort(image_of_object, kind="stable")]  # by image, each in score order
     counts = np.bincount(image_of_object, minlength=num_images).tolist()
     return out.select(torch.from_numpy(order).to(inputs.device)).split(counts)
 

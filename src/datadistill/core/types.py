@@ -100,11 +100,10 @@ class Detections:
 FIELDS = ("boxes", "scores", "labels", "keypoints", "agreement", "score_spread", "box_spread")
 
 
-def concat(parts: list[Detections], *, num_keypoints: int | None = None) -> Detections:
-    """The rows of ``parts`` one after the other; a field is kept when every part has it. No parts: empty
-    detections (with ``num_keypoints`` keypoints, if given)."""
+def concat(parts: list[Detections]) -> Detections:
+    """The rows of ``parts`` one after the other; a field is kept when every part has it (no parts: empty)."""
     if not parts:
-        return Detections.empty(num_keypoints)
+        return Detections.empty()
     out = {}
     for f in FIELDS:
         values = [getattr(p, f) for p in parts]

@@ -195,12 +195,8 @@ def fuse_views(
     the Python work, which matters when a thread does it beside the model's own Python."""
     t0 = time.perf_counter()
     fused = fusion.fuse_images(rows.per_view, rows.images, rows.num_images, method=fuse, iou_thr=iou_thr,
-                               skip_box_thr=0.0, crops=rows.crops)  # fmt: skip
-    everything = concat(fused)
-    floor = everything.scores >= score_floor
-    image = torch.repeat_interleave(torch.arange(len(fused)), torch.tensor([len(f) for f in fused]))
-    kept = everything.select(floor).split(torch.bincount(image[floor], minlength=len(fused)).tolist())
-    fused = uncertainty.view_spread_images(kept, rows.per_view, rows.images, iou_thr=iou_thr)
+                               skip_box_thr=0.0, crops=rows.crops, score_floor=score_floor)  # fmt: skip
+    fused = uncertainty.view_spread_images(fused, rows.per_view, rows.images, iou_thr=iou_thr)
     if timer is not None:
         timer.fusion_s += time.perf_counter() - t0
     return fused
