@@ -36,10 +36,12 @@ from datadistill.stages.select import SelectConfig, cross_class_duplicates, sele
 from datadistill.stages.shards import shard_schema, write_shard
 
 
-def python_reference(boxes, scores, labels, image) -> np.ndarray:  # noqa: ANN001
-    """The former filter: per image, the greedy over torchvision's ``box_iou`` matrix, IoU 0.5."""
+def python_reference(boxes, scores, labels, image, *, among=None, iou_thr: float = 0.5) -> np.ndarray:  # noqa: ANN001
+    """The former filter (and the compiled one's reference in tests/test_select.py): per image, among the
+    candidates ``among`` (default: all), the greedy over torchvision's ``box_iou`` matrix."""
     out = np.zeros(scores.shape, bool)
-    idx = np.argsort(image, kind="stable")
+    idx = np.arange(scores.size) if among is None else np.flatnonzero(among)
+    idx = idx[np.argsort(image[idx], kind="stable")]
     for group in np.split(idx, np.flatnonzero(np.diff(image[idx])) + 1):
         group = group[np.argsort(-scores[group], kind="stable")]
         iou = box_iou(torch.from_numpy(boxes[group]), torch.from_numpy(boxes[group])).numpy()
@@ -47,7 +49,7 @@ def python_reference(boxes, scores, labels, image) -> np.ndarray:  # noqa: ANN00
         dropped = np.zeros(group.size, bool)
         for i in range(group.size):
             if not dropped[i]:
-                dropped[i + 1 :] |= other[i, i + 1 :] & (iou[i, i + 1 :] >= 0.5)
+                dropped[i + 1 :] |= other[i, i + 1 :] & (iou[i, i + 1 :] >= iou_thr)
         out[group[dropped]] = True
     return out
 

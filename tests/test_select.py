@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
-import torch
-from torchvision.ops import box_iou
 
 from datadistill.data.coco import load_coco
 from datadistill.errors import UserError
@@ -204,23 +204,6 @@ def test_cross_class_iou_keeps_one_class_per_object(tmp_path: Path) -> None:
         select_pseudo_labels(SelectConfig(**common, out=str(tmp_path / "x" / "p.json"), cross_class_iou=1.5))
 
 
-def _reference_duplicates(boxes, scores, labels, image, *, among, iou_thr):  # noqa: ANN001, ANN202
-    """The greedy of :func:`cross_class_duplicates` as first written: a Python loop over torchvision's box_iou."""
-    out = np.zeros(scores.shape, bool)
-    idx = np.flatnonzero(among)
-    idx = idx[np.argsort(image[idx], kind="stable")]
-    for group in np.split(idx, np.flatnonzero(np.diff(image[idx])) + 1):
-        group = group[np.argsort(-scores[group], kind="stable")]
-        iou = box_iou(torch.from_numpy(boxes[group]), torch.from_numpy(boxes[group])).numpy()
-        other_class = labels[group][:, None] != labels[group][None, :]
-        dropped = np.zeros(group.size, bool)
-        for i in range(group.size):
-            if not dropped[i]:
-                dropped[i + 1 :] |= other_class[i, i + 1 :] & (iou[i, i + 1 :] >= iou_thr)
-        out[group[dropped]] = True
-    return out
-
-
 def _random_candidates(rng: np.random.Generator, n: int, images: int, classes: int) -> tuple[np.ndarray, ...]:
     """Boxes on a coarse grid (so that IoUs land exactly on 0.5, 1/3, 1 and 0 often), some repeated under
     another class, a few of zero area; scores in steps of 0.05 (ties); image keys in random order."""
@@ -239,12 +222,14 @@ def _random_candidates(rng: np.random.Generator, n: int, images: int, classes: i
 
 
 @pytest.mark.parametrize("iou_thr", [0.5, 1 / 3, 1.0, 0.05, 0.7])
-def test_cross_class_duplicates_match_the_python_reference(iou_thr: float) -> None:
+def test_cross_class_duplicates_match_the_python_reference(
+    iou_thr: float, bench_script: Callable[[str], ModuleType]
+) -> None:
     rng = np.random.default_rng(int(iou_thr * 1000))
     boxes, scores, labels, image = _random_candidates(rng, 20_000, 600, 3)
     among = rng.random(scores.size) < 0.9
     got = cross_class_duplicates(boxes, scores, labels, image, among=among, iou_thr=iou_thr)
-    want = _reference_duplicates(boxes, scores, labels, image, among=among, iou_thr=iou_thr)
+    want = bench_script("select_speed").python_reference(boxes, scores, labels, image, among=among, iou_thr=iou_thr)
     assert 500 < want.sum() < among.sum() and np.array_equal(got, want)
     assert not got[~among].any()
     # one threshold for all classes: dropping the duplicates, then thresholding = thresholding, then dropping
