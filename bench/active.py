@@ -42,6 +42,7 @@ import torch
 
 from datadistill.config import LabelConfig, SelectConfig, TrainConfig
 from datadistill.data.coco import CocoDataset, load_coco, read_json, save_coco
+from datadistill.data.label_folder import object_values, read_shards
 from datadistill.demo import DemoPlan, make_demo_data
 from datadistill.models.detector import load_detector
 from datadistill.runtime.io import provenance, write_json_atomic
@@ -50,7 +51,6 @@ from datadistill.stages.label import label
 from datadistill.stages.quality import match_pseudo_labels
 from datadistill.stages.review import merge, review
 from datadistill.stages.select import select_pseudo_labels
-from datadistill.stages.shards import object_values, read_shards
 from datadistill.stages.train import train
 
 ARMS = ("none", "random", "doubt")

@@ -36,6 +36,7 @@ import torch
 from datadistill.core.types import Detections
 from datadistill.core.views import parse_views
 from datadistill.data.coco import CocoDataset, load_coco, read_json
+from datadistill.data.label_folder import read_shards, shard_detections
 from datadistill.data.synth import SHAPE_CLASSES
 from datadistill.demo import DemoPlan, make_demo_data
 from datadistill.models.detector import load_detector, trained_file
@@ -43,7 +44,6 @@ from datadistill.runtime.io import provenance, write_json_atomic
 from datadistill.stages.evaluate import evaluate_model, evaluate_predictions
 from datadistill.stages.label import LabelConfig, label
 from datadistill.stages.select import SelectConfig, select_pseudo_labels
-from datadistill.stages.shards import read_shards, shard_detections
 from datadistill.stages.train import TrainConfig, train
 
 log = logging.getLogger("bench.hf_views")

@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from datadistill.data.coco import load_coco, validate_coco
+from datadistill.data.label_folder import shard_schema, write_shard
 from datadistill.runtime.io import write_json_atomic
 from datadistill.stages.review import merge, review
-from datadistill.stages.shards import shard_schema, write_shard
 
 HOST = "127.0.0.1"
 TOKEN = "datadistill0bench0token0000000000000000"  # a fixed legacy API token for this throwaway server

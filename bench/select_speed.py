@@ -31,9 +31,9 @@ import torch
 from torchvision.ops import batched_nms, box_iou
 
 from datadistill.core import selection
+from datadistill.data.label_folder import shard_schema, write_shard
 from datadistill.runtime.io import provenance, write_json_atomic
 from datadistill.stages.select import SelectConfig, cross_class_duplicates, select_pseudo_labels
-from datadistill.stages.shards import shard_schema, write_shard
 
 
 def python_reference(boxes, scores, labels, image, *, among=None, iou_thr: float = 0.5) -> np.ndarray:  # noqa: ANN001

@@ -38,11 +38,11 @@ import torch
 from datadistill.core.types import Detections
 from datadistill.core.views import parse_views
 from datadistill.data.coco import CocoDataset, ImageLabels, load_coco, read_json, save_coco
+from datadistill.data.label_folder import read_shards, shard_detections
 from datadistill.data.synth import make_shapes
 from datadistill.runtime.io import provenance, write_json_atomic
 from datadistill.stages.evaluate import evaluate_predictions
 from datadistill.stages.label import LabelConfig, label
-from datadistill.stages.shards import read_shards, shard_detections
 from datadistill.stages.train import TrainConfig, train
 
 log = logging.getLogger("bench.tiles")

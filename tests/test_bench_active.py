@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import active  # noqa: E402
 
 from datadistill.data.coco import load_coco  # noqa: E402
-from datadistill.stages.shards import object_values, read_shards  # noqa: E402
+from datadistill.data.label_folder import object_values, read_shards  # noqa: E402
 
 
 def test_choose() -> None:

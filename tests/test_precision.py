@@ -22,12 +22,12 @@ from PIL import Image
 
 from datadistill.core.types import Detections
 from datadistill.data.coco import CocoDataset, load_coco
+from datadistill.data.label_folder import read_shards, shard_detections
 from datadistill.data.synth import make_shapes
 from datadistill.errors import UserError
 from datadistill.runtime.devices import autocast, resolve_precision
 from datadistill.stages.evaluate import evaluate_predictions
 from datadistill.stages.label import LabelConfig, label
-from datadistill.stages.shards import read_shards, shard_detections
 from datadistill.stages.train import TrainConfig, train
 
 CPU = torch.device("cpu")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datadistill.data.label_folder import shard_schema, write_shard
 from datadistill.runtime.io import write_json_atomic
 from datadistill.stages import report
-from datadistill.stages.shards import shard_schema, write_shard
 
 matplotlib.use("Agg")
 W, H = 64, 48

@@ -13,11 +13,11 @@ import pytest
 
 from datadistill.cli import main
 from datadistill.data.coco import load_coco, validate_coco
+from datadistill.data.label_folder import object_values, read_shards, shard_detections, shard_schema, write_shard
 from datadistill.data.synth import make_figures
 from datadistill.errors import UserError
 from datadistill.runtime.io import write_json_atomic
 from datadistill.stages.review import merge, object_doubt, review
-from datadistill.stages.shards import object_values, read_shards, shard_detections, shard_schema, write_shard
 
 W, H = 200, 100
 # (file_name, scores, labels, agreement, boxes xyxy px) on W x H images, 4 views, threshold 0.5

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from datadistill.data.coco import load_coco
+from datadistill.data.label_folder import shard_schema, write_shard
 from datadistill.errors import UserError
 from datadistill.runtime.io import write_json_atomic
 from datadistill.stages.select import SelectConfig, cross_class_duplicates, select_pseudo_labels
-from datadistill.stages.shards import shard_schema, write_shard
 
 KP = ["head", "left_hand", "right_hand"]
 

@@ -14,9 +14,9 @@ from PIL import Image
 from datadistill.core import fusion
 from datadistill.core.types import Detections
 from datadistill.core.uncertainty import match_views, view_spread
+from datadistill.data.label_folder import object_values
 from datadistill.models import torchvision as models
 from datadistill.stages.label import LabelConfig, label, read_shards, shard_detections
-from datadistill.stages.shards import object_values
 
 
 def _det(boxes: list[list[float]], scores: list[float], labels: list[int] | None = None) -> Detections:

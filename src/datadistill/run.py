@@ -367,6 +367,9 @@ def _label_and_mark(cfg: Any, folder: Path) -> None:
 
 def label_root(label_dir: Path) -> str:
     """The image root that a labeling folder's file names are relative to."""
-    from datadistill.data.coco import read_json
+    from datadistill.data.label_folder import open_label_folder
 
-    return read_json(label_dir / "manifest.json")["config"]["image_root"]
+    root = open_label_folder(label_dir).image_root
+    if root is None:
+        raise UserError(f"{label_dir / 'manifest.json'}: names no 'config.image_root'; re-run the labeling")
+    return root

@@ -10,7 +10,7 @@ Scale-out writes the same shards: under ``torchrun`` rank ``r`` of ``W`` labels 
 ``k % W == r`` (rank 0 prepares the folder before any rank starts, and writes ``manifest.json`` once every
 rank has finished); ``engine="ray"`` labels them on a Ray cluster (:mod:`datadistill.stages.label_ray`).
 Every engine cuts a shard into the same forward-pass batches (:func:`~datadistill.stages.shards.plan_batches`)
-and writes through the same :class:`~datadistill.stages.shards.ShardWriter`, so the labels do not depend on
+and writes through the same :class:`~datadistill.data.label_folder.ShardWriter`, so the labels do not depend on
 the engine, the number of processes, or where a resumed run started.
 """
 
@@ -32,6 +32,15 @@ from tqdm import tqdm
 from datadistill.config import LabelConfig
 from datadistill.core.views import View, parse_views
 from datadistill.data.coco import read_json
+from datadistill.data.label_folder import (
+    MANIFEST_FORMAT,
+    detections_row,
+    error_row,
+    read_shards,
+    shard_detections,
+    shard_path,
+    summarize_shards,
+)
 from datadistill.errors import DataError, UserError
 from datadistill.models.detector import Detector, load_detector, model_file, option_files, resolve_spec
 from datadistill.runtime import distributed
@@ -39,26 +48,12 @@ from datadistill.runtime.devices import resolve_device, resolve_precision
 from datadistill.runtime.io import file_sha256, provenance, remove_temporaries, write_json_atomic
 from datadistill.stages.label_writer import Fusion, Job, make_writer
 from datadistill.stages.multiview import LabelTimer, label_images, run_views, unfit_reason
-from datadistill.stages.shards import (
-    ImageSource,
-    ShardImages,
-    collate_items,
-    detections_row,
-    error_row,
-    list_source,
-    plan_batches,
-    read_shards,
-    shard_detections,
-    shard_path,
-    summarize_shards,
-    worker_init,
-)
+from datadistill.stages.shards import ImageSource, ShardImages, collate_items, list_source, plan_batches, worker_init
 
 __all__ = ["LabelConfig", "label", "list_source", "read_shards", "shard_detections"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "datadistill-labels"
 BOX_FUSIONS = ("nms", "soft-nms", "vote", "wbf")
 KEYPOINT_FUSIONS = ("heatmap", "mean")
 # What must match for a re-run to resume a folder instead of refusing it.

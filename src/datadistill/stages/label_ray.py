@@ -13,7 +13,7 @@ The streaming pipeline, for the shards still to do:
    where the cluster has GPUs, else ``threads`` CPU threads per actor), runs
    :func:`datadistill.stages.multiview.label_images` and returns one shard-table row per image;
 4. the driver gathers each shard's rows and writes the shard atomically once it is complete (the local
-   engine's :class:`~datadistill.stages.shards.ShardWriter`), so a killed run resumes from its finished
+   engine's :class:`~datadistill.data.label_folder.ShardWriter`), so a killed run resumes from its finished
    shards, as with the local engine.
 
 The images must be readable at the same path from every node (a shared file system); the output is
@@ -34,19 +34,12 @@ import pyarrow as pa
 import torch
 
 from datadistill.core.views import parse_views
+from datadistill.data.label_folder import ShardWriter, detections_row, error_row, shard_schema
 from datadistill.errors import UserError
 from datadistill.models.detector import ModelFiles, load_detector, model_files, write_model_files
 from datadistill.runtime.devices import resolve_precision
 from datadistill.stages.multiview import LabelTimer, label_images, unfit_reason
-from datadistill.stages.shards import (
-    ImageSource,
-    ShardImages,
-    ShardWriter,
-    detections_row,
-    error_row,
-    plan_batches,
-    shard_schema,
-)
+from datadistill.stages.shards import ImageSource, ShardImages, plan_batches
 
 log = logging.getLogger(__name__)
 

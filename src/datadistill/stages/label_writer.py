@@ -1,5 +1,5 @@
 """Labeling's CPU work beside the model: the views' outputs mapped back, fused, turned into shard rows and
-written (:class:`~datadistill.stages.shards.ShardWriter`), while the model runs the next batch.
+written (:class:`~datadistill.data.label_folder.ShardWriter`), while the model runs the next batch.
 
 A :class:`Job` is one batch as the model left it: its images' places in the shards, the rows already made
 (errors; keypoints fused by heatmap, which needed the model again), and the packed raw outputs of every
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from datadistill.core.views import View
+from datadistill.data.label_folder import ShardWriter, detections_row
 from datadistill.stages.multiview import LabelTimer, ViewOutputs, fuse_views
-from datadistill.stages.shards import ShardWriter, detections_row
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ def match_shards(
 ) -> MatchedScores:
     """Match every candidate of a labeling folder (all scores above the floor) to the true labels, so that
     precision and recall can be read at any threshold."""
-    from datadistill.stages.shards import read_shards
+    from datadistill.data.label_folder import read_shards
 
     table = read_shards(labels_dir, columns=["file_name", "width", "height", "boxes", "scores", "labels", "error"])
     rows = [r for r in table.to_pylist() if r["error"] is None]

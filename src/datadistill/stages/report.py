@@ -20,6 +20,7 @@ import numpy as np
 
 from datadistill.data.coco import CocoDataset, load_coco
 from datadistill.data.images import read_image, resolve_image_path
+from datadistill.data.label_folder import open_label_folder
 from datadistill.errors import UserError
 from datadistill.layout import RunLayout
 from datadistill.runtime.io import write_text_atomic
@@ -358,10 +359,10 @@ def doubt_gallery(
     has the image."""
     from datadistill.stages import review
 
-    manifest = review.read_manifest(labels_dir)
+    folder = open_label_folder(labels_dir)
     table, obj = review.read_objects(labels_dir, 0)
     thr = review.read_thresholds(selection_path, class_names)
-    num_views = review.num_views_of(manifest, obj["agreement"])
+    num_views = folder.num_views(int(np.max(obj["agreement"], initial=1)))
     t = thr.per_class[obj["labels"]]
     doubt, _ = review.object_doubt(obj["scores"], obj["agreement"], t, num_views=num_views,
                                            score_spread=obj["score_spread"], box_spread=obj["box_spread"])  # fmt: skip

@@ -72,10 +72,10 @@ from datadistill.data.coco import (
     read_json,
 )
 from datadistill.data.images import image_size, resolve_image_path
+from datadistill.data.label_folder import object_values, open_label_folder, read_shards
 from datadistill.errors import DataError, UserError
 from datadistill.runtime.io import provenance, write_json_atomic, write_text_atomic
 from datadistill.stages.select import reference_counts
-from datadistill.stages.shards import object_values, read_shards
 
 FORMATS = ("label-studio", "cvat", "coco")
 LOCAL_FILES_URL = "/data/local-files/?d="
@@ -152,17 +152,6 @@ class Thresholds:
     source: str
 
 
-def read_manifest(labels_dir: Path) -> dict[str, Any]:
-    """A labeling folder's ``manifest.json``; a one-line UserError unless ``label`` completed."""
-    path = labels_dir / "manifest.json"
-    if not path.exists():
-        raise UserError(f"{labels_dir}: no manifest.json (run `datadistill label` first)")
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("status") != "complete":
-        raise UserError(f"{path}: not a complete labeling manifest (re-run the same `datadistill label` to finish)")
-    return manifest
-
-
 def read_thresholds(path: str | Path, class_names: tuple[str, ...]) -> Thresholds:
     """The thresholds of a ``selection.json`` (written by ``select``) for ``class_names``."""
     raw = read_json(path)
@@ -185,12 +174,6 @@ def count_thresholds(scores: np.ndarray, labels: np.ndarray, *, num_images: int,
         scores, labels, num_images=num_images, per_image=counts["per_image"], num_classes=ref.num_classes
     )
     return Thresholds(sel.thresholds, 1, None, "count rule (no --selection)")
-
-
-def num_views_of(manifest: dict[str, Any], agreement: np.ndarray) -> int:
-    """The number of views of a labeling: its manifest's ``views``, else the largest agreement seen."""
-    views = manifest.get("config", {}).get("views")
-    return len(views) if views else max(int(np.max(agreement, initial=1)), 1)
 
 
 def _flat(table: pa.Table, column: str, dtype: Any) -> np.ndarray:
@@ -329,17 +312,17 @@ def review(
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise UserError(f"--format: unknown format {bad[0] if bad else '(none)'!r}; choose from {', '.join(FORMATS)}")
-    manifest = read_manifest(labels_dir)
+    folder = open_label_folder(labels_dir)
     ref = load_coco(reference)
-    names = manifest.get("classes", {}).get("names")
-    if names is not None and tuple(names) != ref.class_names:
+    names = folder.class_names
+    if names is not None and names != ref.class_names:
         raise UserError(
-            f"{labels_dir} was labeled for classes {names[:5]} but {reference} has {list(ref.class_names[:5])}"
+            f"{labels_dir} was labeled for classes {list(names[:5])} but {reference} has {list(ref.class_names[:5])}"
         )
     table, obj = read_objects(labels_dir, ref.num_keypoints)
     ok, image, scores, cls, agreement, boxes = (obj[n] for n in ("ok", "image", "scores", "labels", "agreement",
                                                                   "boxes"))  # fmt: skip
-    num_views = num_views_of(manifest, agreement)
+    num_views = folder.num_views(int(np.max(agreement, initial=1)))
 
     if selection_path is not None:
         thr = read_thresholds(selection_path, ref.class_names)

@@ -22,9 +22,9 @@ from torchvision.ops import box_iou
 from datadistill.config import SelectConfig
 from datadistill.core import selection
 from datadistill.data.coco import Category, CocoDataset, category_to_coco, load_coco, read_json
+from datadistill.data.label_folder import read_shards
 from datadistill.errors import UserError
 from datadistill.runtime.io import provenance, remove_temporaries, write_atomic, write_json_atomic
-from datadistill.stages.shards import read_shards
 
 log = logging.getLogger(__name__)
 
