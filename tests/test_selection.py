@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from datadistill.core import selection
 from datadistill.core.selection import (
     count_threshold,
     keypoint_threshold,
@@ -95,3 +96,66 @@ def test_keypoint_threshold_matches_visible_mean() -> None:
     kp_scores = np.array([[0.9, 0.8, 0.2, 0.1], [0.7, 0.6, 0.5, 0.05]])
     t = keypoint_threshold(kp_scores, visible_per_instance=2.5)
     assert t == 0.5 and int((kp_scores >= t).sum()) == 5
+
+
+# ----------------------------------------------------------------------------------------------------
+# the count rule in bounded memory (two histogram passes) against count_threshold on the whole array
+
+STREAM_CASES = {
+    "uniform": lambda rng, n: rng.random(n).astype(np.float32),
+    "few values, many ties": lambda rng, n: rng.choice(np.float32([0.1, 0.3, 0.5, 0.5000001, 0.9]), n),
+    "a grid of 20": lambda rng, n: (rng.integers(0, 20, n) / 19).astype(np.float32),
+    "negative and positive": lambda rng, n: rng.normal(0, 3, n).astype(np.float32),
+    "adjacent float32s in one fine bucket": lambda rng, n: (
+        np.float32(0.5) + (rng.integers(-3, 4, n) * np.float32(6e-8)).astype(np.float32)
+    ),
+    "signed zeros": lambda rng, n: rng.choice(np.float32([-0.0, 0.0, 0.25]), n),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_streamed_count_thresholds_equal_count_threshold(case):
+    rng = np.random.default_rng(list(STREAM_CASES).index(case))
+    for _ in range(300):
+        n = int(rng.integers(0, 200))
+        scores = STREAM_CASES[case](rng, n).astype(np.float64)
+        groups_n = int(rng.integers(1, 4))
+        groups = rng.integers(0, groups_n, n)
+        targets = rng.integers(0, n + 3, groups_n)
+        chunk = int(rng.integers(1, 50))
+
+        def chunks(scores=scores, groups=groups, chunk=chunk):
+            return ((scores[i : i + chunk], groups[i : i + chunk]) for i in range(0, len(scores), chunk))
+
+        got = selection.count_thresholds_streamed(chunks, targets)
+        want = [selection.count_threshold(scores[groups == g], int(targets[g])) for g in range(groups_n)]
+        assert got.tolist() == want, (case, targets)
+
+
+def test_streamed_count_threshold_on_a_million_scores_reads_twice():
+    rng = np.random.default_rng(3)
+    scores = rng.beta(2, 5, 1_000_000).astype(np.float32).astype(np.float64)
+    calls = []
+
+    def chunks():
+        calls.append(1)
+        return (
+            (scores[i : i + 65536], np.zeros(min(65536, len(scores) - i), np.int64))
+            for i in range(0, len(scores), 65536)
+        )
+
+    got = selection.count_thresholds_streamed(chunks, np.array([123_457]))
+    assert got[0] == selection.count_threshold(scores, 123_457)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("scores", "message"),
+    [
+        (np.array([0.5, np.nan]), "NaN"),
+        (np.array([0.1]), "float32"),  # 0.1 as float64 is not a float32 value: it was not read from a shard
+    ],
+)
+def test_streamed_count_threshold_refuses(scores, message):
+    with pytest.raises(ValueError, match=message):
+        selection.count_thresholds_streamed(lambda: [(scores, np.zeros(len(scores), np.int64))], np.array([1]))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -140,3 +141,146 @@ def _check_inputs(scores: np.ndarray, labels: np.ndarray, num_images: int, num_c
         raise ValueError(f"num_images must be positive, got {num_images}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got values in [{labels.min()}, {labels.max()}]")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the count rule in bounded memory: exact thresholds from two histograms over float32 score bits
+#
+# A float32 score's bits, mapped to a uint32 key that sorts as the scores do (:func:`float32_keys`), split
+# into a coarse part (the top 16 bits) and a fine part (the low 16). A first pass over the scores counts the
+# coarse buckets of each group; the target-th largest score lies in one known bucket. A second pass counts
+# that bucket's fine values, each of which is one float32 value, so the counts of every distinct score near
+# the boundary are exact and :func:`count_threshold`'s answer follows without holding the scores: memory is
+# 65,536 counters per group and pass, whatever the number of scores.
+
+FINE_BITS = 16
+BUCKETS = 1 << (32 - FINE_BITS)
+
+
+def float32_keys(scores: np.ndarray) -> np.ndarray:
+    """``[N]`` uint32 keys that order as the float32 ``scores`` do (``-0.0`` as ``0.0``). A ValueError
+    for NaN or for a value that is not a float32 (scores are float32 in the label shards)."""
+    values = np.asarray(scores)
+    single = values.astype(np.float32)
+    if np.isnan(single).any():
+        raise ValueError("scores contain NaN")
+    if values.dtype != np.float32 and not np.array_equal(single.astype(values.dtype), values):
+        raise ValueError("scores must be float32 values to be counted in bounded memory")
+    bits = (single + np.float32(0.0)).view(np.uint32)  # -0.0 + 0.0 is 0.0
+    return np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(1 << 31)).astype(np.uint32)
+
+
+def _key_value(key: int) -> float:
+    bits = key ^ (1 << 31) if key >> 31 else ~key & 0xFFFFFFFF
+    return float(np.array([bits], np.uint32).view(np.float32)[0])
+
+
+@dataclass
+class ScoreCounts:
+    """What one pass over the scores of ``G`` groups leaves: ``total`` ``[G]``, ``minimum`` ``[G]`` (inf for
+    an empty group), ``coarse`` ``[G, 65536]`` counts by the keys' top 16 bits and, on a second pass
+    (:meth:`add` with ``buckets``), ``fine`` ``[G, 65536]`` the counts by the low 16 bits inside each group's
+    ``buckets[g]`` and ``min_above`` ``[G]`` the smallest score in a higher bucket. Mutable: it accumulates."""
+
+    num_groups: int
+    buckets: np.ndarray | None = None
+    total: np.ndarray = field(init=False)
+    minimum: np.ndarray = field(init=False)
+    coarse: np.ndarray = field(init=False)
+    fine: np.ndarray = field(init=False)
+    min_above: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        g = self.num_groups
+        self.total, self.minimum = np.zeros(g, np.int64), np.full(g, np.inf)
+        self.coarse = np.zeros((g, BUCKETS), np.int64) if self.buckets is None else np.zeros((0, BUCKETS), np.int64)
+        self.fine = np.zeros((g, BUCKETS), np.int64) if self.buckets is not None else np.zeros((0, BUCKETS), np.int64)
+        self.min_above = np.full(g, np.inf)
+
+    def add(self, scores: np.ndarray, groups: np.ndarray) -> None:
+        """Count ``scores`` ``[N]`` (float32 values) of ``groups`` ``[N]`` (ints in ``[0, G)``)."""
+        if scores.size == 0:
+            return
+        keys = float32_keys(scores)
+        groups = np.asarray(groups, np.int64)
+        g = self.num_groups
+        if self.buckets is None:
+            self.total += np.bincount(groups, minlength=g)
+            np.minimum.at(self.minimum, groups, np.asarray(scores, np.float64))
+            flat = groups * BUCKETS + (keys >> FINE_BITS)
+            self.coarse += np.bincount(flat, minlength=g * BUCKETS).reshape(g, BUCKETS)
+            return
+        bucket = (keys >> FINE_BITS).astype(np.int64)
+        mine = self.buckets[groups]
+        inside = (bucket == mine) & (mine >= 0)
+        flat = groups[inside] * BUCKETS + (keys[inside] & (BUCKETS - 1))
+        self.fine += np.bincount(flat, minlength=g * BUCKETS).reshape(g, BUCKETS)
+        higher = (bucket > mine) & (mine >= 0)
+        np.minimum.at(self.min_above, groups[higher], np.asarray(scores, np.float64)[higher])
+
+
+def boundary_buckets(first: ScoreCounts, targets: np.ndarray) -> np.ndarray:
+    """``[G]`` the coarse bucket holding each group's ``targets[g]``-th largest score, -1 where no second
+    pass is needed (a target of 0, or at least the group's size)."""
+    out = np.full(first.num_groups, -1, np.int64)
+    for g in range(first.num_groups):
+        target = int(targets[g])
+        if 0 < target < first.total[g]:
+            from_top = np.cumsum(first.coarse[g, ::-1])
+            out[g] = BUCKETS - 1 - int(np.searchsorted(from_top, target, side="left"))
+    return out
+
+
+def thresholds_from_counts(first: ScoreCounts, second: ScoreCounts | None, targets: np.ndarray) -> np.ndarray:
+    """``[G]``: for each group, :func:`count_threshold` of its scores and ``targets[g]``, from the counts of
+    the first and second passes (``second`` may be None when :func:`boundary_buckets` needs none)."""
+    out = np.empty(first.num_groups)
+    for g in range(first.num_groups):
+        target, total = int(targets[g]), int(first.total[g])
+        if target < 0:
+            raise ValueError(f"target count must be >= 0, got {target}")
+        if target == 0 or total == 0:
+            out[g] = math.inf
+        elif target >= total:
+            out[g] = float(first.minimum[g])
+        else:
+            assert second is not None and second.buckets is not None
+            out[g] = _boundary_threshold(first, second, g, target)
+    return out
+
+
+def _boundary_threshold(first: ScoreCounts, second: ScoreCounts, g: int, target: int) -> float:
+    bucket = int(second.buckets[g])  # type: ignore[index]
+    above_bucket = int(first.coarse[g, bucket + 1 :].sum())
+    fine = second.fine[g]
+    from_top = above_bucket + np.cumsum(fine[::-1])
+    sub = BUCKETS - 1 - int(np.searchsorted(from_top, target, side="left"))
+    t = _key_value((bucket << FINE_BITS) | sub)
+    with_tie = int(from_top[BUCKETS - 1 - sub])
+    without_tie = with_tie - int(fine[sub])
+    if without_tie > 0 and (target - without_tie) < (with_tie - target):
+        higher = np.flatnonzero(fine[sub + 1 :])
+        return (
+            _key_value((bucket << FINE_BITS) | (sub + 1 + int(higher[0])))
+            if higher.size
+            else float(second.min_above[g])
+        )
+    return t
+
+
+def count_thresholds_streamed(
+    chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], targets: np.ndarray
+) -> np.ndarray:
+    """``[G]`` per group, :func:`count_threshold` of its scores and ``targets[g]``, exactly, in bounded
+    memory: ``chunks()`` yields ``(scores [n], groups [n])`` and is called once or twice (two passes)."""
+    targets = np.asarray(targets, np.int64)
+    first = ScoreCounts(len(targets))
+    for scores, groups in chunks():
+        first.add(scores, groups)
+    buckets = boundary_buckets(first, targets)
+    second = None
+    if (buckets >= 0).any():
+        second = ScoreCounts(len(targets), buckets=buckets)
+        for scores, groups in chunks():
+            second.add(scores, groups)
+    return thresholds_from_counts(first, second, targets)
