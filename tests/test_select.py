@@ -317,3 +317,106 @@ def test_without_cross_class_duplicates_the_filter_changes_nothing(tmp_path: Pat
     for volatile in ("options", "seconds", "provenance", "cross_class_iou"):
         del sel_on[volatile], sel_off[volatile]
     assert sel_on == sel_off and sel_on["cross_class_duplicates"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the streaming stage against the former one (tests/select_reference.py), bit for bit
+
+
+def _random_folder(folder: Path, rng: np.random.Generator, *, num_keypoints: int, shards: int) -> None:
+    """``shards`` shards of random candidates: float32 scores on a coarse grid (ties) and uniform, boxes that
+    overlap within an image, 3 classes, agreement 1-4, some images empty and some skipped with an error."""
+    for s in range(shards):
+        rows = []
+        for i in range(int(rng.integers(1, 12))):
+            n = int(rng.integers(0, 9))
+            grid = rng.random() < 0.5
+            scores = (rng.integers(1, 21, n) / 20.0) if grid else rng.random(n)
+            xy = rng.uniform(0, 60, (n, 2))
+            wh = rng.uniform(2, 40, (n, 2))
+            row = {"file_name": f"s{s}/u{i}.png", "width": 100, "height": 100,
+                   "boxes": np.concatenate([xy, xy + wh], 1).reshape(-1).tolist(), "scores": scores.tolist(),
+                   "labels": rng.integers(0, 3, n).tolist(), "agreement": rng.integers(1, 5, n).tolist(),
+                   "error": None}  # fmt: skip
+            if num_keypoints:
+                kps = np.concatenate([rng.uniform(0, 100, (n, num_keypoints, 2)), rng.random((n, num_keypoints, 1))], 2)
+                row["keypoints"] = kps.reshape(-1).tolist()
+            if i and rng.random() < 0.1:
+                row.update(width=0, height=0, boxes=[], scores=[], labels=[], agreement=[], error="broken")
+                row.update({"keypoints": []} if num_keypoints else {})
+            rows.append(row)
+        write_shard(folder / "shards" / f"part-{s:05d}.parquet", rows, shard_schema(num_keypoints))
+    write_json_atomic(folder / "manifest.json", {"status": "complete", "classes": {"names": ["a", "b", "c"]}})
+
+
+def _random_reference(path: Path, rng: np.random.Generator, *, keypoints: bool) -> None:
+    images, anns = [], []
+    for i in range(1, int(rng.integers(2, 6))):
+        images.append({"id": i, "file_name": f"l{i}.png", "width": 100, "height": 100})
+        for c in rng.integers(0, 3, int(rng.integers(1, 7))):
+            ann = {
+                "id": len(anns) + 1,
+                "image_id": i,
+                "category_id": int(c) + 1,
+                "bbox": [10, 10, 20, 20],
+                "iscrowd": 0,
+            }
+            if keypoints:
+                ann["keypoints"] = [15, 12, 2, 12, 20, int(rng.integers(0, 2)) * 2, 25, 20, 0]
+            anns.append(ann)
+    cats = [{"id": c + 1, "name": n, **({"keypoints": KP} if keypoints else {})} for c, n in enumerate("abc")]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+
+
+STREAM_CONFIGS = {
+    "count": {},
+    "count, no cross-class filter": {"cross_class_iou": 0.0},
+    "count-per-class, agreement 2, drop empty": {"policy": "count-per-class", "min_agreement": 2, "drop_empty": True},
+    "fixed 0.5, ignore band": {"policy": "fixed:0.5", "ignore_band": 0.5},
+    "count, ignore band, drop empty": {"ignore_band": 0.3, "drop_empty": True},
+    "count-per-class, ignore band, iou 0.3": {"policy": "count-per-class", "ignore_band": 0.6, "cross_class_iou": 0.3},
+}
+
+
+@pytest.mark.parametrize("keypoints", [0, 3], ids=["boxes", "keypoints"])
+@pytest.mark.parametrize("name", list(STREAM_CONFIGS))
+def test_streaming_select_equals_the_former_select_bit_for_bit(tmp_path: Path, name: str, keypoints: int) -> None:
+    from select_reference import former_select
+
+    kept = []
+    for trial in range(4):
+        rng = np.random.default_rng([list(STREAM_CONFIGS).index(name), keypoints, trial])
+        base = tmp_path / str(trial)
+        _random_folder(base / "labels", rng, num_keypoints=keypoints, shards=int(rng.integers(1, 5)))
+        _random_reference(base / "ref.json", rng, keypoints=bool(keypoints))
+        policy = {"keypoint_policy": "count:0.8"} if keypoints and trial % 2 else {}
+        cfg = SelectConfig(labels=str(base / "labels"), reference=str(base / "ref.json"),
+                           out=str(base / "sel" / "pseudo.json"), **STREAM_CONFIGS[name], **policy)  # fmt: skip
+        out = select_pseudo_labels(cfg)
+        coco, report = former_select(cfg)
+        assert out.read_bytes() == json.dumps(coco, allow_nan=False).encode(), (name, trial)
+        mine = json.loads((base / "sel" / "selection.json").read_text())
+        for key in ("seconds", "provenance"):
+            mine.pop(key), report.pop(key)
+        assert mine == json.loads(json.dumps(report)), (name, trial)
+        kept.append(report["achieved_objects"])
+    assert min(kept) > 0, kept  # the data keep something: a comparison of empty outputs proves little
+
+
+@pytest.mark.parametrize(
+    ("rows", "policy"),
+    [
+        (ROWS, "count"),
+        (ROWS, "count-per-class"),
+        (ROWS, "fixed:0.65"),
+    ],
+)
+def test_streaming_select_equals_the_former_on_the_hand_made_shards(tmp_path: Path, rows, policy: str) -> None:
+    from select_reference import former_select
+
+    _reference(tmp_path / "ref.json", per_image=[[0, 1], [0]])
+    _shards(tmp_path / "labels", rows)
+    cfg = SelectConfig(labels=str(tmp_path / "labels"), reference=str(tmp_path / "ref.json"),
+                       out=str(tmp_path / "sel" / "pseudo.json"), policy=policy)  # fmt: skip
+    out = select_pseudo_labels(cfg)
+    assert out.read_bytes() == json.dumps(former_select(cfg)[0], allow_nan=False).encode()

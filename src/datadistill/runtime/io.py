@@ -9,7 +9,8 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +28,14 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     A reader never sees a partial file: either the old content or the new. Errors (full disk, no
     permission) become a one-line UserError and leave no temporary file behind.
     """
+    with atomic_file(path) as f:
+        write(f)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """:func:`write_atomic` for a file written piece by piece: ``with atomic_file(p) as f: ...`` renames ``f``
+    into place when the block ends without an error, and removes it when the block raises."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,7 +44,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others on a shared cluster may need to read

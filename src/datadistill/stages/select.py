@@ -1,17 +1,22 @@
 """The ``select`` stage: label shards + the labeled reference -> a pseudo-labeled COCO json.
 
-Reads only the shard columns it needs (scores, labels, agreement and boxes to choose the thresholds;
-keypoints and image names to write the kept objects), vectorised over all objects at once.
+Reads the labeling folder one shard at a time, only the columns each pass needs (scores, labels, agreement
+and boxes to choose the thresholds; keypoints and image names to write the kept objects), vectorised over a
+shard's objects: memory does not grow with the number of images (``bench/scale.py``).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
+import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numba
 import numpy as np
@@ -21,10 +26,18 @@ from torchvision.ops import box_iou
 
 from datadistill.config import SelectConfig
 from datadistill.core import selection
-from datadistill.data.coco import Category, CocoDataset, category_to_coco, load_coco, read_json
-from datadistill.data.label_folder import read_shards
+from datadistill.data.coco import Category, CocoDataset, category_to_coco, load_coco
+from datadistill.data.label_folder import (
+    LabelFolder,
+    check_lengths,
+    finite_or_raise,
+    flat_values,
+    list_lengths,
+    open_label_folder,
+    read_shard,
+)
 from datadistill.errors import UserError
-from datadistill.runtime.io import provenance, remove_temporaries, write_atomic, write_json_atomic
+from datadistill.runtime.io import atomic_file, provenance, remove_temporaries, write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,34 +63,32 @@ def reference_counts(ref: CocoDataset) -> dict[str, Any]:
     }
 
 
-def _flat(table: pa.Table, column: str, dtype: Any) -> np.ndarray:
-    return np.asarray(pa.compute.list_flatten(table[column]).to_numpy(zero_copy_only=False), dtype=dtype)
-
-
-def _categories(manifest: dict[str, Any], ref: CocoDataset, labels_dir: Path) -> tuple[Category, ...]:
-    names = manifest.get("classes", {}).get("names")
-    if names is not None and tuple(names) != ref.class_names:
+def _categories(folder: LabelFolder, ref: CocoDataset) -> tuple[Category, ...]:
+    names = folder.class_names
+    if names is not None and names != ref.class_names:
         raise UserError(
-            f"{labels_dir} was labeled by a model for classes {names[:5]}... but {ref.path} has "
+            f"{folder.path} was labeled by a model for classes {list(names[:5])}... but {ref.path} has "
             f"{list(ref.class_names[:5])}...; label with a checkpoint trained on this data"
         )
     return ref.categories
 
 
-def _plot_histogram(path: Path, scores: np.ndarray, sel: selection.Selection, class_names: tuple[str, ...]) -> None:
+def _plot_histogram(path: Path, counts: np.ndarray, thresholds: np.ndarray, policy: str) -> None:
+    """The counted candidates' scores: ``counts`` ``[SCORE_BINS]`` over ``[0, 1]``, with the thresholds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.hist(scores, bins=50, range=(0, 1), color="#4c72b0")
-    thresholds = np.unique(sel.thresholds[np.isfinite(sel.thresholds)])
-    for t in thresholds:
+    ax.stairs(counts, np.linspace(0.0, 1.0, SCORE_BINS + 1), fill=True, color="#4c72b0")
+    finite = np.unique(thresholds[np.isfinite(thresholds)])
+    for t in finite:
         ax.axvline(t, color="#c44e52", lw=1.5)
-    label = f"threshold {thresholds[0]:.3f}" if len(thresholds) == 1 else f"{len(thresholds)} per-class thresholds"
-    ax.set(xlabel="fused score", ylabel="objects", title=f"pseudo-label scores ({sel.policy}: {label})")
-    ax.set_yscale("log")
+    label = f"threshold {finite[0]:.3f}" if len(finite) == 1 else f"{len(finite)} per-class thresholds"
+    ax.set(xlabel="fused score", ylabel="objects", title=f"pseudo-label scores ({policy}: {label})")
+    if counts.any():
+        ax.set_yscale("log")
     fig.tight_layout()
     buf = io.BytesIO()  # drawn in memory, then written whole: a kill never leaves half a png
     fig.savefig(buf, format="png")
@@ -227,267 +238,379 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
     With ``count-per-class`` an object whose best class falls below that class's threshold is not kept under
     a runner-up class either. Ignore regions come from the same survivors; ``selection.json``'s
     ``cross_class_duplicates`` counts the candidates dropped, above the threshold or not.
+
+    Memory stays flat in the number of images: the shards are read one at a time, a few times over
+    (:class:`_Scan`: the candidates and what they count; a second pass for the count rule's exact
+    threshold, :func:`datadistill.core.selection.count_thresholds_streamed`; two more for a keypoint
+    threshold; the last writes), and the json is written as it goes (:func:`_write_pseudo_labels`). What is
+    kept grows with the images only by one bit per candidate (which of them the count rule counts).
     """
     started = time.time()
-    labels_dir = Path(cfg.labels)
     policy, fixed = check_select_options(
         policy=cfg.policy, keypoint_policy=cfg.keypoint_policy, ignore_band=cfg.ignore_band,
         cross_class_iou=cfg.cross_class_iou,
     )  # fmt: skip
-    manifest = _read_manifest(labels_dir)
+    folder = open_label_folder(cfg.labels)
     ref = load_coco(cfg.reference)
-    remove_temporaries(Path(cfg.out).parent, (Path(cfg.out).name, "selection.json", "scores.png"))  # of a kill
-    categories = _categories(manifest, ref, labels_dir)
-    counts = reference_counts(ref)
-
-    cand = _read_candidates(labels_dir)
-    objects = _read_objects(labels_dir, num_keypoints=ref.num_keypoints)
-    eligible = cand.agreement >= cfg.min_agreement
-    # one class per object before counting: the count rule then counts objects, not class hypotheses (a
-    # teacher that lists a box once per class it scores would otherwise fill the count with duplicates)
-    duplicates = cross_class_duplicates(
-        objects.boxes, cand.scores, cand.labels, cand.image, among=eligible, iou_thr=cfg.cross_class_iou
-    )
-    counted = eligible & ~duplicates
-    sel = _choose_thresholds(
-        cand.scores[counted], cand.labels[counted], policy=policy, fixed=fixed, num_images=cand.num_images,
-        counts=counts, num_classes=len(categories),
-    )  # fmt: skip
-    keep = counted & sel.keep(cand.scores, cand.labels)
-    kp_thr = None
-    if objects.keypoints is not None:
-        kp_thr = _keypoint_threshold(objects.keypoints[keep], keypoint_policy=cfg.keypoint_policy, counts=counts)
-    ignored = uncertain_regions(
-        objects.boxes, cand.scores, cand.labels, cand.image, keep=keep, eligible=counted,
-        thresholds=sel.thresholds, band=cfg.ignore_band,
-    )  # fmt: skip
-
-    coco = _pseudo_coco(
-        cand, objects, keep=keep, ignored=ignored, kp_thr=kp_thr, categories=categories, drop_empty=cfg.drop_empty,
-        description=f"datadistill pseudo-labels from {labels_dir}", policy=sel.policy,
-    )  # fmt: skip
-    report = _selection_report(
-        cfg, sel=sel, policy=policy, counts=counts, class_names=ref.class_names, cand=cand, keep=keep,
-        duplicates=duplicates, coco=coco, kp_thr=kp_thr, started=started,
-    )  # fmt: skip
     out = Path(cfg.out)
-    write_json_atomic(out.parent / "selection.json", report, indent=2)
-    _plot_histogram(out.parent / "scores.png", cand.scores[counted], sel, ref.class_names)
-    # last: the pseudo-labels mark the stage done (`run` skips it then), so they follow what goes beside them
-    write_json_atomic(out, coco)
-    kept = int(keep.sum())
+    remove_temporaries(out.parent, (out.name, "selection.json", "scores.png"))  # of a kill
+    categories = _categories(folder, ref)
+    counts = reference_counts(ref)
+    num_classes = len(categories)
+
+    scan = _scan(folder, cfg=cfg, policy=policy, num_classes=num_classes, num_keypoints=ref.num_keypoints)
+    thresholds, targets = _thresholds(folder, scan, policy=policy, fixed=fixed, counts=counts)
+    kp_thr = None
+    if ref.num_keypoints:
+        kp_thr = _keypoint_threshold(
+            scan, thresholds, keypoint_policy=cfg.keypoint_policy, counts=counts, num_keypoints=ref.num_keypoints
+        )
+    info = {"description": f"datadistill pseudo-labels from {cfg.labels}", "policy": _policy_name(policy, fixed)}
+    with atomic_file(out) as f:
+        written = _write_pseudo_labels(
+            folder, scan, f, thresholds=thresholds, kp_thr=kp_thr, categories=categories, info=info, cfg=cfg,
+            num_keypoints=ref.num_keypoints,
+        )  # fmt: skip
+        report = _selection_report(
+            cfg, policy=policy, policy_name=info["policy"], thresholds=thresholds, targets=targets, counts=counts,
+            class_names=ref.class_names, scan=scan, written=written, kp_thr=kp_thr, started=started,
+        )  # fmt: skip
+        write_json_atomic(out.parent / "selection.json", report, indent=2)
+        _plot_histogram(out.parent / "scores.png", scan.score_bins, thresholds, info["policy"])
+        # the block's end renames the pseudo-labels into place last: they mark the stage done (`run` skips
+        # it then), so they follow what goes beside them
     log.info(
         "kept %d of %d candidates (%d cross-class duplicates dropped; %.2f per image, target %.2f) on %d "
-        "images with %s", kept, cand.scores.size, int(duplicates.sum()), kept / cand.num_images,
-        counts["per_image"], cand.num_images, sel.policy,
+        "images with %s", written.kept, scan.candidates, scan.duplicates, written.kept / scan.num_images,
+        counts["per_image"], scan.num_images, info["policy"],
     )  # fmt: skip
     return out
 
 
-def _read_manifest(labels_dir: Path) -> dict[str, Any]:
-    """The labeling folder's ``manifest.json``; UserError when it is missing, malformed or not complete."""
-    manifest_path = labels_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise UserError(f"{labels_dir}: no manifest.json (run `datadistill label` first)")
-    manifest = read_json(manifest_path)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("classes", {}), dict):
-        raise UserError(f"{manifest_path}: not a labeling manifest; re-run `datadistill label` into another --out")
-    if manifest.get("status") != "complete":
-        raise UserError(f"{labels_dir}: labeling is not complete (re-run the same `datadistill label` to finish)")
-    return manifest
+def _policy_name(policy: str, fixed: float | None) -> str:
+    return f"fixed:{fixed:g}" if policy == "fixed" else policy
+
+
+SCORE_BINS = 50  # the histogram of scores.png, over [0, 1]
+_SCAN_COLUMNS = ["scores", "labels", "agreement", "boxes", "error"]
 
 
 @dataclass(frozen=True)
-class _Candidates:
-    """Every fused candidate of the label shards, in shard order.
+class _Scan:
+    """What the first pass over the shards leaves. Per shard (in :meth:`LabelFolder.shard_files` order):
+    ``counted`` the candidates the count rule counts (eligible and not a cross-class duplicate), bit-packed.
+    In all: ``num_images`` labeled without an error, ``candidates``, ``duplicates`` (eligible candidates
+    dropped as another class's), ``score_bins`` ``[SCORE_BINS]`` the counted scores' histogram, and
+    ``first`` the count rule's first-pass counts (one group, or one per class; None for ``fixed``)."""
 
-    Per candidate ``[N]``: ``scores`` float64, ``labels`` (class indices) and ``agreement`` (views that
-    agreed) int64, ``image`` the shard row of its image (sorted). Per shard row ``[R]``: ``ok``, labeled
-    without an error.
-    """
+    shards: list[Path]
+    counted: list[np.ndarray]
+    num_images: int
+    candidates: int
+    duplicates: int
+    score_bins: np.ndarray
+    first: selection.ScoreCounts | None
 
-    scores: np.ndarray
-    labels: np.ndarray
-    agreement: np.ndarray
-    image: np.ndarray
-    ok: np.ndarray
-
-    @property
-    def num_images(self) -> int:
-        """The images labeled without an error."""
-        return int(self.ok.sum())
-
-
-def _read_candidates(labels_dir: Path) -> _Candidates:
-    """The columns that choose the thresholds; UserError when no image was labeled."""
-    small = read_shards(labels_dir, columns=["scores", "labels", "agreement", "error"])
-    ok_rows = np.asarray(small["error"].is_null().to_numpy(zero_copy_only=False))
-    if int(ok_rows.sum()) == 0:
-        raise UserError(f"{labels_dir}: no image was labeled (all skipped?)")
-    lengths = np.asarray(pa.compute.list_value_length(small["scores"]).to_numpy(zero_copy_only=False), np.int64)
-    return _Candidates(
-        scores=_flat(small, "scores", np.float64),
-        labels=_flat(small, "labels", np.int64),
-        agreement=_flat(small, "agreement", np.int64),
-        image=np.repeat(np.arange(len(lengths)), lengths),
-        ok=ok_rows,
-    )
+    def counted_mask(self, shard: int, size: int) -> np.ndarray:
+        return np.unpackbits(self.counted[shard], count=size).astype(bool)
 
 
-def _choose_thresholds(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    *,
-    policy: str,
-    fixed: float | None,
-    num_images: int,
-    counts: dict[str, Any],
-    num_classes: int,
-) -> selection.Selection:
-    """The thresholds of ``policy`` over the eligible candidates' ``scores`` and ``labels`` ``[M]``: the
-    labeled mean number of objects per image (``count``), per class (``count-per-class``), or ``fixed``."""
-    if policy == "count":
-        return selection.select_count(
-            scores, labels, num_images=num_images, per_image=counts["per_image"], num_classes=num_classes
+def _read_checked(part: Path, columns: list[str], *, num_classes: int, num_keypoints: int = 0) -> pa.Table:
+    """A shard's ``columns``, checked for what selection relies on: one value per object in every list
+    (four per box, ``3K`` keypoint values), finite scores and boxes, labels of the data set's classes."""
+    table = read_shard(part, columns=columns)
+    check_lengths(table, part, {"labels": 1, "agreement": 1, "boxes": 4, "keypoints": 3 * num_keypoints})
+    finite_or_raise(flat_values(table, "scores", np.float64), part, "scores")
+    if "boxes" in columns:
+        finite_or_raise(flat_values(table, "boxes", np.float64), part, "boxes")
+    labels = flat_values(table, "labels", np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(
+            f"{part}: column 'labels' holds class {int(labels.max() if labels.max() >= num_classes else labels.min())}"
+            f", outside the data set's {num_classes} classes; label with a model trained for this data set"
         )
-    if policy == "count-per-class":
-        return selection.select_count_per_class(
-            scores, labels, num_images=num_images, per_image=np.asarray(counts["per_class_per_image"]),
-            num_classes=num_classes,
-        )  # fmt: skip
-    return selection.select_fixed(scores, labels, threshold=float(fixed), num_classes=num_classes)
+    return table
+
+
+def _scan(folder: LabelFolder, *, cfg: SelectConfig, policy: str, num_classes: int, num_keypoints: int) -> _Scan:
+    """The first pass (:class:`_Scan`), one shard at a time, each shard checked (:func:`_read_checked`)."""
+    shards = folder.shard_files()
+    first = selection.ScoreCounts(num_classes if policy == "count-per-class" else 1) if policy != "fixed" else None
+    counted_bits, bins = [], np.zeros(SCORE_BINS, np.int64)
+    num_images = candidates = duplicates = 0
+    for part in shards:
+        columns = _SCAN_COLUMNS + (["keypoints"] if num_keypoints else [])
+        table = _read_checked(part, columns, num_classes=num_classes, num_keypoints=num_keypoints)
+        lengths = list_lengths(table)
+        scores, labels = flat_values(table, "scores", np.float64), flat_values(table, "labels", np.int64)
+        agreement = flat_values(table, "agreement", np.int64)
+        image = np.repeat(np.arange(len(lengths)), lengths)
+        eligible = agreement >= cfg.min_agreement
+        # one class per object before counting: the count rule then counts objects, not class hypotheses (a
+        # teacher that lists a box once per class it scores would otherwise fill the count with duplicates)
+        dup = cross_class_duplicates(flat_values(table, "boxes", np.float64).reshape(-1, 4), scores, labels, image,
+                                     among=eligible, iou_thr=cfg.cross_class_iou)  # fmt: skip
+        counted = eligible & ~dup
+        counted_bits.append(np.packbits(counted))
+        num_images += int(table["error"].is_null().to_numpy(zero_copy_only=False).sum())
+        candidates, duplicates = candidates + len(scores), duplicates + int(dup.sum())
+        bins += np.histogram(scores[counted], bins=SCORE_BINS, range=(0.0, 1.0))[0]
+        if first is not None:
+            first.add(scores[counted], labels[counted] if policy == "count-per-class" else np.zeros(int(counted.sum())))
+    if num_images == 0:
+        raise UserError(f"{folder.path}: no image was labeled (all skipped?)")
+    return _Scan(shards=shards, counted=counted_bits, num_images=num_images, candidates=candidates,
+                 duplicates=duplicates, score_bins=bins, first=first)  # fmt: skip
+
+
+def _thresholds(
+    folder: LabelFolder, scan: _Scan, *, policy: str, fixed: float | None, counts: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``[C]`` the per-class thresholds of ``policy`` over the counted candidates, and the target counts
+    (``[1]`` for ``count``, ``[C]`` for ``count-per-class``, None for ``fixed``): the labeled mean number of
+    objects per image (all, or per class) times the images labeled."""
+    num_classes = len(counts["per_class_per_image"])
+    if policy == "fixed":
+        return np.full(num_classes, float(fixed)), None  # type: ignore[arg-type]
+    assert scan.first is not None
+    if policy == "count":
+        targets = np.array([int(round(counts["per_image"] * scan.num_images))])
+    else:
+        targets = np.round(np.asarray(counts["per_class_per_image"], np.float64) * scan.num_images).astype(np.int64)
+    buckets = selection.boundary_buckets(scan.first, targets)
+    second = None
+    if (buckets >= 0).any():
+        second = selection.ScoreCounts(scan.first.num_groups, buckets=buckets)
+        for k, part in enumerate(scan.shards):
+            table = read_shard(part, columns=["scores", "labels"])
+            scores, labels = flat_values(table, "scores", np.float64), flat_values(table, "labels", np.int64)
+            counted = scan.counted_mask(k, len(scores))
+            groups = labels[counted] if policy == "count-per-class" else np.zeros(int(counted.sum()), np.int64)
+            second.add(scores[counted], groups)
+    found = selection.thresholds_from_counts(scan.first, second, targets)
+    return (np.full(num_classes, found[0]) if policy == "count" else found), targets
+
+
+def _kept(table: pa.Table, scan: _Scan, shard: int, thresholds: np.ndarray) -> np.ndarray:
+    """``[N]`` the shard's kept candidates: counted, and scoring at least their class's threshold."""
+    scores, labels = flat_values(table, "scores", np.float64), flat_values(table, "labels", np.int64)
+    return scan.counted_mask(shard, len(scores)) & (scores >= thresholds[labels])
+
+
+def _keypoint_threshold(
+    scan: _Scan, thresholds: np.ndarray, *, keypoint_policy: str, counts: dict[str, Any], num_keypoints: int
+) -> float:
+    """The keypoint score from which a kept object's keypoint is written visible
+    (:func:`datadistill.core.selection.keypoint_threshold` over the kept objects' keypoints, in two passes);
+    ``-inf`` (all) for ``keypoint_policy`` ``all`` or a reference without visible keypoints."""
+    kp_fraction = selection.parse_keypoint_policy(keypoint_policy)
+    if kp_fraction is None or counts["visible_keypoints_per_instance"] is None:
+        return -np.inf
+    visible_per_instance = kp_fraction * counts["visible_keypoints_per_instance"]
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for k, part in enumerate(scan.shards):
+            table = read_shard(part, columns=["scores", "labels", "keypoints"])
+            keep = _kept(table, scan, k, thresholds)
+            kps = flat_values(table, "keypoints", np.float64).reshape(len(keep), num_keypoints, 3)[keep]
+            yield kps[..., 2].reshape(-1), np.zeros(kps[..., 2].size, np.int64)
+
+    num_kept = 0
+    for k, part in enumerate(scan.shards):
+        num_kept += int(_kept(read_shard(part, columns=["scores", "labels"]), scan, k, thresholds).sum())
+    if num_kept == 0:
+        return np.inf
+    target = int(round(visible_per_instance * num_kept))
+    return float(selection.count_thresholds_streamed(chunks, np.array([target]))[0])
+
+
+@dataclass
+class _Written:
+    """Running counts of what :func:`_write_pseudo_labels` wrote (mutable: it accumulates)."""
+
+    num_classes: int
+    kept: int = 0
+    images: int = 0
+    empty_images: int = 0
+    ignore_regions: int = 0
+    visible_keypoints: int = 0
+    per_class: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.per_class = np.zeros(self.num_classes, np.int64)
+
+
+def _write_pseudo_labels(
+    folder: LabelFolder,
+    scan: _Scan,
+    f: IO[bytes],
+    *,
+    thresholds: np.ndarray,
+    kp_thr: float | None,
+    categories: tuple[Category, ...],
+    info: dict[str, Any],
+    cfg: SelectConfig,
+    num_keypoints: int,
+) -> _Written:
+    """The last pass: the pseudo-labeled COCO json into ``f``, one shard at a time. Kept objects and ignore
+    regions (``iscrowd: 1``, no visible keypoints; :func:`uncertain_regions`) with their ``score`` and
+    ``agreement``, on the images labeled without an error (those with no kept object left out when
+    ``drop_empty``); ids count up from 1 in shard order. The json is ``{"images": [...], "annotations":
+    [...], "categories": [...], "info": {...}}`` as ``json.dumps`` writes it: the annotations go to a
+    temporary file beside it while the images are written, and are copied in after them."""
+    written = _Written(len(categories))
+    cat_ids = [c.id for c in categories]
+    columns = ["file_name", "width", "height", "boxes", "scores", "labels", "agreement", "error"]
+    columns += ["keypoints"] if num_keypoints else []
+    out = Path(cfg.out)
+    with tempfile.TemporaryFile(dir=out.parent) as annotations:
+        f.write(b'{"images": [')
+        image_sep = ann_sep = b""
+        for k, part in enumerate(scan.shards):
+            table = read_shard(part, columns=columns)
+            shard = _shard_selection(table, scan, k, thresholds=thresholds, band=cfg.ignore_band,
+                                     drop_empty=cfg.drop_empty, first_id=written.images + 1)  # fmt: skip
+            for row, image_id in zip(shard.image_rows, shard.image_ids, strict=True):
+                im = {"id": int(image_id), "file_name": shard.file_names[row], "width": int(shard.widths[row]),
+                      "height": int(shard.heights[row])}  # fmt: skip
+                f.write(image_sep + json.dumps(im).encode())
+                image_sep = b", "
+            for ann in _annotations(shard, table, cat_ids, kp_thr=kp_thr, first_id=written.kept
+                                    + written.ignore_regions + 1, num_keypoints=num_keypoints):  # fmt: skip
+                annotations.write(ann_sep + json.dumps(ann, allow_nan=False).encode())
+                ann_sep = b", "
+                written.visible_keypoints += ann.get("num_keypoints", 0) if not ann["iscrowd"] else 0
+            written.kept += int(shard.keep.sum())
+            written.ignore_regions += int(shard.written_ignored)
+            written.images += len(shard.image_rows)
+            written.empty_images += shard.empty_images
+            written.per_class += np.bincount(shard.labels[shard.keep], minlength=len(categories))
+        f.write(b'], "annotations": [')
+        annotations.seek(0)
+        shutil.copyfileobj(annotations, f, 1 << 20)
+    tail = {"categories": [category_to_coco(c) for c in categories], "info": info}
+    f.write(b"], " + json.dumps(tail)[1:].encode())
+    return written
 
 
 @dataclass(frozen=True)
-class _Objects:
-    """What is written of each candidate and image: boxes ``[N, 4]`` xyxy px, keypoints ``[N, K, 3]`` (or
-    None), and per shard row ``[R]`` its file name, width and height."""
+class _ShardSelection:
+    """One shard's selection: per candidate ``[N]`` ``keep``, ``ignored`` (written as ignore regions),
+    ``labels``, ``image`` (its row); per row ``[R]`` the names and sizes; the rows written (``image_rows``)
+    and their new ids; ``empty_images`` written without a kept object; ``written_ignored``."""
 
-    boxes: np.ndarray
-    keypoints: np.ndarray | None
+    keep: np.ndarray
+    ignored: np.ndarray
+    labels: np.ndarray
+    image: np.ndarray
     file_names: list[str]
     widths: np.ndarray
     heights: np.ndarray
+    image_rows: np.ndarray
+    image_ids: np.ndarray
+    empty_images: int
+    written_ignored: int
 
 
-def _read_objects(labels_dir: Path, *, num_keypoints: int) -> _Objects:
-    """The columns that are written (boxes, keypoints, image names and sizes)."""
-    columns = ["file_name", "width", "height", "boxes", "error"] + (["keypoints"] if num_keypoints else [])
-    big = read_shards(labels_dir, columns=columns)
-    return _Objects(
-        boxes=_flat(big, "boxes", np.float64).reshape(-1, 4),
-        keypoints=_flat(big, "keypoints", np.float64).reshape(-1, num_keypoints, 3) if num_keypoints else None,
-        file_names=big["file_name"].to_pylist(),
-        widths=big["width"].to_numpy(),
-        heights=big["height"].to_numpy(),
-    )
+def _shard_selection(
+    table: pa.Table, scan: _Scan, shard: int, *, thresholds: np.ndarray, band: float, drop_empty: bool, first_id: int
+) -> _ShardSelection:
+    lengths = list_lengths(table)
+    scores, labels = flat_values(table, "scores", np.float64), flat_values(table, "labels", np.int64)
+    image = np.repeat(np.arange(len(lengths)), lengths)
+    counted = scan.counted_mask(shard, len(scores))
+    keep = counted & (scores >= thresholds[labels])
+    boxes = flat_values(table, "boxes", np.float64).reshape(-1, 4)
+    ignored = uncertain_regions(boxes, scores, labels, image, keep=keep, eligible=counted, thresholds=thresholds,
+                                band=band)  # fmt: skip
+    ok = np.asarray(table["error"].is_null().to_numpy(zero_copy_only=False), bool)
+    kept_per_image = np.bincount(image[keep], minlength=len(lengths))
+    rows = np.flatnonzero(ok & ((kept_per_image > 0) | (not drop_empty)))
+    on_written = np.zeros(len(lengths), bool)
+    on_written[rows] = True
+    return _ShardSelection(
+        keep=keep, ignored=ignored, labels=labels, image=image, file_names=table["file_name"].to_pylist(),
+        widths=table["width"].to_numpy(), heights=table["height"].to_numpy(), image_rows=rows,
+        image_ids=np.arange(first_id, first_id + len(rows)),
+        empty_images=0 if drop_empty else int(((kept_per_image == 0) & ok).sum()),
+        written_ignored=int((ignored & on_written[image]).sum()),
+    )  # fmt: skip
 
 
-def _keypoint_threshold(kept_keypoints: np.ndarray, *, keypoint_policy: str, counts: dict[str, Any]) -> float:
-    """The keypoint score from which a kept object's keypoint is written visible; ``-inf`` (all) for
-    ``keypoint_policy`` ``all`` or a reference without visible keypoints. ``kept_keypoints``: ``[M, K, 3]``."""
-    kp_fraction = selection.parse_keypoint_policy(keypoint_policy)
-    if kp_fraction is not None and counts["visible_keypoints_per_instance"] is not None:
-        return selection.keypoint_threshold(
-            kept_keypoints[..., 2], visible_per_instance=kp_fraction * counts["visible_keypoints_per_instance"]
-        )
-    return -np.inf
-
-
-def _pseudo_coco(
-    cand: _Candidates,
-    objects: _Objects,
+def _annotations(
+    shard: _ShardSelection,
+    table: pa.Table,
+    cat_ids: list[int],
     *,
-    keep: np.ndarray,
-    ignored: np.ndarray,
     kp_thr: float | None,
-    categories: tuple[Category, ...],
-    drop_empty: bool,
-    description: str,
-    policy: str,
-) -> dict[str, Any]:
-    """The pseudo-labeled COCO json: kept objects and ignore regions (``iscrowd: 1``, no visible keypoints)
-    with their ``score`` and ``agreement``, on the images labeled without an error (those with no kept
-    object left out when ``drop_empty``). Ids count up from 1 in shard order."""
-    kept_per_image = np.bincount(cand.image[keep], minlength=len(cand.ok))
-    images, image_ids = [], {}
-    for row in range(len(cand.ok)):
-        if not cand.ok[row] or (drop_empty and kept_per_image[row] == 0):
-            continue
-        image_ids[row] = len(images) + 1
-        images.append({"id": len(images) + 1, "file_name": objects.file_names[row], "width": int(objects.widths[row]),
-                       "height": int(objects.heights[row])})  # fmt: skip
-    cat_ids = [c.id for c in categories]
-    annotations = []
-    idx = np.flatnonzero(keep | ignored)  # objects and ignore regions, in shard order
-    for ann_id, j in enumerate((int(j) for j in idx if cand.image[j] in image_ids), 1):
-        x1, y1, x2, y2 = (float(v) for v in objects.boxes[j])
-        crowd = bool(ignored[j])
+    first_id: int,
+    num_keypoints: int,
+) -> Iterator[dict[str, Any]]:
+    """The shard's kept objects and ignore regions on written images, in shard order, as COCO annotations."""
+    boxes = flat_values(table, "boxes", np.float64).reshape(-1, 4)
+    scores, agreement = flat_values(table, "scores", np.float64), flat_values(table, "agreement", np.int64)
+    keypoints = flat_values(table, "keypoints", np.float64).reshape(-1, num_keypoints, 3) if num_keypoints else None
+    image_id = np.zeros(len(shard.file_names), np.int64)
+    image_id[shard.image_rows] = shard.image_ids
+    for ann_id, j in enumerate((int(j) for j in np.flatnonzero(shard.keep | shard.ignored)
+                                if image_id[shard.image[j]] > 0), first_id):  # fmt: skip
+        x1, y1, x2, y2 = (float(v) for v in boxes[j])
+        crowd = bool(shard.ignored[j])
         ann: dict[str, Any] = {
-            "id": ann_id, "image_id": image_ids[int(cand.image[j])], "category_id": cat_ids[int(cand.labels[j])],
+            "id": ann_id, "image_id": int(image_id[shard.image[j]]), "category_id": cat_ids[int(shard.labels[j])],
             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd),
-            "score": float(cand.scores[j]), "agreement": int(cand.agreement[j]),
+            "score": float(scores[j]), "agreement": int(agreement[j]),
         }  # fmt: skip
-        if objects.keypoints is not None:
-            k = objects.keypoints[j].copy()
-            vis = (k[:, 2] >= kp_thr) & (not crowd)
-            k[:, 2] = np.where(vis, 2.0, 0.0)
-            k[~vis, :2] = 0.0
-            ann["keypoints"] = k.reshape(-1).tolist()
+        if keypoints is not None:
+            kp = keypoints[j].copy()
+            vis = (kp[:, 2] >= kp_thr) & (not crowd)
+            kp[:, 2] = np.where(vis, 2.0, 0.0)
+            kp[~vis, :2] = 0.0
+            ann["keypoints"] = kp.reshape(-1).tolist()
             ann["num_keypoints"] = int(vis.sum())
-        annotations.append(ann)
-    return {"images": images, "annotations": annotations, "categories": [category_to_coco(c) for c in categories],
-            "info": {"description": description, "policy": policy}}  # fmt: skip
+        yield ann
 
 
 def _selection_report(
     cfg: SelectConfig,
     *,
-    sel: selection.Selection,
     policy: str,
+    policy_name: str,
+    thresholds: np.ndarray,
+    targets: np.ndarray | None,
     counts: dict[str, Any],
     class_names: tuple[str, ...],
-    cand: _Candidates,
-    keep: np.ndarray,
-    duplicates: np.ndarray,
-    coco: dict[str, Any],
+    scan: _Scan,
+    written: _Written,
     kp_thr: float | None,
     started: float,
 ) -> dict[str, Any]:
     """``selection.json``: the thresholds chosen, the targets and what was achieved, the options."""
-    achieved_total = int(keep.sum())
-    kept_per_image = np.bincount(cand.image[keep], minlength=len(cand.ok))
-    annotations = coco["annotations"]
     return {
-        "policy": sel.policy,
+        "policy": policy_name,
         "min_agreement": cfg.min_agreement,
         "thresholds": {
-            name: (None if not np.isfinite(t) else float(t))
-            for name, t in zip(class_names, sel.thresholds, strict=True)
+            name: (None if not np.isfinite(t) else float(t)) for name, t in zip(class_names, thresholds, strict=True)
         },
         "target_per_image": counts["per_image"] if policy == "count" else None,
         "target_per_class_per_image": dict(zip(class_names, counts["per_class_per_image"], strict=True)),
-        "target_objects": None if sel.target is None else sel.target.tolist(),
-        "achieved_objects": achieved_total,
-        "achieved_per_class": dict(
-            zip(class_names, np.bincount(cand.labels[keep], minlength=len(class_names)).tolist(), strict=True)
-        ),
+        "target_objects": None if targets is None else targets.tolist(),
+        "achieved_objects": written.kept,
+        "achieved_per_class": dict(zip(class_names, written.per_class.tolist(), strict=True)),
         "cross_class_iou": cfg.cross_class_iou,
-        "cross_class_duplicates": int(duplicates.sum()),  # eligible candidates, before the threshold
-        "achieved_per_image": achieved_total / cand.num_images,
-        "unlabeled_images": cand.num_images,
-        "images_written": len(coco["images"]),
-        "empty_images_kept": int(((kept_per_image == 0) & cand.ok).sum()) if not cfg.drop_empty else 0,
-        "candidates": int(cand.scores.size),
+        "cross_class_duplicates": scan.duplicates,  # eligible candidates, before the threshold
+        "achieved_per_image": written.kept / scan.num_images,
+        "unlabeled_images": scan.num_images,
+        "images_written": written.images,
+        "empty_images_kept": written.empty_images,
+        "candidates": scan.candidates,
         "keypoint_threshold": None if kp_thr is None or not np.isfinite(kp_thr) else float(kp_thr),
         "reference_visible_keypoints_per_instance": counts["visible_keypoints_per_instance"],
         "pseudo_visible_keypoints_per_instance": (
-            float(np.mean([a["num_keypoints"] for a in annotations if not a["iscrowd"]]))
-            if kp_thr is not None and keep.any()
-            else None
+            written.visible_keypoints / written.kept if kp_thr is not None and written.kept else None
         ),
         "ignore_band": cfg.ignore_band,
-        "ignore_regions": sum(a["iscrowd"] for a in annotations),  # those written (drop_empty drops some)
+        "ignore_regions": written.ignore_regions,  # those written (drop_empty drops some)
         "options": asdict(cfg),
         "seconds": round(time.time() - started, 3),
         "provenance": provenance(),
