@@ -27,6 +27,7 @@ one process each with ``--threads`` torch threads.
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import multiprocessing
 import random
@@ -176,7 +177,8 @@ class Seed:
         first = self.select(self.data.train, self.work / "select")
         summary = review(self.work / "labels", self.data.train, out=self.work / "review", top=self.args.budget,
                          selection_path=first / "selection.json", formats=("coco",))  # fmt: skip
-        ranking = [r["file_name"] for r in summary["ranking"]]
+        with open(self.work / "review" / "ranking.csv", newline="", encoding="utf-8") as f:
+            ranking = [row["file_name"] for row in csv.DictReader(f)]  # every image (review.json lists the top)
         arms = {name: self.arm(name, ranking, first) for name in ARMS if name in self.args.arms}
         return {"teacher": {"val": self.metrics(teacher)}, "arms": arms,
                 "doubt_formula": summary["formula"], "seconds": self.seconds}  # fmt: skip

@@ -46,23 +46,30 @@ def match_shards(
     labels_dir: str | Path, truth: CocoDataset, *, class_names: tuple[str, ...], iou_thr: float = 0.5
 ) -> MatchedScores:
     """Match every candidate of a labeling folder (all scores above the floor) to the true labels, so that
-    precision and recall can be read at any threshold."""
-    from datadistill.data.label_folder import read_shards
+    precision and recall can be read at any threshold. The shards are read one at a time and only the images
+    that ``truth`` holds are kept (the others have nothing to match), so memory follows the truth's size."""
+    from datadistill.data.label_folder import iter_shards, open_label_folder
 
-    table = read_shards(labels_dir, columns=["file_name", "width", "height", "boxes", "scores", "labels", "error"])
-    rows = [r for r in table.to_pylist() if r["error"] is None]
+    wanted = {im.file_name for im in truth.images}
     images, labels = [], {}
-    for i, r in enumerate(rows, 1):
-        n = len(r["scores"])
-        images.append(ImageRecord(id=i, file_name=r["file_name"], width=max(1, r["width"]), height=max(1, r["height"])))
-        labels[i] = ImageLabels(
-            ids=np.arange(n, dtype=np.int64),
-            boxes=np.asarray(r["boxes"], np.float32).reshape(n, 4),
-            labels=np.asarray(r["labels"], np.int64),
-            iscrowd=np.zeros(n, bool),
-            area=np.zeros(n, np.float32),
-            scores=np.asarray(r["scores"], np.float32),
-        )
+    columns = ["file_name", "width", "height", "boxes", "scores", "labels", "error"]
+    for _, table in iter_shards(open_label_folder(labels_dir, complete=False), columns):
+        names = table["file_name"].to_pylist()
+        ok = table["error"].is_null().to_numpy(zero_copy_only=False)
+        rows = [i for i, name in enumerate(names) if ok[i] and name in wanted]
+        for r in table.take(rows).to_pylist() if rows else []:
+            n, i = len(r["scores"]), len(images) + 1
+            images.append(
+                ImageRecord(id=i, file_name=r["file_name"], width=max(1, r["width"]), height=max(1, r["height"]))
+            )
+            labels[i] = ImageLabels(
+                ids=np.arange(n, dtype=np.int64),
+                boxes=np.asarray(r["boxes"], np.float32).reshape(n, 4),
+                labels=np.asarray(r["labels"], np.int64),
+                iscrowd=np.zeros(n, bool),
+                area=np.zeros(n, np.float32),
+                scores=np.asarray(r["scores"], np.float32),
+            )
     categories = tuple(Category(id=i + 1, name=n) for i, n in enumerate(class_names))
     pseudo = CocoDataset(images=tuple(images), labels=labels, categories=categories)
     return match_pseudo_labels(pseudo, truth, iou_thr=iou_thr)

@@ -360,18 +360,17 @@ def doubt_gallery(
     from datadistill.stages import review
 
     folder = open_label_folder(labels_dir)
-    table, obj = review.read_objects(labels_dir, 0)
+    stats = review.folder_stats(folder, len(class_names))
     thr = review.read_thresholds(selection_path, class_names)
-    num_views = folder.num_views(int(np.max(obj["agreement"], initial=1)))
-    t = thr.per_class[obj["labels"]]
-    doubt, _ = review.object_doubt(obj["scores"], obj["agreement"], t, num_views=num_views,
-                                           score_spread=obj["score_spread"], box_spread=obj["box_spread"])  # fmt: skip
-    obj["kept"] = (obj["scores"] >= t) & (obj["agreement"] >= thr.min_agreement)
-    obj["doubt"] = doubt
-    order, image_doubt = review.rank_images(doubt, obj["image"], obj["ok"])
+    num_views = stats.num_views
+    ranking = review.rank_folder(folder, thr, num_views=num_views)
+    table, obj = review.chosen_objects(folder, ranking, ranking.order[:count], thr, num_views=num_views,
+                                       num_keypoints=0)  # fmt: skip
+    doubt = obj["doubt"]
+    image_doubt = ranking.image_doubt[ranking.order[:count]]
     names = table["file_name"].to_pylist()
     by_name = {im.file_name: im.id for im in truth.images} if truth is not None else {}
-    chosen = [int(r) for r in order[:count]]
+    chosen = list(range(len(names)))
     with_truth = any(names[r] in by_name for r in chosen)
     plt = _plt()
     panels = 2 if with_truth else 1
@@ -390,7 +389,7 @@ def doubt_gallery(
         mine = np.flatnonzero(obj["image"] == row)
         below = mine[~obj["kept"][mine]]
         shown = np.concatenate([mine[obj["kept"][mine]], below[np.argsort(-doubt[below], kind="stable")[:below_count]]])
-        draw_candidates(ax, {k: v[shown] for k, v in obj.items() if k not in ("ok", "image")},
+        draw_candidates(ax, {k: v[shown] for k, v in obj.items() if k not in ("id", "image", "closeness")},
                         class_names=class_names, num_views=num_views)  # fmt: skip
         ax.set_title(f"{names[row]}: doubt {image_doubt[row]:.2f}", fontsize=7)
         if with_truth and names[row] in by_name:

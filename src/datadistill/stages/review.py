@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,24 @@ from datadistill.data.coco import (
     read_json,
 )
 from datadistill.data.images import image_size, resolve_image_path
-from datadistill.data.label_folder import object_values, open_label_folder, read_shards
+from datadistill.data.label_folder import (
+    LabelFolder,
+    check_lengths,
+    finite_or_raise,
+    flat_values,
+    iter_shards,
+    list_lengths,
+    object_values,
+    open_label_folder,
+    read_shard,
+)
 from datadistill.errors import DataError, UserError
-from datadistill.runtime.io import provenance, write_json_atomic, write_text_atomic
+from datadistill.runtime.io import atomic_file, provenance, write_json_atomic, write_text_atomic
 from datadistill.stages.select import reference_counts
 
 FORMATS = ("label-studio", "cvat", "coco")
+RANKING_FILE = "ranking.csv"  # every image labeled without an error, most doubtful first: file_name,doubt
+RANKING_IN_JSON = 1000  # review.json lists this many of them
 LOCAL_FILES_URL = "/data/local-files/?d="
 BOX_TOLERANCE_PX = 1e-3  # a corrected box may pass the image's edge by float rounding, no more
 KEYPOINT_SIZE_PCT = 0.5  # how large Label Studio draws a pre-annotated keypoint, in percent of the image width
@@ -129,13 +142,21 @@ def object_doubt(
 def rank_images(doubt: np.ndarray, image: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rows ``[M]`` of the images labeled without error (``ok`` ``[R]``), most doubtful first, and the
     image doubts ``[R]`` (max of its objects' ``doubt`` ``[N]``, objects on rows ``image`` ``[N]``)."""
-    num_rows = len(ok)
+    image_max, image_sum = image_doubts(doubt, image, len(ok))
+    return order_images(image_max, image_sum, ok), image_max
+
+
+def image_doubts(doubt: np.ndarray, image: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row ``[R]``: the largest and the sum of its objects' ``doubt`` ``[N]`` (objects on rows ``image``)."""
     image_max = np.zeros(num_rows)
     np.maximum.at(image_max, image, doubt)
-    image_sum = np.bincount(image, weights=doubt, minlength=num_rows)
+    return image_max, np.bincount(image, weights=doubt, minlength=num_rows)
+
+
+def order_images(image_max: np.ndarray, image_sum: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """The ``ok`` rows, by ``image_max`` (largest first), then ``image_sum``, then row."""
     rows = np.flatnonzero(ok)
-    order = np.lexsort((rows, -image_sum[rows], -image_max[rows]))
-    return rows[order], image_max
+    return rows[np.lexsort((rows, -image_sum[rows], -image_max[rows]))]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,40 +188,136 @@ def read_thresholds(path: str | Path, class_names: tuple[str, ...]) -> Threshold
     return Thresholds(per_class, int(raw.get("min_agreement", 1)), None if kp is None else float(kp), str(path))
 
 
-def count_thresholds(scores: np.ndarray, labels: np.ndarray, *, num_images: int, ref: CocoDataset) -> Thresholds:
-    """The count rule of ``select`` (its default policy ``count``, ``min_agreement`` 1) over all candidates."""
+def count_thresholds(folder: LabelFolder, ref: CocoDataset, stats: FolderStats) -> Thresholds:
+    """The count rule of ``select`` (its default policy ``count``, ``min_agreement`` 1, no cross-class filter)
+    over every candidate of ``folder``, streamed (:func:`datadistill.core.selection.count_thresholds_streamed`)."""
     counts = reference_counts(ref)
-    sel = selection.select_count(
-        scores, labels, num_images=num_images, per_image=counts["per_image"], num_classes=ref.num_classes
-    )
-    return Thresholds(sel.thresholds, 1, None, "count rule (no --selection)")
+    target = int(round(counts["per_image"] * stats.num_images))
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _, table in iter_shards(folder, ["scores"]):
+            scores = flat_values(table, "scores", np.float64)
+            yield scores, np.zeros(len(scores), np.int64)
+
+    t = selection.count_thresholds_streamed(chunks, np.array([target]))[0]
+    return Thresholds(np.full(ref.num_classes, t), 1, None, "count rule (no --selection)")
+
+
+@dataclass(frozen=True)
+class FolderStats:
+    """A first look at a labeling folder's shards (small columns only): ``num_images`` labeled without an
+    error, ``num_views`` (the manifest's, else the largest agreement seen)."""
+
+    num_images: int
+    num_views: int
+
+
+def folder_stats(folder: LabelFolder, num_classes: int) -> FolderStats:
+    """:class:`FolderStats`, each shard checked for what ranking relies on (one-line UserErrors naming the
+    shard): lists of one value per object, finite scores, labels of the data set's classes."""
+    num_images, max_agreement = 0, 1
+    for part, table in iter_shards(folder, ["scores", "labels", "agreement", "error"]):
+        check_lengths(table, part, {"labels": 1, "agreement": 1})
+        finite_or_raise(flat_values(table, "scores", np.float64), part, "scores")
+        labels = flat_values(table, "labels", np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise UserError(f"{part}: column 'labels' holds classes outside the data set's {num_classes}")
+        num_images += int(table["error"].is_null().to_numpy(zero_copy_only=False).sum())
+        max_agreement = max(max_agreement, int(np.max(flat_values(table, "agreement", np.int64), initial=1)))
+    if num_images == 0:
+        raise UserError(f"{folder.path}: no image was labeled (all skipped?)")
+    return FolderStats(num_images=num_images, num_views=folder.num_views(max_agreement))
+
+
+_RANK_COLUMNS = ["file_name", "scores", "labels", "agreement", "score_spread", "box_spread", "error"]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Every image of a labeling folder, by doubt. ``order`` ``[M]``: the rows (over all shards, in shard
+    order) of the images labeled without an error, most doubtful first (:func:`rank_images`);
+    ``image_doubt`` ``[R]``; ``names`` ``[R]`` (arrow strings); ``row_starts`` and ``object_starts``
+    ``[S + 1]``: where each shard's rows and candidates begin; ``spreads_measured``: any candidate has one."""
+
+    order: np.ndarray
+    image_doubt: np.ndarray
+    names: pa.ChunkedArray
+    row_starts: np.ndarray
+    object_starts: np.ndarray
+    spreads_measured: bool
+    num_candidates: int
+
+
+def rank_folder(folder: LabelFolder, thr: Thresholds, *, num_views: int) -> Ranking:
+    """:class:`Ranking` in one pass, a shard at a time; per image it keeps two floats and its name."""
+    image_max, image_sum, ok, names = [], [], [], []
+    row_starts, object_starts, measured = [0], [0], False
+    for _, table in iter_shards(folder, _RANK_COLUMNS):
+        scores, cls = flat_values(table, "scores", np.float64), flat_values(table, "labels", np.int64)
+        spread = object_values(table, "score_spread")
+        doubt, _ = object_doubt(scores, flat_values(table, "agreement", np.int64), thr.per_class[cls],
+                                num_views=num_views, score_spread=spread,
+                                box_spread=object_values(table, "box_spread"))  # fmt: skip
+        lengths = list_lengths(table)
+        row_max, row_sum = image_doubts(doubt, np.repeat(np.arange(len(lengths)), lengths), len(lengths))
+        image_max.append(row_max)
+        image_sum.append(row_sum)
+        ok.append(np.asarray(table["error"].is_null().to_numpy(zero_copy_only=False), bool))
+        names.append(table["file_name"].combine_chunks())
+        row_starts.append(row_starts[-1] + len(lengths))
+        object_starts.append(object_starts[-1] + len(scores))
+        measured = measured or bool(len(spread) and not np.isnan(spread).all())
+    mx = np.concatenate(image_max)
+    order = order_images(mx, np.concatenate(image_sum), np.concatenate(ok))
+    return Ranking(order=order, image_doubt=mx, names=pa.chunked_array(names, pa.string()),
+                   row_starts=np.asarray(row_starts), object_starts=np.asarray(object_starts),
+                   spreads_measured=measured, num_candidates=object_starts[-1])  # fmt: skip
+
+
+def chosen_objects(
+    folder: LabelFolder, ranking: Ranking, chosen: np.ndarray, thr: Thresholds, *, num_views: int, num_keypoints: int
+) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """The ``chosen`` rows' table (``file_name``, ``width``, ``height``, in ``chosen``'s order) and their
+    candidates' values: ``boxes`` ``[N, 4]``, ``scores``, ``labels``, ``agreement``, ``score_spread`` and
+    ``box_spread`` (NaN where not measured), ``keypoints`` ``[N, K, 3]`` in a keypoint task, ``id`` the
+    candidate's index over the folder, ``doubt``, ``closeness``, ``kept``, and ``image`` its image's position
+    in ``chosen``. Only the shards of the chosen rows are read."""
+    columns = _RANK_COLUMNS + ["width", "height", "boxes"] + (["keypoints"] if num_keypoints else [])
+    shard_of = np.searchsorted(ranking.row_starts, chosen, side="right") - 1
+    tables, parts, position = {}, [], {int(r): i for i, r in enumerate(chosen)}
+    for k in np.unique(shard_of):
+        table = read_shard(folder.shard_files()[int(k)], columns=columns)
+        lengths = list_lengths(table)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        mine = {"boxes": flat_values(table, "boxes", np.float64).reshape(-1, 4),
+                "scores": flat_values(table, "scores", np.float64), "labels": flat_values(table, "labels", np.int64),
+                "agreement": flat_values(table, "agreement", np.int64),
+                "score_spread": object_values(table, "score_spread"),
+                "box_spread": object_values(table, "box_spread")}  # fmt: skip
+        if num_keypoints:
+            mine["keypoints"] = flat_values(table, "keypoints", np.float64).reshape(-1, num_keypoints, 3)
+        for r in chosen[shard_of == k]:
+            local = int(r - ranking.row_starts[k])
+            idx = np.arange(starts[local], starts[local + 1])
+            part = {name: values[idx] for name, values in mine.items()}
+            part["id"] = ranking.object_starts[k] + idx
+            part["image"] = np.full(len(idx), position[int(r)])
+            parts.append(part)
+            tables[position[int(r)]] = table.select(["file_name", "width", "height"]).slice(local, 1)
+    obj = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
+    if parts:
+        t = thr.per_class[obj["labels"]]
+        obj["doubt"], obj["closeness"] = object_doubt(
+            obj["scores"], obj["agreement"], t, num_views=num_views, score_spread=obj["score_spread"],
+            box_spread=obj["box_spread"],
+        )  # fmt: skip
+        obj["kept"] = (obj["scores"] >= t) & (obj["agreement"] >= thr.min_agreement)
+    table = pa.concat_tables([tables[i] for i in range(len(chosen))]) if len(chosen) else None
+    return table, obj  # type: ignore[return-value]
 
 
 def _flat(table: pa.Table, column: str, dtype: Any) -> np.ndarray:
     return np.asarray(pa.compute.list_flatten(table[column]).to_numpy(zero_copy_only=False), dtype=dtype)
-
-
-def read_objects(labels_dir: Path, num_keypoints: int) -> tuple[pa.Table, dict[str, np.ndarray]]:
-    """The shards' table (one row per image) and every candidate's values, flat over the images: ``ok``
-    ``[R]`` (the image was labeled), ``image`` ``[N]`` (its row), ``scores``, ``labels``, ``agreement``,
-    ``score_spread``, ``box_spread`` (NaN where not measured) ``[N]``, ``boxes`` ``[N, 4]`` and, for
-    keypoint tasks, ``keypoints`` ``[N, K, 3]``."""
-    columns = ["file_name", "width", "height", "boxes", "scores", "labels", "agreement", "score_spread",
-               "box_spread", "error"] + (["keypoints"] if num_keypoints else [])  # fmt: skip
-    table = read_shards(labels_dir, columns=columns)
-    ok = np.asarray(table["error"].is_null().to_numpy(zero_copy_only=False))
-    if not ok.any():
-        raise UserError(f"{labels_dir}: no image was labeled (all skipped?)")
-    lengths = np.asarray(pa.compute.list_value_length(table["scores"]).to_numpy(zero_copy_only=False), np.int64)
-    obj = {
-        "ok": ok, "image": np.repeat(np.arange(len(lengths)), lengths),
-        "scores": _flat(table, "scores", np.float64), "labels": _flat(table, "labels", np.int64),
-        "agreement": _flat(table, "agreement", np.int64), "boxes": _flat(table, "boxes", np.float64).reshape(-1, 4),
-        "score_spread": object_values(table, "score_spread"), "box_spread": object_values(table, "box_spread"),
-    }  # fmt: skip
-    if num_keypoints:
-        obj["keypoints"] = _flat(table, "keypoints", np.float64).reshape(-1, num_keypoints, 3)
-    return table, obj
 
 
 def image_url(file_name: str, prefix: str | None) -> str:
@@ -281,9 +398,10 @@ def _label_studio_tasks(
         result = []
         for j in objects_of[r]:
             cls = ref.class_names[obj["labels"][j]]
-            result.append(_ls_region(f"r{j}", obj["boxes"][j], cls, float(obj["scores"][j]), w, h))
+            region = f"r{int(obj['id'][j])}"  # the candidate's index over the labeling folder
+            result.append(_ls_region(region, obj["boxes"][j], cls, float(obj["scores"][j]), w, h))
             if kp_cat is not None:
-                result += _ls_keypoints(f"r{j}", obj["keypoints"][j], kp_cat.keypoints, kp_thr=kp_thr, width=w,
+                result += _ls_keypoints(region, obj["keypoints"][j], kp_cat.keypoints, kp_thr=kp_thr, width=w,
                                         height=h)  # fmt: skip
         tasks.append({
             "data": {"image": image_url(name, prefix), "file_name": name, "width": w, "height": h},
@@ -319,28 +437,19 @@ def review(
         raise UserError(
             f"{labels_dir} was labeled for classes {list(names[:5])} but {reference} has {list(ref.class_names[:5])}"
         )
-    table, obj = read_objects(labels_dir, ref.num_keypoints)
-    ok, image, scores, cls, agreement, boxes = (obj[n] for n in ("ok", "image", "scores", "labels", "agreement",
-                                                                  "boxes"))  # fmt: skip
-    num_views = folder.num_views(int(np.max(agreement, initial=1)))
-
+    stats = folder_stats(folder, ref.num_classes)
     if selection_path is not None:
         thr = read_thresholds(selection_path, ref.class_names)
     else:
-        thr = count_thresholds(scores, cls, num_images=int(ok.sum()), ref=ref)
-    doubt, closeness = object_doubt(scores, agreement, thr.per_class[cls], num_views=num_views,
-                                    score_spread=obj["score_spread"], box_spread=obj["box_spread"])  # fmt: skip
-    kept = (scores >= thr.per_class[cls]) & (agreement >= thr.min_agreement)
-    written = kept | (closeness >= min_closeness)
-    order, image_doubt = rank_images(doubt, image, ok)
-    chosen = order[:top]
-
-    file_names, widths, heights = (
-        table["file_name"].to_pylist(),
-        table["width"].to_pylist(),
-        table["height"].to_pylist(),
-    )
-    objects_of = {int(r): np.flatnonzero((image == r) & written) for r in chosen}
+        thr = count_thresholds(folder, ref, stats)
+    ranking = rank_folder(folder, thr, num_views=stats.num_views)
+    table, obj = chosen_objects(folder, ranking, ranking.order[:top], thr, num_views=stats.num_views,
+                                num_keypoints=ref.num_keypoints)  # fmt: skip
+    chosen = np.arange(table.num_rows)
+    written = obj["kept"] | (obj["closeness"] >= min_closeness)
+    objects_of = {int(r): np.flatnonzero((obj["image"] == r) & written) for r in chosen}
+    image_doubt = ranking.image_doubt[ranking.order[:top]]
+    file_names, widths, heights = (table[c].to_pylist() for c in ("file_name", "width", "height"))
     out.mkdir(parents=True, exist_ok=True)
     files = []
     if "label-studio" in formats:
@@ -351,26 +460,31 @@ def review(
         write_text_atomic(out / "label_config.xml", label_config_xml(ref.class_names, kp_names))
         files += ["tasks.json", "label_config.xml"]
     if "cvat" in formats or "coco" in formats:
-        coco = _review_coco(ref, chosen, objects_of, file_names, widths, heights, obj=obj, doubt=doubt, kept=kept,
-                            kp_thr=thr.keypoint)  # fmt: skip
+        coco = _review_coco(ref, chosen, objects_of, file_names, widths, heights, obj=obj, doubt=obj["doubt"],
+                            kept=obj["kept"], kp_thr=thr.keypoint)  # fmt: skip
         write_json_atomic(out / "coco.json", coco)
         files.append("coco.json")
-    measured = bool(len(scores)) and not np.isnan(obj["score_spread"]).all()
+    _write_ranking(out / RANKING_FILE, ranking)
+    files.append(RANKING_FILE)
+    listed = ranking.order[:RANKING_IN_JSON]
     summary = {
         "formula": FORMULA,
-        "spreads_measured": measured if measured or not len(scores) else "no: the shards hold no score_spread/"
-        "box_spread (labeled before they were measured); the doubt is the mean of the first two terms",
-        "num_views": num_views,
+        "spreads_measured": True if ranking.spreads_measured else (False if not ranking.num_candidates else
+            "no: the shards hold no score_spread/box_spread (labeled before they were measured); the doubt is the "
+            "mean of the first two terms"),
+        "num_views": stats.num_views,
         "thresholds": {n: (None if not np.isfinite(t) else float(t))
                        for n, t in zip(ref.class_names, thr.per_class, strict=True)},
         "thresholds_from": thr.source,
         "min_agreement": thr.min_agreement,
         "min_closeness": min_closeness,
-        "images_ranked": len(order),
+        "images_ranked": len(ranking.order),
         "images_sent": len(chosen),
         "objects_sent": int(sum(len(v) for v in objects_of.values())),
         "files": files,
-        "ranking": [{"file_name": file_names[r], "doubt": float(image_doubt[r])} for r in order],
+        "ranking": [{"file_name": n, "doubt": float(d)} for n, d in
+                    zip(ranking.names.take(listed).to_pylist(), ranking.image_doubt[listed], strict=True)],
+        "ranking_note": f"the {len(listed)} most doubtful images; {RANKING_FILE} lists every image",
         "seconds": round(time.time() - started, 3),
         "provenance": provenance(),
     }  # fmt: skip
@@ -392,7 +506,7 @@ def _review_coco(
     kp_thr: float | None,
 ) -> dict[str, Any]:
     """The sent images as COCO, in ranking order; keypoints visible (2) from ``kp_thr`` (or a score > 0).
-    ``obj``: :func:`read_objects`' values; ``score_spread``/``box_spread`` null where not measured."""
+    ``obj``: :func:`chosen_objects`' values; ``score_spread``/``box_spread`` null where not measured."""
     boxes, cls, scores, agreement = obj["boxes"], obj["labels"], obj["scores"], obj["agreement"]
     keypoints = obj.get("keypoints")
     images, annotations = [], []
@@ -418,6 +532,22 @@ def _review_coco(
             annotations.append(ann)
     return {"info": {"description": "datadistill review: the most doubtful images"}, "images": images,
             "annotations": annotations, "categories": [category_to_coco(c) for c in ref.categories]}  # fmt: skip
+
+
+def _write_ranking(path: Path, ranking: Ranking) -> None:
+    """``ranking.csv``: ``file_name,doubt`` of every ranked image, most doubtful first, written in blocks."""
+    with atomic_file(path) as f:
+        f.write(b"file_name,doubt\n")
+        for lo in range(0, len(ranking.order), 100_000):
+            rows = ranking.order[lo : lo + 100_000]
+            names = ranking.names.take(rows).to_pylist()
+            lines = (f"{_csv_field(n)},{float(d)!r}\n" for n, d in zip(names, ranking.image_doubt[rows], strict=True))
+            f.write("".join(lines).encode())
+
+
+def _csv_field(text: str) -> str:
+    """A CSV field: quoted (doubled quotes inside) when it holds a comma, a quote or a line break."""
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\r\n') else text
 
 
 def _or_none(value: float) -> float | None:
