@@ -285,9 +285,12 @@ def chosen_objects(
     columns = _RANK_COLUMNS + ["width", "height", "boxes"] + (["keypoints"] if num_keypoints else [])
     shard_of = np.searchsorted(ranking.row_starts, chosen, side="right") - 1
     tables, parts, position = {}, [], {int(r): i for i, r in enumerate(chosen)}
+    files = folder.shard_files()
     for k in np.unique(shard_of):
-        table = read_shard(folder.shard_files()[int(k)], columns=columns)
-        lengths = list_lengths(table)
+        shard_file = files[int(k)]
+        table = read_shard(shard_file, columns=columns)
+        lengths = check_lengths(table, shard_file, {"boxes": 4, "keypoints": 3 * num_keypoints})
+        finite_or_raise(flat_values(table, "boxes", np.float64), shard_file, "boxes")
         starts = np.concatenate([[0], np.cumsum(lengths)])
         mine = {"boxes": flat_values(table, "boxes", np.float64).reshape(-1, 4),
                 "scores": flat_values(table, "scores", np.float64), "labels": flat_values(table, "labels", np.int64),
