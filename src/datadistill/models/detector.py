@@ -208,6 +208,13 @@ class Detector(Protocol):
     def unfit_reason(self, height: int, width: int, *, min_size: int, max_size: int) -> str | None: ...
 
 
+class DetectorLoader(Protocol):
+    """What builds a :class:`Detector` from a model spec: :func:`load_detector`, or a stand-in that a stage
+    takes in its place (a benchmark's fake detector; pickled to the workers of the Ray engine)."""
+
+    def __call__(self, spec: str, *, device: Any = "cpu", min_score: float | None = None) -> Detector: ...
+
+
 def list_models() -> list[tuple[str, str, str]]:
     """``(spec, task, description)`` of every model ``train --model`` takes, backend by backend."""
     rows: list[tuple[str, str, str]] = []

@@ -42,7 +42,7 @@ from datadistill.data.label_folder import (
     summarize_shards,
 )
 from datadistill.errors import DataError, UserError
-from datadistill.models.detector import Detector, load_detector, model_file, option_files, resolve_spec
+from datadistill.models.detector import Detector, DetectorLoader, load_detector, model_file, option_files, resolve_spec
 from datadistill.runtime import distributed
 from datadistill.runtime.devices import resolve_device, resolve_precision
 from datadistill.runtime.io import file_sha256, provenance, remove_temporaries, write_json_atomic
@@ -170,10 +170,12 @@ def _prepare_out(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
         raise UserError(f"{out} holds shards but no manifest.json; use another --out or --overwrite")
 
 
-def _load_teacher(cfg: LabelConfig, views: tuple[View, ...], device: torch.device) -> tuple[Detector, LabelConfig]:
+def _load_teacher(
+    cfg: LabelConfig, views: tuple[View, ...], device: torch.device, load: DetectorLoader
+) -> tuple[Detector, LabelConfig]:
     """The teacher on ``device``, and ``cfg`` with the keypoint fusion it can do (coordinates when it gives no
     heatmaps)."""
-    detector = load_detector(_spec(cfg), device=device, min_score=cfg.score_floor)
+    detector = load(_spec(cfg), device=device, min_score=cfg.score_floor)
     meta = detector.meta
     if meta.task == "keypoints" and cfg.keypoint_fuse == "heatmap" and not detector.has_heatmaps:
         log.warning("%s gives no keypoint heatmaps: keypoints are fused by mean (--keypoint-fuse mean)", _spec(cfg))
@@ -183,8 +185,10 @@ def _load_teacher(cfg: LabelConfig, views: tuple[View, ...], device: torch.devic
     return detector, cfg
 
 
-def label(cfg: LabelConfig) -> Path:
+def label(cfg: LabelConfig, *, load: DetectorLoader = load_detector) -> Path:
     """The ``label`` stage: every shard of the source labeled into ``cfg.out``; returns the manifest path.
+    ``load``: how the teacher is built from its spec, here and in each Ray actor (a stand-in for a
+    benchmark; the spec's files are still hashed into the folder's signature).
 
     Under torchrun (``world_size`` > 1) every rank calls it, in a gloo process group that it joins for
     the call: rank 0 checks and prepares the folder while the others wait (so that a refusal stops all of
@@ -201,7 +205,7 @@ def label(cfg: LabelConfig) -> Path:
     device = distributed.rank_device(resolve_device(cfg.device), launch) if cfg.engine == "local" else None
     # with Ray, the workers' devices decide; the driver's device stands in for them in the signature
     precision = resolve_precision(cfg.precision, device if device is not None else resolve_device(cfg.device))
-    detector, cfg = _load_teacher(cfg, views, device if device is not None else torch.device("cpu"))
+    detector, cfg = _load_teacher(cfg, views, device if device is not None else torch.device("cpu"), load)
     source = list_source(cfg.images, image_root=cfg.image_root)
     manifest = _new_manifest(cfg, source, views, detector, precision)
     num_shards = manifest["num_shards"]
@@ -228,7 +232,7 @@ def label(cfg: LabelConfig) -> Path:
                 views=cfg.views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
                 score_floor=cfg.score_floor, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
                 threads=cfg.threads, device=cfg.device, address=cfg.ray_address, precision=cfg.precision,
-                flip_index=detector.meta.flip_index,
+                flip_index=detector.meta.flip_index, load=load,
             )  # fmt: skip
         else:
             assert device is not None

@@ -36,7 +36,7 @@ import torch
 from datadistill.core.views import parse_views
 from datadistill.data.label_folder import ShardWriter, detections_row, error_row, shard_schema
 from datadistill.errors import UserError
-from datadistill.models.detector import ModelFiles, load_detector, model_files, write_model_files
+from datadistill.models.detector import DetectorLoader, ModelFiles, load_detector, model_files, write_model_files
 from datadistill.runtime.devices import resolve_precision
 from datadistill.stages.multiview import LabelTimer, label_images, unfit_reason
 from datadistill.stages.shards import ImageSource, ShardImages, plan_batches
@@ -88,14 +88,14 @@ class _Labeler:
     temporary folder, from which the detector loads (``shipped.spec_in``), then deleted."""
 
     def __init__(self, *, shipped: ModelFiles, contents: dict[str, Any], device: str, threads: int,
-                 num_keypoints: int, settings: dict) -> None:  # fmt: skip
+                 num_keypoints: int, settings: dict, load: DetectorLoader) -> None:  # fmt: skip
         import ray
 
         torch.set_num_threads(threads)
         blobs = ray.get(list(contents.values()))
         with tempfile.TemporaryDirectory(prefix="datadistill-model-") as tmp:
             write_model_files(dict(zip(contents, blobs, strict=True)), tmp)
-            self.detector = load_detector(shipped.spec_in(tmp), device=device, min_score=settings["score_floor"])
+            self.detector = load(shipped.spec_in(tmp), device=device, min_score=settings["score_floor"])
         self.device = torch.device(device)
         self.precision = resolve_precision(settings["precision"], self.device)
         self.views = parse_views(settings["views"])
@@ -184,10 +184,12 @@ def label_shards(
     address: str | None,
     precision: str = "auto",
     flip_index: tuple[int, ...] = (),
+    load: DetectorLoader = load_detector,
 ) -> dict[str, Any]:
     """Label ``shards`` of ``source`` into ``out/shards`` on a Ray cluster (``address``: join it; None:
     start one on this machine, and stop it at the end). Returns the timings the manifest records.
-    ``flip_index``: the keypoint flip map of the driver's detector, which every actor uses."""
+    ``flip_index``: the keypoint flip map of the driver's detector, which every actor uses. ``load``: how
+    each actor builds the detector from its copies of the model's files (a picklable function)."""
     try:
         import ray
         import ray.data
@@ -219,7 +221,8 @@ def label_shards(
         ds = ds.map_batches(
             _Labeler,
             fn_constructor_kwargs={"shipped": shipped, "contents": contents, "device": actor_device,
-                                   "threads": threads, "num_keypoints": num_keypoints, "settings": settings},
+                                   "threads": threads, "num_keypoints": num_keypoints, "settings": settings,
+                                   "load": load},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=most),
             batch_size=1,
             batch_format="pyarrow",
