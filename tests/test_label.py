@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -18,10 +19,19 @@ from PIL import Image
 from datadistill.core.types import Detections
 from datadistill.core.views import parse_views
 from datadistill.data.coco import load_coco
+from datadistill.data.label_folder import (
+    ShardWriter,
+    TableShardWriter,
+    detections_row,
+    error_row,
+    shard_path,
+    shard_schema,
+)
 from datadistill.errors import UserError
 from datadistill.models import torchvision as models
 from datadistill.stages import label as label_mod
 from datadistill.stages.label import LabelConfig, label, list_source, read_shards, shard_detections
+from datadistill.stages.label_ray import output_schema
 from datadistill.stages.multiview import label_images
 
 FLIP = (0, 2, 1, 4, 3)  # head, left_hand, right_hand, left_foot, right_foot
@@ -301,3 +311,74 @@ def test_coco_source_reads_synthetic_data(tmp_path: Path) -> None:
     assert src.root == tmp_path / "images" and len(src.files) == 3
     assert load_coco(path).num_classes >= 5
     assert label_mod.MANIFEST_FORMAT == "datadistill-labels"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Ray driver's writer: rows as arrow tables
+
+
+def _rows(rng: np.random.Generator, shard: int, count: int, k: int) -> list[dict]:
+    """Shard rows as an engine makes them: detections (some with spreads not measured), and an error row."""
+    rows = []
+    for position in range(count):
+        if position == 1:
+            row = error_row(f"{shard}-{position}.png", "cannot decode", k)
+        else:
+            n = int(rng.integers(0, 6))
+            det = Detections(boxes=torch.tensor(rng.random((n, 4)), dtype=torch.float32),
+                             scores=torch.tensor(rng.random(n), dtype=torch.float32),
+                             labels=torch.tensor(rng.integers(0, 3, n)), keypoints=torch.rand(n, k, 3),
+                             agreement=torch.tensor(rng.integers(1, 3, n)),
+                             score_spread=None if position == 2 else torch.rand(n),
+                             box_spread=None if position == 2 else torch.rand(n))  # fmt: skip
+            row = detections_row(f"{shard}-{position}.png", 64, 48, det, k)
+        rows.append({"shard": shard, "position": position, "model_s": 0.5, "fusion_s": 0.25, **row})
+    return rows
+
+
+def test_table_writer_writes_the_row_writers_bytes_once_a_shard_is_complete(tmp_path: Path) -> None:
+    """Rows of two shards in a shuffled order, three to a table (tables mixing shards), some sent twice (a
+    retried task), one again after its shard was written: each shard appears when its last row comes, in
+    the bytes ShardWriter writes from the same rows in order."""
+    rng = np.random.default_rng(0)
+    k, expected = 2, {0: 5, 3: 4}
+    rows = _rows(rng, 0, 5, k) + _rows(rng, 3, 4, k)
+    reference = ShardWriter(out=tmp_path / "rows", expected=expected, num_keypoints=k)
+    for row in rows:
+        reference.add(row["shard"], row["position"], {n: row[n] for n in shard_schema(k).names})
+    reference.close()
+
+    order = rng.permutation(len(rows)).tolist()
+    sent = [order[i : i + 3] for i in range(0, len(order), 3)]
+    sent.insert(2, sent[0])  # a table that comes twice
+    sent.append([order[0]])  # a row of a shard written already
+    writer = TableShardWriter(out=tmp_path / "tables", expected=expected, num_keypoints=k)
+    arrived: set[tuple[int, int]] = set()
+    for part in sent:
+        table = pa.Table.from_pylist([rows[i] for i in part], schema=output_schema(k))
+        done = writer.add(table)
+        before = {s for s in expected if all((s, p) in arrived for p in range(expected[s]))}
+        arrived |= {(rows[i]["shard"], rows[i]["position"]) for i in part}
+        after = {s for s in expected if all((s, p) in arrived for p in range(expected[s]))}
+        assert sorted(done) == sorted(after - before)
+        assert {s for s in expected if shard_path(tmp_path / "tables", s).exists()} == after
+    writer.close()
+    for s in expected:
+        want = shard_path(tmp_path / "rows", s).read_bytes()
+        assert shard_path(tmp_path / "tables", s).read_bytes() == want
+    assert pq.read_table(shard_path(tmp_path / "tables", 3))["file_name"].to_pylist() == [
+        f"3-{p}.png" for p in range(4)
+    ]
+
+
+def test_table_writer_never_writes_a_partial_shard(tmp_path: Path) -> None:
+    rows = _rows(np.random.default_rng(1), 0, 3, 0)
+    writer = TableShardWriter(out=tmp_path, expected={0: 3, 1: 2}, num_keypoints=0)
+    assert writer.add(pa.Table.from_pylist(rows[:2], schema=output_schema(0))) == []
+    with pytest.raises(RuntimeError, match=r"shards \[0, 1\] incomplete"):
+        writer.close()  # shard 1 got no row at all
+    assert not (tmp_path / "shards").exists()
+    with pytest.raises(RuntimeError, match="shard 7, which is not being labeled"):
+        writer.add(pa.Table.from_pylist([{**rows[2], "shard": 7}], schema=output_schema(0)))
+    with pytest.raises(RuntimeError, match="past its 3 images"):
+        writer.add(pa.Table.from_pylist([{**rows[2], "position": 3}], schema=output_schema(0)))

@@ -9,9 +9,10 @@ object's score and box vary across the views: :mod:`datadistill.core.uncertainty
 labeling did not measure them), ``keypoints`` (N*K*3, x, y, score; keypoint models only), and ``error``
 (why an image was skipped, else null). Shards written before ``score_spread``/``box_spread`` existed are
 read with those columns null (:func:`read_shard`), and their objects' spreads are NaN
-(:func:`object_values`). :class:`ShardWriter` writes a shard atomically once all its rows are in, the one
-rule that makes a killed run resume without losing or repeating work; the local and the Ray engines both
-write through it.
+(:func:`object_values`). :class:`ShardWriter` (rows as dicts: the local engine) and
+:class:`TableShardWriter` (rows as arrow tables: the Ray engine) write a shard atomically once all its rows
+are in, the one rule that makes a killed run resume without losing or repeating work, and both write the
+same bytes for the same rows (:func:`write_shard_table`).
 
 Readers never hold the whole folder: :func:`iter_shards` gives one shard at a time with only the columns a
 stage needs, and :func:`open_label_folder` checks the manifest once (one validator for ``select``,
@@ -65,7 +66,12 @@ def shard_schema(num_keypoints: int) -> pa.Schema:
 
 def write_shard(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
     columns = {name: [r.get(name) for r in rows] for name in schema.names}
-    table = pa.Table.from_pydict(columns, schema=schema)
+    write_shard_table(path, pa.Table.from_pydict(columns, schema=schema))
+
+
+def write_shard_table(path: Path, table: pa.Table) -> None:
+    """Write one shard's whole table (:func:`shard_schema`, rows in file order) atomically: the same bytes
+    for the same values, whether the table was built from rows or gathered from arrow batches."""
     write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
@@ -214,6 +220,69 @@ class ShardWriter:
         """Raise if a shard is still incomplete (an engine lost rows: a bug, never a partial shard)."""
         if self.pending:
             raise RuntimeError(f"internal error: shards {sorted(self.pending)} incomplete after labeling finished")
+
+
+@dataclass
+class TableShardWriter:
+    """:class:`ShardWriter` for rows that come as arrow tables (the Ray engine's actors send them so): each
+    shard written, atomically, once it holds every one of its ``expected[k]`` rows, in the bytes that
+    :class:`ShardWriter` writes for the same rows. No Python object is made per row or value: the rows of a
+    shard are kept as slices of the tables they came in, and put in order with one ``take`` when complete.
+    A row that comes twice (a retried task) is kept once."""
+
+    out: Path
+    expected: dict[int, int]
+    num_keypoints: int
+    pieces: dict[int, list[tuple[np.ndarray, pa.Table]]] = field(default_factory=dict)
+    seen: dict[int, np.ndarray] = field(default_factory=dict)
+    written: set[int] = field(default_factory=set)
+
+    def add(self, table: pa.Table) -> list[int]:
+        """Rows of any shards, in any order: ``table`` has int64 columns ``shard`` and ``position`` (0-based,
+        in the shard's file order) besides the :func:`shard_schema` columns (others are ignored). Returns
+        the shards that it completed, which are written."""
+        shards = np.asarray(table["shard"].to_numpy(), np.int64)
+        positions = np.asarray(table["position"].to_numpy(), np.int64)
+        done = []
+        for k in np.unique(shards).tolist():
+            if k not in self.expected:
+                raise RuntimeError(f"internal error: a row of shard {k}, which is not being labeled")
+            if k in self.written:
+                continue  # a row that came twice
+            where = np.flatnonzero(shards == k)
+            seen = self.seen.setdefault(k, np.zeros(self.expected[k], bool))
+            if positions[where].min() < 0 or positions[where].max() >= len(seen):
+                raise RuntimeError(f"internal error: a row of shard {k} past its {len(seen)} images")
+            _, first = np.unique(positions[where], return_index=True)
+            where = where[np.sort(first)]  # one row per position
+            where = where[~seen[positions[where]]]  # and none already held
+            if not len(where):
+                continue
+            seen[positions[where]] = True
+            contiguous = int(where[-1] - where[0]) == len(where) - 1
+            piece = table.slice(int(where[0]), len(where)) if contiguous else table.take(pa.array(where))
+            self.pieces.setdefault(k, []).append((positions[where], piece))
+            if seen.all():
+                self._write(k)
+                done.append(k)
+        return done
+
+    def _write(self, k: int) -> None:
+        schema = shard_schema(self.num_keypoints)
+        pieces = sorted(self.pieces.pop(k), key=lambda piece: int(piece[0][0]))  # most are runs: often in order
+        del self.seen[k]
+        rows = pa.concat_tables([t.select(schema.names) for _, t in pieces])
+        positions = np.concatenate([p for p, _ in pieces])
+        if not np.array_equal(positions, np.arange(len(positions))):
+            rows = rows.take(pa.array(np.argsort(positions, kind="stable")))
+        write_shard_table(shard_path(self.out, k), rows.combine_chunks().cast(schema))
+        self.written.add(k)
+
+    def close(self) -> None:
+        """Raise if a shard is not written (an engine lost rows: a bug, never a partial shard)."""
+        missing = sorted(set(self.expected) - self.written)
+        if missing:
+            raise RuntimeError(f"internal error: shards {missing} incomplete after labeling finished")
 
 
 # ----------------------------------------------------------------------------------------------------

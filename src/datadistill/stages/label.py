@@ -10,8 +10,10 @@ Scale-out writes the same shards: under ``torchrun`` rank ``r`` of ``W`` labels 
 ``k % W == r`` (rank 0 prepares the folder before any rank starts, and writes ``manifest.json`` once every
 rank has finished); ``engine="ray"`` labels them on a Ray cluster (:mod:`datadistill.stages.label_ray`).
 Every engine cuts a shard into the same forward-pass batches (:func:`~datadistill.stages.shards.plan_batches`)
-and writes through the same :class:`~datadistill.data.label_folder.ShardWriter`, so the labels do not depend on
-the engine, the number of processes, or where a resumed run started.
+and writes a shard's file once it is complete, in the same bytes
+(:class:`~datadistill.data.label_folder.ShardWriter` from rows,
+:class:`~datadistill.data.label_folder.TableShardWriter` from the Ray actors' arrow tables), so the labels do
+not depend on the engine, the number of processes, or where a resumed run started.
 """
 
 from __future__ import annotations
@@ -301,6 +303,7 @@ def _merge_timings(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "model_s": round(sum(p["model_s"] for p in parts), 3),
         "fusion_s": round(sum(p["fusion_s"] for p in parts), 3),
         "writer": parts[0].get("writer"),  # where fusion and writing ran beside the model (local engine)
+        "write_s": round(parts[0]["write_s"], 3) if "write_s" in parts[0] else None,  # the Ray driver's writing
         "images_labeled_now": images,
         "images_per_s": round(images / loop_s, 3) if loop_s > 0 and images else None,
     }
