@@ -71,8 +71,10 @@ def write_shard(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> No
 
 def write_shard_table(path: Path, table: pa.Table) -> None:
     """Write one shard's whole table (:func:`shard_schema`, rows in file order) atomically: the same bytes
-    for the same values, whether the table was built from rows or gathered from arrow batches."""
-    write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
+    for the same values, whether the table was built from rows or gathered from arrow batches. No
+    dictionary encoding: a detector's floats and unique file names rarely repeat, and trying the dictionary
+    made writing 1.7-3x slower and the files larger (``bench/ray_writer.py``)."""
+    write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd", use_dictionary=False))
 
 
 def detections_row(name: str, width: int, height: int, det: Detections, num_keypoints: int) -> dict[str, Any]:
