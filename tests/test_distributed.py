@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -362,6 +364,55 @@ def test_ray_engine_gives_the_local_labels_and_resumes_after_sigkill(
     _assert_same_labels(out, reference)
     _assert_resumed(out, before)
     assert json.loads((out / "manifest.json").read_text())["timings"]["engine"] == "ray"
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("part-*.parquet"))}
+
+
+def test_ray_driver_writes_the_local_engines_bytes_and_labels_a_missing_shard_again(
+    tmp_path: Path, bench_script: Callable[[str], ModuleType]
+) -> None:
+    """bench/ray_writer.py's fake detector (100 boxes of 17 keypoints per image) under two views, given to
+    ``label`` for the driver and the actors: the Ray engine's shards, gathered as arrow columns by its driver,
+    are the local engine's byte for byte; a shard deleted after the run is labeled again by the next run,
+    which touches no other shard."""
+    pytest.importorskip("ray", reason="the Ray engine is optional: pip install 'datadistill[ray]'")
+    import ray
+
+    bench = bench_script("ray_writer")
+    images = bench.make_images(tmp_path / "data", count=23, distinct=5, size=32)
+    (images / "0000007b.png").write_bytes(b"not a png")  # an error row
+    load = bench.fake_loader(boxes=100, keypoints=17, size=32)
+    options = {"model": str(tmp_path / "data" / "fake.pt"), "images": str(images), "views": "identity,hflip",
+               "keypoint_fuse": "mean", "batch_size": 4, "shard_size": 5, "threads": 1, "device": "cpu",
+               "workers": 0}  # fmt: skip
+    label(LabelConfig(out=str(tmp_path / "local"), **options), load=load)
+    local = _shard_bytes(tmp_path / "local")
+    assert len(local) == 5
+    out = tmp_path / "ray"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        label(LabelConfig(out=str(out), engine="ray", **options), load=load)
+        assert _shard_bytes(out) == local
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert (manifest["counts"]["images"], manifest["counts"]["skipped"]) == (24, 1)
+        assert manifest["counts"]["objects"] > 100 * 23
+        assert manifest["timings"]["engine"] == "ray" and manifest["timings"]["write_s"] > 0
+
+        before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("part-*.parquet")}
+        (out / "shards" / "part-00002.parquet").unlink()
+        label(LabelConfig(out=str(out), engine="ray", **options), load=load)
+    finally:
+        ray.shutdown()
+    assert _shard_bytes(out) == local
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("part-*.parquet")}
+    assert {n: t for n, t in after.items() if n != "part-00002.parquet"} == {
+        n: t for n, t in before.items() if n != "part-00002.parquet"
+    }
+    assert after["part-00002.parquet"] != before["part-00002.parquet"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["timings"]["images_labeled_now"] == 5
 
 
 def test_a_checkpoint_ships_as_its_one_file_under_its_own_name(checkpoint: Path, tmp_path: Path) -> None:
