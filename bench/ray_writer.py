@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--boxes", type=int, default=100, help="boxes per image (100)")
     p.add_argument("--keypoints", default="0,17", help="keypoints per box, one case each (0,17)")
     p.add_argument("--driver-images", type=int, default=16000, help="images through the driver's part (16000)")
-    p.add_argument("--images", type=int, default=8000, help="images through the whole path (8000)")
+    p.add_argument("--images", type=int, default=16000, help="images through the whole path (16000)")
     p.add_argument("--distinct", type=int, default=POOL, help=f"distinct image files ({POOL})")
     p.add_argument("--size", type=int, default=32, help="image side in px (32)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward batch (32)")
