@@ -7,12 +7,14 @@ The teacher is a fake detector (:class:`FakeDetector`): ``--boxes`` boxes per im
 keypoints per box) returned at once, no model; the labeling's fusion (one view, NMS) keeps them all.
 
 1. The driver's part alone, without Ray: the tables that the actors send (one per forward batch of
-   ``--batch-size`` images, built as the actors build them) for ``--driver-images`` images go through the
-   former driver loop (:func:`former_write_rows`: ``to_pylist``, one dict per row, ``ShardWriter``) and
-   through today's (:func:`datadistill.stages.label_ray.write_rows`: arrow columns into
-   ``TableShardWriter``), each writing every shard of ``--shard-size`` images; the two folders' shards are
-   checked byte for byte. Images per second, the median of ``--repeat`` rounds, for each ``--keypoints``
-   case (0: a box model; 17: COCO person keypoints, 5,100 more values per image).
+   ``--batch-size`` images, built as the actors build them) for ``--driver-images`` images go through
+   :data:`ARMS`, each writing every shard of ``--shard-size`` images: the former driver loop
+   (:func:`former_write_rows`: ``to_pylist``, one dict per row) into the former writer
+   (:class:`FormerShardWriter`: parquet's dictionary tried on every column), the same loop into today's
+   ``ShardWriter``, and today's driver (:func:`datadistill.stages.label_ray.write_rows`: arrow columns into
+   ``TableShardWriter``). Checked: every arm's shards hold the same values, and today's two writers' the same
+   bytes. Images per second, the median of ``--repeat`` rounds, for each ``--keypoints`` case (0: a box
+   model; 17: COCO person keypoints, 5,100 more values per image).
 2. The whole path: ``label`` with ``engine="ray"`` on ``--images`` tiny PNGs (``--distinct`` files, the
    rest links to them, so decoding is not what is measured), with ``--actors`` CPU actors of one thread
    (Ray started with ``--actors`` + 1 CPUs: the engine keeps one for the decode tasks and the driver).
