@@ -357,7 +357,7 @@ def _category_sigmas(raw: Any, keypoints: tuple[str, ...], *, where: str, proble
     return default_sigmas(keypoints)
 
 
-def _parse_images(raw: Any, image_root: Path | None, problems: list[str]) -> tuple[ImageRecord, ...]:
+def _parse_images(raw: Any, image_root: str | os.PathLike[str] | None, problems: list[str]) -> tuple[ImageRecord, ...]:
     if not isinstance(raw, list):
         problems.append(f"'images' must be a list, got {type(raw).__name__}")
         return ()
@@ -595,9 +595,8 @@ def parse_coco(
     for key in ("images", "categories"):
         if key not in raw:
             problems.append(f"missing key '{key}'")
-    root = Path(image_root) if image_root is not None else None
     categories = _parse_categories(raw.get("categories", []), problems)
-    images = _parse_images(raw.get("images", []), root, problems)
+    images = _parse_images(raw.get("images", []), image_root, problems)
     labels = _parse_annotations(raw.get("annotations", []), images, categories, problems)
     info = {k: raw[k] for k in ("info", "licenses") if k in raw}
     return CocoDataset(images=images, labels=labels, categories=categories, path=path, info=info), problems

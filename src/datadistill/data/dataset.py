@@ -172,7 +172,7 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
     def __init__(
         self,
         dataset: CocoDataset,
-        image_root: str | os.PathLike[str],
+        image_root: str | os.PathLike[str],  # a folder, or an object-store prefix (s3://bucket/prefix)
         *,
         train: bool,
         min_scale: float = 0.8,

@@ -1,7 +1,15 @@
-"""Image files: safe path resolution under an image root, listing, and robust decoding to RGB."""
+"""Where an image lives, and reading it: safe names under an image root, listing, robust decoding to RGB.
+
+An image root is a local folder or an object-store prefix (``s3://bucket/prefix``, ``gs://``, ``az://``,
+``abfs://``: :mod:`datadistill.data.object_store`). A file name is a relative POSIX path under it, and the
+same rules hold for both: a name never leads out of its root. :func:`resolve_image_path` gives a local
+image's :class:`~pathlib.Path` or an object's URI (a ``str``); :func:`read_image`, :func:`image_size` and
+:func:`is_file` take either, and objects are decoded by the same decoder as files.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import re
@@ -14,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from datadistill.data import object_store
+from datadistill.data.object_store import is_uri
 from datadistill.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
@@ -22,27 +32,50 @@ _ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
-def resolve_image_path(root: str | os.PathLike[str], file_name: str) -> Path:
-    """The path of ``file_name`` under ``root``; refuses names that leave the root.
+ImageRoot = str | os.PathLike[str]  # a local folder, or an object-store URI prefix (a str)
+
+
+def as_image_root(root: ImageRoot) -> Path | str:
+    """``root`` as the image functions take it: a local folder as a Path, a URI prefix as a checked str
+    (:func:`~datadistill.data.object_store.check_uri`: no trailing ``/``, no credentials in it)."""
+    return object_store.check_uri(root) if is_uri(root) else Path(root)
+
+
+def absolute_root(root: str) -> str:
+    """A local root made absolute (``~`` expanded); a URI prefix as it is."""
+    return object_store.check_uri(root) if is_uri(root) else str(Path(root).expanduser().resolve())
+
+
+def resolve_image_path(root: ImageRoot, file_name: str) -> Path | str:
+    """The path of ``file_name`` under ``root`` (a Path), or its URI under a URI prefix (a str); refuses
+    names that leave the root.
 
     Absolute names, drive letters and ``..`` components that climb above the root are refused, so a
-    hostile data set cannot make us read arbitrary files. The check is on the name, not on the file:
-    an image folder made of symlinks into a shared store (a common layout) keeps working.
+    hostile data set cannot make us read arbitrary files (or objects outside the prefix). The check is on
+    the name, not on the file: an image folder made of symlinks into a shared store (a common layout)
+    keeps working. Under a URI prefix the name is normalized (``a/./b`` reads the key ``a/b``).
     """
     if not isinstance(file_name, str) or not file_name:
         raise DataError(f"image file_name must be a non-empty string, got {file_name!r}")
     if "\x00" in file_name:
         raise DataError(f"image path {file_name!r} contains a NUL byte")
+    if is_uri(file_name):
+        raise DataError(f"image path {file_name!r} is a URI; it must be relative to the image root (--images)")
     if os.path.isabs(file_name) or file_name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_name):
         raise DataError(f"image path {file_name!r} is absolute; it must be relative to the image root")
     normal = posixpath.normpath(file_name.replace("\\", "/"))
     if normal == ".." or normal.startswith("../"):
         raise DataError(f"image path {file_name!r} leaves the image root {str(root)!r}")
+    if is_uri(root):
+        return object_store.join_uri(object_store.check_uri(root), normal)
     return Path(root) / normal
 
 
-def list_images(folder: str | os.PathLike[str]) -> list[str]:
-    """Image files under ``folder`` (recursive), as sorted POSIX paths relative to it."""
+def list_images(folder: ImageRoot) -> list[str]:
+    """Image files under ``folder`` (recursive; a local folder or a URI prefix), as sorted POSIX paths
+    relative to it."""
+    if is_uri(folder):
+        return object_store.list_objects(folder, suffixes=IMAGE_EXTENSIONS)
     root = Path(folder)
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -54,21 +87,43 @@ def list_images(folder: str | os.PathLike[str]) -> list[str]:
 
 
 def is_file(path: str | os.PathLike[str]) -> bool:
-    """``Path.is_file`` that says False, not raises, where the name itself is unusable (too long)."""
+    """``Path.is_file`` that says False, not raises, where the name itself is unusable (too long); for a
+    URI, whether the object exists (a UserError when the store cannot be read)."""
+    if is_uri(path):
+        return object_store.object_exists(path)
     try:
         return Path(path).is_file()
     except (OSError, ValueError):
         return False
 
 
+def missing_images(root: ImageRoot, file_names: list[str]) -> list[str]:
+    """The names of ``file_names`` with no file under ``root``, in their order. Under a URI prefix the
+    prefix is listed once (a request per 1,000 objects), not each object asked for."""
+    if is_uri(root):
+        present = {resolve_image_path(root, name) for name in list_images(root)}
+        return [name for name in file_names if resolve_image_path(root, name) not in present]
+    return [name for name in file_names if not is_file(resolve_image_path(root, name))]
+
+
 def _unreadable(path: str | os.PathLike[str], exc: BaseException) -> DataError:
-    if is_file(path) and Path(path).stat().st_size == 0:
+    if not is_uri(path) and is_file(path) and Path(path).stat().st_size == 0:
         reason = "empty file"
     elif isinstance(exc, UnidentifiedImageError):
         reason = "not an image format PIL can read"
     else:
         reason = str(exc).replace(str(path), "").strip(" '") or type(exc).__name__
     return DataError(f"{path}: not a readable image ({reason})")
+
+
+def _opened(path: str | os.PathLike[str]) -> str | os.PathLike[str] | io.BytesIO:
+    """What PIL opens: a local path, or an object's bytes (read whole: objects are fetched, not seeked)."""
+    if not is_uri(path):
+        return path
+    data = object_store.read_object(str(path))
+    if not data:
+        raise DataError(f"{path}: not a readable image (empty file)")
+    return io.BytesIO(data)
 
 
 @contextmanager
@@ -89,7 +144,7 @@ def _decoding(path: str | os.PathLike[str]) -> Iterator[None]:
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(width, height)`` as displayed (EXIF orientation applied), read from the header only."""
-    with _decoding(path), Image.open(path) as img:
+    with _decoding(path), Image.open(_opened(path)) as img:
         width, height = img.size
         orientation = img.getexif().get(_ORIENTATION_TAG, 1)
     if orientation in _SWAPPING_ORIENTATIONS:
@@ -118,7 +173,7 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
     Raises DataError (one line, naming the file) for missing, empty, truncated, non-image or
     oversized files.
     """
-    with _decoding(path), Image.open(path) as img:
+    with _decoding(path), Image.open(_opened(path)) as img:
         img.load()
         rgb = _to_rgb(ImageOps.exif_transpose(img))
         arr = np.asarray(rgb, dtype=np.uint8).copy()

@@ -11,7 +11,7 @@ import numpy as np
 
 from datadistill.core.views import resized_size
 from datadistill.data.coco import CocoDataset, load_coco
-from datadistill.data.images import is_file, resolve_image_path
+from datadistill.data.images import missing_images
 from datadistill.errors import UserError
 
 
@@ -22,8 +22,9 @@ def shorten(names: tuple[str, ...], limit: int = 6) -> str:
 
 
 def check_image_files(dataset: CocoDataset, image_root: str | os.PathLike[str], *, what: str, option: str) -> None:
-    """A one-line UserError naming the first missing image file and how many are missing."""
-    missing = [im.file_name for im in dataset.images if not is_file(resolve_image_path(image_root, im.file_name))]
+    """A one-line UserError naming the first missing image file and how many are missing (``image_root``: a
+    folder, or an object-store prefix, listed once)."""
+    missing = missing_images(image_root, [im.file_name for im in dataset.images])
     if missing:
         raise UserError(
             f"{len(missing)} of the {len(dataset.images)} {what} images are missing from {option} {image_root}, "
