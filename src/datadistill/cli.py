@@ -144,7 +144,7 @@ PRECISION_HELP = "mixed precision: auto (bf16 on a GPU that has it, else fp32), 
 
 TRAIN_HELP = {
     "data": "COCO json of the labeled images",
-    "images": "image root of --data",
+    "images": "image root of --data: a folder, or an object-store prefix (s3://, gs://, az://)",
     "out": "output folder (checkpoint.pt, last.pt, metrics.jsonl, config.yaml)",
     "model": "a name from `datadistill models`, yolo:PATH_OR_YAML (Ultralytics: its trainer and recipe, "
     "writes OUT/yolo.pt; a .pt is unpickled, only files you trust), or hf:PATH_OR_ID (a transformers detector in "
@@ -163,7 +163,7 @@ TRAIN_HELP = {
     "warmup_iters": "iterations of linear lr warmup (at most a fifth of the run)",
     "init": "initial weights: none (default), weights:NAME (torchvision) or a file (e.g. teacher/checkpoint.pt)",
     "pseudo": "pseudo-labels (COCO json from `datadistill select`): trains a student",
-    "pseudo_images": "image root of --pseudo",
+    "pseudo_images": "image root of --pseudo (a folder or s3://, gs://, az:// prefix)",
     "pseudo_ratio": "fraction of each minibatch that is pseudo-labeled (the paper's 6:4)",
     "val": "COCO json evaluated after each epoch",
     "val_images": "image root of --val (default: --images)",
@@ -242,9 +242,11 @@ LABEL_HELP = {
     "hf:PATH_OR_ID (a transformers detector: a save_pretrained folder or a hub id; open-vocabulary ones such as "
     "OWLv2 take --prompts)",
     "checkpoint": "the former name of --model",
-    "images": "unlabeled images: a folder (recursive), a text file of paths, or a COCO json",
+    "images": "unlabeled images: a folder or an object-store prefix (s3://, gs://, az://; recursive), a text file "
+    "of paths, or a COCO json",
     "out": "output folder (shards/part-NNNNN.parquet, manifest.json)",
-    "image_root": "root of the paths in a list or COCO json (default: the file's folder, or images/ beside a json)",
+    "image_root": "root of the paths in a list or COCO json, a folder or an s3://... prefix (default: the file's "
+    "folder, or images/ beside a json)",
     "views": "comma list of identity, hflip, scale:F, hflip+scale:F, tile:RxC (the R*C tiles of a grid, each "
     "cropped and run at the model's input size; tile:RxC@O overlaps them by O of the tile side, default 0.25; one "
     "tile is tile:RxC:rIcJ; composes: hflip+tile:2x2, tile:3x3+scale:1.5), default (scales 0.75, 1, 1.25, 1.5, "

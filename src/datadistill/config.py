@@ -227,7 +227,8 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class DataSection:
-    """Where the data is. Paths are relative to the config file's folder."""
+    """Where the data is. Paths are relative to the config file's folder; the image roots (``train_images``,
+    ``unlabeled``, ``unlabeled_images``, ``val_images``) may be object-store prefixes (``s3://bucket/prefix``)."""
 
     train: str = ""
     train_images: str = ""

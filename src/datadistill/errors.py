@@ -20,6 +20,22 @@ class DataError(UserError):
     """A data set (COCO json, YOLO folder, image) is malformed."""
 
 
+def root_user_error(exc: BaseException) -> UserError | None:
+    """The innermost UserError in ``exc``'s chain (``cause``, ``__cause__``, ``__context__``) with its first
+    line only, or None. Ray raises a task's UserError inside its own exception, whose message holds the
+    task's traceback, and appends its retry notes to the UserError's message."""
+    found: BaseException | None = None
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        found = link if isinstance(link, UserError) else found
+        link = getattr(link, "cause", None) or link.__cause__ or link.__context__
+    if found is None:
+        return None
+    return type(found)((str(found).strip().splitlines() or [""])[0])
+
+
 def one_line_errors(items: Iterable[T]) -> Iterator[T]:
     """Iterate ``items`` (a DataLoader); a UserError raised in a worker process (torch re-raises it with
     the worker's traceback in the message) comes back with its own one-line message."""

@@ -34,9 +34,18 @@ class RunResult:
     seconds: dict[str, float]
 
 
+# The data keys that name image roots: a folder, or an object-store prefix (s3://bucket/prefix).
+IMAGE_ROOT_KEYS = ("train_images", "unlabeled", "unlabeled_images", "val_images")
+
+
 def _path(base: Path, value: str | None) -> str | None:
+    """``value`` relative to the config's folder ``base``; an object-store URI as it is."""
+    from datadistill.data.object_store import is_uri
+
     if value in (None, ""):
         return None
+    if is_uri(value):
+        return value
     p = Path(value)
     return str(p if p.is_absolute() else (base / p))
 
@@ -45,9 +54,19 @@ def _check_data(cfg: RunConfig, base: Path) -> None:
     missing = [k for k in ("train", "train_images", "unlabeled") if not getattr(cfg.data, k)]
     if missing:
         raise UserError(f"data.{missing[0]} is required (the config's data section names the files)")
+    from datadistill.data.object_store import check_prefix, is_uri
+
     for key in ("train", "train_images", "unlabeled", "unlabeled_images", "val", "val_images", "unlabeled_truth"):
         value = _path(base, getattr(cfg.data, key))
-        if value is not None and not Path(value).exists():
+        if is_uri(value) and key not in IMAGE_ROOT_KEYS:
+            raise UserError(f"data.{key}: {value}: a COCO json or list is read from a local path (images may live "
+                            "in object storage)")  # fmt: skip
+        if is_uri(value):
+            try:  # credentials, bucket and prefix, before hours of training
+                check_prefix(value)  # type: ignore[arg-type]
+            except UserError as exc:
+                raise UserError(f"data.{key}: {exc}") from None
+        elif value is not None and not Path(value).exists():
             raise UserError(f"data.{key}: {value} does not exist")
     if cfg.rounds < 1:
         raise UserError(f"rounds must be at least 1, got {cfg.rounds}")

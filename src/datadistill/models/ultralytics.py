@@ -548,7 +548,13 @@ def _check_output_folder(cfg: TrainConfig, out: Path) -> bool:
 
 def _load_inputs(cfg: TrainConfig) -> _Inputs:
     from datadistill.data.inputs import load_training_sets
+    from datadistill.data.object_store import is_uri
 
+    for option, root in (("--images", cfg.images), ("--pseudo-images", cfg.pseudo_images),
+                         ("--val-images", cfg.val_images)):  # fmt: skip
+        if is_uri(root):
+            raise UserError(f"{option} {root}: Ultralytics' trainer reads local image files only; copy the images "
+                            "to a folder (aws s3 sync, gsutil rsync) or train a torchvision model")  # fmt: skip
     sets = load_training_sets(data=cfg.data, images=cfg.images, pseudo=cfg.pseudo, pseudo_images=cfg.pseudo_images,
                               val=cfg.val, val_images=cfg.val_images)  # fmt: skip
     dataset, pseudo, val = sets.dataset, sets.pseudo, sets.val

@@ -43,7 +43,7 @@ from datadistill.data.label_folder import (
     shard_path,
     summarize_shards,
 )
-from datadistill.errors import DataError, UserError
+from datadistill.errors import DataError, UserError, one_line_errors
 from datadistill.models.detector import Detector, DetectorLoader, load_detector, model_file, option_files, resolve_spec
 from datadistill.runtime import distributed
 from datadistill.runtime.devices import resolve_device, resolve_precision
@@ -347,7 +347,7 @@ def _label_local(
     hide = None if cfg.rank == 0 else True  # rank 0's progress bar only (None: shown on a terminal)
     try:
         with tqdm(total=len(items), unit="img", desc="label", disable=hide, dynamic_ncols=True) as bar:
-            for batch, indices in zip(loader, batches, strict=True):
+            for batch, indices in zip(one_line_errors(loader), batches, strict=True):
                 job = _start_batch(cfg, batch, detector, views, device, timer, precision, fusion)
                 job = replace(
                     job, places=tuple((b["shard"], positions[i]) for b, i in zip(batch, indices, strict=True))

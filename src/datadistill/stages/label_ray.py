@@ -18,9 +18,11 @@ The streaming pipeline, for the shards still to do:
    with the local engine. The rows stay arrow columns from the actors to the file (:func:`write_rows`):
    no Python object per row or value, so that one driver keeps up with many actors (``bench/ray_writer.py``).
 
-The images must be readable at the same path from every node (a shared file system); the output is
-written by the driver alone. Ray Data retries a task whose worker died and restarts a dead actor (its
-defaults; Ray 2.60 takes other limits only through its deprecated ``ray_remote_args``).
+The images must be readable at the same path from every node (a shared file system), or live under an
+object-store prefix (``s3://``, ``gs://``, ``az://``), which each decode task reads with the credentials of
+its own node's environment (nothing is shipped); the output is written by the driver alone. Ray Data
+retries a task whose worker died and restarts a dead actor (its defaults; Ray 2.60 takes other limits only
+through its deprecated ``ray_remote_args``).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ import pyarrow.compute as pc
 import torch
 
 from datadistill.core.views import parse_views
+from datadistill.data.images import as_image_root
 from datadistill.data.label_folder import TableShardWriter, detections_row, error_row, shard_schema
-from datadistill.errors import UserError
+from datadistill.errors import UserError, root_user_error
 from datadistill.models.detector import DetectorLoader, ModelFiles, load_detector, model_files, write_model_files
 from datadistill.runtime.devices import resolve_precision
 from datadistill.stages.multiview import LabelTimer, label_images, unfit_reason
@@ -69,7 +72,7 @@ def _decode(batch: pa.Table, *, root: str) -> pa.Table:
     """Read and decode the images of each row (one forward-pass batch)."""
     rows = []
     for row in batch.to_pylist():
-        reader = ShardImages(Path(root), [(row["shard"], name) for name in row["names"]])
+        reader = ShardImages(as_image_root(root), [(row["shard"], name) for name in row["names"]])
         pixels, shapes, errors = [], [], []
         for i in range(len(reader)):
             item = reader[i]
@@ -223,6 +226,10 @@ def label_shards(
         return timings
     shipped = model_files(spec)  # its refusals come before Ray starts
     shutdown = _connect(address)
+    context = ray.data.DataContext.get_current()
+    wrapped = getattr(context, "raise_original_map_exception", None)
+    # a task's UserError (a store that refuses to be read) reaches us as itself, not in Ray's UserCodeException
+    context.raise_original_map_exception = True
     try:
         actor_device, actor_resources, most = _actor_resources(device, threads)
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -247,13 +254,20 @@ def label_shards(
         )  # fmt: skip
         writer = TableShardWriter(out=out, expected=expected, num_keypoints=num_keypoints)
         t_loop = time.perf_counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            t_write = time.perf_counter()
-            write_rows(batch, writer, timings)
-            timings["write_s"] += time.perf_counter() - t_write
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                t_write = time.perf_counter()
+                write_rows(batch, writer, timings)
+                timings["write_s"] += time.perf_counter() - t_write
+        except Exception as exc:  # Ray's exception holds the task's traceback: its UserError's one line instead
+            cause = root_user_error(exc)
+            if cause is None:
+                raise
+            raise cause from None
         timings["loop_s"] = time.perf_counter() - t_loop
         timings["processes"] = most
     finally:
+        context.raise_original_map_exception = wrapped
         if shutdown:
             ray.shutdown()
     writer.close()  # raises if Ray lost rows: never a partial shard

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from datadistill.data.coco import CocoDataset, load_coco
-from datadistill.data.images import read_image, resolve_image_path
+from datadistill.data.images import as_image_root, read_image, resolve_image_path
 from datadistill.data.label_folder import open_label_folder
 from datadistill.errors import UserError
 from datadistill.layout import RunLayout
@@ -148,7 +148,7 @@ def pr_figure(curve: list[dict[str, float]], threshold: float | None) -> str:
     return _png(fig)
 
 
-def gallery(dataset: CocoDataset, image_root: Path, *, count: int = GALLERY_SIZE, title: str = "") -> str:
+def gallery(dataset: CocoDataset, image_root: Path | str, *, count: int = GALLERY_SIZE, title: str = "") -> str:
     """Up to ``count`` images with their (pseudo-)labels drawn: boxes, class and score, keypoints and skeleton."""
     plt = _plt()
     images = [im for im in dataset.images if len(dataset.labels.get(im.id, ())) > 0][:count]
@@ -347,7 +347,7 @@ def doubt_gallery(
     labels_dir: Path,
     selection_path: Path,
     class_names: tuple[str, ...],
-    image_root: Path,
+    image_root: Path | str,
     truth: CocoDataset | None,
     *,
     count: int = DOUBT_GALLERY_SIZE,
@@ -433,9 +433,9 @@ def draw_candidates(ax: Any, obj: dict[str, np.ndarray], *, class_names: tuple[s
         _box(ax, obj["boxes"][j], colour, "-" if obj["kept"][j] else "--", text)
 
 
-def _unlabeled_root(layout: RunLayout, r: int) -> Path | None:
+def _unlabeled_root(layout: RunLayout, r: int) -> Path | str | None:
     manifest = _read_json(layout.label(r) / "manifest.json")
     if not manifest:
         return None
     root = manifest.get("config", {}).get("image_root")
-    return Path(root) if root else None
+    return as_image_root(root) if root else None

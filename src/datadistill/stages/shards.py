@@ -17,15 +17,16 @@ import torch
 from torch.utils.data import Dataset
 
 from datadistill.data.coco import load_coco, read_json
-from datadistill.data.images import list_images, read_image, resolve_image_path
+from datadistill.data.images import as_image_root, is_uri, list_images, read_image, resolve_image_path
 from datadistill.errors import DataError, UserError
 
 
 @dataclass(frozen=True)
 class ImageSource:
-    """The unlabeled images: a root folder and file names relative to it, in labeling order."""
+    """The unlabeled images: a root (a local folder, or an object-store URI prefix: a str) and file names
+    relative to it, in labeling order."""
 
-    root: Path
+    root: Path | str
     files: tuple[str, ...]
     description: str = ""
 
@@ -37,12 +38,20 @@ class ImageSource:
 
 
 def list_source(src: str | os.PathLike[str], *, image_root: str | os.PathLike[str] | None = None) -> ImageSource:
-    """The images of a folder (recursive), a text file of paths, or a COCO json (annotations ignored).
+    """The images of a folder or an object-store prefix (recursive), a text file of paths, or a COCO json
+    (annotations ignored).
 
     A text file's paths are relative to ``image_root`` (default: the text file's folder). A COCO json's
     ``file_name`` are relative to ``image_root`` (default: ``images/`` beside the json if it exists, else
-    the json's folder). Paths that leave the root are refused.
+    the json's folder). ``image_root`` may be a URI prefix (``s3://bucket/prefix``). Paths that leave the
+    root are refused.
     """
+    if is_uri(src):
+        uri = as_image_root(src)
+        files = list_images(uri)
+        if not files:
+            raise UserError(f"{uri}: no images found under this prefix (looked for .jpg, .png, .webp ...)")
+        return ImageSource(root=uri, files=tuple(files), description=f"prefix {uri}")
     path = Path(src)
     if path.is_dir():
         files = list_images(path)
@@ -56,10 +65,10 @@ def list_source(src: str | os.PathLike[str], *, image_root: str | os.PathLike[st
         if isinstance(raw, dict) and "images" in raw and "annotations" not in raw:
             raw = {**raw, "annotations": []}
         default_root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
-        root = Path(image_root) if image_root is not None else default_root
+        root = as_image_root(image_root) if image_root is not None else default_root
         dataset = load_coco(path, image_root=root)
         return ImageSource(root=root, files=tuple(im.file_name for im in dataset.images), description=f"COCO {path}")
-    root = Path(image_root) if image_root is not None else path.parent
+    root = as_image_root(image_root) if image_root is not None else path.parent
     files = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -67,7 +76,8 @@ def list_source(src: str | os.PathLike[str], *, image_root: str | os.PathLike[st
             if not name or name.startswith("#"):
                 continue
             candidate = Path(name)
-            if candidate.is_absolute() and candidate.resolve().is_relative_to(root.resolve()):
+            local = isinstance(root, Path)
+            if local and candidate.is_absolute() and candidate.resolve().is_relative_to(root.resolve()):
                 name = candidate.resolve().relative_to(root.resolve()).as_posix()
             try:
                 resolve_image_path(root, name)
@@ -82,9 +92,11 @@ def list_source(src: str | os.PathLike[str], *, image_root: str | os.PathLike[st
 
 
 class ShardImages(Dataset):
-    """Decodes images for the DataLoader workers; a broken file gives its error instead of a crash."""
+    """Decodes images for the DataLoader workers; a broken file gives its error instead of a crash, but a
+    store that cannot be read (a UserError that is no DataError: credentials, bucket, network) stops the run
+    rather than skipping every image."""
 
-    def __init__(self, root: Path, items: list[tuple[int, str]]) -> None:
+    def __init__(self, root: Path | str, items: list[tuple[int, str]]) -> None:
         self.root, self.items = root, items
 
     def __len__(self) -> int:
@@ -97,6 +109,8 @@ class ShardImages(Dataset):
             return {"shard": shard, "file_name": name, "image": image, "error": None}
         except DataError as exc:
             return {"shard": shard, "file_name": name, "image": None, "error": str(exc).split(": ", 1)[-1]}
+        except UserError:
+            raise
         except Exception as exc:  # a decoder bug on a hostile file must not kill the run
             return {"shard": shard, "file_name": name, "image": None, "error": f"{type(exc).__name__}: {exc}"}
 

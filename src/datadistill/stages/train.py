@@ -55,6 +55,7 @@ from datadistill.config import RUNTIME_KEYS, TrainConfig
 from datadistill.core.schedule import Schedule, resolve_schedule
 from datadistill.data.coco import CocoDataset
 from datadistill.data.dataset import DetectionDataset, MixedBatchSampler, collate
+from datadistill.data.images import absolute_root
 from datadistill.data.inputs import check_input_sizes, load_training_sets, shorten
 from datadistill.errors import UserError, one_line_errors
 from datadistill.models import detector
@@ -217,7 +218,8 @@ def _check_init_classes(spec: str, meta: models.ModelMeta) -> None:
 
 
 def _abs(path: str | None) -> str | None:
-    return None if path is None else str(Path(path).expanduser().resolve())
+    """A local path made absolute; an object-store URI (an image root: ``s3://...``) as it is."""
+    return None if path is None else absolute_root(path)
 
 
 def resolve_config(cfg: TrainConfig, dataset: CocoDataset, backend: LoopBackend) -> TrainConfig:
