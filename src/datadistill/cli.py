@@ -162,7 +162,8 @@ TRAIN_HELP = {
     "weight_decay": "weight decay",
     "warmup_iters": "iterations of linear lr warmup (at most a fifth of the run)",
     "init": "initial weights: none (default), weights:NAME (torchvision) or a file (e.g. teacher/checkpoint.pt)",
-    "pseudo": "pseudo-labels (COCO json from `datadistill select`): trains a student",
+    "pseudo": "pseudo-labels from `datadistill select`: pseudo.parquet (read as memory-mapped columns) or a COCO "
+    "json; trains a student",
     "pseudo_images": "image root of --pseudo (a folder or s3://, gs://, az:// prefix)",
     "pseudo_ratio": "fraction of each minibatch that is pseudo-labeled (the paper's 6:4)",
     "val": "COCO json evaluated after each epoch",

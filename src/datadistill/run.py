@@ -353,6 +353,7 @@ def _student_config(
 ) -> TrainConfig:
     """The student of round ``r``: ``model`` on real + pseudo-labels, from its initial weights, the
     teacher's (a training folder of the same library, checked up front) or the file ``student.init``."""
+    from datadistill.data.label_table import TABLE_NAME
     from datadistill.models.detector import model_file, trained_file
 
     init = None
@@ -365,8 +366,10 @@ def _student_config(
     section = replace(cfg.student, model=model)
     if section.epochs is None and section.iterations is None:  # the student follows the teacher's schedule
         section = replace(section, epochs=cfg.teacher.epochs, iterations=cfg.teacher.iterations)
+    table = layout.pseudo(r).with_name(TABLE_NAME)  # the label table, where select wrote one beside the json
+    pseudo = table if table.is_file() else layout.pseudo(r)
     return _train_config(
-        section, cfg, base, layout.student(r), pseudo=str(layout.pseudo(r)),
+        section, cfg, base, layout.student(r), pseudo=str(pseudo),
         pseudo_images=label_root(layout.label(r)), pseudo_ratio=cfg.student.pseudo_ratio, init=init,
     )  # fmt: skip
 

@@ -96,15 +96,11 @@ class ImageLabels:
         )
 
 
-@dataclass(frozen=True)
-class CocoDataset:
-    """A COCO data set held in memory. ``labels`` maps image id to its :class:`ImageLabels`."""
+class CategorySchema:
+    """What a data set's ``categories`` tell: class names, the keypoint schema, the task. Shared by
+    :class:`CocoDataset` and the flat forms of :mod:`datadistill.data.label_table`."""
 
-    images: tuple[ImageRecord, ...]
-    labels: dict[int, ImageLabels]
     categories: tuple[Category, ...]
-    path: Path | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -128,6 +124,17 @@ class CocoDataset:
     def task(self) -> str:
         """``"keypoints"`` when any category has keypoints, else ``"boxes"``."""
         return "keypoints" if self.num_keypoints else "boxes"
+
+
+@dataclass(frozen=True)
+class CocoDataset(CategorySchema):
+    """A COCO data set held in memory. ``labels`` maps image id to its :class:`ImageLabels`."""
+
+    images: tuple[ImageRecord, ...]
+    labels: dict[int, ImageLabels]
+    categories: tuple[Category, ...]
+    path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_annotations(self) -> int:
@@ -312,6 +319,13 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
             )
         )
     return tuple(cats)
+
+
+def parse_categories(raw: Any) -> tuple[tuple[Category, ...], list[str]]:
+    """The categories of a COCO ``categories`` list (as :func:`parse_coco` reads them), and every problem
+    found, one line each (a category with a problem is left out)."""
+    problems: list[str] = []
+    return _parse_categories(raw, problems), problems
 
 
 def _category_keypoint_names(raw: Any, *, where: str, problems: list[str]) -> tuple[str, ...]:

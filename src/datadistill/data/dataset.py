@@ -26,8 +26,9 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from datadistill.data.coco import CocoDataset, ImageLabels
+from datadistill.data.coco import CocoDataset
 from datadistill.data.images import read_image, resolve_image_path
+from datadistill.data.label_table import FlatLabels
 from datadistill.errors import DataError
 
 MIN_BOX_SIDE_PX = 1.0  # boxes thinner than this after augmentation are dropped, with their keypoints
@@ -155,7 +156,8 @@ def sanitize(
 
 
 class DetectionDataset(Dataset[tuple[Tensor, Target]]):
-    """The images of a :class:`CocoDataset` with their annotations as detection targets: ``boxes``,
+    """The images of a :class:`CocoDataset` or a :class:`FlatLabels` with their annotations as detection
+    targets: ``boxes``,
     ``labels`` (and ``keypoints``) of the objects, and ``ignore`` ``[M, 4]``, the crowd regions
     (``iscrowd: 1``), where the image has any: neither objects nor background in training
     (:mod:`datadistill.models.ignore`).
@@ -167,11 +169,14 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
     ``score`` (pseudo-labels) is ignored: every annotation is a hard label. The keypoint third column is
     passed through (detectors treat ``> 0`` as labeled), except that it becomes 0 when the keypoint leaves
     the image.
+
+    A :class:`CocoDataset` is read into a :class:`FlatLabels` first: the samples come from flat arrays, which
+    DataLoader workers share without copies (memory-mapped ones too: :func:`cache_label_table`).
     """
 
     def __init__(
         self,
-        dataset: CocoDataset,
+        dataset: CocoDataset | FlatLabels,
         image_root: str | os.PathLike[str],  # a folder, or an object-store prefix (s3://bucket/prefix)
         *,
         train: bool,
@@ -184,7 +189,7 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
             raise ValueError(f"need 0 < min_scale <= max_scale, got min_scale={min_scale}, max_scale={max_scale}")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-        self.dataset = dataset
+        self.labels = dataset if isinstance(dataset, FlatLabels) else FlatLabels.from_coco(dataset)
         self.image_root = image_root
         self.train = train
         self.min_scale = float(min_scale)
@@ -192,36 +197,32 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
         self.flip_prob = float(flip_prob)
         self.seed = int(seed)
         self.epoch = 0
-        category = dataset.keypoint_category
-        self.num_keypoints = dataset.num_keypoints
+        category = self.labels.keypoint_category
+        self.num_keypoints = self.labels.num_keypoints
         self.flip_index: tuple[int, ...] | None = category.flip_index if category is not None else None
 
     def __len__(self) -> int:
-        return len(self.dataset.images)
+        return len(self.labels)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _labels(self, image_id: int) -> ImageLabels:
-        lab = self.dataset.labels.get(image_id)
-        return lab if lab is not None else ImageLabels.empty(self.num_keypoints)
-
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        rec = self.dataset.images[index]
+        rec = self.labels.image_record(index)
         path = resolve_image_path(self.image_root, rec.file_name)
         image = read_image(path)
         if tuple(image.shape[-2:]) != (rec.height, rec.width):
             raise DataError(
                 f"{path}: image is {image.shape[-1]}x{image.shape[-2]} but the json says {rec.width}x{rec.height}"
             )
-        lab = self._labels(rec.id)
+        lab = self.labels.objects(index)
         crowd = np.asarray(lab.iscrowd, bool)
         boxes = torch.from_numpy(np.asarray(lab.boxes, np.float32)).reshape(-1, 4)
         # crowd regions travel with the objects through the augmentation, under a label no class has
         labels = torch.from_numpy(np.where(crowd, _CROWD, np.asarray(lab.labels, np.int64)))
         keypoints = None
         if self.num_keypoints:
-            raw = lab.keypoints if lab.keypoints is not None else np.zeros((len(lab), self.num_keypoints, 3))
+            raw = lab.keypoints if lab.keypoints is not None else np.zeros((len(crowd), self.num_keypoints, 3))
             raw = np.where(crowd[:, None, None], 0.0, np.asarray(raw, np.float32))
             keypoints = torch.from_numpy(np.asarray(raw, np.float32)).reshape(-1, self.num_keypoints, 3)
         if self.train:

@@ -557,7 +557,8 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
                             "to a folder (aws s3 sync, gsutil rsync) or train a torchvision model")  # fmt: skip
     sets = load_training_sets(data=cfg.data, images=cfg.images, pseudo=cfg.pseudo, pseudo_images=cfg.pseudo_images,
                               val=cfg.val, val_images=cfg.val_images)  # fmt: skip
-    dataset, pseudo, val = sets.dataset, sets.pseudo, sets.val
+    # Ultralytics' trainer reads a YOLO folder, written from the whole COCO form (per-image objects)
+    dataset, pseudo, val = sets.dataset, sets.pseudo.to_coco() if sets.pseudo is not None else None, sets.val
     val_images = cfg.val_images or cfg.images
     imgsz = int(cfg.min_size) if cfg.min_size is not None else default_imgsz(dataset)
     if cfg.max_size is not None and cfg.max_size != imgsz:

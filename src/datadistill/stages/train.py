@@ -32,14 +32,16 @@ and may be another architecture than the teacher.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import logging
 import math
 import os
+import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -57,6 +59,7 @@ from datadistill.data.coco import CocoDataset
 from datadistill.data.dataset import DetectionDataset, MixedBatchSampler, collate
 from datadistill.data.images import absolute_root
 from datadistill.data.inputs import check_input_sizes, load_training_sets, shorten
+from datadistill.data.label_table import FlatLabels
 from datadistill.errors import UserError, one_line_errors
 from datadistill.models import detector
 from datadistill.models import torchvision as models
@@ -87,6 +90,8 @@ log = logging.getLogger(__name__)
 # after the last): every epoch for large sets, every few dozen for a handful of labeled images, whose
 # epochs are one iteration long. A resumed run replays the epochs since, to the same weights.
 SAVE_EVERY_ITERATIONS = 50
+# Where, in the output folder, a label table's flat arrays are memory-mapped from during the run.
+FLAT_CACHE = ".flat-labels"
 # DataLoader workers start anew every epoch: below this many iterations per epoch they cost more than they give.
 MIN_WORKER_EPOCH = 10
 
@@ -316,7 +321,7 @@ class TrainInputs:
     must match); ``hashes``: sha256 of the data and pseudo-label files (likewise)."""
 
     dataset: CocoDataset
-    pseudo: CocoDataset | None
+    pseudo: FlatLabels | None
     val: CocoDataset | None
     meta: models.ModelMeta
     config: dict[str, Any]
@@ -350,9 +355,12 @@ def check_output_folder(cfg: TrainConfig, out: Path, *, final_name: str = "check
 
 
 def load_inputs(cfg: TrainConfig, backend: LoopBackend) -> tuple[TrainConfig, TrainInputs]:
-    """The data, pseudo-labels and validation set, checked; ``cfg`` resolved (:func:`resolve_config`)."""
+    """The data, pseudo-labels and validation set, checked; ``cfg`` resolved (:func:`resolve_config`).
+
+    Pseudo-labels in a label table are memory-mapped from ``OUT/.flat-labels/`` (:data:`FLAT_CACHE`;
+    :func:`train_loop` removes it when the run ends, or when a check fails)."""
     sets = load_training_sets(data=cfg.data, images=cfg.images, pseudo=cfg.pseudo, pseudo_images=cfg.pseudo_images,
-                              val=cfg.val, val_images=cfg.val_images)  # fmt: skip
+                              val=cfg.val, val_images=cfg.val_images, cache_dir=Path(cfg.out) / FLAT_CACHE)  # fmt: skip
     dataset, pseudo, val = sets.dataset, sets.pseudo, sets.val
     cfg = resolve_config(cfg, dataset, backend)
     assert cfg.model is not None
@@ -371,7 +379,7 @@ def build_sampler(cfg: TrainConfig, inputs: TrainInputs, launch: distributed.Lau
     try:
         sampler = MixedBatchSampler(
             len(inputs.dataset.images),
-            len(inputs.pseudo.images) if inputs.pseudo is not None else 0,
+            len(inputs.pseudo) if inputs.pseudo is not None else 0,
             batch_size=cfg.batch_size,
             pseudo_ratio=cfg.pseudo_ratio if inputs.pseudo is not None else 0.0,
             seed=cfg.seed,
@@ -497,22 +505,42 @@ def train_loop(cfg: TrainConfig, backend: LoopBackend) -> Path:
     check_output_folder(cfg, out, final_name=backend.final_name)
     device = distributed.rank_device(resolve_device(cfg.device), launch)
     resolve_precision(cfg.precision, device)  # fp16 on a CPU is refused before any work
-    cfg, inputs = load_inputs(cfg, backend)
-    sampler = build_sampler(cfg, inputs, launch)
-    schedule = resolve_schedule(epochs=cfg.epochs, iterations=cfg.iterations, lr_steps=cfg.lr_steps,
-                                warmup_iters=cfg.warmup_iters, iterations_per_epoch=len(sampler))  # fmt: skip
-    cfg = with_schedule(cfg, schedule)
-    inputs = dataclasses.replace(inputs, config=to_plain(dataclasses.asdict(cfg)))
-    resume_state = read_resume_state(cfg, inputs, out, launch, epochs=schedule.epochs, final_name=backend.final_name)
+    with _removed_when_refused(out):
+        cfg, inputs = load_inputs(cfg, backend)
+        sampler = build_sampler(cfg, inputs, launch)
+        schedule = resolve_schedule(epochs=cfg.epochs, iterations=cfg.iterations, lr_steps=cfg.lr_steps,
+                                    warmup_iters=cfg.warmup_iters, iterations_per_epoch=len(sampler))  # fmt: skip
+        cfg = with_schedule(cfg, schedule)
+        inputs = dataclasses.replace(inputs, config=to_plain(dataclasses.asdict(cfg)))
+        resume_state = read_resume_state(cfg, inputs, out, launch, epochs=schedule.epochs,
+                                         final_name=backend.final_name)  # fmt: skip
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
         with distributed.process_group(launch, device=device), distributed.quiet_unless_main(launch):
-            return fit(cfg, inputs, sampler, schedule, out=out, device=device, resume_state=resume_state,
-                       started=started, launch=launch, backend=backend)  # fmt: skip
+            fit(cfg, inputs, sampler, schedule, out=out, device=device, resume_state=resume_state, started=started,
+                launch=launch, backend=backend)  # fmt: skip
+        if launch.is_main:  # the run is finished: its memory-mapped pseudo-labels go (a resumed run remakes them)
+            shutil.rmtree(out / FLAT_CACHE, ignore_errors=True)
+        return out
     finally:
         torch.set_num_threads(threads_before)
+
+
+@contextlib.contextmanager
+def _removed_when_refused(out: Path) -> Iterator[None]:
+    """A refused run leaves no trace: the memory-mapped pseudo-labels (:data:`FLAT_CACHE`) that its checks
+    wrote go, and so does the output folder when they made it."""
+    made = not out.exists()
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(out / FLAT_CACHE, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty
+        raise
 
 
 def fit(
@@ -569,7 +597,7 @@ def fit(
         extra = resume_state["extra"]
         set_rng_state(extra["rng_ranks"][launch.rank] if launch.distributed else extra["rng"], device)  # last
     progress.timings["setup_s"] += time.perf_counter() - started
-    n_pseudo = len(inputs.pseudo.images) if inputs.pseudo is not None else 0
+    n_pseudo = len(inputs.pseudo) if inputs.pseudo is not None else 0
     log.info(
         "training %s on %s (%s): %d real%s images, %s; output %s", cfg.model, device, precision,
         len(inputs.dataset.images), f" + {n_pseudo} pseudo-labeled" if inputs.pseudo else "", schedule.describe(), out,
