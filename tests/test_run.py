@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from datadistill.cli import main
 from datadistill.config import load_run_config
@@ -160,6 +162,32 @@ def test_two_rounds_label_with_the_last_student(tiny: Path) -> None:
     assert manifest["config"]["checkpoint"] == str(out / "round-1" / "student" / "checkpoint.pt")
     assert (out / "round-2" / "student" / "checkpoint.pt").exists()
     assert "student, round 2" in (out / "report.html").read_text()
+
+
+def test_the_student_reads_the_label_table_where_select_wrote_one(tiny: Path) -> None:
+    from datadistill.data.coco import load_coco
+    from datadistill.data.label_table import save_label_table
+
+    out = tiny / "table"
+    run = [
+        "run",
+        str(tiny / "config.yaml"),
+        "--out",
+        str(out),
+        "--set",
+        "teacher.epochs=1",
+        "--set",
+        "student.epochs=1",
+    ]
+    assert main(run) == 0
+    select, student = out / "round-1" / "select", out / "round-1" / "student"
+    before = torch.load(student / "checkpoint.pt", weights_only=True)["state_dict"]
+    table = save_label_table(load_coco(select / "pseudo.json"), select / "pseudo.parquet")  # as select will write it
+    shutil.rmtree(student)
+    assert main(run) == 0
+    assert yaml.safe_load((student / "config.yaml").read_text())["pseudo"] == str(table)
+    after = torch.load(student / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the same labels: the same student
 
 
 def test_a_weak_teacher_stops_the_run_before_labeling_in_one_line(

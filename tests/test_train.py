@@ -13,15 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from datadistill.core.schedule import default_lr_steps
+from datadistill.data.coco import load_coco
+from datadistill.data.label_table import save_label_table
 from datadistill.data.synth import make_figures, make_shapes
 from datadistill.errors import DataError, UserError
 from datadistill.models import torchvision as models
-from datadistill.stages.train import LrSchedule, TrainConfig, train
+from datadistill.stages.train import FLAT_CACHE, LrSchedule, TrainConfig, train
 
 SIZE_PX = 64
 
@@ -273,6 +276,59 @@ def test_pseudo_labels_whose_images_are_missing_are_refused_up_front(
         UserError, match=r"^5 of the 6 pseudo-label images are missing from --pseudo-images .*000001\.png$"
     ):
         train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_student_trains_the_same_on_the_label_table_as_on_its_json(
+    shapes: Path, pseudo: Path, tmp_path: Path
+) -> None:
+    table = save_label_table(load_coco(pseudo / "pseudo.json"), tmp_path / "pseudo.parquet")
+    for name, path in (("json", pseudo / "pseudo.json"), ("table", table)):
+        train(_cfg(shapes, tmp_path / name, pseudo=str(path), pseudo_images=str(pseudo / "images")))
+    drop = ("it_s", "time_s")
+    lines = [
+        [{k: v for k, v in line.items() if k not in drop} for line in _lines(tmp_path / n)] for n in ("json", "table")
+    ]
+    assert lines[0] == lines[1] and len(lines[0]) == 10  # 2 epochs of 4 steps, bit for bit
+    a, b = (models.read_checkpoint(tmp_path / n / "checkpoint.pt")["state_dict"] for n in ("json", "table"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert yaml.safe_load((tmp_path / "table" / "config.yaml").read_text())["pseudo"] == str(table)
+    assert not (tmp_path / "table" / FLAT_CACHE).exists()  # the memory-mapped labels went with the run's end
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        pytest.param(
+            "images",
+            r"^5 of the 6 pseudo-label images are missing from --pseudo-images .*000001\.png$",
+            id="missing-images",
+        ),
+        pytest.param(
+            "labels",
+            r"pseudo\.parquet: image 1 \(000001\.png\): column 'labels' class index 9 is not",
+            id="class-out-of-range",
+        ),
+    ],
+)
+def test_a_label_table_with_a_problem_is_refused_and_leaves_no_output_folder(
+    shapes: Path, pseudo: Path, tmp_path: Path, change: str, match: str
+) -> None:
+    coco = load_coco(pseudo / "pseudo.json")
+    images = pseudo / "images"
+    if change == "images":
+        images = tmp_path / "few"
+        images.mkdir()
+        (images / "000002.png").write_bytes((pseudo / "images" / "000002.png").read_bytes())
+    else:
+        first = coco.labels[coco.images[0].id]
+        labels = dict(coco.labels) | {
+            coco.images[0].id: dataclasses.replace(first, labels=np.full_like(first.labels, 9))
+        }
+        coco = dataclasses.replace(coco, labels=labels)
+    table = save_label_table(coco, tmp_path / "pseudo.parquet")
+    with pytest.raises(UserError, match=match):
+        train(_cfg(shapes, tmp_path / "out", pseudo=str(table), pseudo_images=str(images)))
     assert not (tmp_path / "out").exists()
 
 

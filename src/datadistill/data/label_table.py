@@ -381,7 +381,7 @@ def open_label_table(path: str | os.PathLike[str]) -> LabelTable:
             raise DataError(f"{path}: column '{name}' is missing")
         actual = schema.field(name).type
         if not _same_type(actual, kind):
-            raise DataError(f"{path}: column '{name}' is {actual}, expected {kind}")
+            raise DataError(f"{path}: column '{name}' is {_type_name(actual)}, expected {_type_name(kind)}")
     if not k and "keypoints" in schema.names:
         raise DataError(f"{path}: column 'keypoints' is present but the categories define no keypoints")
     info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
@@ -395,6 +395,13 @@ def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
     if pa.types.is_string(expected):
         return pa.types.is_string(actual) or pa.types.is_large_string(actual)
     return actual == expected
+
+
+def _type_name(kind: pa.DataType) -> str:
+    """``list<int32>``: a type without its list item's field name (``item``, ``element``)."""
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return f"{'large_' if pa.types.is_large_list(kind) else ''}list<{_type_name(kind.value_type)}>"
+    return str(kind)
 
 
 def _batches(table: LabelTable, columns: list[str], *, batch_images: int) -> Iterator[pa.RecordBatch]:
