@@ -29,9 +29,10 @@ arrays ``boxes [M, 4]``, ``labels [M]``, ``iscrowd [M]`` (and ``keypoints [M, K,
 per image, so DataLoader workers share it without copies (a per-image object is copied into each worker
 that touches it, as its reference count changes). It is built from a COCO json (:meth:`FlatLabels.from_coco`)
 or from a label table, in memory (:func:`read_label_table`) or, for a large table, streamed into a folder of
-raw arrays that every process of the machine memory-maps (:func:`cache_label_table`, as detectron2
-serializes its data set list into one buffer): a student's start-up then holds one row group of the table
-at a time, whatever the number of images.
+raw arrays that every process of the machine opens (:func:`cache_label_table`; detectron2 serializes its
+data set list into one buffer for the same reason): a student's start-up then holds one row group of the
+table at a time, and each process reads a sample's rows from the page cache they share, whatever the number
+of images (:meth:`FlatLabels.rows`).
 """
 
 from __future__ import annotations
@@ -329,6 +330,7 @@ class LabelTable(CategorySchema):
                 column = batch.column(0)
                 names += [column[int(r - start)].as_py() for r in wanted[lo:hi]]
             start = stop
+        pa.default_memory_pool().release_unused()
         return names
 
 
@@ -405,10 +407,16 @@ def _type_name(kind: pa.DataType) -> str:
 
 
 def _batches(table: LabelTable, columns: list[str], *, batch_images: int) -> Iterator[pa.RecordBatch]:
-    """The table's rows, ``batch_images`` at a time; a damaged file is a DataError."""
+    """The table's rows, ``batch_images`` at a time; a damaged file is a DataError.
+
+    One row group at a time, without pyarrow's read-ahead (``pre_buffer``, which buffers the whole file: a
+    1M-image table's 180 MB)."""
     try:
-        file = pq.ParquetFile(table.path)
-        yield from file.iter_batches(batch_size=batch_images, columns=columns, use_threads=False)
+        file = pq.ParquetFile(table.path, pre_buffer=False)
+        for group in range(file.num_row_groups):
+            yield from file.iter_batches(
+                batch_size=batch_images, row_groups=[group], columns=columns, use_threads=False
+            )
     except (pa.ArrowException, OSError) as exc:
         raise _damaged(table.path, exc) from exc
 
@@ -545,6 +553,7 @@ def _chunks(table: LabelTable, *, batch_images: int = CHUNK_IMAGES) -> Iterator[
         start += batch.num_rows
     if start != table.num_images:
         raise DataError(f"{table.path}: {start} rows read, the file's metadata says {table.num_images}")
+    pa.default_memory_pool().release_unused()  # pyarrow's allocator keeps what the row groups took otherwise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -602,23 +611,50 @@ class FlatLabels(CategorySchema):
     def num_objects(self) -> int:
         return int(self.boxes.shape[0])
 
+    def rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of array ``name`` (``"boxes"``, ``"offsets"``, ...).
+
+        A memory-mapped set reads them with ``pread`` (from the page cache, shared by every process) rather
+        than through its mapping: on kernels that map page-cache folios whole (Linux 6), a random touch of
+        a mapping makes up to 400 KB resident, so a DataLoader worker's RSS would grow toward the size of
+        the arrays; a read adds nothing to it. The result may be read-only."""
+        array = getattr(self, name)
+        if self.folder is None:
+            return array[lo:hi]
+        row_shape = array.shape[1:]
+        row_bytes = array.dtype.itemsize * int(np.prod(row_shape))
+        data = os.pread(self._file(name), (hi - lo) * row_bytes, lo * row_bytes)
+        return np.frombuffer(data, array.dtype).reshape(hi - lo, *row_shape)
+
+    def _file(self, name: str) -> int:
+        """This process's descriptor of the folder's ``name.bin`` (opened on first use)."""
+        files = self.__dict__.get("_files")
+        if files is None or files[0] != os.getpid():  # a forked process opens its own
+            files = (os.getpid(), {})
+            object.__setattr__(self, "_files", files)
+        if name not in files[1]:
+            assert self.folder is not None
+            files[1][name] = open(self.folder / f"{name}.bin", "rb", buffering=0)  # noqa: SIM115 (kept open)
+        return files[1][name].fileno()
+
     def file_name(self, index: int) -> str:
-        lo, hi = int(self.name_offsets[index]), int(self.name_offsets[index + 1])
-        return bytes(self.name_bytes[lo:hi]).decode("utf-8", "surrogatepass")
+        lo, hi = (int(x) for x in self.rows("name_offsets", index, index + 2))
+        return bytes(self.rows("name_bytes", lo, hi)).decode("utf-8", "surrogatepass")
 
     def image_record(self, index: int) -> ImageRecord:
         """Image ``index`` (0-based position, not id) as a COCO image record."""
-        return ImageRecord(id=int(self.image_ids[index]), file_name=self.file_name(index),
-                           width=int(self.widths[index]), height=int(self.heights[index]))  # fmt: skip
+        return ImageRecord(id=int(self.rows("image_ids", index, index + 1)[0]), file_name=self.file_name(index),
+                           width=int(self.rows("widths", index, index + 1)[0]),
+                           height=int(self.rows("heights", index, index + 1)[0]))  # fmt: skip
 
     def objects(self, index: int) -> ImageObjects:
         """The objects of image ``index`` (0-based position), their labels in ``categories``' indices."""
-        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
-        labels = self.labels[lo:hi]
+        lo, hi = (int(x) for x in self.rows("offsets", index, index + 2))
+        labels = self.rows("labels", lo, hi)
         if self.class_map is not None:
             labels = self.class_map[labels]
-        kps = self.keypoints[lo:hi] if self.keypoints is not None else None
-        return ImageObjects(self.boxes[lo:hi], labels, self.iscrowd[lo:hi], kps)
+        kps = self.rows("keypoints", lo, hi) if self.keypoints is not None else None
+        return ImageObjects(self.rows("boxes", lo, hi), labels, self.rows("iscrowd", lo, hi), kps)
 
     def with_categories(self, categories: tuple[Category, ...], class_map: np.ndarray) -> FlatLabels:
         """The same objects labeled with ``categories``: stored class ``c`` becomes ``class_map[c]`` (no copy)."""
