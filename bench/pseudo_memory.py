@@ -53,14 +53,14 @@ def status_mb(pid: int, key: str) -> float:
 # the data
 
 
-def make_labeled(work: Path) -> tuple[Path, list[str]]:
-    """The labeled set (json, file names), made once."""
+def make_labeled(work: Path, count: int) -> tuple[Path, list[str]]:
+    """The labeled set of ``count`` images (json, file names), made once."""
     from datadistill.data.coco import load_coco
     from datadistill.data.synth import make_shapes
 
     json_path = work / "labeled" / "annotations.json"
     if not json_path.exists():
-        make_shapes(work / "labeled", num_images=REAL_IMAGES, seed=0, size_px=SIZE_PX)
+        make_shapes(work / "labeled", num_images=count, seed=0, size_px=SIZE_PX)
     return json_path, [im.file_name for im in load_coco(json_path).images]
 
 
@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--json-sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--former-src", help="also measure the json path of the checkout whose src/ this is")
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--real-images", type=int, default=REAL_IMAGES, help="labeled images (one epoch: / 5 batches)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the rows as json here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -228,7 +229,7 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    args.labeled, names = make_labeled(args.work)
+    args.labeled, names = make_labeled(args.work, args.real_images)
     images = link_images(args.work, names, max(args.sizes + args.json_sizes))
     rows = []
     runs = [(n, False, None) for n in args.sizes] + [(n, True, None) for n in args.json_sizes]
