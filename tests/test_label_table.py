@@ -23,6 +23,7 @@ from datadistill.data.label_table import (
     FlatLabels,
     LabelTableWriter,
     cache_label_table,
+    first_images,
     label_table_schema,
     open_flat_labels,
     open_label_table,
@@ -410,3 +411,22 @@ def test_a_large_set_is_checked_on_a_sample_and_a_missing_file_named_when_read(s
         f"3 of {CHECKED_IMAGES} checked (a sample of the {n}) pseudo-label images are missing from --pseudo-images "
         f"{images}, the first: {first:05d}.png"
     )
+
+
+@pytest.mark.parametrize("which", ["shapes", "figures"])
+@pytest.mark.parametrize("count", [1, 3, 50])
+def test_first_images_are_the_json_s_first_images_with_objects(tmp_path: Path, request, which: str, count: int) -> None:
+    json_path = request.getfixturevalue(which)
+    coco = load_coco(json_path)
+    head = first_images(save_label_table(coco, tmp_path / "pseudo.parquet", chunk_images=2), count=count)
+    want = [im for im in coco.images if len(coco.labels[im.id])][:count]
+    assert [im.file_name for im in head.images] == [im.file_name for im in want] and len(want) == min(
+        count, 6 if which == "shapes" else 4
+    )
+    for mine, theirs in zip(head.images, want, strict=True):
+        a, b = head.labels[mine.id], coco.labels[theirs.id]
+        assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.labels, b.labels)
+        assert np.array_equal(a.scores, b.scores) and np.array_equal(a.iscrowd, b.iscrowd)
+        assert (a.keypoints is None) == (b.keypoints is None)
+        if a.keypoints is not None:
+            assert np.array_equal(a.keypoints, b.keypoints)

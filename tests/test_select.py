@@ -12,6 +12,7 @@ import pytest
 
 from datadistill.data.coco import load_coco
 from datadistill.data.label_folder import shard_schema, write_shard
+from datadistill.data.label_table import FlatLabels, read_label_table
 from datadistill.errors import UserError
 from datadistill.runtime.io import write_json_atomic
 from datadistill.stages.select import SelectConfig, cross_class_duplicates, select_pseudo_labels
@@ -400,6 +401,12 @@ def test_streaming_select_equals_the_former_select_bit_for_bit(tmp_path: Path, n
             mine.pop(key), report.pop(key)
         assert mine == json.loads(json.dumps(report)), (name, trial)
         kept.append(report["achieved_objects"])
+        # the label table beside the json holds the same images and objects, bit for bit
+        table, coco_flat = read_label_table(out.parent / "pseudo.parquet"), FlatLabels.from_coco(load_coco(out))
+        for field in ("image_ids", "widths", "heights", "name_offsets", "name_bytes", "offsets", "boxes", "labels",
+                      "iscrowd", "keypoints"):  # fmt: skip
+            mine, theirs = getattr(table, field), getattr(coco_flat, field)
+            assert (mine is None and theirs is None) or np.array_equal(mine, theirs), (name, trial, field)
     assert min(kept) > 0, kept  # the data keep something: a comparison of empty outputs proves little
 
 

@@ -61,6 +61,7 @@ from datadistill.data.coco import (
     ImageRecord,
     category_to_coco,
     parse_categories,
+    parse_coco,
 )
 from datadistill.errors import DataError, UserError
 from datadistill.runtime.io import file_sha256, write_json_atomic
@@ -856,3 +857,35 @@ def open_flat_labels(folder: str | os.PathLike[str], *, path: Path | None = None
         raise DataError(f"{folder}: not a readable flat-labels folder ({exc})") from exc
     arrays.setdefault("keypoints", None)
     return FlatLabels(categories=categories, path=path, folder=folder, **arrays)
+
+
+def first_images(path: str | os.PathLike[str], *, count: int) -> CocoDataset:
+    """The first ``count`` images of a label table that hold an object, as a small :class:`CocoDataset` with
+    their ``score`` and ``agreement`` (for a gallery: the table is read a row group at a time, not whole)."""
+    table = open_label_table(path)
+    columns = ["file_name", "width", "height", "boxes", "labels", "iscrowd", "scores", "agreement"]
+    columns += ["keypoints"] if any(c.keypoints for c in table.categories) else []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for batch in _batches(table, columns, batch_images=1024):
+        for row in batch.to_pylist():
+            if not row["labels"] or len(images) >= count:
+                continue
+            images.append({"id": len(images) + 1, "file_name": row["file_name"], "width": row["width"],
+                           "height": row["height"]})  # fmt: skip
+            k = len(row["keypoints"]) // len(row["labels"]) if "keypoints" in row else 0
+            for j, label in enumerate(row["labels"]):
+                x1, y1, x2, y2 = row["boxes"][4 * j : 4 * j + 4]
+                ann = {"id": len(annotations) + 1, "image_id": len(images), "category_id": table.categories[label].id,
+                       "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": int(row["iscrowd"][j]),
+                       "score": row["scores"][j], "agreement": row["agreement"][j]}  # fmt: skip
+                if k:
+                    ann["keypoints"] = row["keypoints"][k * j : k * j + k]
+                annotations.append(ann)
+        if len(images) >= count:
+            break
+    raw = {"images": images, "annotations": annotations, "categories": [category_to_coco(c) for c in table.categories]}
+    dataset, problems = parse_coco(raw, path=table.path)
+    if problems:
+        raise DataError(f"{table.path}: {problems[0]}")
+    return dataset

@@ -21,6 +21,7 @@ import numpy as np
 from datadistill.data.coco import CocoDataset, load_coco
 from datadistill.data.images import as_image_root, read_image, resolve_image_path
 from datadistill.data.label_folder import open_label_folder
+from datadistill.data.label_table import first_images
 from datadistill.errors import UserError
 from datadistill.layout import RunLayout
 from datadistill.runtime.io import write_text_atomic
@@ -293,11 +294,11 @@ def pseudo_section(layout: RunLayout, r: int, truth: CocoDataset | None) -> str:
         thresholds = [v for v in sel["thresholds"].values() if v is not None]
         curve = matched.curve(np.linspace(0.05, 0.95, 19))
         parts.append(pr_figure(curve, thresholds[0] if len(set(thresholds)) == 1 else None))
-    if layout.pseudo(r).exists():
-        pseudo = load_coco(layout.pseudo(r))
-        root = _unlabeled_root(layout, r)
-        if root is not None:
-            parts.append(gallery(pseudo, root, title="pseudo-labels"))
+    root = _unlabeled_root(layout, r)
+    if layout.pseudo(r).exists() and root is not None:
+        table = layout.pseudo(r).parent / "pseudo.parquet"  # read in part, where the json would be read whole
+        pseudo = first_images(table, count=GALLERY_SIZE) if table.exists() else load_coco(layout.pseudo(r))
+        parts.append(gallery(pseudo, root, title="pseudo-labels"))
     return "".join(parts)
 
 

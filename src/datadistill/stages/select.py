@@ -36,6 +36,7 @@ from datadistill.data.label_folder import (
     open_label_folder,
     read_shard,
 )
+from datadistill.data.label_table import LabelTableWriter
 from datadistill.errors import UserError
 from datadistill.runtime.io import atomic_file, provenance, remove_temporaries, write_atomic, write_json_atomic
 
@@ -253,7 +254,7 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
     folder = open_label_folder(cfg.labels)
     ref = load_coco(cfg.reference)
     out = Path(cfg.out)
-    remove_temporaries(out.parent, (out.name, "selection.json", "scores.png"))  # of a kill
+    remove_temporaries(out.parent, (out.name, "selection.json", "scores.png", TABLE_NAME))  # of a kill
     categories = _categories(folder, ref)
     counts = reference_counts(ref)
     num_classes = len(categories)
@@ -266,10 +267,12 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
             scan, thresholds, keypoint_policy=cfg.keypoint_policy, counts=counts, num_keypoints=ref.num_keypoints
         )
     info = {"description": f"datadistill pseudo-labels from {cfg.labels}", "policy": _policy_name(policy, fixed)}
-    with atomic_file(out) as f:
+    table = LabelTableWriter(out.parent / TABLE_NAME, categories=categories, num_keypoints=ref.num_keypoints,
+                             info=info)  # fmt: skip
+    with table as table_writer, atomic_file(out) as f:
         written = _write_pseudo_labels(
-            folder, scan, f, thresholds=thresholds, kp_thr=kp_thr, categories=categories, info=info, cfg=cfg,
-            num_keypoints=ref.num_keypoints,
+            folder, scan, f, table_writer, thresholds=thresholds, kp_thr=kp_thr, categories=categories, info=info,
+            cfg=cfg, num_keypoints=ref.num_keypoints,
         )  # fmt: skip
         report = _selection_report(
             cfg, policy=policy, policy_name=info["policy"], thresholds=thresholds, targets=targets, counts=counts,
@@ -277,8 +280,8 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
         )  # fmt: skip
         write_json_atomic(out.parent / "selection.json", report, indent=2)
         _plot_histogram(out.parent / "scores.png", scan.score_bins, thresholds, info["policy"])
-        # the block's end renames the pseudo-labels into place last: they mark the stage done (`run` skips
-        # it then), so they follow what goes beside them
+        # the block's end closes the label table, then renames the json into place last: it marks the
+        # stage done (`run` skips it then), so it follows what goes beside it
     log.info(
         "kept %d of %d candidates (%d cross-class duplicates dropped; %.2f per image, target %.2f) on %d "
         "images with %s", written.kept, scan.candidates, scan.duplicates, written.kept / scan.num_images,
@@ -292,6 +295,9 @@ def _policy_name(policy: str, fixed: float | None) -> str:
 
 
 SCORE_BINS = 50  # the histogram of scores.png, over [0, 1]
+# The pseudo-labels as a label table beside the json (:mod:`datadistill.data.label_table`): what a student
+# reads without loading them all.
+TABLE_NAME = "pseudo.parquet"
 _SCAN_COLUMNS = ["scores", "labels", "agreement", "boxes", "error"]
 
 
@@ -444,6 +450,7 @@ def _write_pseudo_labels(
     folder: LabelFolder,
     scan: _Scan,
     f: IO[bytes],
+    table_writer: LabelTableWriter,
     *,
     thresholds: np.ndarray,
     kp_thr: float | None,
@@ -452,7 +459,8 @@ def _write_pseudo_labels(
     cfg: SelectConfig,
     num_keypoints: int,
 ) -> _Written:
-    """The last pass: the pseudo-labeled COCO json into ``f``, one shard at a time. Kept objects and ignore
+    """The last pass: the pseudo-labeled COCO json into ``f`` and the same images and objects into
+    ``table_writer`` (a row group per shard), one shard at a time. Kept objects and ignore
     regions (``iscrowd: 1``, no visible keypoints; :func:`uncertain_regions`) with their ``score`` and
     ``agreement``, on the images labeled without an error (those with no kept object left out when
     ``drop_empty``); ids count up from 1 in shard order. The json is ``{"images": [...], "annotations":
@@ -480,6 +488,7 @@ def _write_pseudo_labels(
                 annotations.write(ann_sep + json.dumps(ann, allow_nan=False).encode())
                 ann_sep = b", "
                 written.visible_keypoints += ann.get("num_keypoints", 0) if not ann["iscrowd"] else 0
+            _write_table_rows(table_writer, shard, table, kp_thr=kp_thr, num_keypoints=num_keypoints)
             written.kept += int(shard.keep.sum())
             written.ignore_regions += int(shard.written_ignored)
             written.images += len(shard.image_rows)
@@ -491,6 +500,30 @@ def _write_pseudo_labels(
     tail = {"categories": [category_to_coco(c) for c in categories], "info": info}
     f.write(b"], " + json.dumps(tail)[1:].encode())
     return written
+
+
+def _write_table_rows(
+    writer: LabelTableWriter, shard: _ShardSelection, table: pa.Table, *, kp_thr: float | None, num_keypoints: int
+) -> None:
+    """The shard's written images and their objects (kept and ignore regions, in shard order, as the json
+    has them: keypoints visible 2 from ``kp_thr`` on, else 0, 0, 0) as one row group of the label table."""
+    written_rows = np.zeros(len(shard.file_names), bool)
+    written_rows[shard.image_rows] = True
+    objs = np.flatnonzero((shard.keep | shard.ignored) & written_rows[shard.image])
+    counts = np.bincount(shard.image[objs], minlength=len(shard.file_names))[shard.image_rows]
+    crowd = shard.ignored[objs]
+    keypoints = None
+    if num_keypoints:
+        keypoints = flat_values(table, "keypoints", np.float64).reshape(-1, num_keypoints, 3)[objs]
+        visible = (keypoints[..., 2] >= kp_thr) & ~crowd[:, None]
+        keypoints[..., 2] = np.where(visible, 2.0, 0.0)
+        keypoints[~visible, :2] = 0.0
+    writer.write(
+        [shard.file_names[r] for r in shard.image_rows], shard.widths[shard.image_rows],
+        shard.heights[shard.image_rows], counts, flat_values(table, "boxes", np.float64).reshape(-1, 4)[objs],
+        shard.labels[objs], crowd, flat_values(table, "scores", np.float64)[objs],
+        flat_values(table, "agreement", np.int64)[objs], keypoints,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
