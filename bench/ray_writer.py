@@ -68,6 +68,7 @@ class FakeDetector:
                               category_ids=(1, 2, 3), keypoint_names=names, flip_index=tuple(range(keypoints)),
                               min_size=size, max_size=size)  # fmt: skip
         self.spec = spec
+        self.max_det = boxes
         self.has_heatmaps = False
         self.sets = [_detections(boxes, keypoints, size, seed) for seed in range(POOL)]
 
@@ -100,8 +101,8 @@ def _detections(boxes: int, keypoints: int, size: int, seed: int) -> Detections:
                       labels=torch.randint(0, 3, (boxes,), generator=g), keypoints=kps)  # fmt: skip
 
 
-def load_fake(spec: str, *, device: Any = "cpu", min_score: float | None = None, boxes: int = 100,
-              keypoints: int = 0, size: int = 32) -> FakeDetector:  # fmt: skip
+def load_fake(spec: str, *, device: Any = "cpu", min_score: float | None = None, max_det: int | None = None,
+              boxes: int = 100, keypoints: int = 0, size: int = 32) -> FakeDetector:  # fmt: skip
     return FakeDetector(spec, boxes=boxes, keypoints=keypoints, size=size)
 
 

@@ -216,6 +216,23 @@ def test_predictions_are_the_post_processed_boxes_in_the_original_frame(models: 
     assert detector.unfit_reason(1, 4000, min_size=64, max_size=96) == "would resize it to 96x0 px"
 
 
+def test_a_detr_with_fewer_queries_than_the_data_needs_is_a_one_line_warning(
+    models: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tiny DETR has 20 queries: by default it keeps them all, silently; a cap of 150 (``--max-det``, or a
+    dense training set) is more than it can give, and says so in one line."""
+    with caplog.at_level(logging.WARNING, logger="datadistill.models.hf"):
+        plain = det.load_detector(f"hf:{models['detr']}", min_score=0.0)
+    assert plain.max_det == 20 and not caplog.records
+    with caplog.at_level(logging.WARNING, logger="datadistill.models.hf"):
+        dense = det.load_detector(f"hf:{models['detr']}", min_score=0.0, max_det=150)
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "has 20 object queries" in warning.getMessage() and "fewer than the 150" in warning.getMessage()
+    assert "\n" not in warning.getMessage() and dense.max_det == 150
+    (found,) = dense.predict([torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))])
+    assert 0 < len(found) <= 20
+
+
 def test_classes_map_by_name_to_the_data_sets_categories(models: dict[str, Path], shapes: dict[str, Path]) -> None:
     data = shapes["labeled"] / "annotations.json"
     detector = det.load_detector(hf.with_options(f"hf:{models['rtdetr']}", classes=str(data)), min_score=0.0)

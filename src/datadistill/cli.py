@@ -70,9 +70,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from datadistill.data import synth
 
     make = {"shapes": synth.make_shapes, "figures": synth.make_figures}[args.kind]
-    if args.small_objects and args.kind != "shapes":
-        raise UserError(f"synth {args.kind}: --small-objects is for shapes only")
-    extra = {"small_objects": True} if args.small_objects else {}
+    for flag, given in (("--small-objects", args.small_objects), ("--dense", args.dense)):
+        if given and args.kind != "shapes":
+            raise UserError(f"synth {args.kind}: {flag} is for shapes only")
+    extra = {"small_objects": True} if args.small_objects else {"dense": True} if args.dense else {}
     try:
         path = make(args.out, num_images=args.images, seed=args.seed, size_px=args.size, **extra)
     except ValueError as exc:
@@ -176,6 +177,8 @@ TRAIN_HELP = {
     "workers": "DataLoader worker processes (1 thread each)",
     "min_size": "input size (short side, px; imgsz of yolo: models); default: the model's",
     "max_size": "input size cap (long side, px); default: the model's",
+    "max_det": "detections per image the model keeps, recorded in its checkpoint (default: twice the 99th "
+    "percentile of the labeled objects per image, at least the library's 100)",
 }
 
 
@@ -207,7 +210,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = _evaluate_model(spec, args)
     else:
         gt = load_coco(args.data)
-        metrics = evaluate_results(gt, load_predictions(args.predictions, gt), evaluator=args.evaluator)
+        metrics = evaluate_results(gt, load_predictions(args.predictions, gt), evaluator=args.evaluator,
+                                   max_dets=args.max_dets)  # fmt: skip
     write_metrics(args.out, metrics)
     print(format_metrics(metrics))
     print(f"wrote {args.out}")
@@ -234,7 +238,7 @@ def _evaluate_model(spec: str, args: argparse.Namespace) -> dict[str, typing.Any
             f"{list(gt.class_names)[:6]}"
         )
     return evaluate_model(detector, gt, args.images, device=device, batch_size=args.batch_size, workers=args.workers,
-                          evaluator=args.evaluator, precision=precision)  # fmt: skip
+                          evaluator=args.evaluator, precision=precision, max_dets=args.max_dets)  # fmt: skip
 
 
 LABEL_HELP = {
@@ -268,6 +272,8 @@ LABEL_HELP = {
     "allow_weak_teacher": "go on when the teacher finds no object above --score-floor on any image (else: an error)",
     "engine": "local (this process, or each torchrun process) or ray (Ray Data; pip install 'datadistill[ray]')",
     "ray_address": "with --engine ray: a running Ray cluster to join (default: start one on this machine)",
+    "max_det": "detections per image and view the teacher keeps (default: what its checkpoint records: twice the "
+    "99th percentile of its labeled objects per image, at least the library's 100)",
 }
 
 
@@ -450,6 +456,12 @@ def _add_file_commands(add: Adder) -> None:
         action="store_true",
         help="shapes only: 4-24 shapes of 2.5-20%% of the side per image, for tile views (use --size 512)",
     )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="shapes only: 100-300 shapes per image on a jittered grid, more than a detector's and COCO's 100 "
+        "detections per image (use --size 256 or more)",
+    )
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -474,6 +486,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         default="faster-coco-eval",
         help="faster-coco-eval (default, ~7x faster) or pycocotools (the reference, bit for bit)",
     )
+    p.add_argument("--max-dets", type=_positive_int, metavar="N", help="box detections counted per image (default: "
+                   "twice the 99th percentile of --data's objects per image, at least COCO's 100)")  # fmt: skip
 
 
 def _add_review_commands(add: Adder) -> None:

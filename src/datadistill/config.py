@@ -63,7 +63,9 @@ class TrainConfig:
     ``"cuda"`` or ``"cuda:N"``. ``threads``: torch CPU threads of the training process (0: torch's default,
     one per core); DataLoader worker processes always run one thread each (torch sets that).
     ``workers``: DataLoader worker processes (0: load in the training process). ``log_every``: iterations
-    between step lines in metrics.jsonl.
+    between step lines in metrics.jsonl. ``max_det``: the detections per image the trained model keeps, carried
+    in its checkpoint (None: twice the 99th percentile of the labeled objects per image, at least the
+    library's default; :func:`datadistill.models.detector.resolve_max_det`).
     """
 
     data: str
@@ -102,6 +104,7 @@ class TrainConfig:
     threads: int = 0
     workers: int = 0
     log_every: int = 20
+    max_det: int | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -158,6 +161,8 @@ class TrainConfig:
             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
         need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        need(self.max_det is None or (isinstance(self.max_det, int) and self.max_det >= 1),
+             f"max_det must be a positive integer, got {self.max_det!r}")  # fmt: skip
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
@@ -174,7 +179,8 @@ class LabelConfig:
     Data pipeline; ``ray_address`` joins a running cluster, None starts one on this machine).
     ``model``: the model spec of the teacher (:func:`datadistill.models.detector.load_detector`: a
     checkpoint, a training output folder, ``yolo:PATH.pt``); ``checkpoint`` is the same option under its
-    former name. Give one of them.
+    former name. Give one of them. ``max_det``: the detections per image and view the teacher keeps (None: read
+    from the data it was trained on, :func:`datadistill.models.detector.resolve_max_det`).
     """
 
     images: str
@@ -200,6 +206,7 @@ class LabelConfig:
     world_size: int = 1
     engine: str = "local"
     ray_address: str | None = None
+    max_det: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,6 +267,7 @@ class LabelSection:
     batch_size: int = 8
     shard_size: int = 1000
     prompts: dict[str, Any] | None = None  # an open-vocabulary teacher's category -> phrase or list of phrases
+    max_det: int | None = None  # detections per image and view; None: what the teacher's checkpoint records
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,7 @@ _ADDED_KEYS: dict[str, dict[str, Any]] = {
     "select": {"ignore_band": 0.0, "cross_class_iou": 0.0, "keypoint_policy": "count"},
     "teacher": {"iterations": None},
     "student": {"iterations": None},
-    "label": {"prompts": None},
+    "label": {"prompts": None, "max_det": None},
 }
 
 
@@ -329,6 +329,7 @@ def _label_config(cfg: RunConfig, base: Path, teacher: str, out: Path) -> LabelC
         device=cfg.device,
         precision=cfg.precision,
         allow_weak_teacher=not cfg.teacher_check,
+        max_det=cfg.label.max_det,
     )
 
 

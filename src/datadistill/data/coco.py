@@ -141,6 +141,16 @@ class CocoDataset(CategorySchema):
         return sum(len(v) for v in self.labels.values())
 
 
+def objects_per_image(dataset: CocoDataset) -> list[int]:
+    """The objects of each image of ``dataset``, in image order (crowd regions left out: they are not objects
+    a detector should find one by one)."""
+    counts = []
+    for image in dataset.images:
+        labels = dataset.labels.get(image.id)
+        counts.append(0 if labels is None else int(np.count_nonzero(~labels.iscrowd)))
+    return counts
+
+
 # ----------------------------------------------------------------------------------------------------
 # keypoint metadata
 

@@ -51,6 +51,11 @@ MIN_SHAPE_IN_FRAME = 0.6
 # Log-uniform extents put 44% of the shapes under 6.25% of the side (32 px of 512 px: COCO's "small").
 SMALL_SHAPE_SIZE_FRAC = (0.025, 0.2)
 SMALL_SHAPE_COUNT = (4, 24)
+# ``dense``: scenes of many objects (shelves, tree crowns, cells, crowds), more than the 100 detections per
+# image that detection libraries and COCO's evaluation keep by default. Shapes sit one per cell of a square
+# grid (jittered), each this fraction of the cell side.
+DENSE_SHAPE_COUNT = (100, 300)
+DENSE_CELL_FRAC = (0.7, 1.1)
 
 FIGURE_KEYPOINTS = (
     "head", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_hand", "right_hand",
@@ -114,6 +119,7 @@ def make_shapes(
     size_px: int = 128,
     plain: bool = False,
     small_objects: bool = False,
+    dense: bool = False,
 ) -> Path:
     """Write a box data set of coloured shapes on cluttered backgrounds; returns the json path.
 
@@ -128,10 +134,18 @@ def make_shapes(
     ``small_objects``: large images with many small objects, the setting of sliced inference (tile views):
     4 to 24 shapes per image (:data:`SMALL_SHAPE_COUNT`), each 2.5% to 20% of the side, log-uniform
     (:data:`SMALL_SHAPE_SIZE_FRAC`), so most are small; meant for ``size_px`` 512 or more.
+
+    ``dense``: 100 to 300 shapes per image (:data:`DENSE_SHAPE_COUNT`), one per cell of a jittered square grid,
+    each 70% to 110% of the cell side (:data:`DENSE_CELL_FRAC`): more objects than the 100 detections per
+    image a detector and COCO's evaluation keep by default. A 256 px image gives shapes of 10 to 28 px.
     """
+    if small_objects and dense:
+        raise ValueError("small_objects and dense are two different layouts: choose one")
     render = _render_shapes
     if small_objects:
         render = functools.partial(_render_shapes, size_frac=SMALL_SHAPE_SIZE_FRAC, count=SMALL_SHAPE_COUNT)
+    if dense:
+        render = functools.partial(_render_shapes, size_frac=DENSE_CELL_FRAC, count=DENSE_SHAPE_COUNT, grid=True)
     return _make(
         out_dir,
         kind="shapes",
@@ -141,7 +155,7 @@ def make_shapes(
         plain=plain,
         categories=shape_categories(),
         render=render,
-        extra_info={"small_objects": True} if small_objects else {},
+        extra_info={"small_objects": True} if small_objects else {"dense": True} if dense else {},
     )
 
 
@@ -539,9 +553,12 @@ def _render_shapes(
     *,
     size_frac: tuple[float, float] = SHAPE_SIZE_FRAC,
     count: tuple[int, int] = (1, MAX_SHAPES),
+    grid: bool = False,
 ) -> _Rendered:
     """One image of shapes: ``count`` (lo, hi) shapes, each ``size_frac`` (lo, hi) of the side; the
-    default's crowded images (more than 4 shapes) take shapes up to 32% of the side only."""
+    default's crowded images (more than 4 shapes) take shapes up to 32% of the side only. ``grid``: one shape
+    per cell of a square grid of at least ``count`` cells (in random cells, jittered), ``size_frac`` of the
+    cell side, uniform."""
     canvas = _background(rng, size, plain)
     if not plain:
         img = Image.fromarray(canvas.astype(np.uint8), "RGB")
@@ -552,11 +569,18 @@ def _render_shapes(
     hi_frac = 0.32 if crowded else size_frac[1]
     scene = _Scene(size)
     classes: list[int] = []
+    side = math.ceil(math.sqrt(target))
+    cells = rng.permutation(side * side)[:target] if grid else None  # (no draw otherwise: the same images as before)
     for n in range(target):
         for attempt in range(_PLACEMENT_TRIES * (3 if n == 0 else 1)):
             cls = int(rng.integers(len(SHAPE_CLASSES)))
-            extent = math.exp(rng.uniform(math.log(size_frac[0]), math.log(hi_frac))) * size
-            centre = rng.uniform(0, size, 2) if attempt < _PLACEMENT_TRIES else rng.uniform(0.3, 0.7, 2) * size
+            if cells is not None:
+                cell = size / side
+                extent = rng.uniform(*size_frac) * cell
+                centre = (np.array([cells[n] % side, cells[n] // side]) + 0.5 + rng.uniform(-0.15, 0.15, 2)) * cell
+            else:
+                extent = math.exp(rng.uniform(math.log(size_frac[0]), math.log(hi_frac))) * size
+                centre = rng.uniform(0, size, 2) if attempt < _PLACEMENT_TRIES else rng.uniform(0.3, 0.7, 2) * size
             rot = rng.uniform(0, 2 * math.pi)
             rotation = np.array([[math.cos(rot), math.sin(rot)], [-math.sin(rot), math.cos(rot)]])
             polys = [(p @ rotation * extent / 2 + centre, v) for p, v in _unit_shape(rng, SHAPE_CLASSES[cls])]

@@ -25,6 +25,7 @@ as everywhere in datadistill.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -34,6 +35,7 @@ from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from datadistill.core.caps import cap_for, objects_quantile
 from datadistill.errors import UserError
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
     from datadistill.data.coco import CocoDataset
 
 Task = Literal["boxes", "keypoints"]
+
+log = logging.getLogger(__name__)
 
 # backend -> the module that implements it (imported only when a model of that backend is used)
 BACKENDS: dict[str, str] = {
@@ -66,6 +70,9 @@ class ModelMeta:
     ``class_names``/``category_ids``: the data set's categories in class-index order. Keypoint fields are
     empty for box models: ``flip_index[i]`` is the mirror of keypoint i, ``skeleton`` is 1-based pairs as
     in COCO, ``sigmas`` are the OKS sigmas. ``min_size``/``max_size``: the model's input size in px.
+    ``objects_p99``: the 99th percentile of objects per image of the data it was trained on (0.0: unknown, as
+    for a model trained elsewhere); ``max_det``: the detections per image set at training (``train --max-det``;
+    0: read from ``objects_p99``). :func:`resolve_max_det` turns them into the cap a backend applies.
     """
 
     model: str
@@ -78,6 +85,8 @@ class ModelMeta:
     sigmas: tuple[float, ...] = ()
     min_size: int = 128
     max_size: int = 128
+    objects_p99: float = 0.0
+    max_det: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -90,11 +99,14 @@ class ModelMeta:
     @staticmethod
     def for_dataset(model: str, dataset: CocoDataset, *, min_size: int, max_size: int) -> ModelMeta:
         """The meta of ``model`` trained on ``dataset`` at ``min_size``-``max_size`` px (classes, keypoint
-        names, flip map, skeleton and sigmas from the data set's categories)."""
+        names, flip map, skeleton and sigmas from the data set's categories; the 99th percentile of its
+        objects per image, crowd regions left out)."""
         if not dataset.categories:
             raise UserError("the data set has no categories; a detector needs at least one class")
         if min_size <= 0 or max_size < min_size:
             raise UserError(f"need 0 < min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+        from datadistill.data.coco import objects_per_image
+
         kp = dataset.keypoint_category
         return ModelMeta(
             model=model,
@@ -107,6 +119,7 @@ class ModelMeta:
             sigmas=kp.sigmas if kp else (),
             min_size=int(min_size),
             max_size=int(max_size),
+            objects_p99=objects_quantile(objects_per_image(dataset)),
         )
 
     @staticmethod
@@ -131,6 +144,8 @@ class ModelMeta:
             "sigmas": list(self.sigmas),
             "min_size": self.min_size,
             "max_size": self.max_size,
+            "objects_p99": self.objects_p99,
+            "max_det": self.max_det,
         }
 
     @staticmethod
@@ -149,6 +164,8 @@ class ModelMeta:
                 sigmas=tuple(float(s) for s in d.get("sigmas", ())),
                 min_size=int(d["min_size"]),
                 max_size=int(d["max_size"]),
+                objects_p99=float(d.get("objects_p99", 0.0)),  # absent from checkpoints written before it
+                max_det=int(d.get("max_det", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"malformed model meta ({type(exc).__name__}: {exc})") from exc
@@ -193,6 +210,7 @@ class Detector(Protocol):
 
     meta: ModelMeta
     spec: str
+    max_det: int
 
     def predict(self, images: Sequence[Tensor]) -> list[Detections]: ...
 
@@ -212,7 +230,9 @@ class DetectorLoader(Protocol):
     """What builds a :class:`Detector` from a model spec: :func:`load_detector`, or a stand-in that a stage
     takes in its place (a benchmark's fake detector; pickled to the workers of the Ray engine)."""
 
-    def __call__(self, spec: str, *, device: Any = "cpu", min_score: float | None = None) -> Detector: ...
+    def __call__(
+        self, spec: str, *, device: Any = "cpu", min_score: float | None = None, max_det: int | None = None
+    ) -> Detector: ...
 
 
 def list_models() -> list[tuple[str, str, str]]:
@@ -387,16 +407,48 @@ def label_only(spec: str) -> bool:
     return bool(getattr(module, "label_only", lambda s: False)(spec))
 
 
-def load_detector(spec: str, *, device: Any = "cpu", min_score: float | None = None) -> Detector:
+def resolve_max_det(meta: ModelMeta, *, default: int, override: int | None = None) -> int:
+    """The detections per image a backend keeps: ``override`` (``--max-det``) when given, else the cap set at
+    training (``meta.max_det``), else :func:`~datadistill.core.caps.cap_for` the training data's objects per
+    image (``meta.objects_p99``), never below ``default``, the library's own cap."""
+    if override is not None:
+        if override < 1:
+            raise UserError(f"--max-det must be at least 1, got {override}")
+        return int(override)
+    if meta.max_det > 0:
+        return meta.max_det
+    return cap_for(meta.objects_p99, default=default)
+
+
+def max_det_reason(meta: ModelMeta, *, override: int | None) -> str:
+    """Where :func:`resolve_max_det`'s cap came from, in words (what ``load_detector`` logs)."""
+    if override is not None:
+        return "--max-det"
+    if meta.max_det > 0:
+        return "set at training with --max-det"
+    if meta.objects_p99 > 0:
+        p99 = f"{meta.objects_p99:g}"
+        return f"twice the training data's 99th percentile of {p99} objects per image, at least the library's default"
+    return "the library's default: the model records no objects per image of its training data"
+
+
+def load_detector(
+    spec: str, *, device: Any = "cpu", min_score: float | None = None, max_det: int | None = None
+) -> Detector:
     """The :class:`Detector` of a model spec, in eval mode on ``device``.
 
     ``min_score``: the lowest score the caller needs (a labeling run's score floor); a backend that drops
-    low scores before returning them (YOLO's ``conf``) keeps at least those. A one-line UserError for a
+    low scores before returning them (YOLO's ``conf``) keeps at least those. ``max_det``: the detections per
+    image to keep (None: read from the data the model was trained on, :func:`resolve_max_det`), applied to
+    every backend's output and to the proposals feeding a two-stage head. A one-line UserError for a
     missing, foreign or unsafe file, or a spec that names an architecture rather than a trained model.
     """
     spec = resolve_spec(spec)
     module = backend_module(backend_of(spec))
-    return module.load(spec, device=device, min_score=min_score)  # type: ignore[no-any-return]
+    detector: Detector = module.load(spec, device=device, min_score=min_score, max_det=max_det)
+    log.info("%s keeps at most %d detections per image (%s)", spec, detector.max_det,
+             max_det_reason(detector.meta, override=max_det))  # fmt: skip
+    return detector
 
 
 def train(cfg: Any) -> Path:

@@ -45,7 +45,7 @@ from datadistill.core.types import Detections
 from datadistill.core.views import resized_size
 from datadistill.data.coco import CocoDataset
 from datadistill.errors import UserError
-from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, folder_files
+from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, folder_files, resolve_max_det
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ EXTRA_HINT = "install the extra: pip install 'datadistill[hf]'"
 TRAINED_DIR = "hf_model"  # what a finished training run writes into its output folder
 META_FILE = "datadistill.json"  # our model meta, inside such a folder
 DEFAULT_THRESHOLD = 0.01  # raw score floor of the post-processing (fusion and the labeling floor come after)
-MAX_DETECTIONS = 100  # per image and view, the highest scores
+MAX_DETECTIONS = 100  # per image and view, the highest scores, of a model with no fixed number of queries (OWL)
 DEFAULT_LR = 1e-4  # AdamW, the rate the DETR-family recipes fine-tune with
 OPTIONS = ("classes", "prompts")
 ZERO_SHOT_TYPES = ("owlvit", "owlv2")  # open-vocabulary models whose text queries and outputs we read
@@ -343,8 +343,15 @@ class HfModule(nn.Module):
         out = self.model(**self.encode(images), labels=labels)
         return {"loss_hf": out.loss}
 
+    @property
+    def num_queries(self) -> int | None:
+        """The model's fixed number of object queries (DETR 100, RT-DETR 300): the most objects it can
+        give per image; None for a model without (OWL's one box per image patch)."""
+        queries = getattr(self.model.config, "num_queries", None)
+        return int(queries) if isinstance(queries, int) else None
+
     @torch.no_grad()
-    def detect(self, images: Sequence[Tensor], *, threshold: float) -> list[Detections]:
+    def detect(self, images: Sequence[Tensor], *, threshold: float, max_det: int = MAX_DETECTIONS) -> list[Detections]:
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         out = self.model(**self.encode(images))
         frames = [(max(s), max(s)) for s in sizes] if self.square_pad else sizes
@@ -356,7 +363,7 @@ class HfModule(nn.Module):
             boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
                                  boxes[:, 3].clamp(0, h)], dim=1)  # fmt: skip
             keep = torch.nonzero(labels >= 0).flatten()
-            keep = keep[r["scores"].float()[keep].argsort(descending=True)[:MAX_DETECTIONS]]
+            keep = keep[r["scores"].float()[keep].argsort(descending=True)[:max_det]]
             det = Detections(boxes=boxes[keep], scores=r["scores"].float()[keep], labels=labels[keep])
             detections.append(det.to(images[0].device))
         return detections
@@ -372,19 +379,29 @@ class HfDetector:
     """An :class:`HfModule` behind :class:`datadistill.models.detector.Detector`: ``predict`` runs the
     processor (resize, normalise) at the current size, the model and its post-processing with
     ``target_sizes`` (boxes back in each image's frame); ``input_size`` changes the processor's size (how
-    a scale view runs). Boxes only: no keypoints, no heatmaps."""
+    a scale view runs). Boxes only: no keypoints, no heatmaps. ``max_det``: the highest-scoring detections
+    kept per image (:func:`~datadistill.models.detector.resolve_max_det`, at least the model's queries); a model
+    whose queries are fewer than that is a one-line warning: it cannot give more, and its queries cannot be
+    raised without training it again."""
 
     has_heatmaps = False
 
-    def __init__(self, module: nn.Module, meta: ModelMeta, *, spec: str = "", threshold: float = DEFAULT_THRESHOLD):
+    def __init__(self, module: nn.Module, meta: ModelMeta, *, spec: str = "", threshold: float = DEFAULT_THRESHOLD,
+                 max_det: int | None = None) -> None:  # fmt: skip
         self.module, self.meta, self.spec, self.threshold = module, meta, spec or meta.model, threshold
+        queries = _unwrap(module).num_queries
+        self.max_det = resolve_max_det(meta, default=queries or MAX_DETECTIONS, override=max_det)
+        if queries is not None and queries < self.max_det:
+            log.warning("%s has %d object queries: it finds at most %d objects per image, fewer than the %d the "
+                        "data needs; its queries cannot be raised without retraining (a model with more, e.g. "
+                        "RT-DETR's 300, or tile views help)", self.spec, queries, queries, self.max_det)  # fmt: skip
 
     def predict(self, images: Sequence[Tensor]) -> list[Detections]:
         if len(images) == 0:
             return []
         module = _unwrap(self.module)
         module.eval()
-        return module.detect(images, threshold=self.threshold)
+        return module.detect(images, threshold=self.threshold, max_det=self.max_det)
 
     @contextlib.contextmanager
     def input_size(self, min_size: int, max_size: int) -> Iterator[None]:
@@ -466,17 +483,19 @@ def load_module(spec: str, *, device: Any = "cpu") -> tuple[HfModule, ModelMeta]
         min_size, max_size = int(stored["meta"]["min_size"]), int(stored["meta"]["max_size"])
     module = HfModule(model, processor, class_of=class_of, queries=queries, min_size=min_size, max_size=max_size,
                       fixed=fixed)  # fmt: skip
+    counts = {k: stored["meta"][k] for k in ("objects_p99", "max_det") if k in stored["meta"]} if stored else {}
     meta = ModelMeta(model=spec, task="boxes", class_names=names, category_ids=ids, min_size=min_size,
-                     max_size=max_size)  # fmt: skip
+                     max_size=max_size, **counts)  # fmt: skip
     module.to(device).eval()
     return module, meta
 
 
-def load(spec: str, *, device: Any = "cpu", min_score: float | None = None) -> HfDetector:
-    """The detector of ``hf:PATH_OR_ID``, keeping raw detections down to ``min_score`` (a labeling floor)."""
+def load(spec: str, *, device: Any = "cpu", min_score: float | None = None, max_det: int | None = None) -> HfDetector:
+    """The detector of ``hf:PATH_OR_ID``, keeping raw detections down to ``min_score`` (a labeling floor), at
+    most ``max_det`` per image (:class:`HfDetector`)."""
     module, meta = load_module(spec, device=device)
     threshold = DEFAULT_THRESHOLD if min_score is None else min(DEFAULT_THRESHOLD, min_score)
-    return HfDetector(module, meta, spec=spec, threshold=threshold)
+    return HfDetector(module, meta, spec=spec, threshold=threshold, max_det=max_det)
 
 
 def model_file(spec: str) -> Path:

@@ -51,11 +51,12 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from datadistill.core.caps import DEFAULT_MAX_DET
 from datadistill.core.types import Detections
 from datadistill.core.views import resized_size
 from datadistill.data.coco import CocoDataset
 from datadistill.errors import UserError
-from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, Task, single_file
+from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, Task, resolve_max_det, single_file
 from datadistill.models.ignore import IGNORE_LABEL, make_ignore_aware, supports_ignore
 from datadistill.runtime.io import write_atomic
 
@@ -942,11 +943,47 @@ def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
 # the Detector of datadistill.models.detector
 
 
-class TorchvisionDetector:
-    """A torchvision detector (or its DDP wrapper) behind :class:`datadistill.models.detector.Detector`."""
+def built_max_det(model: nn.Module) -> int:
+    """The detections per image ``model`` was built with (torchvision's ``detections_per_img``: 100; 20 for
+    the small Keypoint R-CNN), remembered the first time it is asked so that a raised cap does not move it; 100
+    for a module that has none (a stand-in of a test)."""
+    inner = _unwrap(model)
+    if not hasattr(inner, "built_max_det"):
+        heads = inner.roi_heads if isinstance(inner, GeneralizedRCNN) else inner
+        if not hasattr(heads, "detections_per_img"):
+            return DEFAULT_MAX_DET
+        inner.built_max_det = int(heads.detections_per_img)
+    return int(inner.built_max_det)
 
-    def __init__(self, module: nn.Module, meta: ModelMeta, *, spec: str = "") -> None:
+
+def set_max_det(model: nn.Module, max_det: int) -> None:
+    """Keep at most ``max_det`` detections per image at test time: the detections (``detections_per_img``),
+    and the candidates before them, never fewer than built: the top-k per level of the one-stage heads
+    (``topk_candidates``), an R-CNN's RPN proposals per level before NMS and in all after it (its
+    ``pre/post_nms_top_n`` at test time: the small Faster R-CNN's 100 proposals would cap it at 100)."""
+    inner = _unwrap(model)
+    built_max_det(inner)
+    if not hasattr(inner, "built_max_det"):
+        return  # not a torchvision detector
+    if isinstance(inner, GeneralizedRCNN):
+        inner.roi_heads.detections_per_img = int(max_det)
+        rpn = inner.rpn
+        for top_n in (rpn._pre_nms_top_n, rpn._post_nms_top_n):
+            top_n["testing"] = max(int(top_n["testing"]), int(max_det))
+    else:
+        inner.detections_per_img = int(max_det)
+        inner.topk_candidates = max(int(inner.topk_candidates), int(max_det))
+
+
+class TorchvisionDetector:
+    """A torchvision detector (or its DDP wrapper) behind :class:`datadistill.models.detector.Detector`;
+    it keeps at most ``max_det`` detections per image (:func:`~datadistill.models.detector.resolve_max_det`:
+    None reads it from ``meta``, never below the model's built cap)."""
+
+    def __init__(self, module: nn.Module, meta: ModelMeta, *, spec: str = "", max_det: int | None = None) -> None:
         self.module, self.meta, self.spec = module, meta, spec or meta.model
+        self.max_det = resolve_max_det(meta, default=built_max_det(module), override=max_det)
+        set_max_det(module, self.max_det)
 
     def predict(self, images: Sequence[Tensor]) -> list[Detections]:
         return predict(self.module, images)
@@ -976,10 +1013,12 @@ class TorchvisionDetector:
         return None if h >= 1 and w >= 1 else f"would resize it to {w}x{h} px"
 
 
-def load(spec: str, *, device: str | torch.device = "cpu", min_score: float | None = None) -> TorchvisionDetector:
+def load(
+    spec: str, *, device: str | torch.device = "cpu", min_score: float | None = None, max_det: int | None = None
+) -> TorchvisionDetector:
     """The detector of a datadistill checkpoint file (``spec`` is its path). Its score threshold is the
     architecture's (0.05; SSDlite's 0.001), below any labeling floor worth using: ``min_score`` changes
-    nothing."""
+    nothing. ``max_det``: :class:`TorchvisionDetector`."""
     del min_score
     if spec in MODELS:
         raise UserError(
@@ -987,7 +1026,7 @@ def load(spec: str, *, device: str | torch.device = "cpu", min_score: float | No
             "`datadistill train` (or its output folder)"
         )
     model, meta, _ = load_checkpoint(spec, device=device)
-    return TorchvisionDetector(model, meta, spec=spec)
+    return TorchvisionDetector(model, meta, spec=spec, max_det=max_det)
 
 
 def model_file(spec: str) -> Path:

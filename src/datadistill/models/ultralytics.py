@@ -44,7 +44,7 @@ from torch import Tensor
 from datadistill.core.types import Detections
 from datadistill.data.coco import CocoDataset, default_sigmas, derive_flip_index
 from datadistill.errors import UserError
-from datadistill.models.detector import ModelFiles, single_file
+from datadistill.models.detector import ModelFiles, resolve_max_det, single_file
 from datadistill.models.torchvision import ModelMeta
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0"}
 INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 TASKS = {"detect": "boxes", "pose": "keypoints"}
 DEFAULT_CONF = 0.01  # score threshold of the raw predictions (fusion and the score floor come after)
-DEFAULT_MAX_DET = 100
+DEFAULT_MAX_DET = 100  # detections per image when the model records no objects per image (COCO's count)
 DEFAULT_IOU = 0.7  # Ultralytics' NMS IoU within one view
 MAX_DEFAULT_IMGSZ = 640
 CHECKPOINT_KEY = "datadistill"  # our model meta, stored inside the Ultralytics .pt that train writes
@@ -310,9 +310,14 @@ def load_yolo(spec: str, *, device: torch.device | str = "cpu") -> YoloDetector:
     return YoloDetector(yolo, meta, device=torch.device(device), path=path)
 
 
-def load(spec: str, *, device: torch.device | str = "cpu", min_score: float | None = None) -> YoloDetector:
-    """:func:`load_yolo`, keeping the raw predictions down to ``min_score`` (a labeling run's floor)."""
+def load(
+    spec: str, *, device: torch.device | str = "cpu", min_score: float | None = None, max_det: int | None = None
+) -> YoloDetector:
+    """:func:`load_yolo`, keeping the raw predictions down to ``min_score`` (a labeling run's floor) and at
+    most ``max_det`` per image (Ultralytics' ``max_det``; None: read from the meta,
+    :func:`~datadistill.models.detector.resolve_max_det`, at least :data:`DEFAULT_MAX_DET`)."""
     detector = load_yolo(spec, device=device)
+    detector.max_det = resolve_max_det(detector.meta, default=DEFAULT_MAX_DET, override=max_det)
     if min_score is not None:
         detector.conf = min(detector.conf, min_score)  # candidates as low as the floor reach the fusion
     return detector
@@ -565,6 +570,7 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
         log.info("YOLO letterboxes to one size: --max-size %s ignored, imgsz %d", cfg.max_size, imgsz)
     assert cfg.model is not None
     meta = ModelMeta.for_dataset(cfg.model, dataset, min_size=imgsz, max_size=imgsz)
+    meta = dataclasses.replace(meta, max_det=cfg.max_det or 0)  # train --max-det: the cap the model carries
     return _Inputs(dataset=dataset, pseudo=pseudo, val=val, val_images=val_images, imgsz=imgsz, meta=meta)
 
 

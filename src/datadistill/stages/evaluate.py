@@ -12,6 +12,12 @@ keypoint evaluation keeps 20 detections per image and has no small range, so ``A
 detections (over OKS 0.50:0.95), ``AR50``/``AR75`` are AR at one OKS threshold, and there is no
 ``APs``/``ARs``. The ``keypoints`` entry is present only when the data set has keypoints.
 
+Detections per image: COCO counts at most 100 per image, which caps AP and recall on dense scenes (SKU-110K's
+own benchmark counts 300). Box metrics count at most ``max_dets`` per image (None: read from the ground
+truth, twice the 99th percentile of its objects per image, at least 100: :func:`max_dets_for`), recorded as
+``bbox["max_dets"]`` where it is not COCO's 100; ``AR100`` is then the recall at ``max_dets`` detections
+(its name kept for readers of metrics.json). Keypoints keep COCO's 20.
+
 Predictions enter as :class:`~datadistill.core.types.Detections` per image (:func:`evaluate_predictions`) or
 as a COCO results list (:func:`evaluate_results`, :func:`load_predictions`). OKS sigmas come from the
 keypoint category's metadata (``Category.sigmas``), never from COCO's person constants.
@@ -31,8 +37,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
+from datadistill.core.caps import DEFAULT_MAX_DET, cap_for, objects_quantile
 from datadistill.core.types import Detections
-from datadistill.data.coco import CocoDataset, is_finite_number, parse_coco, read_json, to_coco_dict
+from datadistill.data.coco import (
+    CocoDataset,
+    is_finite_number,
+    objects_per_image,
+    parse_coco,
+    read_json,
+    to_coco_dict,
+)
 from datadistill.errors import DataError, UserError, one_line_errors
 from datadistill.runtime.io import write_json_atomic
 
@@ -276,7 +290,10 @@ def _run_cocoeval(
     cat_ids: list[int],
     sigmas: Sequence[float] | None = None,
     evaluator_name: str = "faster-coco-eval",
+    max_dets: int = DEFAULT_MAX_DET,
 ) -> dict[str, float | None]:
+    """COCO's summaries of ``iou_type``; box metrics count at most ``max_dets`` detections per image (COCO's
+    ``params.maxDets`` ``[1, 10, max_dets]``)."""
     keys = TASK_KEYS[iou_type]
     if not gt_dict["images"]:
         return dict.fromkeys(keys)
@@ -307,16 +324,51 @@ def _run_cocoeval(
         evaluator.params.catIds = sorted(cat_ids)
         if sigma_array is not None:
             evaluator.params.kpt_oks_sigmas = sigma_array
+        if iou_type == "bbox":
+            evaluator.params.maxDets = [1, 10, int(max_dets)]
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     stats = np.asarray(evaluator.stats, dtype=np.float64)[: len(keys)]
+    if iou_type == "bbox" and evaluator_name == "pycocotools" and max_dets != DEFAULT_MAX_DET:
+        stats = box_summaries(evaluator.eval, evaluator.params)  # its summarize() counts 100 for AP, whatever maxDets
     if stats.shape[0] != len(keys):
         raise RuntimeError(f"the COCO evaluator gave {stats.shape[0]} {iou_type} statistics, expected {len(keys)}")
     return {key: None if value < 0 else float(value) for key, value in zip(keys, stats, strict=True)}
 
 
-def evaluate_results(gt: CocoDataset, results: list[dict[str, Any]], *, evaluator: str = "faster-coco-eval") -> Metrics:
+def box_summaries(evaluated: Mapping[str, Any], params: Any) -> np.ndarray:
+    """COCO's 12 box summaries (:data:`BBOX_KEYS`) from an accumulated evaluation (``precision`` ``[T, R, K, A,
+    M]``, ``recall`` ``[T, K, A, M]``), AP and the area ranges at the last of ``params.maxDets``, as
+    faster-coco-eval summarizes; pycocotools' ``summarize`` looks up 100 there (-1 when maxDets lacks it)."""
+    last = len(params.maxDets) - 1
+
+    def mean(ap: bool, *, iou: float | None = None, area: str = "all", m: int = last) -> float:
+        values = evaluated["precision"] if ap else evaluated["recall"]
+        if iou is not None:
+            values = values[np.flatnonzero(np.isclose(params.iouThrs, iou))]
+        values = values[..., params.areaRngLbl.index(area), m]
+        kept = values[values > -1]
+        return float(kept.mean()) if kept.size else -1.0
+
+    return np.array([mean(True), mean(True, iou=0.5), mean(True, iou=0.75), *(mean(True, area=a) for a in
+                     ("small", "medium", "large")), mean(False, m=0), mean(False, m=1), mean(False),
+                     *(mean(False, area=a) for a in ("small", "medium", "large"))])  # fmt: skip
+
+
+def max_dets_for(gt: CocoDataset) -> int:
+    """The detections per image to count on ``gt``: twice the 99th percentile of its objects per image, at
+    least COCO's 100 (:func:`~datadistill.core.caps.cap_for`)."""
+    return cap_for(objects_quantile(objects_per_image(gt)), default=DEFAULT_MAX_DET)
+
+
+def evaluate_results(
+    gt: CocoDataset,
+    results: list[dict[str, Any]],
+    *,
+    evaluator: str = "faster-coco-eval",
+    max_dets: int | None = None,
+) -> Metrics:
     """COCO metrics of a COCO results list against ``gt``: ``{"bbox": {...}, "keypoints": {...}}``.
 
     ``results`` records are ``{"image_id", "category_id", "score", "bbox": [x, y, w, h]}`` with flat
@@ -327,14 +379,23 @@ def evaluate_results(gt: CocoDataset, results: list[dict[str, Any]], *, evaluato
     ``evaluator``: ``faster-coco-eval`` (the default, about 7x faster; its accumulate leaves out
     pycocotools' ``np.spacing(1)`` in the precision denominator, which can move a value by one unit in the
     last place) or ``pycocotools`` (the reference itself, bit for bit).
+
+    ``max_dets``: box detections counted per image (None: :func:`max_dets_for` ``gt``), in ``bbox["max_dets"]``
+    unless it is COCO's 100.
     """
     _check_results(results, gt, where="results")
+    if max_dets is None:
+        max_dets = max_dets_for(gt)
+    elif max_dets < 1:
+        raise UserError(f"--max-dets must be at least 1, got {max_dets}")
     gt_dict = to_coco_dict(gt)
     metrics: Metrics = {}
     if not results or "bbox" in results[0]:
         box_results = [{k: v for k, v in r.items() if k != "keypoints"} for r in results]
         metrics["bbox"] = _run_cocoeval(gt_dict, box_results, iou_type="bbox", cat_ids=[c.id for c in gt.categories],
-                                         evaluator_name=evaluator)  # fmt: skip
+                                         evaluator_name=evaluator, max_dets=max_dets)  # fmt: skip
+        if max_dets != DEFAULT_MAX_DET:  # absent: COCO's 100, as in metrics written before it was recorded
+            metrics["bbox"]["max_dets"] = max_dets
     else:
         log.info("the results carry no boxes: no box metrics")
     kp_category = gt.keypoint_category
@@ -364,14 +425,18 @@ def evaluate_results(gt: CocoDataset, results: list[dict[str, Any]], *, evaluato
 
 
 def evaluate_predictions(
-    gt: CocoDataset, predictions: Mapping[int, Detections], *, evaluator: str = "faster-coco-eval"
+    gt: CocoDataset,
+    predictions: Mapping[int, Detections],
+    *,
+    evaluator: str = "faster-coco-eval",
+    max_dets: int | None = None,
 ) -> Metrics:
     """COCO metrics of per-image :class:`Detections` (image id -> detections) against ``gt``.
 
     See :func:`results_from_predictions` for the conversion and :func:`evaluate_results` for the metrics.
     Images of ``gt`` missing from ``predictions`` count as images with no detections.
     """
-    return evaluate_results(gt, results_from_predictions(gt, predictions), evaluator=evaluator)
+    return evaluate_results(gt, results_from_predictions(gt, predictions), evaluator=evaluator, max_dets=max_dets)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,6 +469,7 @@ def evaluate_model(
     world_size: int = 1,
     evaluator: str = "faster-coco-eval",
     precision: str = "fp32",
+    max_dets: int | None = None,
 ) -> Metrics:
     """COCO metrics of ``detector`` on ``dataset`` (:func:`evaluate_predictions`).
 
@@ -412,6 +478,7 @@ def evaluate_model(
     other ranks return an empty dict. Give a detector whose model is not wrapped in DDP: ranks predict
     different numbers of batches, and DDP's forward would wait for the others. ``precision`` (resolved:
     fp32, bf16 or fp16): the forward passes run under autocast, and the predictions are scored in fp32.
+    ``max_dets``: box detections counted per image (:func:`evaluate_results`).
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -438,7 +505,7 @@ def evaluate_model(
         if parts is None:
             return {}
         predictions = {k: v for part in parts for k, v in part.items()}
-    return evaluate_predictions(dataset, predictions, evaluator=evaluator)
+    return evaluate_predictions(dataset, predictions, evaluator=evaluator, max_dets=max_dets)
 
 
 def format_metrics(metrics: Mapping[str, Mapping[str, float | None]]) -> str:
@@ -448,7 +515,8 @@ def format_metrics(metrics: Mapping[str, Mapping[str, float | None]]) -> str:
     for task, values in metrics.items():
         header = "task".ljust(width) + "".join(f"  {key:>6}" for key in values)
         row = task.ljust(width) + "".join(
-            f"  {'-' if value is None else f'{value:.3f}':>6}" for value in values.values()
+            f"  {'-' if value is None else value if isinstance(value, int) else f'{value:.3f}':>6}"
+            for value in values.values()
         )
         lines += [header, row]
     return "\n".join(lines)

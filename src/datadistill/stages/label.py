@@ -60,9 +60,9 @@ BOX_FUSIONS = ("nms", "soft-nms", "vote", "wbf")
 KEYPOINT_FUSIONS = ("heatmap", "mean")
 # What must match for a re-run to resume a folder instead of refusing it.
 RESUME_KEYS = ("checkpoint_sha256", "views", "fuse", "keypoint_fuse", "iou_thr", "score_floor", "shard_size",
-               "batch_size", "files_sha256", "precision", "options_sha256")  # fmt: skip
-# What a folder written before a key existed was made with.
-LEGACY_VALUES: dict[str, Any] = {"precision": "fp32", "options_sha256": None}
+               "batch_size", "files_sha256", "precision", "options_sha256", "max_det")  # fmt: skip
+# What a folder written before a key existed was made with (every backend kept 100 detections per image).
+LEGACY_VALUES: dict[str, Any] = {"precision": "fp32", "options_sha256": None, "max_det": 100}
 # Batches whose fusion and writing may wait behind the one on the device (the overlapped loop); each holds
 # its images' raw predictions on the CPU only.
 PIPELINE_DEPTH = 2
@@ -80,7 +80,7 @@ def _spec(cfg: LabelConfig) -> str:
 
 
 def _signature(
-    cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], task: str, precision: str
+    cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], task: str, precision: str, max_det: int
 ) -> dict[str, Any]:
     """What a labeling folder was made with; a re-run must match its :data:`RESUME_KEYS` to resume."""
     spec = resolve_spec(_spec(cfg))  # a training folder: the file it holds
@@ -101,6 +101,7 @@ def _signature(
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
         "precision": precision,
+        "max_det": max_det,  # the teacher's detections per image and view
     }
 
 
@@ -177,7 +178,7 @@ def _load_teacher(
 ) -> tuple[Detector, LabelConfig]:
     """The teacher on ``device``, and ``cfg`` with the keypoint fusion it can do (coordinates when it gives no
     heatmaps)."""
-    detector = load(_spec(cfg), device=device, min_score=cfg.score_floor)
+    detector = load(_spec(cfg), device=device, min_score=cfg.score_floor, max_det=cfg.max_det)
     meta = detector.meta
     if meta.task == "keypoints" and cfg.keypoint_fuse == "heatmap" and not detector.has_heatmaps:
         log.warning("%s gives no keypoint heatmaps: keypoints are fused by mean (--keypoint-fuse mean)", _spec(cfg))
@@ -234,7 +235,7 @@ def label(cfg: LabelConfig, *, load: DetectorLoader = load_detector) -> Path:
                 views=cfg.views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
                 score_floor=cfg.score_floor, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
                 threads=cfg.threads, device=cfg.device, address=cfg.ray_address, precision=cfg.precision,
-                flip_index=detector.meta.flip_index, load=load,
+                flip_index=detector.meta.flip_index, load=load, max_det=detector.max_det,
             )  # fmt: skip
         else:
             assert device is not None
@@ -267,7 +268,8 @@ def _new_manifest(
 ) -> dict[str, Any]:
     """``manifest.json`` of a run in progress: the signature, the options, the classes, the shard count."""
     meta = detector.meta
-    return {"format": MANIFEST_FORMAT, "version": 1, "config": _signature(cfg, source, views, meta.task, precision),
+    signature = _signature(cfg, source, views, meta.task, precision, detector.max_det)
+    return {"format": MANIFEST_FORMAT, "version": 1, "config": signature,
             "options": asdict(cfg), "status": "running", "num_shards": source.num_shards(cfg.shard_size),
             "classes": {"names": list(meta.class_names), "category_ids": list(meta.category_ids),
                         "keypoints": list(meta.keypoint_names)}}  # fmt: skip

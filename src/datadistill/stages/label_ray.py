@@ -101,7 +101,8 @@ class _Labeler:
         blobs = ray.get(list(contents.values()))
         with tempfile.TemporaryDirectory(prefix="datadistill-model-") as tmp:
             write_model_files(dict(zip(contents, blobs, strict=True)), tmp)
-            self.detector = load(shipped.spec_in(tmp), device=device, min_score=settings["score_floor"])
+            self.detector = load(shipped.spec_in(tmp), device=device, min_score=settings["score_floor"],
+                                 max_det=settings["max_det"])  # fmt: skip
         self.device = torch.device(device)
         self.precision = resolve_precision(settings["precision"], self.device)
         self.views = parse_views(settings["views"])
@@ -205,10 +206,12 @@ def label_shards(
     precision: str = "auto",
     flip_index: tuple[int, ...] = (),
     load: DetectorLoader = load_detector,
+    max_det: int | None = None,
 ) -> dict[str, Any]:
     """Label ``shards`` of ``source`` into ``out/shards`` on a Ray cluster (``address``: join it; None:
     start one on this machine, and stop it at the end). Returns the timings the manifest records.
-    ``flip_index``: the keypoint flip map of the driver's detector, which every actor uses. ``load``: how
+    ``flip_index``: the keypoint flip map of the driver's detector, and ``max_det`` its detections per image,
+    which every actor uses. ``load``: how
     each actor builds the detector from its copies of the model's files (a picklable function)."""
     try:
         import ray
@@ -234,7 +237,8 @@ def label_shards(
         actor_device, actor_resources, most = _actor_resources(device, threads)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         settings = {"views": views, "fuse": fuse, "keypoint_fuse": keypoint_fuse, "iou_thr": iou_thr,
-                    "score_floor": score_floor, "precision": precision, "flip_index": tuple(flip_index)}  # fmt: skip
+                    "score_floor": score_floor, "precision": precision, "flip_index": tuple(flip_index),
+                    "max_det": max_det}  # fmt: skip
         blocks = min(len(rows), max(len(shards), 4 * cpus))
         # The actors fetch the model's files themselves (a reference in a dict is not resolved by Ray), and
         # this process keeps them alive, so that a restarted actor finds them again.

@@ -92,7 +92,11 @@ def ap_table(models: list[tuple[str, dict[str, Any]]], *, baseline: str | None =
             cells = "".join(f"<td>{_gain(m.get(t, {}).get(k), base.get(t, {}).get(k))}</td>" for t in tasks
                             for k in keys)  # fmt: skip
             rows.append(f"<tr><th>gain: {html.escape(name)} − {html.escape(str(baseline))}</th>{cells}</tr>")
-    note = "<p class='note'>AP in percent; gains in AP points.</p>" if base is not None else ""
+    note = "AP in percent; gains in AP points." if base is not None else ""
+    counted = sorted({int(m["bbox"].get("max_dets", 100)) for _, m in models if "bbox" in m})  # absent: COCO's 100
+    if counted != [100] and counted:
+        note += f" Box AP counts at most {' or '.join(map(str, counted))} detections per image."
+    note = f"<p class='note'>{note.strip()}</p>" if note else ""
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>{note}"
 
 

@@ -365,6 +365,7 @@ def load_inputs(cfg: TrainConfig, backend: LoopBackend) -> tuple[TrainConfig, Tr
     cfg = resolve_config(cfg, dataset, backend)
     assert cfg.model is not None
     meta = backend.meta_for(cfg.model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
+    meta = dataclasses.replace(meta, max_det=cfg.max_det or 0)  # --max-det: the cap the checkpoint carries
     for part, path in ((dataset, cfg.data), (pseudo, cfg.pseudo), (val, cfg.val)):
         if part is not None:
             check_input_sizes(part, path, min_size=meta.min_size, max_size=meta.max_size)
