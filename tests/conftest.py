@@ -1,5 +1,6 @@
 """Set for the whole test session, before any test module imports transformers or huggingface_hub (which read
-these once, at import): nothing may be downloaded in a test. Also the fixture that loads a bench script by path (bench_script)."""
+these once, at import): nothing may be downloaded in a test. Also the fixture that loads a bench script by path
+(bench_script) and the one that keeps Ultralytics' settings out of the home folder (ultralytics_home)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,20 @@ def load_bench(name: str):  # noqa: ANN201 (a module)
 def bench_script():  # noqa: ANN201
     """:func:`load_bench`, for a test: ``bench_script("writer_gil")``."""
     return load_bench
+
+
+@pytest.fixture(scope="session")
+def ultralytics_home(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 (an iterator of a Path)
+    """Ultralytics' settings in a temp folder, set before its first import (the import reads it once) and
+    kept for the session: a module that imported it after another had set the folder finds it still set."""
+    import sys
+
+    folder = tmp_path_factory.mktemp("ultralytics-config")
+    saved = os.environ.get("YOLO_CONFIG_DIR")
+    if "ultralytics" not in sys.modules:
+        os.environ["YOLO_CONFIG_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("YOLO_CONFIG_DIR", None)
+    else:
+        os.environ["YOLO_CONFIG_DIR"] = saved

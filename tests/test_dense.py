@@ -13,9 +13,6 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -149,19 +146,6 @@ def test_one_whole_image_view_of_a_torchvision_model_gives_more_than_100_boxes_o
 
 # ----------------------------------------------------------------------------------------------------
 # Ultralytics: max_det
-
-
-@pytest.fixture(scope="module")
-def ultralytics_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    folder = tmp_path_factory.mktemp("ultralytics-config")
-    saved = os.environ.get("YOLO_CONFIG_DIR")
-    if "ultralytics" not in sys.modules:
-        os.environ["YOLO_CONFIG_DIR"] = str(folder)
-    yield folder
-    if saved is None:
-        os.environ.pop("YOLO_CONFIG_DIR", None)
-    else:
-        os.environ["YOLO_CONFIG_DIR"] = saved
 
 
 @pytest.mark.skipif(not HAVE_ULTRALYTICS, reason="needs the yolo extra (ultralytics)")

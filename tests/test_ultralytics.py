@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,9 @@ VIEWS = "identity,hflip,scale:0.5,hflip+scale:1.5"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ultralytics_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Ultralytics' settings in a temp folder, set before its first import (the import reads it once)."""
-    folder = tmp_path_factory.mktemp("ultralytics-config")
-    saved = os.environ.get("YOLO_CONFIG_DIR")
-    if "ultralytics" not in sys.modules:
-        os.environ["YOLO_CONFIG_DIR"] = str(folder)
-    yield folder
-    if saved is None:
-        os.environ.pop("YOLO_CONFIG_DIR", None)
-    else:
-        os.environ["YOLO_CONFIG_DIR"] = saved
+def _ultralytics_settings(ultralytics_home: Path) -> Path:
+    """Every test of this module with Ultralytics' settings in a temp folder (conftest.ultralytics_home)."""
+    return ultralytics_home
 
 
 class NetworkAttempts:
