@@ -88,3 +88,49 @@ def test_a_damaged_shard_is_one_line_naming_it(tmp_path: Path, change: dict, mes
     if "NaN" not in message and "class" not in message:  # the label-count ones are checked before the scores
         assert "object" in str(info.value)
     assert not (tmp_path / "sel" / "pseudo.json").exists()
+
+
+def _folder_with(tmp_path: Path, rows: list[dict], *, num_shards: int = 1, schema=None, k: int = 0) -> None:
+    write_shard(tmp_path / "labels" / "shards" / "part-00000.parquet", rows, schema or shard_schema(k))
+    (tmp_path / "labels" / "manifest.json").write_text(json.dumps({**GOOD, "num_shards": num_shards}))
+    cats = [{"id": 1, "name": "a", **({"keypoints": ["p", "q"]} if k else {})}, {"id": 2, "name": "b"}]
+    ref = {"images": [{"id": 1, "file_name": "l.png", "width": 64, "height": 64}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9],
+                            **({"keypoints": [2, 2, 2, 3, 3, 2]} if k else {})}], "categories": cats}  # fmt: skip
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+
+
+def _select(tmp_path: Path, **options) -> None:
+    select_pseudo_labels(SelectConfig(labels=str(tmp_path / "labels"), reference=str(tmp_path / "ref.json"),
+                                      out=str(tmp_path / "sel" / "pseudo.json"), **options))  # fmt: skip
+
+
+def test_a_missing_shard_is_one_line_not_a_smaller_selection(tmp_path: Path) -> None:
+    _folder_with(tmp_path, [ROW], num_shards=3)
+    with pytest.raises(UserError, match=r"lists 3 shards but part-00001.parquet is missing") as info:
+        _select(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_shard_of_another_schema_is_one_line(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    schema = shard_schema(0)
+    schema = schema.set(schema.get_field_index("scores"), pa.field("scores", pa.list_(pa.float64())))
+    _folder_with(tmp_path, [ROW], schema=schema)
+    with pytest.raises(UserError, match=r"column 'scores' is list<\w+: double>, not list<item: float>"):
+        _select(tmp_path)
+
+
+def test_a_null_list_of_labels_is_a_damaged_shard(tmp_path: Path) -> None:
+    _folder_with(tmp_path, [{**ROW, "labels": None}])
+    with pytest.raises(UserError, match=r"column 'labels' holds 0 values for 2 objects"):
+        _select(tmp_path)
+
+
+@pytest.mark.parametrize("policy", ["count", "all"])
+def test_nan_keypoints_are_one_line(tmp_path: Path, policy: str) -> None:
+    row = {**ROW, "keypoints": [1.0, 2.0, 0.9, float("nan"), 4.0, 0.5, 1.0, 2.0, 0.9, 3.0, 4.0, float("nan")]}
+    _folder_with(tmp_path, [row], k=2)
+    with pytest.raises(UserError, match=r"column 'keypoints' holds NaN or infinite values"):
+        _select(tmp_path, keypoint_policy=policy)

@@ -430,3 +430,12 @@ def test_first_images_are_the_json_s_first_images_with_objects(tmp_path: Path, r
         assert (a.keypoints is None) == (b.keypoints is None)
         if a.keypoints is not None:
             assert np.array_equal(a.keypoints, b.keypoints)
+
+
+def test_an_empty_table_reads_as_no_images(tmp_path: Path, shapes: Path) -> None:
+    """select --drop-empty that keeps nothing writes a table without rows: it reads back empty, not a crash."""
+    coco = load_coco(shapes)
+    with LabelTableWriter(tmp_path / "pseudo.parquet", categories=coco.categories, num_keypoints=0) as writer:
+        assert writer.num_images == 0
+    flat = read_label_table(tmp_path / "pseudo.parquet")
+    assert len(flat) == 0 and flat.boxes.shape == (0, 4) and flat.offsets.tolist() == [0]

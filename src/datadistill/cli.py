@@ -73,6 +73,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     for flag, given in (("--small-objects", args.small_objects), ("--dense", args.dense)):
         if given and args.kind != "shapes":
             raise UserError(f"synth {args.kind}: {flag} is for shapes only")
+    if args.small_objects and args.dense:
+        raise UserError("synth shapes: choose --small-objects or --dense, not both")
     extra = {"small_objects": True} if args.small_objects else {"dense": True} if args.dense else {}
     try:
         path = make(args.out, num_images=args.images, seed=args.seed, size_px=args.size, **extra)

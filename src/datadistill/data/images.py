@@ -97,10 +97,14 @@ def is_file(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+ASK_EACH_OBJECT = 2000  # names checked one request each; beyond, a prefix is listed instead
+
+
 def missing_images(root: ImageRoot, file_names: list[str]) -> list[str]:
-    """The names of ``file_names`` with no file under ``root``, in their order. Under a URI prefix the
-    prefix is listed once (a request per 1,000 objects), not each object asked for."""
-    if is_uri(root):
+    """The names of ``file_names`` with no file under ``root``, in their order. Under a URI prefix, a few
+    names (at most :data:`ASK_EACH_OBJECT`) are asked for one by one; more, and the prefix is listed once (a
+    request per 1,000 objects) rather than each object asked for."""
+    if is_uri(root) and len(file_names) > ASK_EACH_OBJECT:
         present = {resolve_image_path(root, name) for name in list_images(root)}
         return [name for name in file_names if resolve_image_path(root, name) not in present]
     return [name for name in file_names if not is_file(resolve_image_path(root, name))]

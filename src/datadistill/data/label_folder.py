@@ -120,6 +120,7 @@ def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
         missing = [c for c in (columns if columns is not None else list(OPTIONAL_COLUMNS)) if c not in present]
         wanted = None if columns is None else [c for c in columns if c not in missing]
         table = pq.read_table(path, columns=wanted)
+        _check_types(table, path)
         for name in (c for c in missing if c in OPTIONAL_COLUMNS):
             nulls = pa.nulls(table.num_rows, OPTIONAL_COLUMNS[name])
             where = columns.index(name) if columns is not None else _optional_position(table, name)
@@ -131,6 +132,25 @@ def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
             f"{path}: not a readable label shard ({reason}); delete it and re-run the same `datadistill label` "
             "to label its images again"
         ) from exc
+
+
+def _check_types(table: pa.Table, path: Path) -> None:
+    """A one-line UserError when a column is not of :func:`shard_schema`'s type (written by something else)."""
+    expected = shard_schema(1)
+    for column in table.schema:
+        want = expected.field(column.name).type if column.name in expected.names else None
+        if want is not None and not _same_type(column.type, want):
+            raise UserError(
+                f"{path}: column {column.name!r} is {column.type}, not {want} (not a label "
+                "shard of this datadistill); delete it and re-run the same `datadistill label`"
+            )
+
+
+def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Equal types, a list's item field of any name (parquet readers call it ``item`` or ``element``)."""
+    if pa.types.is_list(expected):
+        return pa.types.is_list(actual) and actual.value_type.equals(expected.value_type)
+    return actual.equals(expected)
 
 
 def _optional_position(table: pa.Table, name: str) -> int:
@@ -309,6 +329,14 @@ class LabelFolder:
         parts = sorted((self.path / "shards").glob("part-*.parquet"))
         if not parts:
             raise UserError(f"{self.path}: no label shards found (run `datadistill label` first)")
+        if self.num_shards:  # a shard deleted (or never written): its images would be left out unseen
+            missing = [k for k in range(self.num_shards) if shard_path(self.path, k) not in set(parts)]
+            if missing or len(parts) != self.num_shards:
+                what = shard_path(self.path, missing[0]).name if missing else f"{len(parts)} shard files"
+                raise UserError(
+                    f"{self.path}: the manifest lists {self.num_shards} shards but {what} is missing or extra; "
+                    "re-run the same `datadistill label` to label its images again"
+                )
         return parts
 
     def num_views(self, max_agreement: int) -> int:
@@ -384,8 +412,10 @@ def check_lengths(table: pa.Table, part: Path, columns: dict[str, int]) -> np.nd
     for name, per_object in columns.items():
         if name not in table.column_names:
             continue
-        column = table[name]
-        valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), bool)
+        if name in OPTIONAL_COLUMNS:  # a null list: not measured; compare the others only
+            valid = np.asarray(table[name].is_valid().to_numpy(zero_copy_only=False), bool)
+        else:  # a null list is no list: its row must hold no object
+            valid = np.ones(table.num_rows, bool)
         theirs = list_lengths(table, name)
         if not np.array_equal(theirs[valid], lengths[valid] * per_object):
             row = int(np.flatnonzero(valid & (theirs != lengths * per_object))[0])

@@ -770,9 +770,9 @@ class _Builder:
             f.close()
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """In memory: the concatenated arrays."""
-        return {name: np.concatenate(self.parts[name]).reshape(shape)
-                for name, shape in self.shapes().items()}  # fmt: skip
+        """In memory: the concatenated arrays (empty ones for a table without rows)."""
+        parts = {name: self.parts[name] or [np.zeros(0, _DTYPES[name])] for name in self.names}
+        return {name: np.concatenate(parts[name]).reshape(shape) for name, shape in self.shapes().items()}
 
 
 def read_label_table(path: str | os.PathLike[str] | LabelTable) -> FlatLabels:

@@ -21,7 +21,7 @@ import numpy as np
 from datadistill.data.coco import CocoDataset, load_coco
 from datadistill.data.images import as_image_root, read_image, resolve_image_path
 from datadistill.data.label_folder import open_label_folder
-from datadistill.data.label_table import first_images
+from datadistill.data.label_table import TABLE_NAME, first_images
 from datadistill.errors import UserError
 from datadistill.layout import RunLayout
 from datadistill.runtime.io import write_text_atomic
@@ -300,7 +300,7 @@ def pseudo_section(layout: RunLayout, r: int, truth: CocoDataset | None) -> str:
         parts.append(pr_figure(curve, thresholds[0] if len(set(thresholds)) == 1 else None))
     root = _unlabeled_root(layout, r)
     if layout.pseudo(r).exists() and root is not None:
-        table = layout.pseudo(r).parent / "pseudo.parquet"  # read in part, where the json would be read whole
+        table = layout.pseudo(r).parent / TABLE_NAME  # read in part, where the json would be read whole
         pseudo = first_images(table, count=GALLERY_SIZE) if table.exists() else load_coco(layout.pseudo(r))
         parts.append(gallery(pseudo, root, title="pseudo-labels"))
     return "".join(parts)
@@ -339,7 +339,7 @@ def doubt_section(layout: RunLayout, r: int, truth: CocoDataset | None) -> str:
     yet, no complete labeling or no image folder."""
     sel = _read_json(layout.selection(r))
     root = _unlabeled_root(layout, r)
-    if not sel or root is None or not (layout.label(r) / "manifest.json").exists():
+    if not sel or root is None:
         return ""
     try:
         return doubt_gallery(layout.label(r), layout.selection(r), tuple(sel["thresholds"]), root, truth)
@@ -439,8 +439,9 @@ def draw_candidates(ax: Any, obj: dict[str, np.ndarray], *, class_names: tuple[s
 
 
 def _unlabeled_root(layout: RunLayout, r: int) -> Path | str | None:
-    manifest = _read_json(layout.label(r) / "manifest.json")
-    if not manifest:
+    """The image root of round ``r``'s labeling folder; None without a (readable) one."""
+    try:
+        root = open_label_folder(layout.label(r), complete=False).image_root
+    except UserError:
         return None
-    root = manifest.get("config", {}).get("image_root")
     return as_image_root(root) if root else None

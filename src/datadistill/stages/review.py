@@ -2,10 +2,11 @@
 corrections back as real labels.
 
 ``review`` reads a labeling folder (the shards and ``manifest.json``) and the threshold of a selection
-(``selection.json``, or the count rule computed as ``select`` does), ranks the unlabeled images from most
-to least doubtful and writes the top N as pre-annotations: Label Studio tasks (``tasks.json`` and the
-project's ``label_config.xml``) and a COCO json (``coco.json``, which CVAT imports as "COCO 1.0" and
-FiftyOne loads), beside ``review.json`` (the whole ranking, the thresholds, the formula's inputs).
+(``selection.json``, or the count rule over every candidate, without ``select``'s cross-class filter), ranks
+the unlabeled images from most to least doubtful and writes the top N as pre-annotations: Label Studio tasks
+(``tasks.json`` and the project's ``label_config.xml``) and a COCO json (``coco.json``, which CVAT imports as
+"COCO 1.0" and FiftyOne loads), beside ``ranking.csv`` (every image by doubt) and ``review.json`` (the top of
+the ranking, the thresholds, the formula's inputs).
 
 The doubt. For a fused candidate j with score ``s``, seen by ``a`` of the ``V`` views (the manifest's
 ``views``), whose class has the selection threshold ``t``, with the views' score spread ``ss`` and box
@@ -290,7 +291,8 @@ def chosen_objects(
         shard_file = files[int(k)]
         table = read_shard(shard_file, columns=columns)
         lengths = check_lengths(table, shard_file, {"boxes": 4, "keypoints": 3 * num_keypoints})
-        finite_or_raise(flat_values(table, "boxes", np.float64), shard_file, "boxes")
+        for name in ("boxes", "keypoints") if num_keypoints else ("boxes",):
+            finite_or_raise(flat_values(table, name, np.float64), shard_file, name)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         mine = {"boxes": flat_values(table, "boxes", np.float64).reshape(-1, 4),
                 "scores": flat_values(table, "scores", np.float64), "labels": flat_values(table, "labels", np.int64),
@@ -317,10 +319,6 @@ def chosen_objects(
         obj["kept"] = (obj["scores"] >= t) & (obj["agreement"] >= thr.min_agreement)
     table = pa.concat_tables([tables[i] for i in range(len(chosen))]) if len(chosen) else None
     return table, obj  # type: ignore[return-value]
-
-
-def _flat(table: pa.Table, column: str, dtype: Any) -> np.ndarray:
-    return np.asarray(pa.compute.list_flatten(table[column]).to_numpy(zero_copy_only=False), dtype=dtype)
 
 
 def image_url(file_name: str, prefix: str | None) -> str:

@@ -36,7 +36,7 @@ from datadistill.data.label_folder import (
     open_label_folder,
     read_shard,
 )
-from datadistill.data.label_table import LabelTableWriter
+from datadistill.data.label_table import TABLE_NAME, LabelTableWriter
 from datadistill.errors import UserError
 from datadistill.runtime.io import atomic_file, provenance, remove_temporaries, write_atomic, write_json_atomic
 
@@ -267,9 +267,11 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
             scan, thresholds, keypoint_policy=cfg.keypoint_policy, counts=counts, num_keypoints=ref.num_keypoints
         )
     info = {"description": f"datadistill pseudo-labels from {cfg.labels}", "policy": _policy_name(policy, fixed)}
-    table = LabelTableWriter(out.parent / TABLE_NAME, categories=categories, num_keypoints=ref.num_keypoints,
-                             info=info)  # fmt: skip
-    with table as table_writer, atomic_file(out) as f:
+    with (
+        atomic_file(out) as f,
+        LabelTableWriter(out.parent / TABLE_NAME, categories=categories, num_keypoints=ref.num_keypoints,
+                         info=info) as table_writer,
+    ):  # fmt: skip
         written = _write_pseudo_labels(
             folder, scan, f, table_writer, thresholds=thresholds, kp_thr=kp_thr, categories=categories, info=info,
             cfg=cfg, num_keypoints=ref.num_keypoints,
@@ -280,8 +282,8 @@ def select_pseudo_labels(cfg: SelectConfig) -> Path:
         )  # fmt: skip
         write_json_atomic(out.parent / "selection.json", report, indent=2)
         _plot_histogram(out.parent / "scores.png", scan.score_bins, thresholds, info["policy"])
-        # the block's end closes the label table, then renames the json into place last: it marks the
-        # stage done (`run` skips it then), so it follows what goes beside it
+        # the block's end closes the label table (the inner writer), then renames the json into place last:
+        # it marks the stage done (`run` skips it then), so it follows what goes beside it
     log.info(
         "kept %d of %d candidates (%d cross-class duplicates dropped; %.2f per image, target %.2f) on %d "
         "images with %s", written.kept, scan.candidates, scan.duplicates, written.kept / scan.num_images,
@@ -295,9 +297,6 @@ def _policy_name(policy: str, fixed: float | None) -> str:
 
 
 SCORE_BINS = 50  # the histogram of scores.png, over [0, 1]
-# The pseudo-labels as a label table beside the json (:mod:`datadistill.data.label_table`): what a student
-# reads without loading them all.
-TABLE_NAME = "pseudo.parquet"
 _SCAN_COLUMNS = ["scores", "labels", "agreement", "boxes", "error"]
 
 
@@ -327,8 +326,9 @@ def _read_checked(part: Path, columns: list[str], *, num_classes: int, num_keypo
     table = read_shard(part, columns=columns)
     check_lengths(table, part, {"labels": 1, "agreement": 1, "boxes": 4, "keypoints": 3 * num_keypoints})
     finite_or_raise(flat_values(table, "scores", np.float64), part, "scores")
-    if "boxes" in columns:
-        finite_or_raise(flat_values(table, "boxes", np.float64), part, "boxes")
+    for name in ("boxes", "keypoints"):
+        if name in columns:
+            finite_or_raise(flat_values(table, name, np.float64), part, name)
     labels = flat_values(table, "labels", np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise UserError(
