@@ -136,6 +136,7 @@ def replicate(base: Path, size: int, work: Path) -> Path:
     tmp = out.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     num_shards = -(-size // SHARD_SIZE)
+    objects = 0
     for k in range(num_shards):
         rows = range(k * SHARD_SIZE, min((k + 1) * SHARD_SIZE, size))
         parts = []
@@ -145,11 +146,11 @@ def replicate(base: Path, size: int, work: Path) -> Path:
             prefixed = pc.binary_join_element_wise(f"c{c:06d}", names.slice(lo, hi - lo), "/")
             parts.append(part.set_column(0, "file_name", prefixed))
         shard = pa.concat_tables(parts)
+        objects += int(pc.sum(pc.list_value_length(shard["scores"])).as_py() or 0)
         path = shard_path(tmp, k)
         path.parent.mkdir(parents=True, exist_ok=True)
 
         pq.write_table(shard, path, compression="zstd")
-    objects = int(pc.sum(pc.list_value_length(table["scores"])).as_py()) * size // per_copy
     manifest.update(num_shards=num_shards, shards_done=num_shards, counts={"images": size, "skipped": 0,
                     "objects": objects})  # fmt: skip
     manifest["config"].update(image_root=str(farm), num_images=size, source=f"bench/scale.py x{copies}")
