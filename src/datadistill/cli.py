@@ -311,7 +311,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 SELECT_HELP = {
     "labels": "the folder written by `datadistill label`",
     "reference": "the labeled COCO json (its mean objects per image sets the threshold)",
-    "out": "the pseudo-label COCO json to write (selection.json and scores.png go beside it)",
+    "out": "the pseudo-label COCO json to write (pseudo.parquet, selection.json and scores.png go beside it)",
     "policy": "count (the paper), count-per-class, or fixed:T",
     "min_agreement": "keep only objects seen by at least this many views",
     "drop_empty": "drop unlabeled images with no pseudo object (default: keep them as negatives)",
@@ -497,9 +497,10 @@ def _add_review_commands(add: Adder) -> None:
     p = add("review")
     p.add_argument("--labels", required=True, metavar="LABEL_DIR", help="a folder written by `datadistill label`")
     p.add_argument("--reference", required=True, metavar="LABELED.json", help="the labeled COCO json (classes, counts)")
-    p.add_argument("--selection", metavar="SELECTION.json", help="the thresholds (default: the count rule, as select)")
+    p.add_argument("--selection", metavar="SELECTION.json", help="the thresholds (default: the count rule)")
     p.add_argument("--top", type=_positive_int, required=True, metavar="N", help="send the N most doubtful images")
-    p.add_argument("--out", required=True, metavar="DIR", help="writes tasks.json, label_config.xml, coco.json")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="writes tasks.json, label_config.xml, coco.json, ranking.csv, review.json")  # fmt: skip
     p.add_argument("--format", default="label-studio,cvat,coco", help="comma list of label-studio, cvat, coco (all)")
     p.add_argument("--image-url-prefix", metavar="PREFIX", help="image URL = PREFIX + file_name (default: Label "
                    "Studio local files, /data/local-files/?d=FILE_NAME)")  # fmt: skip
