@@ -159,3 +159,19 @@ def test_streamed_count_threshold_on_a_million_scores_reads_twice():
 def test_streamed_count_threshold_refuses(scores, message):
     with pytest.raises(ValueError, match=message):
         selection.count_thresholds_streamed(lambda: [(scores, np.zeros(len(scores), np.int64))], np.array([1]))
+
+
+def test_streamed_count_thresholds_with_many_groups_count_by_distinct_indices():
+    """More than 64 groups: the counts are added at their distinct indices, not by a whole-size bincount."""
+    rng = np.random.default_rng(7)
+    groups_n = 100
+    assert groups_n * selection.BUCKETS > selection.SMALL_COUNTS
+    scores = (rng.integers(0, 50, 20_000) / 49).astype(np.float32).astype(np.float64)  # ties
+    groups = rng.integers(0, groups_n, 20_000)
+    targets = rng.integers(0, 260, groups_n)
+
+    def chunks():
+        return ((scores[i : i + 3000], groups[i : i + 3000]) for i in range(0, len(scores), 3000))
+
+    got = selection.count_thresholds_streamed(chunks, targets)
+    assert got.tolist() == [selection.count_threshold(scores[groups == g], int(targets[g])) for g in range(groups_n)]

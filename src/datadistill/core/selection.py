@@ -155,6 +155,7 @@ def _check_inputs(scores: np.ndarray, labels: np.ndarray, num_images: int, num_c
 
 FINE_BITS = 16
 BUCKETS = 1 << (32 - FINE_BITS)
+SMALL_COUNTS = 64 * BUCKETS  # counters that a bincount may fill whole on each call (32 MiB)
 
 
 def float32_keys(scores: np.ndarray) -> np.ndarray:
@@ -179,22 +180,29 @@ def _key_value(key: int) -> float:
 class ScoreCounts:
     """What one pass over the scores of ``G`` groups leaves: ``total`` ``[G]``, ``minimum`` ``[G]`` (inf for
     an empty group), ``coarse`` ``[G, 65536]`` counts by the keys' top 16 bits and, on a second pass
-    (:meth:`add` with ``buckets``), ``fine`` ``[G, 65536]`` the counts by the low 16 bits inside each group's
-    ``buckets[g]`` and ``min_above`` ``[G]`` the smallest score in a higher bucket. Mutable: it accumulates."""
+    (:meth:`add` with ``buckets``), for the groups with a bucket (``buckets[g] >= 0``), ``fine`` ``[R, 65536]``
+    the counts by the low 16 bits inside it (row ``rows[g]``) and ``min_above`` ``[G]`` the smallest score in
+    a higher bucket. Counts are added where they fall (no ``[G, 65536]`` temporary per call). Mutable: it
+    accumulates."""
 
     num_groups: int
     buckets: np.ndarray | None = None
     total: np.ndarray = field(init=False)
     minimum: np.ndarray = field(init=False)
     coarse: np.ndarray = field(init=False)
+    rows: np.ndarray = field(init=False)
     fine: np.ndarray = field(init=False)
     min_above: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         g = self.num_groups
         self.total, self.minimum = np.zeros(g, np.int64), np.full(g, np.inf)
-        self.coarse = np.zeros((g, BUCKETS), np.int64) if self.buckets is None else np.zeros((0, BUCKETS), np.int64)
-        self.fine = np.zeros((g, BUCKETS), np.int64) if self.buckets is not None else np.zeros((0, BUCKETS), np.int64)
+        self.coarse = np.zeros((g if self.buckets is None else 0, BUCKETS), np.int64)
+        self.rows = np.full(g, -1, np.int64)
+        if self.buckets is not None:
+            refined = np.flatnonzero(self.buckets >= 0)
+            self.rows[refined] = np.arange(len(refined))
+        self.fine = np.zeros((int((self.rows >= 0).sum()), BUCKETS), np.int64)
         self.min_above = np.full(g, np.inf)
 
     def add(self, scores: np.ndarray, groups: np.ndarray) -> None:
@@ -203,20 +211,27 @@ class ScoreCounts:
             return
         keys = float32_keys(scores)
         groups = np.asarray(groups, np.int64)
-        g = self.num_groups
         if self.buckets is None:
-            self.total += np.bincount(groups, minlength=g)
+            self.total += np.bincount(groups, minlength=self.num_groups)
             np.minimum.at(self.minimum, groups, np.asarray(scores, np.float64))
-            flat = groups * BUCKETS + (keys >> FINE_BITS)
-            self.coarse += np.bincount(flat, minlength=g * BUCKETS).reshape(g, BUCKETS)
+            _count_into(self.coarse, groups * BUCKETS + (keys >> FINE_BITS))
             return
         bucket = (keys >> FINE_BITS).astype(np.int64)
         mine = self.buckets[groups]
         inside = (bucket == mine) & (mine >= 0)
-        flat = groups[inside] * BUCKETS + (keys[inside] & (BUCKETS - 1))
-        self.fine += np.bincount(flat, minlength=g * BUCKETS).reshape(g, BUCKETS)
+        _count_into(self.fine, self.rows[groups[inside]] * BUCKETS + (keys[inside] & (BUCKETS - 1)))
         higher = (bucket > mine) & (mine >= 0)
         np.minimum.at(self.min_above, groups[higher], np.asarray(scores, np.float64)[higher])
+
+
+def _count_into(counts: np.ndarray, flat: np.ndarray) -> None:
+    """Add one to ``counts`` (any shape, C order) at each flat index of ``flat``: by a bincount of its size
+    for a few groups, by the distinct indices for many (no temporary of 64 groups' counters or more)."""
+    if counts.size <= SMALL_COUNTS:
+        counts.reshape(-1)[:] += np.bincount(flat, minlength=counts.size)
+        return
+    where, how_many = np.unique(flat, return_counts=True)
+    counts.reshape(-1)[where] += how_many
 
 
 def boundary_buckets(first: ScoreCounts, targets: np.ndarray) -> np.ndarray:
@@ -252,7 +267,7 @@ def thresholds_from_counts(first: ScoreCounts, second: ScoreCounts | None, targe
 def _boundary_threshold(first: ScoreCounts, second: ScoreCounts, g: int, target: int) -> float:
     bucket = int(second.buckets[g])  # type: ignore[index]
     above_bucket = int(first.coarse[g, bucket + 1 :].sum())
-    fine = second.fine[g]
+    fine = second.fine[second.rows[g]]
     from_top = above_bucket + np.cumsum(fine[::-1])
     sub = BUCKETS - 1 - int(np.searchsorted(from_top, target, side="left"))
     t = _key_value((bucket << FINE_BITS) | sub)
