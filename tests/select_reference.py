@@ -33,17 +33,9 @@ def _categories(manifest: dict[str, Any], ref: CocoDataset, labels_dir: Path) ->
 
 
 def former_select(cfg: SelectConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ``select`` stage; writes ``cfg.out`` (COCO json with ``score`` and ``agreement``),
-    ``selection.json`` and ``scores.png`` beside it. Returns the json path.
-
-    In order: the eligible candidates (agreement >= ``min_agreement``); among them the cross-class duplicates
-    (:func:`cross_class_duplicates`, ``cross_class_iou`` 0: none) are dropped; the policy's thresholds are
-    chosen on what is left, so that ``count`` and ``count-per-class`` count objects, each under its
-    best-scoring class, not class hypotheses. With ``fixed:T`` (one threshold) the order changes nothing.
-    With ``count-per-class`` an object whose best class falls below that class's threshold is not kept under
-    a runner-up class either. Ignore regions come from the same survivors; ``selection.json``'s
-    ``cross_class_duplicates`` counts the candidates dropped, above the threshold or not.
-    """
+    """The pseudo-labels and the selection report (without writing them) as the former ``select`` made them:
+    the same order of steps as :func:`datadistill.stages.select.select_pseudo_labels` says, on every candidate at
+    once."""
     started = time.time()
     labels_dir = Path(cfg.labels)
     policy, fixed = check_select_options(

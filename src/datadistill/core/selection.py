@@ -284,18 +284,23 @@ def _boundary_threshold(first: ScoreCounts, second: ScoreCounts, g: int, target:
 
 
 def count_thresholds_streamed(
-    chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], targets: np.ndarray
+    chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    targets: np.ndarray | Callable[[ScoreCounts], np.ndarray],
+    *,
+    num_groups: int | None = None,
 ) -> np.ndarray:
     """``[G]`` per group, :func:`count_threshold` of its scores and ``targets[g]``, exactly, in bounded
-    memory: ``chunks()`` yields ``(scores [n], groups [n])`` and is called once or twice (two passes)."""
-    targets = np.asarray(targets, np.int64)
-    first = ScoreCounts(len(targets))
+    memory: ``chunks()`` yields ``(scores [n], groups [n])`` and is called once or twice (two passes).
+    ``targets`` may be a function of the first pass's counts (a target that depends on how many scores there
+    are), with ``num_groups`` then given."""
+    first = ScoreCounts(len(targets) if num_groups is None else num_groups)  # type: ignore[arg-type]
     for scores, groups in chunks():
         first.add(scores, groups)
+    targets = np.asarray(targets(first) if callable(targets) else targets, np.int64)
     buckets = boundary_buckets(first, targets)
     second = None
     if (buckets >= 0).any():
-        second = ScoreCounts(len(targets), buckets=buckets)
+        second = ScoreCounts(first.num_groups, buckets=buckets)
         for scores, groups in chunks():
             second.add(scores, groups)
     return thresholds_from_counts(first, second, targets)

@@ -421,13 +421,12 @@ def _keypoint_threshold(
             kps = flat_values(table, "keypoints", np.float64).reshape(len(keep), num_keypoints, 3)[keep]
             yield kps[..., 2].reshape(-1), np.zeros(kps[..., 2].size, np.int64)
 
-    num_kept = 0
-    for k, part in enumerate(scan.shards):
-        num_kept += int(_kept(read_shard(part, columns=["scores", "labels"]), scan, k, thresholds).sum())
-    if num_kept == 0:
-        return np.inf
-    target = int(round(visible_per_instance * num_kept))
-    return float(selection.count_thresholds_streamed(chunks, np.array([target]))[0])
+    # the kept objects' keypoint scores, K per object: the target follows from their number (first pass)
+    def target(first: selection.ScoreCounts) -> np.ndarray:
+        num_kept = int(first.total[0]) // num_keypoints
+        return np.array([int(round(visible_per_instance * num_kept))])
+
+    return float(selection.count_thresholds_streamed(chunks, target, num_groups=1)[0])
 
 
 @dataclass
