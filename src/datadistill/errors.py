@@ -20,6 +20,17 @@ class DataError(UserError):
     """A data set (COCO json, YOLO folder, image) is malformed."""
 
 
+SHORT_LIMIT = 80  # characters of a value quoted in a one-line message
+
+
+def shorten(text: str, limit: int = SHORT_LIMIT) -> str:
+    """``text`` fit for a one-line message: characters that are not printable (line breaks, escapes, NUL) as
+    their escapes, cut to ``limit`` characters (``...`` at the end), so that a hostile value keeps an error to
+    one short line."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return shown if len(shown) <= limit and len(text) <= limit else shown[: limit - 3] + "..."
+
+
 def root_user_error(exc: BaseException) -> UserError | None:
     """The innermost UserError in ``exc``'s chain (``cause``, ``__cause__``, ``__context__``) with its first
     line only, or None. Ray raises a task's UserError inside its own exception, whose message holds the

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from datadistill.data.images import image_size, read_image, resolve_image_path
-from datadistill.errors import DataError
+from datadistill.data.images import check_image_name, image_size, read_image, resolve_image_path
+from datadistill.errors import DataError, shorten
 from datadistill.runtime.io import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ COCO_PERSON_SIGMAS = tuple(
 )  # fmt: skip
 DEFAULT_SIGMA = 0.05
 BOX_TOLERANCE_PX = 1.0  # boxes may exceed the image by rounding; more than this is an error
+# A predicted keypoint (an annotation with a score) may lie outside its image, a model extrapolates a body cut
+# by the frame; by more than the image's own width or height it is a broken file (a labeled one: as boxes).
+PREDICTED_KEYPOINT_SLACK = 1.0
 
 
 @dataclass(frozen=True)
@@ -188,7 +192,7 @@ def _flip_index_from_pairs(pairs: Any, names: tuple[str, ...], where: str, probl
     lookup = {n: i for i, n in enumerate(names)}
     for pair in pairs:
         if not (isinstance(pair, list | tuple) and len(pair) == 2):
-            problems.append(f"{where}: flip_pairs entry {_show(pair)} is not a pair")
+            problems.append(f"{where}: flip_pairs entry {show_value(pair)} is not a pair")
             continue
         ab = []
         for x in pair:
@@ -197,7 +201,9 @@ def _flip_index_from_pairs(pairs: Any, names: tuple[str, ...], where: str, probl
             elif isinstance(x, int) and not isinstance(x, bool) and 0 <= x < k:
                 ab.append(x)
             else:
-                problems.append(f"{where}: flip_pairs entry {_show(pair)} names no keypoint (0-based index or name)")
+                problems.append(
+                    f"{where}: flip_pairs entry {show_value(pair)} names no keypoint (0-based index or name)"
+                )
                 break
         if len(ab) == 2:
             index[ab[0]], index[ab[1]] = ab[1], ab[0]
@@ -225,9 +231,22 @@ def default_sigmas(names: tuple[str, ...]) -> tuple[float, ...]:
 _INT64_LIMIT = 2**63  # ids and counts become int64 arrays; json integers have no bound
 
 
-def _is_int(x: Any) -> bool:
-    """A json integer that fits int64 (not a bool)."""
+def is_int(x: Any) -> bool:
+    """A json (or YAML) integer that fits int64 (not a bool)."""
     return isinstance(x, int) and not isinstance(x, bool) and -_INT64_LIMIT <= x < _INT64_LIMIT
+
+
+def is_positive_integer(x: Any) -> bool:
+    """An image size: an integer, or a float with an integral value (``64.0``), in ``[1, 2**63)``; not a
+    string (``"64"``), a bool, NaN or infinity."""
+    return (is_int(x) or (is_finite_number(x) and float(x).is_integer())) and 0 < x < _INT64_LIMIT
+
+
+def control_characters(text: str) -> list[str]:
+    """The control characters in ``text`` (Unicode category Cc: NUL, escape, line breaks, tabs, DEL ...),
+    escaped (``\\x1b``): a class or keypoint name holding one breaks the XML of a Label Studio config,
+    the lines of a log and the labels of a plot."""
+    return [repr(c)[1:-1] for c in dict.fromkeys(text) if unicodedata.category(c) == "Cc"]
 
 
 def _is_number(x: Any) -> bool:
@@ -249,10 +268,9 @@ def _finite(values: list[Any]) -> bool:
     return all(is_finite_number(v) for v in values)
 
 
-def _show(value: Any, limit: int = 60) -> str:
+def show_value(value: Any, limit: int = 60) -> str:
     """``repr(value)`` cut to ``limit`` characters, so that a hostile value keeps a problem to a short line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shorten(repr(value), limit)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -288,21 +306,15 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
     seen: set[int] = set()
     schema: tuple[str, ...] | None = None
     for i, c in enumerate(raw):
-        where = f"category #{i}"
-        if not isinstance(c, dict):
-            problems.append(f"{where}: must be an object, got {type(c).__name__}")
+        cid = _record_id(c, i, "category", seen, problems)
+        if cid is None:
             continue
-        cid, name = c.get("id"), c.get("name")
-        if not _is_int(cid):
-            problems.append(f"{where}: 'id' must be an integer, got {_show(cid)}")
-            continue
-        where = f"category {cid}"
-        if cid in seen:
-            problems.append(f"{where}: duplicate category id")
-            continue
-        seen.add(cid)
+        where, name = f"category {cid}", c.get("name")
         if not isinstance(name, str) or not name:
-            problems.append(f"{where}: 'name' must be a non-empty string, got {_show(name)}")
+            problems.append(f"{where}: 'name' must be a non-empty string, got {show_value(name)}")
+            continue
+        if control_characters(name):
+            problems.append(f"{where}: 'name' {show_value(name)} holds control characters {control_characters(name)}")
             continue
         kp = _category_keypoint_names(c.get("keypoints"), where=where, problems=problems)
         if kp:
@@ -310,12 +322,12 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
                 schema = kp
             elif kp != schema:
                 problems.append(f"{where}: keypoint names differ from another category's (one schema per data set)")
-        skeleton = _category_skeleton(c.get("skeleton"), kp, where=where, problems=problems)
+        skeleton = parse_skeleton(c.get("skeleton") or [], len(kp), where=f"{where}: ", problems=problems)
         if "flip_pairs" in c:
             flip = _flip_index_from_pairs(c["flip_pairs"], kp, where, problems)
         else:
             flip = derive_flip_index(kp)
-        sigmas = _category_sigmas(c.get("sigmas"), kp, where=where, problems=problems)
+        sigmas = parse_sigmas(c.get("sigmas"), kp, where=f"{where}: 'sigmas'", problems=problems) or default_sigmas(kp)
         supercategory = c.get("supercategory", "")
         cats.append(
             Category(
@@ -329,6 +341,23 @@ def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
             )
         )
     return tuple(cats)
+
+
+def _record_id(record: Any, index: int, kind: str, seen: set[int], problems: list[str]) -> int | None:
+    """The ``id`` of the ``index``-th record (a category or an image), added to ``seen``; None with the
+    problem noted when the record is no object, its id no integer or one already ``seen``."""
+    if not isinstance(record, dict):
+        problems.append(f"{kind} #{index}: must be an object, got {type(record).__name__}")
+        return None
+    rid = record.get("id")
+    if not is_int(rid):
+        problems.append(f"{kind} #{index}: 'id' must be an integer, got {show_value(rid)}")
+        return None
+    if rid in seen:
+        problems.append(f"{kind} {rid}: duplicate {kind} id")
+        return None
+    seen.add(rid)
+    return rid
 
 
 def parse_categories(raw: Any) -> tuple[tuple[Category, ...], list[str]]:
@@ -347,38 +376,34 @@ def _category_keypoint_names(raw: Any, *, where: str, problems: list[str]) -> tu
     kp = tuple(kp_names)
     if kp and len(set(kp)) != len(kp):
         problems.append(f"{where}: duplicate keypoint names")
+    bad = next((n for n in kp if not n or control_characters(n)), None)
+    if bad is not None:
+        problems.append(f"{where}: keypoint name {show_value(bad)} is empty or holds control characters")
+        kp = ()
     return kp
 
 
-def _category_skeleton(
-    raw: Any, keypoints: tuple[str, ...], *, where: str, problems: list[str]
-) -> tuple[tuple[int, int], ...]:
-    """The skeleton's edges (1-based keypoint index pairs); a malformed edge is noted and left out."""
-    skeleton_raw = raw or []
-    skeleton: list[tuple[int, int]] = []
-    if not isinstance(skeleton_raw, list):
-        problems.append(f"{where}: 'skeleton' must be a list of [a, b] pairs")
-        skeleton_raw = []
-    for edge in skeleton_raw:
-        if (
-            isinstance(edge, list | tuple)
-            and len(edge) == 2
-            and all(_is_int(e) and 1 <= e <= len(keypoints) for e in edge)
-        ):
-            skeleton.append((int(edge[0]), int(edge[1])))
+def parse_skeleton(raw: Any, k: int, *, where: str, problems: list[str]) -> tuple[tuple[int, int], ...]:
+    """A skeleton's edges as pairs of 1-based indices of ``k`` keypoints (COCO's ``skeleton``, YOLO's data.yaml
+    ``skeleton``); a malformed edge is noted (``where`` prefixes the message) and left out."""
+    edges = []
+    for edge in raw if isinstance(raw, list) else [raw]:
+        if isinstance(edge, list | tuple) and len(edge) == 2 and all(is_int(e) and 1 <= e <= k for e in edge):
+            edges.append((int(edge[0]), int(edge[1])))
         else:
-            problems.append(f"{where}: skeleton edge {_show(edge)} is not a pair of 1-based keypoint indices")
-    return tuple(skeleton)
+            problems.append(f"{where}skeleton edge {show_value(edge)} is not a pair of 1-based keypoint indices")
+    return tuple(edges)
 
 
-def _category_sigmas(raw: Any, keypoints: tuple[str, ...], *, where: str, problems: list[str]) -> tuple[float, ...]:
-    """The OKS sigmas, one positive number per keypoint; the defaults when missing or malformed."""
+def parse_sigmas(raw: Any, names: tuple[str, ...], *, where: str, problems: list[str]) -> tuple[float, ...]:
+    """The OKS sigmas, one positive number per keypoint of ``names``: the defaults when ``raw`` is None, none
+    when malformed (the problem noted, ``where`` naming the field)."""
     if raw is None:
-        return default_sigmas(keypoints)
-    if isinstance(raw, list) and len(raw) == len(keypoints) and _finite(raw) and all(s > 0 for s in raw):
+        return default_sigmas(names)
+    if isinstance(raw, list) and len(raw) == len(names) and _finite(raw) and all(s > 0 for s in raw):
         return tuple(float(s) for s in raw)
-    problems.append(f"{where}: 'sigmas' must be {len(keypoints)} positive numbers, got {_show(raw)}")
-    return default_sigmas(keypoints)
+    problems.append(f"{where} must be {len(names)} positive numbers, got {show_value(raw)}")
+    return ()
 
 
 def _parse_images(raw: Any, image_root: str | os.PathLike[str] | None, problems: list[str]) -> tuple[ImageRecord, ...]:
@@ -389,39 +414,28 @@ def _parse_images(raw: Any, image_root: str | os.PathLike[str] | None, problems:
     seen_ids: set[int] = set()
     seen_names: dict[str, int] = {}
     for i, im in enumerate(raw):
-        where = f"image #{i}"
-        if not isinstance(im, dict):
-            problems.append(f"{where}: must be an object, got {type(im).__name__}")
-            continue
-        iid = im.get("id")
-        if not _is_int(iid):
-            problems.append(f"{where}: 'id' must be an integer, got {_show(iid)}")
+        iid = _record_id(im, i, "image", seen_ids, problems)
+        if iid is None:
             continue
         where = f"image {iid}"
-        if iid in seen_ids:
-            problems.append(f"{where}: duplicate image id")
-            continue
-        seen_ids.add(iid)
         name, width, height = im.get("file_name"), im.get("width"), im.get("height")
         ok = True
         if not isinstance(name, str) or not name:
-            problems.append(f"{where}: 'file_name' must be a non-empty string, got {_show(name)}")
+            problems.append(f"{where}: 'file_name' must be a non-empty string, got {show_value(name)}")
             ok = False
         elif name in seen_names:
-            problems.append(f"{where}: file_name {_show(name)} already used by image {seen_names[name]}")
+            problems.append(f"{where}: file_name {show_value(name)} already used by image {seen_names[name]}")
             ok = False
         else:
             seen_names[name] = iid
-            if image_root is not None:
-                try:
-                    resolve_image_path(image_root, name)
-                except DataError as exc:
-                    problems.append(f"{where}: {exc}")
-                    ok = False
+            try:  # the name, whether or not the images are checked; under a root, the root too
+                check_image_name(name) if image_root is None else resolve_image_path(image_root, name)
+            except DataError as exc:
+                problems.append(f"{where}: {exc}")
+                ok = False
         for key, value in (("width", width), ("height", height)):
-            integral = _is_int(value) or (is_finite_number(value) and float(value).is_integer())
-            if not integral or not 0 < value < _INT64_LIMIT:
-                problems.append(f"{where}: '{key}' must be a positive integer, got {_show(value)}")
+            if not is_positive_integer(value):
+                problems.append(f"{where}: '{key}' must be a positive integer, got {show_value(value)}")
                 ok = False
         if ok:
             images.append(ImageRecord(id=iid, file_name=name, width=int(width), height=int(height)))
@@ -499,23 +513,23 @@ def _parse_annotation(
     if not isinstance(a, dict):
         raise _Invalid(f"{where}: must be an object, got {type(a).__name__}")
     aid = a.get("id")
-    if not _is_int(aid):
-        raise _Invalid(f"{where}: 'id' must be an integer, got {_show(aid)}")
+    if not is_int(aid):
+        raise _Invalid(f"{where}: 'id' must be an integer, got {show_value(aid)}")
     if aid in seen:
         raise _Invalid(f"annotation {aid}: duplicate annotation id")
     seen.add(aid)
     iid = a.get("image_id")
-    where = f"annotation {aid} (image {_show(iid)})" if not _is_int(iid) else f"annotation {aid} (image {iid})"
-    if not _is_int(iid) or iid not in image_by_id:
-        raise _Invalid(f"{where}: unknown image_id {_show(iid)}")
+    where = f"annotation {aid} (image {show_value(iid)})" if not is_int(iid) else f"annotation {aid} (image {iid})"
+    if not is_int(iid) or iid not in image_by_id:
+        raise _Invalid(f"{where}: unknown image_id {show_value(iid)}")
     cid = a.get("category_id")
-    if not _is_int(cid) or cid not in class_of:
-        raise _Invalid(f"{where}: unknown category_id {_show(cid)}")
+    if not is_int(cid) or cid not in class_of:
+        raise _Invalid(f"{where}: unknown category_id {show_value(cid)}")
     x, y, w, h = _annotation_box(a.get("bbox"), image_by_id[iid], where=where)
     iscrowd = a.get("iscrowd", 0)
-    if not _is_int(iscrowd) or iscrowd not in (0, 1):
-        raise _Invalid(f"{where}: 'iscrowd' must be 0 or 1, got {_show(iscrowd)}")
-    kps = _annotation_keypoints(a, categories[class_of[cid]], where=where, kp_count=kp_count)
+    if not is_int(iscrowd) or iscrowd not in (0, 1):
+        raise _Invalid(f"{where}: 'iscrowd' must be 0 or 1, got {show_value(iscrowd)}")
+    kps = _annotation_keypoints(a, categories[class_of[cid]], image_by_id[iid], where=where, kp_count=kp_count)
     score, agreement = _annotation_score_agreement(a, where=where, columns=columns)
     area = a.get("area")
     area = float(area) if is_finite_number(area) and area >= 0 else w * h
@@ -525,7 +539,7 @@ def _parse_annotation(
 def _annotation_box(bbox: Any, img: ImageRecord, *, where: str) -> tuple[float, float, float, float]:
     """COCO's ``[x, y, w, h]`` as floats: finite, positive in size, inside the image up to the tolerance."""
     if not (isinstance(bbox, list) and len(bbox) == 4 and _finite(bbox)):
-        raise _Invalid(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {_show(bbox)}")
+        raise _Invalid(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {show_value(bbox)}")
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
         raise _Invalid(f"{where}: box has non-positive width or height (w={w:g}, h={h:g})")
@@ -535,11 +549,15 @@ def _annotation_box(bbox: Any, img: ImageRecord, *, where: str) -> tuple[float, 
     return x, y, w, h
 
 
-def _annotation_keypoints(a: dict[str, Any], category: Category, *, where: str, kp_count: int) -> np.ndarray | None:
+def _annotation_keypoints(
+    a: dict[str, Any], category: Category, img: ImageRecord, *, where: str, kp_count: int
+) -> np.ndarray | None:
     """``[K, 3]`` keypoints, or None in a data set without keypoints.
 
     An annotation of a category without keypoints, in a data set with them, gets K unlabeled points.
     Visibility must be 0, 1 or 2, except in predictions and pseudo-labels (a ``score``), where it is a score.
+    A labeled keypoint (v > 0) lies inside the image up to the boxes' tolerance; a predicted one (v a score
+    above 0) up to :data:`PREDICTED_KEYPOINT_SLACK` of the image's size beyond each edge.
     """
     if not kp_count:
         if a.get("keypoints"):
@@ -556,6 +574,14 @@ def _annotation_keypoints(a: dict[str, Any], category: Category, *, where: str, 
     kps = np.asarray(kp_raw, np.float64).reshape(kp_count, 3)
     if "score" not in a and not np.isin(kps[:, 2], (0, 1, 2)).all():
         raise _Invalid(f"{where}: keypoint visibility must be 0, 1 or 2")
+    size = np.array([img.width, img.height], np.float64)
+    slack = PREDICTED_KEYPOINT_SLACK * size if "score" in a else np.full(2, BOX_TOLERANCE_PX)
+    outside = (kps[:, 2] > 0) & ((kps[:, :2] < -slack) | (kps[:, :2] > size + slack)).any(axis=1)
+    if outside.any():
+        k = int(np.flatnonzero(outside)[0])
+        name = f" ({show_value(category.keypoints[k])})" if k < len(category.keypoints) else ""
+        raise _Invalid(f"{where}: keypoint {k}{name} at ({kps[k, 0]:g}, {kps[k, 1]:g}) px lies outside the "
+                       f"{img.width}x{img.height} image")  # fmt: skip
     return kps
 
 
@@ -566,12 +592,12 @@ def _annotation_score_agreement(
     score = a.get("score")
     if score is not None:
         if not (is_finite_number(score) and 0 <= score <= 1):
-            raise _Invalid(f"{where}: 'score' must be a number in [0, 1], got {_show(score)}")
+            raise _Invalid(f"{where}: 'score' must be a number in [0, 1], got {show_value(score)}")
         columns.scores = True
     agreement = a.get("agreement")
     if agreement is not None:
-        if not _is_int(agreement) or agreement < 0:
-            raise _Invalid(f"{where}: 'agreement' must be a non-negative integer, got {_show(agreement)}")
+        if not is_int(agreement) or agreement < 0:
+            raise _Invalid(f"{where}: 'agreement' must be a non-negative integer, got {show_value(agreement)}")
         columns.agreement = True
     return score, agreement
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from datadistill.data import object_store
 from datadistill.data.object_store import is_uri
-from datadistill.errors import DataError
+from datadistill.errors import DataError, shorten
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 _ORIENTATION_TAG = 0x0112
@@ -46,6 +46,27 @@ def absolute_root(root: str) -> str:
     return object_store.check_uri(root) if is_uri(root) else str(Path(root).expanduser().resolve())
 
 
+def check_image_name(file_name: object, *, root: ImageRoot | None = None) -> str:
+    """``file_name`` as a normalized relative POSIX path (``\\`` read as ``/``); a one-line DataError when it
+    is no name (empty, not a string) or could lead out of any image root: absolute, a drive letter, a URI, a
+    NUL byte, ``..`` components that climb above the root. Needs no root: a data set's names are checked
+    whether or not its images are (``root`` only names the root in the message)."""
+    if not isinstance(file_name, str) or not file_name:
+        raise DataError(f"image file_name must be a non-empty string, got {shorten(repr(file_name))}")
+    shown = shorten(repr(file_name))
+    if "\x00" in file_name:
+        raise DataError(f"image path {shown} contains a NUL byte")
+    if is_uri(file_name):
+        raise DataError(f"image path {shown} is a URI; it must be relative to the image root (--images)")
+    if os.path.isabs(file_name) or file_name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_name):
+        raise DataError(f"image path {shown} is absolute; it must be relative to the image root")
+    normal = posixpath.normpath(file_name.replace("\\", "/"))
+    if normal == ".." or normal.startswith("../"):
+        where = f" {shorten(repr(str(root)))}" if root is not None else ""
+        raise DataError(f"image path {shown} leaves the image root{where}")
+    return normal
+
+
 def resolve_image_path(root: ImageRoot, file_name: str) -> Path | str:
     """The path of ``file_name`` under ``root`` (a Path), or its URI under a URI prefix (a str); refuses
     names that leave the root.
@@ -55,17 +76,7 @@ def resolve_image_path(root: ImageRoot, file_name: str) -> Path | str:
     the name, not on the file: an image folder made of symlinks into a shared store (a common layout)
     keeps working. Under a URI prefix the name is normalized (``a/./b`` reads the key ``a/b``).
     """
-    if not isinstance(file_name, str) or not file_name:
-        raise DataError(f"image file_name must be a non-empty string, got {file_name!r}")
-    if "\x00" in file_name:
-        raise DataError(f"image path {file_name!r} contains a NUL byte")
-    if is_uri(file_name):
-        raise DataError(f"image path {file_name!r} is a URI; it must be relative to the image root (--images)")
-    if os.path.isabs(file_name) or file_name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_name):
-        raise DataError(f"image path {file_name!r} is absolute; it must be relative to the image root")
-    normal = posixpath.normpath(file_name.replace("\\", "/"))
-    if normal == ".." or normal.startswith("../"):
-        raise DataError(f"image path {file_name!r} leaves the image root {str(root)!r}")
+    normal = check_image_name(file_name, root=root)
     if is_uri(root):
         return object_store.join_uri(object_store.check_uri(root), normal)
     return Path(root) / normal

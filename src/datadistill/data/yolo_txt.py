@@ -35,11 +35,14 @@ from datadistill.data.coco import (
     CocoDataset,
     ImageLabels,
     ImageRecord,
-    default_sigmas,
+    control_characters,
     derive_flip_index,
-    is_finite_number,
+    is_int,
     load_coco,
+    parse_sigmas,
+    parse_skeleton,
     save_coco,
+    show_value,
 )
 from datadistill.data.images import IMAGE_EXTENSIONS, image_size, list_images, resolve_image_path
 from datadistill.errors import DataError, UserError
@@ -430,7 +433,7 @@ def _dataset_root(data: dict[str, Any], yaml_path: Path) -> Path:
     if raw in (None, ""):
         return here
     if not isinstance(raw, str):
-        raise DataError(f"{yaml_path}: 'path' must be a folder name, got {raw!r}")
+        raise DataError(f"{yaml_path}: 'path' must be a folder name, got {show_value(raw)}")
     given = Path(raw).expanduser()
     candidates = [given] if given.is_absolute() else [here / given, Path.cwd() / given]
     for candidate in candidates:
@@ -438,10 +441,6 @@ def _dataset_root(data: dict[str, Any], yaml_path: Path) -> Path:
             return candidate
     log.warning("%s: 'path' %s does not exist; reading relative to the yaml's folder %s", yaml_path, raw, here)
     return here
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _per_class(value: Any, nc: int, key: str, problems: list[str]) -> dict[int, Any]:
@@ -453,8 +452,8 @@ def _per_class(value: Any, nc: int, key: str, problems: list[str]) -> dict[int, 
         return {}
     out = {}
     for k, v in value.items():
-        if not (_is_int(k) and 0 <= k < nc):
-            problems.append(f"'{key}' has key {k!r}, not a class index in 0..{nc - 1}")
+        if not (is_int(k) and 0 <= k < nc):
+            problems.append(f"'{key}' has key {show_value(k)}, not a class index in 0..{nc - 1}")
             continue
         out[k] = v
     return out
@@ -478,12 +477,12 @@ def _categories_from_yaml(data: dict[str, Any], problems: list[str]) -> tuple[tu
     names = _class_names(raw_names, problems)
     nc = len(names)
     if "nc" in data and data["nc"] != nc:
-        problems.append(f"'nc' is {data['nc']!r} but 'names' lists {nc} classes")
+        problems.append(f"'nc' is {show_value(data['nc'])} but 'names' lists {nc} classes")
     ids = data.get("category_ids")
     if ids is None:
         ids = list(range(1, nc + 1))
-    elif not (isinstance(ids, list) and len(ids) == nc and all(_is_int(i) for i in ids) and len(set(ids)) == nc):
-        problems.append(f"'category_ids' must be {nc} distinct integers, got {ids!r}")
+    elif not (isinstance(ids, list) and len(ids) == nc and all(is_int(i) for i in ids) and len(set(ids)) == nc):
+        problems.append(f"'category_ids' must be {nc} distinct integers, got {show_value(ids)}")
         ids = list(range(1, nc + 1))
     supers = _per_class(data.get("supercategories") or {}, nc, "supercategories", problems)
     k, dims = _keypoint_shape(data.get("kpt_shape"), problems)
@@ -519,9 +518,9 @@ def _class_names(raw_names: Any, problems: list[str]) -> list[str]:
         name = by_index.get(i)
         if isinstance(name, int | float) and not isinstance(name, bool):
             name = str(name)
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name or control_characters(name):
             problems.append(
-                f"'names' has no name for class {i}" if i not in by_index else f"class {i}: bad name {name!r}"
+                f"'names' has no name for class {i}" if i not in by_index else f"class {i}: bad name {show_value(name)}"
             )
             name = f"class{i}"
         names.append(name)
@@ -535,12 +534,12 @@ def _keypoint_shape(shape: Any, problems: list[str]) -> tuple[int, int]:
     """``kpt_shape`` as (K, dims); (0, 0) when absent (a box data set) or malformed (the problem noted)."""
     if shape is None:
         return 0, 0
-    if isinstance(shape, list) and len(shape) == 2 and _is_int(shape[0]) and shape[0] > 0 and shape[1] in (2, 3):
+    if isinstance(shape, list) and len(shape) == 2 and is_int(shape[0]) and shape[0] > 0 and shape[1] in (2, 3):
         if shape[0] > MAX_KEYPOINTS:  # a hostile K would have every default name built in memory
             problems.append(f"'kpt_shape' has {shape[0]} keypoints; at most {MAX_KEYPOINTS} are read")
             return 0, 0
         return int(shape[0]), int(shape[1])
-    problems.append(f"'kpt_shape' must be [K, 2] or [K, 3] with K > 0, got {shape!r}")
+    problems.append(f"'kpt_shape' must be [K, 2] or [K, 3] with K > 0, got {show_value(shape)}")
     return 0, 0
 
 
@@ -554,10 +553,11 @@ def _keypoint_schema(data: dict[str, Any], *, k: int, nc: int, problems: list[st
     raw_kpt_names = data.get("kpt_names")
     if raw_kpt_names:
         for i, kn in _per_class(raw_kpt_names, nc, "kpt_names", problems).items():
-            if isinstance(kn, list) and len(kn) == k and all(isinstance(n, str) and n for n in kn):
+            if isinstance(kn, list) and len(kn) == k and all(isinstance(n, str) and n and not control_characters(n)
+                                                             for n in kn):  # fmt: skip
                 names[i] = tuple(kn)
             else:
-                problems.append(f"'kpt_names' for class {i} must be {k} names, got {kn!r}")
+                problems.append(f"'kpt_names' for class {i} must be {k} names, got {show_value(kn)}")
         if len(set(names.values())) > 1:
             problems.append("'kpt_names' differ between classes (one keypoint schema per data set)")
     if not names:
@@ -572,42 +572,22 @@ def _keypoint_schema(data: dict[str, Any], *, k: int, nc: int, problems: list[st
         flip = derive_flip_index(kp_names)
     elif (
         isinstance(raw_flip, list)
-        and all(_is_int(i) for i in raw_flip)
+        and all(is_int(i) for i in raw_flip)
         and sorted(raw_flip) == list(range(k))
         and all(raw_flip[j] == i for i, j in enumerate(raw_flip))
     ):
         flip = tuple(int(i) for i in raw_flip)
     else:
         problems.append(
-            f"'flip_idx' must be a permutation of 0..{k - 1} made of swaps (its own inverse), got {raw_flip!r}"
+            f"'flip_idx' must be a permutation of 0..{k - 1} made of swaps (its own inverse),"
+            f" got {show_value(raw_flip)}"
         )
     return _KeypointSchema(
         names=names,
         flip=flip,
-        skeleton=_yaml_skeleton(data.get("skeleton") or [], k=k, problems=problems),
-        sigmas=_yaml_sigmas(data.get("kpt_sigmas"), kp_names, k=k, problems=problems),
+        skeleton=parse_skeleton(data.get("skeleton") or [], k, where="", problems=problems),
+        sigmas=parse_sigmas(data.get("kpt_sigmas"), kp_names, where="'kpt_sigmas'", problems=problems),
     )
-
-
-def _yaml_skeleton(raw: Any, *, k: int, problems: list[str]) -> tuple[tuple[int, int], ...]:
-    """The skeleton's edges as pairs of 1-based keypoint indices; a malformed edge is noted and left out."""
-    edges = []
-    for edge in raw if isinstance(raw, list) else [raw]:
-        if isinstance(edge, list) and len(edge) == 2 and all(_is_int(e) and 1 <= e <= k for e in edge):
-            edges.append((int(edge[0]), int(edge[1])))
-        else:
-            problems.append(f"'skeleton' edge {edge!r} is not a pair of 1-based keypoint indices")
-    return tuple(edges)
-
-
-def _yaml_sigmas(raw: Any, kp_names: tuple[str, ...], *, k: int, problems: list[str]) -> tuple[float, ...]:
-    """``kpt_sigmas``: K positive numbers; the defaults for the names when absent, none when malformed."""
-    if raw is None:
-        return default_sigmas(kp_names)
-    if isinstance(raw, list) and len(raw) == k and all(is_finite_number(s) and s > 0 for s in raw):
-        return tuple(float(s) for s in raw)
-    problems.append(f"'kpt_sigmas' must be {k} positive numbers, got {raw!r}")
-    return ()
 
 
 @dataclass
@@ -676,9 +656,9 @@ def _line_values(
         values = [float(t) for t in tokens]
     except ValueError:
         bad = next(t for t in tokens if not _parses(t))
-        raise _Invalid(f"{at}: {bad!r} is not a number") from None
+        raise _Invalid(f"{at}: {show_value(bad)} is not a number") from None
     if not all(math.isfinite(v) for v in values):
-        raise _Invalid(f"{at}: values must be finite, got {line.strip()!r}")
+        raise _Invalid(f"{at}: values must be finite, got {show_value(line.strip())}")
     return values
 
 
@@ -804,7 +784,7 @@ def _split_folder(data: dict[str, Any], yaml_path: Path, *, root: Path, split: s
         raise DataError(f"{yaml_path}: no '{split}' images (splits given: {keys or 'none'})")
     split_value = data[split]
     if not isinstance(split_value, str):
-        raise DataError(f"{yaml_path}: '{split}' must be one folder of images, got {split_value!r}")
+        raise DataError(f"{yaml_path}: '{split}' must be one folder of images, got {show_value(split_value)}")
     images_dir = Path(split_value).expanduser()
     images_dir = (images_dir if images_dir.is_absolute() else root / images_dir).resolve()
     if images_dir.is_file():
