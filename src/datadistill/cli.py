@@ -369,10 +369,13 @@ def cmd_review(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from datadistill.stages.review import merge
 
-    summary = merge(args.labeled, args.corrections, out=args.out, images=args.images)
+    summary = merge(args.labeled, args.corrections, out=args.out, images=args.images,
+                    skip_unsupported=args.skip_unsupported)  # fmt: skip
+    skipped = sum(summary["skipped"].values())
     print(
         f"added {summary['images_added']} images and {summary['annotations_added']} annotations: "
         f"{summary['images']} images, {summary['annotations']} annotations in all"
+        + (f"; left out {skipped} unsupported (--skip-unsupported)" if skipped else "")
     )
     print(f"wrote {args.out}")
     return 0
@@ -510,6 +513,8 @@ def _add_review_commands(add: Adder) -> None:
     p.add_argument("--corrections", required=True, metavar="EXPORT", help="a Label Studio JSON export or a COCO json")
     p.add_argument("--out", required=True, metavar="MERGED.json", help="the merged COCO json to write")
     p.add_argument("--images", metavar="DIR", help="image root: check the images and read their sizes")
+    p.add_argument("--skip-unsupported", action="store_true", help="leave out (counted, with a warning) the regions "
+                   "merge cannot take (polygons, untyped) and annotations of no image, not an error")  # fmt: skip
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
