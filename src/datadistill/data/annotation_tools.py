@@ -310,7 +310,7 @@ def read_label_studio_export(
 ) -> Corrections:
     """A Label Studio JSON export ``raw`` (read from ``path``): per task, the last annotation not cancelled,
     its rectanglelabels back in absolute pixels (``x / 100 * original_width`` ...) and, for a keypoint task
-    (``keypoint_names``), its keypointlabels as each box's COCO keypoints (see :func:`task_keypoints`)."""
+    (``keypoint_names``), its keypointlabels as each box's COCO keypoints (see :func:`_task_keypoints`)."""
     images, skipped = [], Counter[str]()
     for i, task in enumerate(raw):
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
@@ -363,14 +363,14 @@ def read_label_studio_export(
             box_ids.append(region.get("id"))
         extra: list[dict[str, Any]] = [{}] * len(boxes)
         if keypoint_names or points:  # not a box task with boxes only (that path is as before)
-            extra = task_keypoints(points, boxes, box_ids, keypoint_names=keypoint_names, size=size)
+            extra = _task_keypoints(points, boxes, box_ids, keypoint_names=keypoint_names, size=size)
         claimed = size.claimed or size.fallback or (0, 0)
         field_name = "original_width/original_height" if size.claimed else "data.width/data.height"
         images.append(CorrectedImage(record, name, *claimed, boxes, labels, extra, size_field=field_name))
     return Corrections(images, dict(skipped))
 
 
-def task_keypoints(
+def _task_keypoints(
     points: list[tuple[str, dict[str, Any], dict[str, Any]]],
     boxes: list[tuple[float, float, float, float]],
     box_ids: list[Any],
