@@ -21,7 +21,9 @@ from harness import cli, error_line
 from PIL import Image
 
 from datadistill.data.coco import load_coco, validate_coco
+from datadistill.data.label_folder import shard_schema, write_shard
 from datadistill.errors import UserError
+from datadistill.runtime.io import write_json_atomic
 from datadistill.stages.review import merge
 
 SIZE = 64
@@ -419,3 +421,18 @@ def test_cli_merge_and_validate_say_one_line(base: Path, tmp_path: Path) -> None
     bad = _export(tmp_path, raw)
     result = cli("validate", bad)
     assert result.rc == 1 and "category 1: 'name' 'ring\\x1b' holds control characters" in result.out, result
+
+
+def test_review_refuses_a_reference_with_a_control_character_in_a_class_name(base: Path, tmp_path: Path) -> None:
+    """The Label Studio config review writes would not be well-formed XML (``\\x1b`` is not allowed in XML 1.0)."""
+    row = {"file_name": "new0.png", "width": SIZE, "height": SIZE, "boxes": [1.0, 1.0, 9.0, 9.0], "scores": [0.6],
+           "labels": [0], "agreement": [1], "error": None}  # fmt: skip
+    write_shard(tmp_path / "labels" / "shards" / "part-00000.parquet", [row], shard_schema(0))
+    manifest = {"status": "complete", "classes": {"names": ["ring\x1b", "b"]}, "config": {"views": ["identity"]}}
+    write_json_atomic(tmp_path / "labels" / "manifest.json", manifest)
+    raw = json.loads((base / "ref.json").read_text())
+    raw["categories"][0]["name"] = "ring\x1b"
+    reference = _export(tmp_path, raw)
+    args = ("review", "--labels", tmp_path / "labels", "--reference", reference, "--top", "1", "--out", tmp_path / "r")
+    error_line(cli(*args), str(reference), "category 1: 'name' 'ring\\x1b' holds control characters")
+    assert not (tmp_path / "r").exists()
