@@ -27,21 +27,26 @@ ROWS = [
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
+    return make_run(tmp_path, ("a", "b"), [name for name, *_ in ROWS])
+
+
+def make_run(tmp_path: Path, classes: tuple[str, str], file_names: list[str]) -> Path:
+    """A run folder of one round whose labeling holds ROWS (with ``file_names`` for theirs), classes ``classes``."""
     run = tmp_path / "run"
     images = tmp_path / "images"
     images.mkdir()
-    for name, *_ in ROWS:
-        Image.new("RGB", (W, H), (90, 140, 200)).save(images / name)
+    for name in file_names:
+        Image.new("RGB", (W, H), (90, 140, 200)).save(images / name, format="png")
     rows = [{"file_name": n, "width": W, "height": H, "boxes": [float(v) for b in bx for v in b], "scores": s,
              "labels": lab, "agreement": a, "score_spread": ss, "box_spread": bs, "error": None}
-            for n, s, lab, a, ss, bs, bx in ROWS]  # fmt: skip
+            for n, (_, s, lab, a, ss, bs, bx) in zip(file_names, ROWS, strict=True)]  # fmt: skip
     label = run / "round-1" / "label"
     write_shard(label / "shards" / "part-00000.parquet", rows, shard_schema(0))
-    write_json_atomic(label / "manifest.json", {"status": "complete", "classes": {"names": ["a", "b"]},
+    write_json_atomic(label / "manifest.json", {"status": "complete", "classes": {"names": list(classes)},
                       "config": {"views": ["identity", "hflip", "scale:0.8", "scale:1.2"],
                                  "image_root": str(images)}})  # fmt: skip
-    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
-    imgs = [{"id": i, "file_name": n, "width": W, "height": H} for i, (n, *_) in enumerate(ROWS, 1)]
+    cats = [{"id": 1, "name": classes[0]}, {"id": 2, "name": classes[1]}]
+    imgs = [{"id": i, "file_name": n, "width": W, "height": H} for i, n in enumerate(file_names, 1)]
     truth = {"images": imgs, "annotations": [{"id": 1, "image_id": 2, "category_id": 2, "bbox": [11, 10, 30, 20],
              "iscrowd": 0, "area": 600}], "categories": cats}  # fmt: skip
     write_json_atomic(tmp_path / "truth.json", truth)
@@ -49,7 +54,7 @@ def run_dir(tmp_path: Path) -> Path:
               "iscrowd": 0, "area": 676, "score": 0.95}], "categories": cats}  # fmt: skip
     write_json_atomic(run / "round-1" / "select" / "pseudo.json", pseudo)
     write_json_atomic(run / "round-1" / "select" / "selection.json", {
-        "policy": "count", "thresholds": {"a": 0.551, "b": 0.551}, "min_agreement": 1, "achieved_objects": 5928,
+        "policy": "count", "thresholds": {classes[0]: 0.551, classes[1]: 0.551}, "min_agreement": 1, "achieved_objects": 5928,
         "unlabeled_images": 1800, "achieved_per_image": 3.29, "target_per_image": 4.26, "candidates": 431257,
         "cross_class_duplicates": 1749, "cross_class_iou": 0.5})  # fmt: skip
     (run / "config.yaml").write_text(f"_base: {tmp_path}\ndata: {{unlabeled_truth: truth.json}}\n")
@@ -71,6 +76,15 @@ def test_report_mends_what_a_newcomer_found_confusing(run_dir: Path) -> None:
     assert "The images the views disagree on most, round 1" in page
     assert "The 3 unlabeled images" in page and "Right: the held-back true labels" in page
     assert page.count("data:image/png;base64,") == 3  # PR, pseudo gallery, doubt gallery (no curves here)
+
+
+def test_names_with_dollar_signs_are_drawn_as_written(tmp_path: Path) -> None:
+    """Class and file names reach matplotlib as plain text: ``ring $x^$`` is no TeX to parse (it would raise)."""
+    odd = ["sure $x^$.png", "doubtful $\\frac{.png", "middle $$.png"]
+    run = make_run(tmp_path, ("ring $x^$", "b_$1"), odd)
+    page = report.write_report(run).read_text()
+    assert page.count("data:image/png;base64,") == 3  # PR, pseudo gallery, doubt gallery: all drawn
+    assert "threshold 0.551 (every class)" in page
 
 
 def test_doubt_gallery_without_truth_or_spreads_says_less(run_dir: Path) -> None:

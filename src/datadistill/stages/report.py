@@ -181,7 +181,16 @@ def gallery(dataset: CocoDataset, image_root: Path | str, *, count: int = GALLER
             text = dataset.class_names[int(lab.labels[j])]
             if lab.scores is not None:
                 text += f" {lab.scores[j]:.2f}"
-            ax.text(x1, y1, text, color="black", fontsize=6, va="bottom", bbox={"color": "yellow", "pad": 0.5})
+            ax.text(
+                x1,
+                y1,
+                text,
+                color="black",
+                fontsize=6,
+                va="bottom",
+                bbox={"color": "yellow", "pad": 0.5},
+                parse_math=False,
+            )
             if lab.keypoints is not None and cat is not None:
                 kp = lab.keypoints[j]
                 for a, b in cat.skeleton:
@@ -191,8 +200,8 @@ def gallery(dataset: CocoDataset, image_root: Path | str, *, count: int = GALLER
                     if kp[k, 2] > 0:
                         colour = "red" if "left" in name else "dodgerblue" if "right" in name else "white"
                         ax.plot(kp[k, 0], kp[k, 1], "o", ms=2.5, color=colour)
-        ax.set_title(im.file_name, fontsize=7)
-    fig.suptitle(title, fontsize=9)
+        ax.set_title(im.file_name, fontsize=7, parse_math=False)
+    fig.suptitle(title, fontsize=9, parse_math=False)
     fig.tight_layout()
     return _png(fig)
 
@@ -323,7 +332,11 @@ def format_seconds(seconds: float) -> str:
     return text
 
 
-DOUBT_GALLERY_SIZE = 6
+DOUBT_GALLERY_SIZE = 4
+# the doubt gallery is drawn at the page's width (1,100 px at the report's 90 dpi), two panels a row, so that
+# its box labels (class, score, views, spread) read at about 11 px
+DOUBT_FIGURE_WIDTH_IN, DOUBT_PANEL_HEIGHT_IN = 12.0, 6.2
+LABEL_PT, TITLE_PT = 9, 11
 DOUBT_NOTE = (
     "<p class='note'>The {n} unlabeled images that <code>datadistill review</code> ranks most doubtful (its "
     "doubt in each title). Left: the candidates the selection kept (solid) and the {below} most doubtful of "
@@ -378,14 +391,14 @@ def doubt_gallery(
     chosen = list(range(len(names)))
     with_truth = any(names[r] in by_name for r in chosen)
     plt = _plt()
-    panels = 2 if with_truth else 1
-    per_row = 2 if with_truth else 3
+    # two panels a row at the page's width (the image and its truth, or two images): labels stay readable
+    per_row = 1 if with_truth else 2
     rows = -(-len(chosen) // per_row)
-    fig, axes = plt.subplots(rows, per_row * panels, figsize=(3.2 * per_row * panels, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2, figsize=(DOUBT_FIGURE_WIDTH_IN, DOUBT_PANEL_HEIGHT_IN * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i, row in enumerate(chosen):
-        ax = axes[i // per_row, (i % per_row) * panels]
+        ax = axes[i // per_row, (i % per_row) * (2 // per_row)]
         try:
             img = read_image(resolve_image_path(image_root, names[row])).permute(1, 2, 0).numpy()
         except UserError:
@@ -396,13 +409,13 @@ def doubt_gallery(
         shown = np.concatenate([mine[obj["kept"][mine]], below[np.argsort(-doubt[below], kind="stable")[:below_count]]])
         draw_candidates(ax, {k: v[shown] for k, v in obj.items() if k not in ("id", "image", "closeness")},
                         class_names=class_names, num_views=num_views)  # fmt: skip
-        ax.set_title(f"{names[row]}: doubt {image_doubt[row]:.2f}", fontsize=7)
+        ax.set_title(f"{names[row]}: doubt {image_doubt[row]:.2f}", fontsize=TITLE_PT, parse_math=False)
         if with_truth and names[row] in by_name:
             lab = truth.labels[by_name[names[row]]]  # type: ignore[union-attr]
-            axes[i // per_row, (i % per_row) * panels + 1].imshow(img)
+            axes[i, 1].imshow(img)
             for box, c in zip(lab.boxes, lab.labels, strict=True):
-                _box(axes[i // per_row, (i % per_row) * panels + 1], box, "white", "-", class_names[int(c)])
-            axes[i // per_row, (i % per_row) * panels + 1].set_title("held-back truth", fontsize=7)
+                _box(axes[i, 1], box, "white", "-", class_names[int(c)])
+            axes[i, 1].set_title("held-back truth", fontsize=TITLE_PT)
     fig.tight_layout()
     right = "Right: the held-back true labels of the image." if with_truth else ""
     return DOUBT_NOTE.format(n=len(chosen), below=below_count, v=num_views, right=right) + _png(fig)
@@ -411,7 +424,18 @@ def doubt_gallery(
 def _box(ax: Any, box: np.ndarray, colour: Any, style: str, text: str) -> None:
     x1, y1, x2, y2 = (float(v) for v in box)
     ax.add_patch(_plt().Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1.2, ls=style))
-    ax.text(x1, y1, text, color="black", fontsize=5, va="bottom", bbox={"color": colour, "pad": 0.4, "alpha": 0.8})
+    top, bottom = sorted(ax.get_ylim())  # on an image's axes the top row has the smaller y
+    inside = y1 - top < 0.05 * (bottom - top)  # a label above the image would cover the panel's title
+    ax.text(
+        x1,
+        y1,
+        text,
+        va="top" if inside else "bottom",
+        color="black",
+        fontsize=LABEL_PT,
+        bbox={"color": colour, "pad": 0.5, "alpha": 0.8},
+        parse_math=False,
+    )  # class and file names are text, never TeX: "ring $x^$" is drawn as written
 
 
 def draw_candidates(ax: Any, obj: dict[str, np.ndarray], *, class_names: tuple[str, ...], num_views: int) -> None:
