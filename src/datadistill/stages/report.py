@@ -181,16 +181,8 @@ def gallery(dataset: CocoDataset, image_root: Path | str, *, count: int = GALLER
             text = dataset.class_names[int(lab.labels[j])]
             if lab.scores is not None:
                 text += f" {lab.scores[j]:.2f}"
-            ax.text(
-                x1,
-                y1,
-                text,
-                color="black",
-                fontsize=6,
-                va="bottom",
-                bbox={"color": "yellow", "pad": 0.5},
-                parse_math=False,
-            )
+            ax.text(x1, y1, text, color="black", fontsize=6, va="bottom", bbox={"color": "yellow", "pad": 0.5},
+                    parse_math=False)  # fmt: skip
             if lab.keypoints is not None and cat is not None:
                 kp = lab.keypoints[j]
                 for a, b in cat.skeleton:
@@ -398,7 +390,7 @@ def doubt_gallery(
     for ax in axes.ravel():
         ax.axis("off")
     for i, row in enumerate(chosen):
-        ax = axes[i // per_row, (i % per_row) * (2 // per_row)]
+        ax = axes[i // per_row, i % per_row]  # with the truth: column 0, the truth in column 1
         try:
             img = read_image(resolve_image_path(image_root, names[row])).permute(1, 2, 0).numpy()
         except UserError:
@@ -426,16 +418,9 @@ def _box(ax: Any, box: np.ndarray, colour: Any, style: str, text: str) -> None:
     ax.add_patch(_plt().Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1.2, ls=style))
     top, bottom = sorted(ax.get_ylim())  # on an image's axes the top row has the smaller y
     inside = y1 - top < 0.05 * (bottom - top)  # a label above the image would cover the panel's title
-    ax.text(
-        x1,
-        y1,
-        text,
-        va="top" if inside else "bottom",
-        color="black",
-        fontsize=LABEL_PT,
-        bbox={"color": colour, "pad": 0.5, "alpha": 0.8},
-        parse_math=False,
-    )  # class and file names are text, never TeX: "ring $x^$" is drawn as written
+    # parse_math=False: class and file names are text, never TeX ("ring $x^$" is drawn as written)
+    ax.text(x1, y1, text, va="top" if inside else "bottom", color="black", fontsize=LABEL_PT,
+            bbox={"color": colour, "pad": 0.5, "alpha": 0.8}, parse_math=False)  # fmt: skip
 
 
 def draw_candidates(ax: Any, obj: dict[str, np.ndarray], *, class_names: tuple[str, ...], num_views: int) -> None:
