@@ -108,12 +108,12 @@ def make_box_inputs(folder: Path) -> None:
     (folder / "selection.json").write_text(json.dumps({"thresholds": {"cat": 0.5, "dog": 0.5}, "min_agreement": 1}))
 
 
-def make_keypoint_inputs(folder: Path) -> None:
-    """Six stick-figure images: the first 2 the labeled COCO json, the other 4 labeled by "the teacher" with
-    their true boxes and keypoints (score 0.9 where visible, 0.1 where hidden); a selection at 0.5 for boxes
-    and keypoints, so that review sends the visible keypoints."""
-    # 120 px: pixel positions are not binary fractions of the width, so the percent round trip is not exact
-    raw = json.loads(make_figures(folder / "data", num_images=6, seed=0, size_px=120).read_text())
+def make_keypoint_inputs(folder: Path, *, size_px: int = 120) -> None:
+    """Six stick-figure images of ``size_px``: the first 2 the labeled COCO json, the other 4 labeled by "the
+    teacher" with their true boxes and keypoints (score 0.9 where visible, 0.1 where hidden); a selection at 0.5
+    for boxes and keypoints, so that review sends the visible keypoints. (120 px: pixel positions are no binary
+    fractions of the width, so the percent round trip is not exact by chance.)"""
+    raw = json.loads(make_figures(folder / "data", num_images=6, seed=0, size_px=size_px).read_text())
     ref_ids = {im["id"] for im in raw["images"][:2]}
     ref = {**raw, "images": [im for im in raw["images"] if im["id"] in ref_ids],
            "annotations": [a for a in raw["annotations"] if a["image_id"] in ref_ids]}  # fmt: skip
