@@ -27,7 +27,7 @@ def load_bench(name: str):  # noqa: ANN201 (a module)
     return module
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def bench_script():  # noqa: ANN201
     """:func:`load_bench`, for a test: ``bench_script("writer_gil")``."""
     return load_bench

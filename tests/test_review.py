@@ -14,7 +14,6 @@ import pytest
 from datadistill.cli import main
 from datadistill.data.coco import load_coco, validate_coco
 from datadistill.data.label_folder import object_values, read_shards, shard_detections, shard_schema, write_shard
-from datadistill.data.synth import make_figures
 from datadistill.errors import UserError
 from datadistill.runtime.io import write_json_atomic
 from datadistill.stages.review import merge, object_doubt, review
@@ -283,36 +282,16 @@ def test_cli_review_and_merge(folder: Path, capsys: pytest.CaptureFixture[str]) 
 # ----------------------------------------------------------------------------------------------------
 # keypoints: synthetic stick figures, their true boxes and keypoints written as the pseudo-labels
 
-KP_SCORE_SHOWN, KP_SCORE_HIDDEN, KP_THR = 0.9, 0.1, 0.5
+KP_SCORE_SHOWN, KP_THR = 0.9, 0.5  # as bench/label_studio.py's make_keypoint_inputs writes them
 
 
 @pytest.fixture(scope="module")
-def figures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A keypoint labeling folder: 6 figure images, the first 2 the labeled reference, the other 4 labeled
-    by "the teacher" with their true boxes and keypoints (score 0.9 where visible, 0.1 where hidden or out of
-    the frame); a selection at 0.5 for boxes and keypoints."""
+def figures(tmp_path_factory: pytest.TempPathFactory, bench_script) -> Path:  # noqa: ANN001 (conftest's loader)
+    """A keypoint labeling folder: 6 figure images of 128 px, the first 2 the labeled reference, the other 4
+    labeled by "the teacher" with their true boxes and keypoints (score 0.9 where visible, 0.1 where hidden or
+    out of the frame); a selection at 0.5 for boxes and keypoints (the Label Studio round trip's own inputs)."""
     folder = tmp_path_factory.mktemp("figures")
-    raw = json.loads(make_figures(folder / "data", num_images=6, seed=0).read_text())
-    ref_ids = {im["id"] for im in raw["images"][:2]}
-    ref = {**raw, "images": [im for im in raw["images"] if im["id"] in ref_ids],
-           "annotations": [a for a in raw["annotations"] if a["image_id"] in ref_ids]}  # fmt: skip
-    (folder / "ref.json").write_text(json.dumps(ref))
-    truth = load_coco(folder / "data" / "annotations.json")
-    rows = []
-    for im in truth.images[2:]:
-        lab = truth.labels[im.id]
-        kp = lab.keypoints.copy()
-        kp[..., 2] = np.where(kp[..., 2] == 2, KP_SCORE_SHOWN, KP_SCORE_HIDDEN)
-        n = len(lab.boxes)
-        rows.append({"file_name": im.file_name, "width": im.width, "height": im.height,
-                     "boxes": lab.boxes.reshape(-1).tolist(), "scores": [0.6] * n, "labels": [0] * n,
-                     "agreement": [3] * n, "keypoints": kp.reshape(-1).tolist(), "error": None})  # fmt: skip
-    write_shard(folder / "labels" / "shards" / "part-00000.parquet", rows, shard_schema(truth.num_keypoints))
-    manifest = {"status": "complete", "classes": {"names": ["figure"]},
-                "config": {"views": ["identity", "hflip", "scale:0.8", "scale:1.2"]}}  # fmt: skip
-    write_json_atomic(folder / "labels" / "manifest.json", manifest)
-    selection = {"thresholds": {"figure": 0.5}, "min_agreement": 1, "keypoint_threshold": KP_THR}
-    (folder / "selection.json").write_text(json.dumps(selection))
+    bench_script("label_studio").make_keypoint_inputs(folder, size_px=128)
     review(folder / "labels", folder / "ref.json", out=folder / "rev", top=10, selection_path=folder / "selection.json")
     return folder
 
