@@ -169,23 +169,31 @@ def _train_args(shapes: Path, out: Path) -> list[str]:
             "--log-every", "1", "--save-every", "1", "--threads", "1", "--device", "cpu", "--val", data]  # fmt: skip
 
 
-# Under torchrun: rank 0 stops for good right after writing last.pt of epoch 1 (and says so in a file).
+# Under torchrun: rank 0 stops for good in the first iteration of epoch 2, after last.pt of epoch 1 is written
+# (and says so in a file). The seam: train_loop runs the losses of the LoopBackend it is given; the config is
+# parsed as the CLI parses it.
 _STOP_AFTER_EPOCH_1 = """
-import sys, time
+import dataclasses, sys, time
 from pathlib import Path
+from datadistill.cli import build_parser
+from datadistill.config import TrainConfig
 from datadistill.models import torchvision as models
+from datadistill.runtime.distributed import launch_from_env
+from datadistill.stages.train import train_loop
 
-save = models.save_checkpoint
+calls = 0
 
-def save_then_stop(path, **kwargs):
-    save(path, **kwargs)
-    if Path(path).name == "last.pt" and kwargs["extra"]["epoch"] == 1:
+def losses(model, images, targets):
+    global calls
+    calls += 1
+    if calls == 3 and launch_from_env().is_main:  # 2 iterations per epoch
         Path(sys.argv[1]).write_text("epoch 1 saved")
         time.sleep(600)
+    return models.losses(model, images, targets)
 
-models.save_checkpoint = save_then_stop
-from datadistill.cli import main
-raise SystemExit(main(sys.argv[2:]))
+args = build_parser().parse_args(sys.argv[2:])
+cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+train_loop(cfg, dataclasses.replace(models.LOOP, losses=losses))
 """
 
 
@@ -284,23 +292,34 @@ def _label_args(checkpoint: Path, unlabeled: Path, out: Path, **overrides: str) 
     return args
 
 
-# A labeling whose forward passes take 200 ms longer (in this process, or in every Ray worker), so that
-# a kill lands mid-run.
+# A labeling whose forward passes take 200 ms longer (in this process, or in every Ray actor), so that a kill
+# lands mid-run. The seam: label() builds the teacher with the loader it is given (pickled to the Ray actors);
+# the config is parsed as the CLI parses it.
 _SLOW_LABEL = """
-import sys, time
+import dataclasses, os, sys, time
+from datadistill.cli import build_parser
+from datadistill.config import LabelConfig
+from datadistill.models.detector import load_detector
+from datadistill.stages.label import label
 
-def slow_down():
-    from datadistill.models import torchvision as models
-    predict = models.predict
-    models.predict = lambda model, images: (time.sleep(0.2), predict(model, images))[1]
+class Slow:
+    def __init__(self, detector):
+        self.detector = detector
 
-if "ray" in sys.argv:
-    import ray
-    ray.init(include_dashboard=False, runtime_env={"worker_process_setup_hook": slow_down})
-else:
-    slow_down()
-from datadistill.cli import main
-raise SystemExit(main(sys.argv[1:]))
+    def __getattr__(self, name):
+        return getattr(self.detector, name)
+
+    def predict(self, images):
+        time.sleep(0.2)
+        return self.detector.predict(images)
+
+def slow_load(spec, **kwargs):
+    return Slow(load_detector(spec, **kwargs))
+
+args = build_parser().parse_args(sys.argv[1:])
+fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(LabelConfig) if hasattr(args, f.name)}
+fields.update(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+label(LabelConfig(**fields), load=slow_load)
 """
 
 

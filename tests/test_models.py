@@ -19,6 +19,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from datadistill.data.coco import Category, CocoDataset, ImageLabels, ImageRecord
 from datadistill.errors import UserError
 from datadistill.models import torchvision as models
+from datadistill.models.detector import DEFAULT_MODELS
 from datadistill.models.ignore import supports_ignore
 from datadistill.models.torchvision import MODELS, ModelMeta
 
@@ -113,7 +114,7 @@ def test_fcos_box_regression_starts_alive(name: str) -> None:
 
 
 def test_small_models_are_the_defaults() -> None:
-    for task, name in models.DEFAULT_MODELS.items():
+    for task, name in DEFAULT_MODELS.items():
         assert MODELS[name].task == task and not MODELS[name].pretrained
 
 

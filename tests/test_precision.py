@@ -174,15 +174,32 @@ def _random_images(root: Path, n: int) -> Path:
 def _slow_label(args: list[str], out: Path) -> list[str]:
     """`datadistill label` in a child process whose forward passes take 20 ms longer, so that a kill lands
     mid-run."""
-    code = (
-        "import sys, time\n"
-        "from datadistill.models import torchvision as models\n"
-        "predict = models.predict\n"
-        "models.predict = lambda m, i: (time.sleep(0.02), predict(m, i))[1]\n"
-        "from datadistill.cli import main\n"
-        "raise SystemExit(main(sys.argv[1:]))\n"
-    )
-    return [sys.executable, "-c", code, "label", *args, "--out", str(out)]
+    return [sys.executable, "-c", _SLOW_CHILD.format(delay=0.02), "label", *args, "--out", str(out)]
+
+
+# The seam: label() builds the teacher with the loader it is given; the config is parsed as the CLI parses it.
+_SLOW_CHILD = """
+import dataclasses, sys, time
+from datadistill.cli import build_parser
+from datadistill.config import LabelConfig
+from datadistill.models.detector import load_detector
+from datadistill.stages.label import label
+
+class Slow:
+    def __init__(self, detector):
+        self.detector = detector
+
+    def __getattr__(self, name):
+        return getattr(self.detector, name)
+
+    def predict(self, images):
+        time.sleep({delay})
+        return self.detector.predict(images)
+
+args = build_parser().parse_args(sys.argv[1:])
+label(LabelConfig(**{{f.name: getattr(args, f.name) for f in dataclasses.fields(LabelConfig) if hasattr(args, f.name)}}),
+      load=lambda spec, **kwargs: Slow(load_detector(spec, **kwargs)))
+"""
 
 
 def _shard_bytes(out: Path) -> dict[str, bytes]:

@@ -16,10 +16,11 @@ from. A *model spec* is what a user types after ``--model``:
 
 :data:`BACKENDS` maps each backend to the module that implements it; each such module offers
 ``load(spec, *, device, min_score)`` (a :class:`Detector`), ``model_file(spec)``, ``model_files(spec)`` (a
-:class:`ModelFiles`) and ``train(cfg)`` (the train stage of its models); :data:`TRAINED_FILES` names what
-``train`` writes last into its output folder. A backend whose models train in datadistill's own loop
-gives that loop a :class:`LoopBackend`. Coordinates are absolute pixel xyxy in the original image frame,
-as everywhere in datadistill.
+:class:`ModelFiles`), and for training data, never a loop (DETR's ``build_model`` shape): ``LOOP``, a
+:class:`LoopBackend` that datadistill's loop (:mod:`datadistill.stages.train`) runs, or ``TRAINER``, an
+:class:`ExternalTrainer` (Ultralytics' own) that the train stage calls and then evaluates;
+:func:`training_backend` gives either. :data:`TRAINED_FILES` names what a train run writes last into its
+output folder. Coordinates are absolute pixel xyxy in the original image frame, as everywhere in datadistill.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ TRAINED_FILES: dict[str, str] = {"torchvision": "checkpoint.pt", "ultralytics": 
 RESUME_FILES: dict[str, str] = {"torchvision": "last.pt", "ultralytics": "ultralytics/weights/last.pt", "hf": "last.pt"}
 # spec prefix -> backend; a spec without one of these is a torchvision name, checkpoint or folder
 PREFIXES: dict[str, str] = {"yolo:": "ultralytics", "hf:": "hf"}
+# task -> the architecture (of datadistill.models.zoo) that ``train`` builds when no --model is given
+DEFAULT_MODELS: dict[str, str] = {"boxes": "small_fcos", "keypoints": "small_keypointrcnn"}
 
 
 @dataclass(frozen=True)
@@ -150,25 +153,81 @@ class ModelMeta:
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> ModelMeta:
+        """The meta of :meth:`to_dict`'s form; a one-line UserError names the field that is missing or of the
+        wrong type (fields added later, such as ``objects_p99``, default when absent)."""
+        if not isinstance(d, Mapping):
+            raise UserError(f"malformed model meta: expected an object, got {type(d).__name__}")
         if d.get("task") not in ("boxes", "keypoints"):
             raise UserError(f"malformed model meta: task must be 'boxes' or 'keypoints', got {d.get('task')!r}")
-        try:
-            return ModelMeta(
-                model=str(d["model"]),
-                task=d["task"],
-                class_names=tuple(str(n) for n in d["class_names"]),
-                category_ids=tuple(int(i) for i in d["category_ids"]),
-                keypoint_names=tuple(str(n) for n in d.get("keypoint_names", ())),
-                flip_index=tuple(int(i) for i in d.get("flip_index", ())),
-                skeleton=tuple((int(a), int(b)) for a, b in d.get("skeleton", ())),
-                sigmas=tuple(float(s) for s in d.get("sigmas", ())),
-                min_size=int(d["min_size"]),
-                max_size=int(d["max_size"]),
-                objects_p99=float(d.get("objects_p99", 0.0)),  # absent from checkpoints written before it
-                max_det=int(d.get("max_det", 0)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"malformed model meta ({type(exc).__name__}: {exc})") from exc
+        values: dict[str, Any] = {"task": d["task"]}
+        for key, (convert, required) in _META_FIELDS.items():
+            if key not in d:
+                if required:
+                    raise UserError(f"malformed model meta: field {key!r} is missing")
+                continue
+            try:
+                values[key] = convert(d[key])
+            except (TypeError, ValueError):
+                raise UserError(
+                    f"malformed model meta: field {key!r} is {str(d[key])[:60]!r}, not {_META_KINDS[convert]}"
+                ) from None
+        return ModelMeta(**values)
+
+
+def _items(value: Any) -> list[Any]:
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"not a list: {type(value).__name__}")
+    return list(value)
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    return tuple(str(n) for n in _items(value))
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    return tuple(_int(i) for i in _items(value))
+
+
+def _pairs(value: Any) -> tuple[tuple[int, int], ...]:
+    pairs = tuple(tuple(_ints(e)) for e in _items(value))
+    if any(len(e) != 2 for e in pairs):
+        raise ValueError("not pairs")
+    return pairs  # type: ignore[return-value]
+
+
+def _floats(value: Any) -> tuple[float, ...]:
+    return tuple(_float(f) for f in _items(value))
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise TypeError("not an integer")
+    return int(value)
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("not a number")
+    return float(value)
+
+
+# ModelMeta field -> (how its json value is read, whether it must be there); task is read before them
+_META_FIELDS: dict[str, tuple[Callable[[Any], Any], bool]] = {
+    "model": (str, True),
+    "class_names": (_names, True),
+    "category_ids": (_ints, True),
+    "keypoint_names": (_names, False),
+    "flip_index": (_ints, False),
+    "skeleton": (_pairs, False),
+    "sigmas": (_floats, False),
+    "min_size": (_int, True),
+    "max_size": (_int, True),
+    "objects_p99": (_float, False),  # absent from checkpoints written before it
+    "max_det": (_int, False),
+}
+_META_KINDS: dict[Callable[[Any], Any], str] = {str: "a string", _names: "a list of names", _ints: "a list of integers",
+                                                 _pairs: "a list of pairs", _floats: "a list of numbers",
+                                                 _int: "an integer", _float: "a number"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -191,6 +250,33 @@ class LoopBackend:
     losses: Callable[..., dict[str, Any]]
     detector: Callable[[Any, ModelMeta], Detector]
     save_final: Callable[..., None]
+    final_name: str
+
+
+@dataclass(frozen=True)
+class ExternalRun:
+    """What an :class:`ExternalTrainer` leaves for the train stage to finish: the spec of the trained model
+    (``yolo:OUT/yolo.pt``), the validation set to evaluate it on (None: none given) and its images, the
+    epoch line of ``metrics.jsonl`` before evaluation, and the seconds its own training took."""
+
+    model: str
+    val: CocoDataset | None
+    val_images: str | None
+    record: dict[str, Any]
+    train_s: float
+
+
+@dataclass(frozen=True)
+class ExternalTrainer:
+    """A backend whose models train with their library's own trainer (Ultralytics'), called by the train stage.
+
+    ``fit(cfg)`` trains as the :class:`~datadistill.config.TrainConfig` says and writes :data:`final_name`
+    into ``cfg.out`` with ``config.yaml`` and ``provenance.json``; it returns an :class:`ExternalRun`, or None
+    when a resumed run was already finished. The stage then evaluates and writes ``metrics.jsonl`` and
+    ``timings.json``: the backend never calls a stage.
+    """
+
+    fit: Callable[[Any], ExternalRun | None]
     final_name: str
 
 
@@ -451,8 +537,11 @@ def load_detector(
     return detector
 
 
-def train(cfg: Any) -> Path:
-    """The train stage of ``cfg.model``'s backend (a :class:`~datadistill.config.TrainConfig`); returns
-    the output folder."""
-    module = backend_module(backend_of(cfg.model) if cfg.model else "torchvision")
-    return module.train(cfg)  # type: ignore[no-any-return]
+def training_backend(model: str | None) -> LoopBackend | ExternalTrainer:
+    """What trains ``train --model MODEL`` (None: a torchvision default): the backend's :class:`LoopBackend`
+    (its ``LOOP``, for datadistill's loop) or its :class:`ExternalTrainer` (its ``TRAINER``)."""
+    module = backend_module(backend_of(model) if model else "torchvision")
+    found = getattr(module, "LOOP", None) or getattr(module, "TRAINER", None)
+    if not isinstance(found, LoopBackend | ExternalTrainer):
+        raise TypeError(f"{module.__name__} offers neither LOOP nor TRAINER")
+    return found

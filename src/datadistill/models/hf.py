@@ -45,6 +45,7 @@ from datadistill.core.types import Detections
 from datadistill.core.views import resized_size
 from datadistill.data.coco import CocoDataset
 from datadistill.errors import UserError
+from datadistill.models.checkpoints import read_checkpoint, unwrap
 from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, folder_files, resolve_max_det
 
 log = logging.getLogger(__name__)
@@ -369,8 +370,9 @@ class HfModule(nn.Module):
         return detections
 
 
-def _unwrap(model: nn.Module) -> HfModule:
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def hf_module(model: nn.Module) -> HfModule:
+    """The :class:`HfModule` of ``model`` (itself, or inside its DDP wrapper)."""
+    inner = unwrap(model)
     assert isinstance(inner, HfModule)
     return inner
 
@@ -389,7 +391,7 @@ class HfDetector:
     def __init__(self, module: nn.Module, meta: ModelMeta, *, spec: str = "", threshold: float = DEFAULT_THRESHOLD,
                  max_det: int | None = None) -> None:  # fmt: skip
         self.module, self.meta, self.spec, self.threshold = module, meta, spec or meta.model, threshold
-        queries = _unwrap(module).num_queries
+        queries = hf_module(module).num_queries
         self.max_det = resolve_max_det(meta, default=queries or MAX_DETECTIONS, override=max_det)
         if queries is not None and queries < self.max_det:
             log.warning("%s has %d object queries: it finds at most %d objects per image, fewer than the %d the "
@@ -399,13 +401,13 @@ class HfDetector:
     def predict(self, images: Sequence[Tensor]) -> list[Detections]:
         if len(images) == 0:
             return []
-        module = _unwrap(self.module)
+        module = hf_module(self.module)
         module.eval()
         return module.detect(images, threshold=self.threshold, max_det=self.max_det)
 
     @contextlib.contextmanager
     def input_size(self, min_size: int, max_size: int) -> Iterator[None]:
-        module = _unwrap(self.module)
+        module = hf_module(self.module)
         saved = module.size
         module.size = size_dict(min_size, max_size, fixed=module.fixed)
         try:
@@ -422,7 +424,7 @@ class HfDetector:
     def unfit_reason(self, height: int, width: int, *, min_size: int, max_size: int) -> str | None:
         """A fixed-size model stretches any image to its square; a shortest-edge one cannot take an image
         whose resize would leave a side of 0 px."""
-        if _unwrap(self.module).fixed:
+        if hf_module(self.module).fixed:
             return None
         h, w = resized_size(height, width, min_size=min_size, max_size=max_size)
         return None if h >= 1 and w >= 1 else f"would resize it to {w}x{h} px"
@@ -652,8 +654,6 @@ def _init_state(spec: str) -> tuple[dict[str, Tensor], tuple[str, ...] | None]:
     files to the model's), a training output folder, a bare safetensors file, or a datadistill checkpoint."""
     from safetensors.torch import load_file
 
-    from datadistill.models.torchvision import read_checkpoint
-
     path = Path(spec.removeprefix(PREFIX)).expanduser()
     if (path / TRAINED_DIR).is_dir():  # a training output folder: its trained model
         path = path / TRAINED_DIR
@@ -676,7 +676,7 @@ def _init_state(spec: str) -> tuple[dict[str, Tensor], tuple[str, ...] | None]:
 def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> None:
     """Load the tensors of ``spec`` whose names and shapes fit (class heads only when the source's classes
     are ours); logs the counts, a UserError when nothing fits."""
-    inner = _unwrap(model).model
+    inner = hf_module(model).model
     source, names = _init_state(spec)
     target = inner.state_dict()
     skip = class_keys(inner.config) if names != meta.class_names else set()
@@ -710,7 +710,7 @@ def save_final(out: Path, *, model: nn.Module, meta: ModelMeta, extra: Mapping[s
     with ``datadistill.json`` (meta and ``extra``), written aside and renamed into place."""
     from datadistill.runtime.io import to_plain
 
-    module = _unwrap(model)
+    module = hf_module(model)
     final, tmp = out / TRAINED_DIR, out / f"{TRAINED_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     module.model.save_pretrained(tmp)
@@ -723,12 +723,6 @@ def save_final(out: Path, *, model: nn.Module, meta: ModelMeta, extra: Mapping[s
     tmp.rename(final)
 
 
+# What datadistill's training loop (datadistill.stages.train) takes from this backend: data, no loop.
 LOOP = LoopBackend(meta_for=meta_for, default_lr=default_lr, build_model=build_model, init_weights=init_weights,
                    losses=losses, detector=detector, save_final=save_final, final_name=TRAINED_DIR)  # fmt: skip
-
-
-def train(cfg: Any) -> Path:
-    """The train stage of hf: models: datadistill's own loop with the model's own loss."""
-    from datadistill.stages.train import train_loop
-
-    return train_loop(cfg, LOOP)

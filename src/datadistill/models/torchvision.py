@@ -1,25 +1,23 @@
-"""Detectors behind two functions: :func:`losses` (training) and :func:`predict` (inference).
+"""torchvision detectors behind datadistill's loop and :class:`~datadistill.models.detector.Detector`.
 
 torchvision's detection models return losses in train mode and detections in eval mode, count classes
 from 1 (0 is the background of the R-CNN family) and resize every input to ``min_size``. This module
 wraps that once: callers give images as float32 ``[3, H, W]`` in [0, 1] and labels as contiguous class
-indices ``0..C-1``, and get :class:`~datadistill.core.types.Detections` in the original image frame.
+indices ``0..C-1``; :func:`losses` gives the training losses and :func:`predict`
+:class:`~datadistill.core.types.Detections` in the original image frame.
 
-``MODELS`` lists the builders: small models that train from scratch on a CPU in minutes at 128 px,
-torchvision's light COCO-pretrained MobileNetV3 detectors to fine-tune on a laptop, and its standard large
-models for real work (built with no weights; :func:`init_weights` loads pretrained ones by torchvision
-weight name or from a local file). Checkpoints hold only tensors and plain types and are always read
-with ``torch.load(..., weights_only=True)``.
+The architectures are :mod:`datadistill.models.zoo`'s; :func:`init_weights` loads pretrained ones by
+torchvision weight name or from a local file; checkpoints are :mod:`datadistill.models.checkpoints`' (only
+tensors and plain types, always read with ``torch.load(..., weights_only=True)``). :data:`LOOP` is what
+datadistill's training loop (:mod:`datadistill.stages.train`) takes from this backend.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,434 +26,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchvision.models import get_weight
-from torchvision.models.detection import (
-    fasterrcnn_mobilenet_v3_large_320_fpn,
-    fasterrcnn_mobilenet_v3_large_fpn,
-    fasterrcnn_resnet50_fpn_v2,
-    fcos_resnet50_fpn,
-    keypointrcnn_resnet50_fpn,
-    retinanet_resnet50_fpn_v2,
-    ssdlite320_mobilenet_v3_large,
-)
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.keypoint_rcnn import KeypointRCNN, KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as _tv_heatmaps_to_keypoints
-from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import resize_boxes, resize_keypoints
-from torchvision.models.resnet import BasicBlock
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from datadistill.core.caps import DEFAULT_MAX_DET
 from datadistill.core.types import Detections
 from datadistill.core.views import resized_size
 from datadistill.data.coco import CocoDataset
 from datadistill.errors import UserError
-from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, Task, resolve_max_det, single_file
+from datadistill.models.checkpoints import is_checkpoint, load_torch_file, read_checkpoint, save_checkpoint, unwrap
+from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, resolve_max_det, single_file
 from datadistill.models.ignore import IGNORE_LABEL, make_ignore_aware, supports_ignore
-from datadistill.runtime.io import write_atomic
+from datadistill.models.zoo import MODELS, get_spec
+
+__all__ = ["MODELS", "ModelMeta", "get_spec", "read_checkpoint", "save_checkpoint"]  # also reached from here
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "datadistill-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One entry of :data:`MODELS`.
-
-    ``builder(num_classes=C, num_keypoints=K, min_size=..., max_size=...)`` returns a randomly initialised
-    torchvision detector; ``num_classes`` excludes any background class (the builder adds it where the
-    architecture needs it). ``pretrained`` marks the models that are meant to start from pretrained
-    weights (built as torchvision builds them with weights: backbone batch norm frozen and first stages
-    fixed where its recipe does so). ``fixed_size``: the model resizes every image to a ``min_size`` x
-    ``min_size`` square whatever its aspect ratio (SSD), so its ``max_size`` is ``min_size``.
-    """
-
-    name: str
-    task: Task
-    description: str
-    builder: Callable[..., nn.Module]
-    min_size: int
-    max_size: int
-    pretrained: bool
-    fixed_size: bool = False
-
-
-# ----------------------------------------------------------------------------------------------------
-# small models that train from scratch on a CPU
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels), channels)
-
-
-def _small_resnet(widths: Sequence[int], blocks: Sequence[int]) -> nn.Sequential:
-    """A ResNet-style body with few channels and GroupNorm (batch-size independent, for training from
-    scratch): a stride-4 stem of two 3x3 convs, then ``len(widths)`` stages of BasicBlocks, strides
-    4, 8, 16, 32. Children are named ``stem, layer1, ...`` for :class:`BackboneWithFPN`."""
-    stem_width = widths[0]
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    layers["stem"] = nn.Sequential(
-        nn.Conv2d(3, stem_width // 2, 3, stride=2, padding=1, bias=False),
-        _group_norm(stem_width // 2),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(stem_width // 2, stem_width, 3, stride=2, padding=1, bias=False),
-        _group_norm(stem_width),
-        nn.ReLU(inplace=True),
-    )
-    in_ch = stem_width
-    for i, (width, n) in enumerate(zip(widths, blocks, strict=True)):
-        stride = 1 if i == 0 else 2
-        stage: list[nn.Module] = []
-        for j in range(n):
-            downsample = None
-            if j == 0 and (stride != 1 or in_ch != width):
-                downsample = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False), _group_norm(width))
-            stage.append(BasicBlock(in_ch, width, stride if j == 0 else 1, downsample, norm_layer=_group_norm))
-            in_ch = width
-        layers[f"layer{i + 1}"] = nn.Sequential(*stage)
-    body = nn.Sequential(layers)
-    for m in body.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    return body
-
-
-def _small_fpn_backbone(
-    *, widths: Sequence[int], blocks: Sequence[int], channels: int, levels: Sequence[int], extra: str
-) -> BackboneWithFPN:
-    """The small body (stage ``widths``, BasicBlocks per stage) with an FPN of ``channels`` over the
-    stages in ``levels`` (1 = stride 4 ... 4 = stride 32), plus P6/P7 convs (``extra="p6p7"``) or a
-    max-pooled level (``"pool"``)."""
-    body = _small_resnet(widths[: max(levels)], blocks[: max(levels)])
-    extra_blocks = LastLevelP6P7(channels, channels) if extra == "p6p7" else LastLevelMaxPool()
-    return BackboneWithFPN(
-        body,
-        return_layers={f"layer{i}": str(k) for k, i in enumerate(levels)},
-        in_channels_list=[widths[i - 1] for i in levels],
-        out_channels=channels,
-        extra_blocks=extra_blocks,
-        norm_layer=_group_norm,
-    )
-
-
-def _build_small_fcos(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    """FCOS over P3-P7 (strides 8..128; at 128 px nearly every object is learnt on P3), 3 head convs."""
-    del num_keypoints
-    backbone = _small_fpn_backbone(
-        widths=(32, 64, 128, 256), blocks=(1, 2, 2, 1), channels=96, levels=(2, 3, 4), extra="p6p7"
-    )
-    strides = (8, 16, 32, 64, 128)
-    anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
-    model = FCOS(
-        backbone,
-        num_classes=num_classes,
-        min_size=min_size,
-        max_size=max_size,
-        anchor_generator=anchors,
-        head=FCOSHead(backbone.out_channels, 1, num_classes, num_convs=3),
-        score_thresh=0.05,
-        detections_per_img=100,
-        topk_candidates=300,
-    )
-    return _live_fcos_regression(model)
-
-
-def _live_fcos_regression(model: FCOS) -> FCOS:
-    """Start FCOS's box regression above zero.
-
-    torchvision's FCOS head puts a ReLU on the regressed distances, initialised around 0: with some seeds
-    an early step pushes them below zero everywhere, the ReLU passes no gradient, and the boxes stay empty
-    for the whole run (GIoU loss stuck at 1.0, AP 0). Distances are in anchor-size units (about 1 for an
-    object of the anchor's size), so a bias of 1 keeps every location alive at the start.
-    """
-    nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
-    return model
-
-
-def _small_rcnn_backbone() -> BackboneWithFPN:
-    """P2-P6 (strides 4..64) over a narrow body: the R-CNN heads pool small objects from P2."""
-    return _small_fpn_backbone(
-        widths=(32, 64, 96, 128), blocks=(1, 1, 1, 1), channels=64, levels=(1, 2, 3, 4), extra="pool"
-    )
-
-
-def _small_rcnn_kwargs(backbone: BackboneWithFPN, num_classes: int, *, detections: int) -> dict[str, Any]:
-    """Faster R-CNN parts sized for 128-256 px images: few proposals and sampled ROIs, a small box head."""
-    c = backbone.out_channels
-    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)
-    return dict(
-        rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(c, anchors.num_anchors_per_location()[0]),
-        rpn_pre_nms_top_n_train=600,
-        rpn_post_nms_top_n_train=300,
-        rpn_pre_nms_top_n_test=300,
-        rpn_post_nms_top_n_test=100,
-        rpn_batch_size_per_image=128,
-        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=1),
-        box_head=TwoMLPHead(c * 7 * 7, 256),
-        box_predictor=FastRCNNPredictor(256, num_classes + 1),
-        box_batch_size_per_image=64,
-        box_score_thresh=0.05,
-        box_detections_per_img=detections,
-    )
-
-
-def _build_small_frcnn(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    del num_keypoints
-    backbone = _small_rcnn_backbone()
-    return FasterRCNN(
-        backbone,
-        num_classes=None,
-        min_size=min_size,
-        max_size=max_size,
-        **_small_rcnn_kwargs(backbone, num_classes, detections=100),
-    )
-
-
-def _build_small_keypointrcnn(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    backbone = _small_rcnn_backbone()
-    c = backbone.out_channels
-    head_width = 64
-    return KeypointRCNN(
-        backbone,
-        num_classes=None,
-        min_size=min_size,
-        max_size=max_size,
-        **_small_rcnn_kwargs(backbone, num_classes, detections=20),
-        # 7x7 ROI features -> 4 convs -> deconv to 14 -> bilinear x2: 28x28 heatmaps
-        keypoint_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=1),
-        keypoint_head=KeypointRCNNHeads(c, (head_width,) * 4),
-        keypoint_predictor=KeypointRCNNPredictor(head_width, num_keypoints),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# torchvision's pretrained models: its light MobileNetV3 detectors and its standard large ones, built
-# without weights (init_weights loads them) the way torchvision builds them with weights
-
-
-def _freeze_norm(module: nn.Module) -> None:
-    """Replace every BatchNorm2d under ``module`` by a FrozenBatchNorm2d of torchvision's default eps (1e-5),
-    as torchvision's builders do when they pass ``norm_layer=FrozenBatchNorm2d``: ResNet's own eps, while
-    MobileNetV3's batch norm has 1e-3, its frozen one in torchvision's detectors 1e-5."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, FrozenBatchNorm2d(child.num_features))
-        else:
-            _freeze_norm(child)
-
-
-def _freeze_backbone_norm(model: nn.Module) -> nn.Module:
-    """torchvision's pretrained recipe: the ResNet body's batch norm frozen, its stem and first stage fixed.
-
-    torchvision builds with trainable BatchNorm when no weights are given; this module never downloads at
-    build time, so the freezing is applied here, the same way whether weights are loaded later or not.
-    """
-    body = model.backbone.body
-    _freeze_norm(body)
-    for name, param in body.named_parameters():
-        if not name.startswith(("layer2", "layer3", "layer4")):
-            param.requires_grad_(False)
-    return model
-
-
-def _freeze_mobilenet_backbone(model: nn.Module, *, trainable_stages: int = 3) -> nn.Module:
-    """torchvision's pretrained recipe for its MobileNetV3 Faster R-CNNs: the body's batch norm frozen, the
-    blocks before its last ``trainable_stages`` stages (of 6: the stem, each strided block, the last
-    block) fixed, as ``backbone_utils._mobilenet_extractor`` does (applied after building, as
-    :func:`_freeze_backbone_norm`)."""
-    body = model.backbone.body
-    blocks = list(body.children())
-    starts = [0] + [i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
-    _freeze_norm(body)
-    for block in blocks[: starts[len(starts) - trainable_stages]]:
-        block.requires_grad_(False)
-    return model
-
-
-def _build_fasterrcnn_r50(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    del num_keypoints
-    model = fasterrcnn_resnet50_fpn_v2(
-        weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=min_size, max_size=max_size
-    )
-    return _freeze_backbone_norm(model)
-
-
-def _build_retinanet_r50(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    del num_keypoints
-    model = retinanet_resnet50_fpn_v2(
-        weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size
-    )
-    return _freeze_backbone_norm(model)
-
-
-def _build_fcos_r50(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    del num_keypoints
-    model = fcos_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size
-    )
-    return _freeze_backbone_norm(_live_fcos_regression(model))
-
-
-def _build_keypointrcnn_r50(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    model = keypointrcnn_resnet50_fpn(
-        weights=None,
-        weights_backbone=None,
-        num_classes=num_classes + 1,
-        num_keypoints=num_keypoints,
-        min_size=min_size,
-        max_size=max_size,
-    )
-    return _freeze_backbone_norm(model)
-
-
-def _build_fasterrcnn_mobilenet(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    del num_keypoints
-    model = fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=min_size, max_size=max_size
-    )
-    return _freeze_mobilenet_backbone(model)
-
-
-def _build_fasterrcnn_mobilenet_320(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    """As :func:`_build_fasterrcnn_mobilenet`, with torchvision's low-resolution settings (fewer proposals)."""
-    del num_keypoints
-    model = fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=min_size, max_size=max_size
-    )
-    return _freeze_mobilenet_backbone(model)
-
-
-def _build_ssdlite(*, num_classes: int, num_keypoints: int, min_size: int, max_size: int) -> nn.Module:
-    """SSDlite resizes every image to a fixed square (``min_size`` px; ``max_size`` is ``min_size``). Its
-    pretrained recipe trains every layer and its batch norm, so nothing is frozen; its default boxes are
-    fractions of the input, so another size works with the same weights."""
-    del num_keypoints
-    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes + 1)
-    transform = model.transform
-    transform.min_size, transform.max_size, transform.fixed_size = (min_size,), max_size, (min_size, min_size)
-    return model
-
-
-MODELS: dict[str, ModelSpec] = {
-    "small_fcos": ModelSpec(
-        name="small_fcos",
-        task="boxes",
-        description="FCOS, small GroupNorm ResNet-FPN (2.6M), trains from scratch on a CPU (default)",
-        builder=_build_small_fcos,
-        min_size=128,
-        max_size=128,
-        pretrained=False,
-    ),
-    "small_frcnn": ModelSpec(
-        name="small_frcnn",
-        task="boxes",
-        description="Faster R-CNN, small GroupNorm ResNet-FPN (1.6M), trains from scratch on a CPU",
-        builder=_build_small_frcnn,
-        min_size=128,
-        max_size=128,
-        pretrained=False,
-    ),
-    "small_keypointrcnn": ModelSpec(
-        name="small_keypointrcnn",
-        task="keypoints",
-        description="Keypoint R-CNN, small GroupNorm ResNet-FPN (1.7M), trains from scratch on a CPU (default)",
-        builder=_build_small_keypointrcnn,
-        min_size=128,
-        max_size=128,
-        pretrained=False,
-    ),
-    "fasterrcnn_resnet50_fpn_v2": ModelSpec(
-        name="fasterrcnn_resnet50_fpn_v2",
-        task="boxes",
-        description="Faster R-CNN R50-FPN v2 (torchvision); init weights:FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1",
-        builder=_build_fasterrcnn_r50,
-        min_size=800,
-        max_size=1333,
-        pretrained=True,
-    ),
-    "retinanet_resnet50_fpn_v2": ModelSpec(
-        name="retinanet_resnet50_fpn_v2",
-        task="boxes",
-        description="RetinaNet R50-FPN v2 (torchvision); init weights:RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1",
-        builder=_build_retinanet_r50,
-        min_size=800,
-        max_size=1333,
-        pretrained=True,
-    ),
-    "fcos_resnet50_fpn": ModelSpec(
-        name="fcos_resnet50_fpn",
-        task="boxes",
-        description="FCOS R50-FPN (torchvision); init weights:FCOS_ResNet50_FPN_Weights.COCO_V1",
-        builder=_build_fcos_r50,
-        min_size=800,
-        max_size=1333,
-        pretrained=True,
-    ),
-    "keypointrcnn_resnet50_fpn": ModelSpec(
-        name="keypointrcnn_resnet50_fpn",
-        task="keypoints",
-        description="Keypoint R-CNN R50-FPN (torchvision); init weights:KeypointRCNN_ResNet50_FPN_Weights.COCO_V1",
-        builder=_build_keypointrcnn_r50,
-        min_size=800,
-        max_size=1333,
-        pretrained=True,
-    ),
-    "fasterrcnn_mobilenet_v3_large_fpn": ModelSpec(
-        name="fasterrcnn_mobilenet_v3_large_fpn",
-        task="boxes",
-        description="Faster R-CNN MobileNetV3-Large FPN (torchvision, light); "
-        "init weights:FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1",
-        builder=_build_fasterrcnn_mobilenet,
-        min_size=800,
-        max_size=1333,
-        pretrained=True,
-    ),
-    "fasterrcnn_mobilenet_v3_large_320_fpn": ModelSpec(
-        name="fasterrcnn_mobilenet_v3_large_320_fpn",
-        task="boxes",
-        description="Faster R-CNN MobileNetV3-Large FPN at 320 px (torchvision, light, fast on a CPU); "
-        "init weights:FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1",
-        builder=_build_fasterrcnn_mobilenet_320,
-        min_size=320,
-        max_size=640,
-        pretrained=True,
-    ),
-    "ssdlite320_mobilenet_v3_large": ModelSpec(
-        name="ssdlite320_mobilenet_v3_large",
-        task="boxes",
-        description="SSDlite MobileNetV3-Large, 320x320 px (torchvision, lightest, fast on a CPU); "
-        "init weights:SSDLite320_MobileNet_V3_Large_Weights.COCO_V1",
-        builder=_build_ssdlite,
-        min_size=320,
-        max_size=320,
-        pretrained=True,
-        fixed_size=True,
-    ),
-}
-
-DEFAULT_MODELS: dict[str, str] = {"boxes": "small_fcos", "keypoints": "small_keypointrcnn"}
-
-
-def list_models() -> list[tuple[str, str, str]]:
-    """``(name, task, description)`` of each architecture in :data:`MODELS`."""
-    return [(name, spec.task, spec.description) for name, spec in MODELS.items()]
-
-
-def get_spec(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` called ``name``; a one-line UserError lists the valid names."""
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -506,21 +94,14 @@ def build_model(meta: ModelMeta) -> nn.Module:
     return make_ignore_aware(model)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside a DistributedDataParallel/DataParallel wrapper."""
-    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        return model.module
-    return model
-
-
 def _label_offset(model: nn.Module) -> int:
     """1 for the R-CNN family and SSD (softmax over background + classes), 0 for the sigmoid heads (FCOS,
     RetinaNet), which need no background class."""
-    return 1 if isinstance(_unwrap(model), GeneralizedRCNN | SSD) else 0
+    return 1 if isinstance(unwrap(model), GeneralizedRCNN | SSD) else 0
 
 
 def _is_keypoint_model(model: nn.Module) -> bool:
-    inner = _unwrap(model)
+    inner = unwrap(model)
     return isinstance(inner, GeneralizedRCNN) and inner.roi_heads.has_keypoint()
 
 
@@ -578,14 +159,14 @@ def losses(model: nn.Module, images: Sequence[Tensor], targets: Sequence[Mapping
         if "more than 1 value per channel" not in str(exc):
             raise
         raise UserError(
-            f"{type(_unwrap(model)).__name__} trains its batch norm, which needs more than one image per batch "
+            f"{type(unwrap(model)).__name__} trains its batch norm, which needs more than one image per batch "
             f"(per process) at this input size; got {len(images)}: raise --batch-size"
         ) from exc
 
 
 def _check_ignore_support(model: nn.Module, targets: Sequence[Mapping[str, Tensor]]) -> None:
     """A one-line UserError when a target has ignore regions that ``model``'s loss cannot leave out."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if supports_ignore(inner):
         return
     for i, t in enumerate(targets):
@@ -637,7 +218,7 @@ def input_size(model: nn.Module, min_size: int, max_size: int) -> Iterator[nn.Mo
     augmentation changes this target, not the image. A fixed-size model (SSD) runs at a ``min_size`` x
     ``min_size`` square instead of its own.
     """
-    transform = _unwrap(model).transform
+    transform = unwrap(model).transform
     saved = (transform.min_size, transform.max_size, transform.fixed_size)
     transform.min_size = (int(min_size),)
     transform.max_size = int(max_size)
@@ -660,7 +241,7 @@ def keypoint_heatmaps(model: nn.Module, images: Sequence[Tensor], boxes: Sequenc
     28 for the small model, 56 for the large one). Runs in eval mode without gradients, with the model's
     current input size (so it composes with :func:`input_size` for scale views).
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if not _is_keypoint_model(inner):
         raise ValueError(f"{type(inner).__name__} has no keypoint head")
     if len(images) != len(boxes):
@@ -687,7 +268,7 @@ def keypoint_heatmaps(model: nn.Module, images: Sequence[Tensor], boxes: Sequenc
 def _resized_size(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
     """The ``(H, W)`` that the model's transform resizes an image of ``image_size`` to (eval mode; by
     torchvision's own resize, so a fixed-size model gives its square)."""
-    transform = _unwrap(model).transform
+    transform = unwrap(model).transform
     was_training = transform.training
     transform.eval()
     try:
@@ -734,66 +315,6 @@ def heatmaps_to_keypoints(
 
 # ----------------------------------------------------------------------------------------------------
 # files: safe loading, checkpoints, pretrained weights
-
-
-def _load_torch_file(path: str | os.PathLike[str], what: str) -> Any:
-    """``torch.load(weights_only=True)`` with every failure as a one-line UserError."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: {what} not found")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a {what} file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found is None and "global" not in str(exc).lower():
-            raise UserError(f"{path}: not a readable {what} (truncated or not a torch file)") from exc
-        name = f" ({found.group(1)})" if found else ""
-        raise UserError(
-            f"{path}: refused to load: the file needs code to be unpickled{name}; a {what} must hold only "
-            "tensors and plain types (it is read with weights_only=True)"
-        ) from exc
-    except Exception as exc:  # zip, EOF, key and decode errors of a truncated or foreign file
-        raise UserError(f"{path}: not a readable {what} (truncated or not a torch file)") from exc
-
-
-def save_checkpoint(
-    path: str | os.PathLike[str], *, model: nn.Module, meta: ModelMeta, extra: Mapping[str, Any] | None = None
-) -> None:
-    """Write ``{"format", "version", "meta", "state_dict", "extra"}`` atomically (tensors on the CPU).
-
-    ``extra`` must hold only tensors and plain types (optimizer state dicts qualify), so that the file
-    loads with ``weights_only=True``.
-    """
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    content = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "meta": meta.to_dict(),
-        "state_dict": state,
-        "extra": dict(extra or {}),
-    }
-    write_atomic(path, lambda f: torch.save(content, f))
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A checkpoint's content (``weights_only=True``); a one-line UserError for a missing, truncated or
-    foreign file, or one that needs code to be unpickled."""
-    content = _load_torch_file(path, "checkpoint")
-    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a datadistill checkpoint (no 'format': {CHECKPOINT_FORMAT!r})")
-    version = content.get("version")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise UserError(
-            f"{path}: checkpoint version {version!r} is newer than this datadistill reads "
-            f"({CHECKPOINT_VERSION}); upgrade datadistill"
-        )
-    for key in ("meta", "state_dict"):
-        if not isinstance(content.get(key), dict):
-            raise UserError(f"{path}: malformed checkpoint: no {key!r}")
-    content.setdefault("extra", {})
-    return content
 
 
 def load_checkpoint(
@@ -862,8 +383,8 @@ def _source_state(spec: str) -> tuple[dict[str, Tensor], tuple[str, ...] | None,
             classes = None  # a classifier's categories (ImageNet), not detection classes
         kp = weights.meta.get("keypoint_names")
         return state, classes, tuple(kp) if kp else None
-    content = _load_torch_file(spec, "weights")
-    if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
+    content = load_torch_file(spec, "weights")
+    if is_checkpoint(content):
         src_meta = ModelMeta.from_dict(content["meta"])
         return content["state_dict"], src_meta.class_names, src_meta.keypoint_names
     if isinstance(content, dict):
@@ -889,7 +410,7 @@ def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
     """
     source, src_classes, src_keypoints = _source_state(spec)
     source = {k.removeprefix("module."): v for k, v in source.items() if not k.endswith("num_batches_tracked")}
-    target = _unwrap(model).state_dict()
+    target = unwrap(model).state_dict()
     skip: list[re.Pattern[str]] = []
     if src_classes is not None and src_classes != meta.class_names:
         skip.append(_CLASS_HEAD)
@@ -919,7 +440,7 @@ def init_weights(model: nn.Module, spec: str, *, meta: ModelMeta) -> LoadReport:
         )
     if src_classes is None and any(_CLASS_HEAD.match(k) for k in update):
         log.warning("%s does not name its classes: its class head loads because the shapes fit", spec)
-    _unwrap(model).load_state_dict(update, strict=False)
+    unwrap(model).load_state_dict(update, strict=False)
     report = LoadReport(
         loaded=len(update),
         mismatched=mismatched,
@@ -947,7 +468,7 @@ def built_max_det(model: nn.Module) -> int:
     """The detections per image ``model`` was built with (torchvision's ``detections_per_img``: 100; 20 for
     the small Keypoint R-CNN), remembered the first time it is asked so that a raised cap does not move it; 100
     for a module that has none (a stand-in of a test)."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if not hasattr(inner, "built_max_det"):
         heads = inner.roi_heads if isinstance(inner, GeneralizedRCNN) else inner
         if not hasattr(heads, "detections_per_img"):
@@ -961,7 +482,7 @@ def set_max_det(model: nn.Module, max_det: int) -> None:
     and the candidates before them, never fewer than built: the top-k per level of the one-stage heads
     (``topk_candidates``), an R-CNN's RPN proposals per level before NMS and in all after it (its
     ``pre/post_nms_top_n`` at test time: the small Faster R-CNN's 100 proposals would cap it at 100)."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     built_max_det(inner)
     if not hasattr(inner, "built_max_det"):
         return  # not a torchvision detector
@@ -1007,7 +528,7 @@ class TorchvisionDetector:
         """torchvision resizes the shorter side to ``min_size`` (the longer at most ``max_size``): an image
         so elongated that a side would become 0 px cannot run (torch would raise mid-run). A fixed-size
         model (SSD) resizes any image to a ``min_size`` square, so every image fits it."""
-        if isinstance(_unwrap(self.module), SSD):
+        if isinstance(unwrap(self.module), SSD):
             return None
         h, w = resized_size(height, width, min_size=min_size, max_size=max_size)
         return None if h >= 1 and w >= 1 else f"would resize it to {w}x{h} px"
@@ -1052,15 +573,7 @@ def save_final(out: Path, *, model: nn.Module, meta: ModelMeta, extra: Mapping[s
     save_checkpoint(out / "checkpoint.pt", model=model, meta=meta, extra=extra)
 
 
-# What datadistill's training loop takes from this backend (``losses`` looked up when called, so that a
-# wrapper of this module's ``losses``, as the kill-and-resume test installs, is the one the loop runs).
+# What datadistill's training loop (datadistill.stages.train) takes from this backend: data, no loop.
 LOOP = LoopBackend(meta_for=meta_for, default_lr=default_lr, build_model=build_model, init_weights=init_weights,
-                   losses=lambda model, images, targets: losses(model, images, targets), detector=TorchvisionDetector,
-                   save_final=save_final, final_name="checkpoint.pt")  # fmt: skip
-
-
-def train(cfg: Any) -> Path:
-    """The train stage of torchvision models: datadistill's own loop (:mod:`datadistill.stages.train`)."""
-    from datadistill.stages.train import train_loop
-
-    return train_loop(cfg, LOOP)
+                   losses=losses, detector=TorchvisionDetector, save_final=save_final,
+                   final_name="checkpoint.pt")  # fmt: skip

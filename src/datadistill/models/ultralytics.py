@@ -5,7 +5,8 @@ is a model YAML (``yolo11n.yaml``, ``yolo11n-pose.yaml``: Ultralytics' bundled o
 random init, for ``train``) or a local ``.pt`` (Ultralytics unpickles it: it can run code, so load only
 files you trust).
 
-- **Training** goes through Ultralytics' own trainer and recipe (:func:`train`) on a YOLO data set
+- **Training** goes through Ultralytics' own trainer and recipe (:func:`fit`, :data:`TRAINER`: the train stage
+  calls it as an external trainer and evaluates its model) on a YOLO data set
   written from the COCO inputs. A student's real:pseudo ratio is kept by *repeating files* in the training
   list (:func:`mix_plan`): the list holds real and pseudo images in the ratio, cycling the smaller sets, and
   as many samples in all as the torchvision student sees (``epochs`` passes over the real images at that
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -44,8 +44,14 @@ from torch import Tensor
 from datadistill.core.types import Detections
 from datadistill.data.coco import CocoDataset, default_sigmas, derive_flip_index
 from datadistill.errors import UserError
-from datadistill.models.detector import ModelFiles, resolve_max_det, single_file
-from datadistill.models.torchvision import ModelMeta
+from datadistill.models.detector import (
+    ExternalRun,
+    ExternalTrainer,
+    ModelFiles,
+    ModelMeta,
+    resolve_max_det,
+    single_file,
+)
 
 if TYPE_CHECKING:
     from datadistill.config import TrainConfig
@@ -288,7 +294,7 @@ def weights_path(spec: str) -> Path:
 
 
 def load_yolo(spec: str, *, device: torch.device | str = "cpu") -> YoloDetector:
-    """A trained YOLO model from ``yolo:PATH.pt`` with its :class:`~datadistill.models.torchvision.ModelMeta`.
+    """A trained YOLO model from ``yolo:PATH.pt`` with its :class:`~datadistill.models.detector.ModelMeta`.
 
     A ``.pt`` written by ``datadistill train`` carries the meta (classes, keypoint names, flip map,
     sigmas, image size). For another Ultralytics ``.pt`` it is read from the model: class names,
@@ -480,14 +486,15 @@ def default_imgsz(dataset: CocoDataset, stride: int = 32) -> int:
 # the train stage
 
 
-def train(cfg: TrainConfig) -> Path:
-    """``datadistill train --model yolo:...``: Ultralytics' trainer on a YOLO data set written from COCO.
+def fit(cfg: TrainConfig) -> ExternalRun | None:
+    """``datadistill train --model yolo:...``: Ultralytics' trainer on a YOLO data set written from COCO; the
+    train stage (:func:`datadistill.stages.train.train_external`) calls it and evaluates the trained model.
 
     Writes into ``cfg.out``: ``yolo_data/`` (the data set, :func:`write_training_set`), ``ultralytics/``
     (Ultralytics' run folder: ``weights/last.pt``, ``args.yaml``, ``results.csv``), ``yolo.pt`` (the final
     weights with datadistill's model meta inside: pass ``--model yolo:OUT/yolo.pt`` to ``label`` and
-    ``evaluate``), ``config.yaml``, ``provenance.json``, ``metrics.jsonl`` (with our COCO evaluation of
-    ``cfg.val`` at the end) and ``timings.json``.
+    ``evaluate``), ``config.yaml`` and ``provenance.json``; returns what the stage needs to write
+    ``metrics.jsonl`` and ``timings.json`` (None: a resumed run that had finished).
 
     What applies: epochs (passes over the real images, see :func:`mix_plan`), batch size, ``min_size``
     as ``imgsz`` (default :func:`default_imgsz`), ``lr`` as ``lr0`` (with ``optimizer``; unset, Ultralytics
@@ -498,13 +505,12 @@ def train(cfg: TrainConfig) -> Path:
     from datadistill.runtime import distributed
     from datadistill.runtime.devices import resolve_device
 
-    started = time.perf_counter()
     assert cfg.model is not None
     if distributed.launch_from_env().world_size > 1:
         raise UserError("--model yolo:...: YOLO models train in one process here: start without torchrun")
     out = Path(cfg.out).expanduser().resolve()
     if _check_output_folder(cfg, out):
-        return out
+        return None
     if Path(_source(cfg.model)).suffix.lower() not in (".yaml", ".yml"):
         weights_path(cfg.model)  # a local .pt, checked before Ultralytics would try to download it
     device = resolve_device(cfg.device)
@@ -518,10 +524,10 @@ def train(cfg: TrainConfig) -> Path:
     if not last.is_file():
         raise UserError(f"Ultralytics wrote no {last}; see its log above")
     _write_checkpoint(last, final, inputs.meta, config)
-    _write_metrics(cfg, out, inputs, device, started=started, train_s=train_s,
-                   ultralytics_epochs=config["ultralytics_epochs"], passes=config["epochs"])  # fmt: skip
-    log.info("wrote %s", final)
-    return out
+    record = {"type": "epoch", "epoch": config["epochs"], "ultralytics_epochs": config["ultralytics_epochs"],
+              "time_s": train_s}  # fmt: skip
+    return ExternalRun(model=f"{PREFIX}{final}", val=inputs.val, val_images=inputs.val_images if inputs.val else None,
+                       record=record, train_s=train_s)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -685,29 +691,6 @@ def _new_model(ul: Any, cfg: TrainConfig, task: str) -> Any:
     return yolo
 
 
-def _write_metrics(
-    cfg: TrainConfig, out: Path, inputs: _Inputs, device: torch.device, *, started: float, train_s: float,
-    ultralytics_epochs: int, passes: int,
-) -> None:  # fmt: skip
-    """``metrics.jsonl`` (one epoch line, with our COCO evaluation of the validation set) and ``timings.json``."""
-    from datadistill.runtime.io import write_json_atomic
-    from datadistill.stages.evaluate import evaluate_model
-
-    record: dict[str, Any] = {"type": "epoch", "epoch": passes, "ultralytics_epochs": ultralytics_epochs,
-                              "time_s": train_s}  # fmt: skip
-    eval_s = 0.0
-    if inputs.val is not None:
-        t0 = time.perf_counter()
-        model = load_yolo(f"{PREFIX}{out / CHECKPOINT_NAME}", device=device)
-        record["val"] = evaluate_model(model, inputs.val, inputs.val_images, device=device,
-                                       batch_size=cfg.batch_size, workers=cfg.workers)  # fmt: skip
-        eval_s = time.perf_counter() - t0
-    (out / "metrics.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
-    total = time.perf_counter() - started
-    write_json_atomic(out / "timings.json", {"setup_s": total - train_s - eval_s, "train_s": train_s,
-                                            "eval_s": eval_s, "total_s": total}, indent=2)  # fmt: skip
-
-
 def _write_checkpoint(last: Path, final: Path, meta: ModelMeta, config: dict[str, Any]) -> None:
     """``final``: Ultralytics' ``last`` with datadistill's meta under :data:`CHECKPOINT_KEY` (atomic)."""
     from datadistill.runtime.io import write_atomic
@@ -717,3 +700,7 @@ def _write_checkpoint(last: Path, final: Path, meta: ModelMeta, config: dict[str
     ckpt = dict(import_ultralytics().YOLO(str(last)).ckpt)
     ckpt[CHECKPOINT_KEY] = {"meta": meta.to_dict(), "config": config}
     write_atomic(final, lambda f: torch.save(ckpt, f))
+
+
+# What the train stage takes from this backend: Ultralytics' own trainer, called as an external trainer.
+TRAINER = ExternalTrainer(fit=fit, final_name=CHECKPOINT_NAME)

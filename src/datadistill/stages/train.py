@@ -61,9 +61,16 @@ from datadistill.data.images import absolute_root
 from datadistill.data.inputs import check_input_sizes, load_training_sets, shorten
 from datadistill.data.label_table import FlatLabels
 from datadistill.errors import UserError, one_line_errors
-from datadistill.models import detector
-from datadistill.models import torchvision as models
-from datadistill.models.detector import LoopBackend
+from datadistill.models import checkpoints
+from datadistill.models.detector import (
+    DEFAULT_MODELS,
+    ExternalRun,
+    ExternalTrainer,
+    LoopBackend,
+    ModelMeta,
+    load_detector,
+    training_backend,
+)
 from datadistill.runtime import distributed
 from datadistill.runtime.devices import (
     autocast,
@@ -137,7 +144,7 @@ def train_one_epoch(
     max_iterations: int | None = None,
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
-    losses: Callable[..., dict[str, torch.Tensor]] = models.losses,
+    losses: Callable[..., dict[str, torch.Tensor]],
 ) -> dict[str, float]:
     """Train ``model`` for one pass over ``loader`` (its first ``max_iterations`` batches when given: the
     last epoch of a schedule in iterations); returns the mean of each loss and of their sum.
@@ -207,12 +214,12 @@ def train_one_epoch(
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def _check_init_classes(spec: str, meta: models.ModelMeta) -> None:
+def _check_init_classes(spec: str, meta: ModelMeta) -> None:
     """A datadistill checkpoint given as ``init`` must have been trained on the same classes."""
     if spec.startswith("weights:"):
         return
     try:
-        content = models.read_checkpoint(spec)
+        content = checkpoints.read_checkpoint(spec)
     except UserError:
         return  # not a datadistill checkpoint: init_weights reads it (or explains why it cannot)
     names = tuple(str(n) for n in content["meta"].get("class_names", ()))
@@ -230,7 +237,7 @@ def _abs(path: str | None) -> str | None:
 def resolve_config(cfg: TrainConfig, dataset: CocoDataset, backend: LoopBackend) -> TrainConfig:
     """``cfg`` with absolute paths, and the model, input size and lr filled in (by ``backend``; the
     schedule follows from the sampler: :func:`with_schedule`)."""
-    model = cfg.model or models.DEFAULT_MODELS[dataset.task]
+    model = cfg.model or DEFAULT_MODELS[dataset.task]
     meta = backend.meta_for(model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
     init = cfg.init
     if init is not None and not init.startswith("weights:"):
@@ -323,7 +330,7 @@ class TrainInputs:
     dataset: CocoDataset
     pseudo: FlatLabels | None
     val: CocoDataset | None
-    meta: models.ModelMeta
+    meta: ModelMeta
     config: dict[str, Any]
     hashes: dict[str, Any]
 
@@ -338,9 +345,43 @@ class Progress:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """The train stage: the trainer of ``cfg.model``'s backend (:func:`datadistill.models.detector.train`):
-    :func:`train_loop` for torchvision models, Ultralytics' own for ``yolo:`` models."""
-    return detector.train(cfg)
+    """The train stage: datadistill's loop (:func:`train_loop`) with the :class:`LoopBackend` of ``cfg.model``'s
+    backend (torchvision, transformers), or that backend's own trainer (Ultralytics') as an external trainer,
+    whose model this stage then evaluates (:func:`train_external`)."""
+    backend = training_backend(cfg.model)
+    if isinstance(backend, ExternalTrainer):
+        return train_external(cfg, backend)
+    return train_loop(cfg, backend)
+
+
+def train_external(cfg: TrainConfig, trainer: ExternalTrainer) -> Path:
+    """Train with ``trainer`` (it writes the trained model, ``config.yaml`` and ``provenance.json``), then
+    evaluate the trained model on ``cfg.val`` and write ``metrics.jsonl`` (one epoch line) and ``timings.json``."""
+    started = time.perf_counter()
+    done = trainer.fit(cfg)
+    out = Path(cfg.out).expanduser().resolve()
+    if done is not None:
+        write_external_metrics(cfg, out, done, started=started)
+        log.info("wrote %s", out / trainer.final_name)
+    return out
+
+
+def write_external_metrics(cfg: TrainConfig, out: Path, done: ExternalRun, *, started: float) -> None:
+    """``metrics.jsonl`` (``done.record`` with this stage's COCO evaluation of the validation set) and
+    ``timings.json`` of an external trainer's run."""
+    record = dict(done.record)
+    eval_s = 0.0
+    if done.val is not None:
+        assert done.val_images is not None
+        t0 = time.perf_counter()
+        device = resolve_device(cfg.device)
+        record["val"] = evaluate_model(load_detector(done.model, device=device), done.val, done.val_images,
+                                       device=device, batch_size=cfg.batch_size, workers=cfg.workers)  # fmt: skip
+        eval_s = time.perf_counter() - t0
+    write_text_atomic(out / "metrics.jsonl", json.dumps(record) + "\n")
+    total = time.perf_counter() - started
+    write_json_atomic(out / "timings.json", {"setup_s": total - done.train_s - eval_s, "train_s": done.train_s,
+                                            "eval_s": eval_s, "total_s": total}, indent=2)  # fmt: skip
 
 
 def check_output_folder(cfg: TrainConfig, out: Path, *, final_name: str = "checkpoint.pt") -> None:
@@ -414,7 +455,7 @@ def read_resume_state(
             _check_init_classes(cfg.init, inputs.meta)
         return None
     last_path = out / "last.pt"
-    state = models.read_checkpoint(last_path)
+    state = checkpoints.read_checkpoint(last_path)
     extra = state["extra"]
     _check_same_run(extra.get("config", {}), inputs.config, last_path)
     for key, option in (("data_sha256", "--data"), ("pseudo_sha256", "--pseudo")):
@@ -635,9 +676,9 @@ class EpochRun:
     device: torch.device
     launch: distributed.Launch
     out: Path
+    backend: LoopBackend  # the model's losses, detector, files
     precision: str = "fp32"  # resolved: fp32, bf16 or fp16
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler (disabled otherwise)
-    backend: LoopBackend = field(default_factory=lambda: models.LOOP)  # the model's losses, detector, files
 
 
 def run_epochs(run: EpochRun, progress: Progress, metrics: MetricsFile | None) -> dict[str, Any] | None:
@@ -717,14 +758,14 @@ def save_epoch(
         extra["rng_ranks"] = rng_ranks
     if run.scaler is not None and run.scaler.is_enabled():
         extra["scaler"] = run.scaler.state_dict()
-    models.save_checkpoint(run.out / "last.pt", model=run.model, meta=run.inputs.meta, extra=extra)
+    checkpoints.save_checkpoint(run.out / "last.pt", model=run.model, meta=run.inputs.meta, extra=extra)
 
 
 def save_final(
     out: Path,
     *,
     model: nn.Module,
-    meta: models.ModelMeta,
+    meta: ModelMeta,
     epochs: int,
     config: dict[str, Any],
     val_metrics: dict[str, Any] | None,
