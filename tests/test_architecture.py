@@ -5,7 +5,12 @@
 - no function or method is longer than :data:`MAX_FUNCTION_LINES` lines;
 - model specs (``"yolo:..."``, ``"hf:..."``) are parsed only in ``datadistill/models/``, and a backend is
   reached only through ``datadistill.models.detector``: nothing outside ``models/`` imports
-  ``datadistill.models.ultralytics``.
+  ``datadistill.models.ultralytics``;
+- imports point down (:data:`LAYERS`: core < data < models < stages < run < demo < cli, with errors, config
+  and runtime below models), function-level and ``TYPE_CHECKING`` imports counted too: a backend never calls
+  a stage, a stage never calls ``run``;
+- loading a YOLO model, or the train stage, imports no torchvision builder (``models/torchvision.py``,
+  ``models/zoo.py``).
 
 Each check runs once per source file (the test id names the file) and lists every offence as
 ``path:line: what``. The ``test_*_catches_*`` tests plant an offence in a code string, so a checker that
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +36,24 @@ SPEC_METHODS = ("startswith", "removeprefix")
 BACKEND_MODULES = ("datadistill.models.ultralytics",)
 # Files (relative to src/datadistill) outside models/ allowed to import a backend module. Keep it empty.
 BACKEND_IMPORT_ALLOWED: frozenset[str] = frozenset()
+
+# The layers of the package, lowest first: a module may import from its own part (the first name after
+# ``datadistill.``) and from parts of a lower layer, never from a part of its own layer or above.
+LAYERS: dict[str, int] = {
+    "__init__": 0,  # the package itself (__version__)
+    "errors": 0,
+    "core": 1,  # pure code
+    "config": 1,  # stage options, no torch
+    "runtime": 2,  # devices, distributed, atomic io
+    "data": 3,
+    "layout": 3,  # where a run's stages write
+    "models": 4,
+    "stages": 5,
+    "run": 6,
+    "demo": 7,
+    "cli": 8,
+    "__main__": 9,
+}
 
 Offence = tuple[int, str]  # (line, what)
 
@@ -190,6 +215,54 @@ def backend_imports(tree: ast.Module, module: str = "datadistill.x") -> list[Off
     return out
 
 
+def _part(module: str) -> str:
+    """The part of the package a module belongs to: ``datadistill.stages.train`` -> ``stages``;
+    ``datadistill`` (its ``__init__``) -> ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imported_modules(node: ast.AST, module: str) -> list[str]:
+    """The datadistill modules an import node (or an ``import_module("datadistill...")`` call) brings in;
+    ``from datadistill import errors`` brings in ``datadistill.errors``."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if _is_ours(alias.name)]
+    if isinstance(node, ast.ImportFrom):
+        base = _absolute(node, module)
+        if not _is_ours(base):
+            return []
+        if base == "datadistill":
+            return [f"datadistill.{alias.name}" if alias.name in LAYERS else base for alias in node.names]
+        return [base]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name):
+        func = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+        if func in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            name = str(node.args[0].value)
+            return [name] if _is_ours(name) else []
+    return []
+
+
+def upward_imports(tree: ast.Module, module: str = "datadistill.x") -> list[Offence]:
+    """Imports of a part of the package in the importer's layer or above (:data:`LAYERS`), anywhere in the
+    file: module level, inside functions, under ``TYPE_CHECKING``, by ``importlib.import_module``. A part
+    missing from :data:`LAYERS` is an offence too (give it a layer)."""
+    own = _part(module)
+    out = []
+    for node in ast.walk(tree):
+        for name in _imported_modules(node, module):
+            part = _part(name)
+            if part == own:
+                continue
+            if own not in LAYERS or part not in LAYERS:
+                missing = own if own not in LAYERS else part
+                out.append((node.lineno, f"imports {name}: {missing!r} has no layer in LAYERS"))
+            elif LAYERS[part] >= LAYERS[own]:
+                out.append((node.lineno, f"imports {name} ({part}, layer {LAYERS[part]}) from {own} (layer "
+                                         f"{LAYERS[own]}): imports point down"))  # fmt: skip
+                break
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # the checks, one test per source file
 
@@ -238,6 +311,28 @@ def test_backends_are_reached_through_the_detector(path: Path) -> None:
     if _rel(path) in BACKEND_IMPORT_ALLOWED:
         pytest.skip("allowed to import a backend")
     _check(path, backend_imports)
+
+
+@pytest.mark.parametrize("path", FILES)
+def test_imports_point_down(path: Path) -> None:
+    _check(path, upward_imports)
+
+
+def test_every_part_of_the_package_has_a_layer() -> None:
+    parts = {_part(_module_name(_rel(p))) for p in _source_files()}
+    assert parts == set(LAYERS), f"give a layer to {sorted(parts - set(LAYERS))}; drop {sorted(set(LAYERS) - parts)}"
+
+
+@pytest.mark.parametrize("entry", ["datadistill.models.ultralytics", "datadistill.stages.train"])
+def test_yolo_and_the_train_stage_import_no_torchvision_builder(entry: str) -> None:
+    """A YOLO model (and the train stage, whatever it trains) loads without the torchvision backend or its zoo:
+    ModelMeta, checkpoints and the LoopBackend live in backend-neutral modules."""
+    code = f"import sys, {entry}; print(sorted(m for m in sys.modules if m.startswith('datadistill.models.')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={"PYTHONPATH": str(SRC.parent), "PATH": ""})  # fmt: skip
+    loaded = set(eval(done.stdout))  # noqa: S307 (a list of module names printed by the child)
+    assert "datadistill.models.detector" in loaded
+    assert not loaded & {"datadistill.models.torchvision", "datadistill.models.zoo"}, sorted(loaded)
 
 
 def test_allow_list_names_existing_files() -> None:
@@ -322,6 +417,19 @@ CAUGHT = [
     ),
     ("import-backend-relative", backend_imports, "def f():\n    from ..models import ultralytics\n", [2]),
     ("import-backend-by-name", backend_imports, 'importlib.import_module("datadistill.models.ultralytics")\n', [1]),
+    ("stage-imports-run", upward_imports, "from datadistill.run import run\n", [1]),
+    ("stage-imports-run-in-function", upward_imports, "def f():\n    from datadistill.run import run\n", [2]),
+    ("stage-imports-cli-as-module", upward_imports, "import datadistill.cli as cli\n", [1]),
+    ("stage-imports-demo-from-package", upward_imports, "from datadistill import errors, demo\n", [1]),
+    ("stage-imports-run-relative", upward_imports, "def f():\n    from .. import run\n", [2]),
+    ("stage-imports-run-by-name", upward_imports, 'importlib.import_module("datadistill.run")\n', [1]),
+    (
+        "stage-imports-cli-under-type-checking",
+        upward_imports,
+        "if TYPE_CHECKING:\n    from datadistill.cli import main\n",
+        [2],
+    ),
+    ("part-without-a-layer", upward_imports, "from datadistill.utils import helper\n", [1]),
 ]
 
 # (edge, checker, code that must pass)
@@ -345,6 +453,12 @@ CLEAN = [
         'DEFAULT = "yolo:yolov8n.pt"\nspec.startswith("yolo")\nspec == DEFAULT\nname.startswith("hfx")\n',
     ),
     (
+        "imports-below-and-beside",
+        upward_imports,
+        "from datadistill import __version__, errors\nfrom datadistill.models.detector import load_detector\n"
+        "import datadistill.stages.train\nfrom . import shards\nfrom datadistill.config import LabelConfig\n",
+    ),
+    (
         "the-detector",
         backend_imports,
         "from datadistill.models.detector import load_detector\nfrom datadistill.models import torchvision\n",
@@ -362,6 +476,23 @@ def test_checker_catches_a_planted_offence(
 @pytest.mark.parametrize(("checker", "code"), [pytest.param(*row[1:], id=row[0]) for row in CLEAN])
 def test_checker_passes_clean_code(checker: Callable[[ast.Module, str], list[Offence]], code: str) -> None:
     assert _lines(checker, code) == []
+
+
+# (edge, code planted in a module, that module, lines of the offences): the arrows this package had
+LAYER_CAUGHT = [
+    ("backend-calls-the-train-loop", "def train(cfg):\n    from datadistill.stages.train import train_loop\n",
+     "datadistill.models.hf", [2]),
+    ("backend-calls-evaluate", "def f():\n    from datadistill.stages.evaluate import evaluate_model\n",
+     "datadistill.models.ultralytics", [2]),
+    ("data-imports-a-model", "from datadistill.models.detector import ModelMeta\n", "datadistill.data.coco", [1]),
+    ("core-imports-config", "from datadistill.config import LabelConfig\n", "datadistill.core.views", [1]),
+    ("runtime-imports-data", "def f():\n    from datadistill.data import coco\n", "datadistill.runtime.io", [2]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "module", "lines"), [pytest.param(*row[1:], id=row[0]) for row in LAYER_CAUGHT])
+def test_layer_checker_catches_an_upward_import_in_any_layer(code: str, module: str, lines: list[int]) -> None:
+    assert [line for line, _ in upward_imports(ast.parse(code), module)] == lines
 
 
 def test_offences_name_file_and_line() -> None:

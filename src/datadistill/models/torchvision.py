@@ -39,9 +39,9 @@ from datadistill.errors import UserError
 from datadistill.models.checkpoints import is_checkpoint, load_torch_file, read_checkpoint, save_checkpoint, unwrap
 from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, resolve_max_det, single_file
 from datadistill.models.ignore import IGNORE_LABEL, make_ignore_aware, supports_ignore
-from datadistill.models.zoo import MODELS, get_spec
+from datadistill.models.zoo import MODELS, get_spec, list_models
 
-__all__ = ["MODELS", "ModelMeta", "get_spec", "read_checkpoint", "save_checkpoint"]  # also reached from here
+__all__ = ["MODELS", "ModelMeta", "get_spec", "list_models", "read_checkpoint", "save_checkpoint"]  # reached from here too
 
 log = logging.getLogger(__name__)
 
