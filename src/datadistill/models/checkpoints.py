@@ -100,11 +100,3 @@ def is_checkpoint(content: Any) -> bool:
     """Whether a loaded file's content is a datadistill checkpoint (by its ``format``)."""
     return isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT
 
-
-def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
-    """The :class:`ModelMeta` of the checkpoint at ``path``; a one-line UserError naming the file and the field."""
-    content = read_checkpoint(path)
-    try:
-        return ModelMeta.from_dict(content["meta"])
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from exc

@@ -141,10 +141,28 @@ def check_source(source: str) -> str:
                 raise UserError(f"{path}: refused: its weights are pickled .bin files, which can run code when "
                                 "loaded; save them as safetensors (save_pretrained does by default)")  # fmt: skip
             raise UserError(f"{path}: no model.safetensors in this folder")
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights)
         return str(path)
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise UserError(f"{source}: not a folder written by save_pretrained (nor a hub id like owner/name)")
     return source
+
+
+def check_safetensors(path: Path) -> None:
+    """A one-line UserError naming ``path`` when safetensors cannot read its header (an empty file, random
+    bytes, a link to a text file); only the header is read."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        return  # transformers' own import says what is missing
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors' SafetensorError, and the OSError of an unreadable file
+        link = f" (a link to {path.resolve()})" if path.is_symlink() else ""
+        reason = " ".join(str(exc).split())[:120]
+        raise UserError(f"{path}{link}: not a readable safetensors file ({type(exc).__name__}: {reason})") from exc
 
 
 def _pretrained_call(what: str, source: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -442,15 +460,22 @@ def _auto_classes(zero_shot: bool) -> tuple[Any, Any]:
 
 
 def read_meta(folder: Path) -> dict[str, Any] | None:
-    """The ``datadistill.json`` of a folder written by datadistill's training, or None."""
+    """The ``datadistill.json`` of a folder written by datadistill's training (its ``meta`` checked: a one-line
+    UserError naming the file and the field), or None."""
     path = folder / META_FILE
     if not path.is_file():
         return None
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
-        return dict(content)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable datadistill.json ({type(exc).__name__})") from exc
+    if not isinstance(content, dict) or not isinstance(content.get("meta"), dict):
+        raise UserError(f"{path}: malformed: field 'meta' must be an object")
+    try:
+        ModelMeta.from_dict(content["meta"])
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from exc
+    return content
 
 
 def load_module(spec: str, *, device: Any = "cpu") -> tuple[HfModule, ModelMeta]:
@@ -458,10 +483,10 @@ def load_module(spec: str, *, device: Any = "cpu") -> tuple[HfModule, ModelMeta]
     ``classes`` data set, the prompts file, our ``datadistill.json``, or the model's ``id2label``)."""
     hf = parse_spec(spec)
     source = check_source(hf.source)
+    stored = read_meta(Path(source)) if Path(source).is_dir() else None
     config = load_config(source)
     zero_shot = is_zero_shot(config)
     auto_model, auto_processor = _auto_classes(zero_shot)
-    stored = read_meta(Path(source)) if Path(source).is_dir() else None
     if zero_shot:
         if config.model_type not in ZERO_SHOT_TYPES:
             raise UserError(f"{spec}: open-vocabulary {config.model_type} models are not supported yet (these are: "

@@ -2,8 +2,14 @@
 
 An optional backend (``pip install 'datadistill[yolo]'``; Ultralytics is AGPL-3.0). The spec after ``yolo:``
 is a model YAML (``yolo11n.yaml``, ``yolo11n-pose.yaml``: Ultralytics' bundled ones resolve offline; a
-random init, for ``train``) or a local ``.pt`` (Ultralytics unpickles it: it can run code, so load only
-files you trust).
+random init, for ``train``) or a local ``.pt``.
+
+- **No code from a model file**: an Ultralytics ``.pt`` is a pickle of model objects, which Ultralytics reads
+  with ``weights_only=False`` (a hostile file runs its code while loading). Here every ``.pt`` a user names
+  (``--model``, ``--init``) is read with ``torch.load(weights_only=True)`` and an allowlist of the classes an
+  Ultralytics checkpoint holds (:func:`checkpoint_classes`: torch's and Ultralytics' ``nn.Module`` classes),
+  and a file that needs anything else is refused in one line before any of it is unpickled. A file the user
+  trusts loads as Ultralytics loads it with ``DATADISTILL_TRUST_MODEL_FILES=1`` (:data:`TRUST_ENV`).
 
 - **Training** goes through Ultralytics' own trainer and recipe (:func:`fit`, :data:`TRAINER`: the train stage
   calls it as an external trainer and evaluates its model) on a YOLO data set
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import math
 import os
@@ -75,8 +82,12 @@ CHECKPOINT_KEY = "datadistill"  # our model meta, stored inside the Ultralytics 
 CHECKPOINT_NAME = "yolo.pt"
 MODEL_HELP = (
     "Ultralytics YOLO detect/pose from a model YAML (yolo11n.yaml, yolo11n-pose.yaml) or a local .pt "
-    "(unpickled: only files you trust); pip install 'datadistill[yolo]' (AGPL-3.0)"
+    "(read weights-only: Ultralytics' model classes only); pip install 'datadistill[yolo]' (AGPL-3.0)"
 )
+# "1": read yolo: .pt files as Ultralytics does, unpickled with weights_only=False (they can run code)
+TRUST_ENV = "DATADISTILL_TRUST_MODEL_FILES"
+# The modules whose nn.Module classes (in them or their submodules) an Ultralytics checkpoint may hold
+SAFE_CLASS_MODULES = ("torch.nn.modules", "ultralytics.nn.modules", "ultralytics.nn.tasks")
 
 
 def list_models() -> list[tuple[str, str, str]]:
@@ -172,6 +183,74 @@ def _offline_amp_check(original: Any, weights_dir: Path) -> Any:
 
     check_amp._datadistill = True  # type: ignore[attr-defined]
     return check_amp
+
+
+# ----------------------------------------------------------------------------------------------------
+# model files: weights-only, an allowlist of classes
+
+
+def trusts_model_files() -> bool:
+    """Whether the user opted in to loading ``.pt`` files as Ultralytics does (``DATADISTILL_TRUST_MODEL_FILES=1``)."""
+    return os.environ.get(TRUST_ENV, "").strip() == "1"
+
+
+def _allowed_class(name: str) -> type | None:
+    """The class a checkpoint's global ``module.Name`` names when it is an ``nn.Module`` class of
+    :data:`SAFE_CLASS_MODULES` (imported from the installed package, never from the file); else None."""
+    module, _, attr = name.rpartition(".")
+    if not any(module == m or module.startswith(f"{m}.") for m in SAFE_CLASS_MODULES):
+        return None
+    try:
+        found = getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+    return found if isinstance(found, type) and issubclass(found, torch.nn.Module) else None
+
+
+def checkpoint_classes(path: Path, *, what: str) -> list[type]:
+    """The classes that reading the Ultralytics checkpoint ``path`` needs beyond torch's tensors and plain
+    types, each on the allowlist; read from the file's pickle opcodes without running any of them
+    (``torch.serialization.get_unsafe_globals_in_checkpoint``). A one-line UserError, ``what`` first (the
+    option that named the file), names the file and the first globals off the list, or says the file is no torch
+    checkpoint."""
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as exc:  # not a zip archive (a bare pickle, a truncated or foreign file): never unpickled
+        kind = type(exc).__name__
+        raise UserError(f"{what} {path}: refused: not a torch zip checkpoint, so it cannot be read weights-only "
+                        f"({kind}); set {TRUST_ENV}=1 to unpickle a file you trust") from exc  # fmt: skip
+    allowed = {name: _allowed_class(name) for name in needed}
+    refused = sorted(name for name, cls in allowed.items() if cls is None)
+    if refused:
+        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+        raise UserError(f"{what} {path}: refused: reading it would call {', '.join(refused[:3])}{more}, not an "
+                        f"Ultralytics model class (it may run code); set {TRUST_ENV}=1 to load a file you "
+                        "trust")  # fmt: skip
+    return [cls for cls in allowed.values() if cls is not None]
+
+
+@contextlib.contextmanager
+def weights_only_loading(path: Path, *, what: str) -> Iterator[None]:
+    """A context in which Ultralytics reads the checkpoint ``path`` (``YOLO(path)``, ``YOLO.load(path)``) with
+    ``torch.load(weights_only=True)`` and the classes of :func:`checkpoint_classes` allowed; the check runs
+    first, so a refused file is never unpickled. With :func:`trusts_model_files`, Ultralytics' own loading."""
+    if trusts_model_files():
+        yield
+        return
+    allowed = checkpoint_classes(path, what=what)
+    import ultralytics.nn.tasks as tasks
+
+    original = tasks.torch_load
+
+    def load_weights_only(*args: Any, **kwargs: Any) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **{**kwargs, "weights_only": True})
+
+    tasks.torch_load = load_weights_only
+    try:
+        yield
+    finally:
+        tasks.torch_load = original
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,7 +383,10 @@ def load_yolo(spec: str, *, device: torch.device | str = "cpu") -> YoloDetector:
     path = weights_path(spec)
     ul = import_ultralytics()
     try:
-        yolo = ul.YOLO(str(path))
+        with weights_only_loading(path, what="--model"):
+            yolo = ul.YOLO(str(path))
+    except UserError:
+        raise
     except Exception as exc:  # unpickling errors, foreign files, version mismatches
         reason = " ".join(str(exc).split())[:160]
         raise UserError(f"--model {spec}: not a loadable Ultralytics model ({type(exc).__name__}: {reason})") from exc
@@ -675,8 +757,13 @@ def _run_trainer(
 def _new_model(ul: Any, cfg: TrainConfig, task: str) -> Any:
     """The YOLO model to train: from its YAML or .pt, of the data's task, with ``--init`` weights loaded."""
     assert cfg.model is not None
+    source = _source(cfg.model)
     try:
-        yolo = ul.YOLO(_source(cfg.model))
+        if Path(source).suffix.lower() == ".pt":
+            with weights_only_loading(Path(source).expanduser(), what="--model"):
+                yolo = ul.YOLO(source)
+        else:
+            yolo = ul.YOLO(source)
     except FileNotFoundError as exc:
         raise UserError(f"--model {cfg.model}: {' '.join(str(exc).split())[:200]}") from exc
     if yolo.task not in TASKS:
@@ -687,7 +774,8 @@ def _new_model(ul: Any, cfg: TrainConfig, task: str) -> Any:
         init = Path(cfg.init).expanduser()
         if init.suffix.lower() != ".pt" or not init.is_file():
             raise UserError(f"--init {cfg.init}: YOLO models take a local Ultralytics .pt")
-        yolo.load(str(init))
+        with weights_only_loading(init, what="--init"):
+            yolo.load(str(init))
     return yolo
 
 
@@ -695,9 +783,9 @@ def _write_checkpoint(last: Path, final: Path, meta: ModelMeta, config: dict[str
     """``final``: Ultralytics' ``last`` with datadistill's meta under :data:`CHECKPOINT_KEY` (atomic)."""
     from datadistill.runtime.io import write_atomic
 
-    # Our own file, just written by Ultralytics' trainer: read back by Ultralytics' own loader (an Ultralytics
-    # checkpoint holds pickled model objects, which a weights-only load refuses).
-    ckpt = dict(import_ultralytics().YOLO(str(last)).ckpt)
+    # Just written by Ultralytics' trainer, read back weights-only all the same (the run folder may be shared).
+    with weights_only_loading(last, what="train: reading back"):
+        ckpt = dict(import_ultralytics().YOLO(str(last)).ckpt)
     ckpt[CHECKPOINT_KEY] = {"meta": meta.to_dict(), "config": config}
     write_atomic(final, lambda f: torch.save(ckpt, f))
 
