@@ -26,6 +26,8 @@ Without ignore boxes every loss is exactly torchvision's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.fcos import FCOS, FCOSHead
@@ -49,37 +51,58 @@ def _on_ignore_box(targets: dict[str, Tensor], matched_idxs: Tensor) -> Tensor:
     return (matched_idxs >= 0) & (labels[matched_idxs.clamp(min=0)] == IGNORE_LABEL)
 
 
+_Named = dict[str, Tensor]  # head outputs, losses
+_Targets = list[dict[str, Tensor]]
+_Ts = list[Tensor]
+
+
+def _silent_sigmoid(logits: Tensor) -> Tensor:
+    """Sigmoid class logits ``[N, A, C]`` whose focal loss against "background" is exactly 0."""
+    return torch.full_like(logits, _SILENT_LOGIT)
+
+
+def _silent_softmax(logits: Tensor) -> Tensor:
+    """Softmax logits ``[N, A, 1 + C]`` (background first) whose cross-entropy against background is exactly 0."""
+    background = torch.full_like(logits, _SILENT_LOGIT)
+    background[..., 0] = 0.0
+    return background
+
+
+def _leave_out_ignored(
+    compute_loss: Callable[[_Targets, _Named, _Ts, _Ts], _Named],
+    targets: _Targets,
+    head_outputs: _Named,
+    anchors: _Ts,
+    matched_idxs: _Ts,
+    *,
+    silence: Callable[[Tensor], Tensor],
+) -> _Named:
+    """``compute_loss`` (torchvision's) with the anchors matched to an ignore box left out: unmatched (-1, no
+    box loss) and their class logits replaced by ``silence(logits)``, which adds no loss and no gradient.
+    Without ignore boxes, exactly ``compute_loss``."""
+    ignored = [_on_ignore_box(t, m) for t, m in zip(targets, matched_idxs, strict=True)]
+    if not any(bool(i.any()) for i in ignored):
+        return compute_loss(targets, head_outputs, anchors, matched_idxs)
+    mask = torch.stack(ignored)  # [N, A]
+    matched = [torch.where(i, torch.full_like(m, -1), m) for i, m in zip(ignored, matched_idxs, strict=True)]
+    logits = head_outputs["cls_logits"]
+    silent = torch.where(mask[..., None], silence(logits), logits)
+    return compute_loss(targets, {**head_outputs, "cls_logits": silent}, anchors, matched)
+
+
 class IgnoreAwareFCOSHead(FCOSHead):
     """FCOS's head; its loss leaves out the locations that FCOS's matching gave to an ignore box."""
 
-    def compute_loss(
-        self,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: list[Tensor],
-        matched_idxs: list[Tensor],
-    ) -> dict[str, Tensor]:
-        ignored = [_on_ignore_box(t, m) for t, m in zip(targets, matched_idxs, strict=True)]
-        if not any(bool(i.any()) for i in ignored):
-            return super().compute_loss(targets, head_outputs, anchors, matched_idxs)
-        mask = torch.stack(ignored)  # [N, A]
-        matched = [torch.where(i, torch.full_like(m, -1), m) for i, m in zip(ignored, matched_idxs, strict=True)]
-        logits = head_outputs["cls_logits"]  # [N, A, C]
-        silent = torch.where(mask[..., None], torch.full_like(logits, _SILENT_LOGIT), logits)
-        return super().compute_loss(targets, {**head_outputs, "cls_logits": silent}, anchors, matched)
+    def compute_loss(self, targets: _Targets, head_outputs: _Named, anchors: _Ts, matched_idxs: _Ts) -> _Named:
+        return _leave_out_ignored(super().compute_loss, targets, head_outputs, anchors, matched_idxs,
+                                 silence=_silent_sigmoid)  # fmt: skip
 
 
 class IgnoreAwareRetinaNetHead(RetinaNetHead):
     """RetinaNet's head; anchors whose best box is an ignore box are discarded like those between the IoU
     thresholds (no classification or box loss)."""
 
-    def compute_loss(
-        self,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: list[Tensor],
-        matched_idxs: list[Tensor],
-    ) -> dict[str, Tensor]:
+    def compute_loss(self, targets: _Targets, head_outputs: _Named, anchors: _Ts, matched_idxs: _Ts) -> _Named:
         discard = self.classification_head.BETWEEN_THRESHOLDS
         matched = [
             torch.where(_on_ignore_box(t, m), torch.full_like(m, discard), m)
@@ -93,23 +116,9 @@ class IgnoreAwareSSD(SSD):
     ignore box: no box loss, and softmax logits that give exactly zero loss against the background, so
     that hard negative mining ranks them last and they add nothing."""
 
-    def compute_loss(
-        self,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: list[Tensor],
-        matched_idxs: list[Tensor],
-    ) -> dict[str, Tensor]:
-        ignored = [_on_ignore_box(t, m) for t, m in zip(targets, matched_idxs, strict=True)]
-        if not any(bool(i.any()) for i in ignored):
-            return super().compute_loss(targets, head_outputs, anchors, matched_idxs)
-        mask = torch.stack(ignored)  # [N, A]
-        matched = [torch.where(i, torch.full_like(m, -1), m) for i, m in zip(ignored, matched_idxs, strict=True)]
-        logits = head_outputs["cls_logits"]  # [N, A, 1 + C], background first
-        background = torch.full_like(logits, _SILENT_LOGIT)
-        background[..., 0] = 0.0
-        silent = torch.where(mask[..., None], background, logits)
-        return super().compute_loss(targets, {**head_outputs, "cls_logits": silent}, anchors, matched)
+    def compute_loss(self, targets: _Targets, head_outputs: _Named, anchors: _Ts, matched_idxs: _Ts) -> _Named:
+        return _leave_out_ignored(super().compute_loss, targets, head_outputs, anchors, matched_idxs,
+                                 silence=_silent_softmax)  # fmt: skip
 
 
 class IgnoreAwareRPN(RegionProposalNetwork):
