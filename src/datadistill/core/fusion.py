@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numba
 import numpy as np
@@ -576,16 +576,19 @@ def _wbf(
 # ---------------------------------------------------------------------------------------------------------
 # Public functions.
 
+Views = Sequence[Tensor]  # one tensor per view
+FusedBoxes = tuple[Tensor, Tensor, Tensor]  # boxes [N, 4], scores [N], labels [N]
 
-def nms(
-    boxes_list: Sequence[Tensor],
-    scores_list: Sequence[Tensor],
-    labels_list: Sequence[Tensor],
-    *,
-    weights: Weights = None,
-    iou_thr: float = 0.5,
-    skip_box_thr: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
+
+def _apply(method: Callable[..., _Fused], boxes_list: Views, scores_list: Views, labels_list: Views,
+           **options: Any) -> FusedBoxes:  # fmt: skip
+    """``method`` (one of the four over concatenated inputs) on the views' union, as tensors."""
+    inputs = _gather(boxes_list, scores_list, labels_list)
+    return _as_tensors(method(inputs, **options), inputs)
+
+
+def nms(boxes_list: Views, scores_list: Views, labels_list: Views, *, weights: Weights = None, iou_thr: float = 0.5,
+        skip_box_thr: float = 0.0) -> FusedBoxes:  # fmt: skip
     """Union of all views, then greedy NMS per class: a box is dropped when a higher scored box of its class
     that was kept overlaps it with IoU > ``iou_thr``.
 
@@ -598,23 +601,13 @@ def nms(
     score by V, which changes no decision). Gives ``ensemble_boxes.nms`` and, on the union with
     ``weights=None``, ``torchvision.ops.batched_nms``.
     """
-    inputs = _gather(boxes_list, scores_list, labels_list)
-    return _as_tensors(_nms(inputs, weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr), inputs)
+    return _apply(_nms, boxes_list, scores_list, labels_list, weights=weights, iou_thr=iou_thr,
+                  skip_box_thr=skip_box_thr)  # fmt: skip
 
 
-def soft_nms(
-    boxes_list: Sequence[Tensor],
-    scores_list: Sequence[Tensor],
-    labels_list: Sequence[Tensor],
-    *,
-    weights: Weights = None,
-    iou_thr: float = 0.5,
-    skip_box_thr: float = 0.0,
-    sigma: float = 0.5,
-    decay: Decay = "gaussian",
-    min_score: float = 0.001,
-    decayed_scores: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
+def soft_nms(boxes_list: Views, scores_list: Views, labels_list: Views, *, weights: Weights = None,
+             iou_thr: float = 0.5, skip_box_thr: float = 0.0, sigma: float = 0.5, decay: Decay = "gaussian",
+             min_score: float = 0.001, decayed_scores: bool = False) -> FusedBoxes:  # fmt: skip
     """Union of all views, then soft-NMS per class (Bodla et al. 2017).
 
     Repeatedly takes the highest (decayed) score of a class and decays the scores of the rest of that
@@ -628,29 +621,13 @@ def soft_nms(
     does (the point of the method: duplicates survive with lower scores); :func:`fuse` with
     ``method="soft-nms"`` (the labeling stage) uses the decayed scores unless told otherwise.
     """
-    inputs = _gather(boxes_list, scores_list, labels_list)
-    fused = _soft_nms(
-        inputs,
-        weights,
-        iou_thr=iou_thr,
-        skip_box_thr=skip_box_thr,
-        sigma=sigma,
-        decay=decay,
-        min_score=min_score,
-        decayed_scores=decayed_scores,
-    )
-    return _as_tensors(fused, inputs)
+    return _apply(_soft_nms, boxes_list, scores_list, labels_list, weights=weights, iou_thr=iou_thr,
+                  skip_box_thr=skip_box_thr, sigma=sigma, decay=decay, min_score=min_score,
+                  decayed_scores=decayed_scores)  # fmt: skip
 
 
-def box_voting(
-    boxes_list: Sequence[Tensor],
-    scores_list: Sequence[Tensor],
-    labels_list: Sequence[Tensor],
-    *,
-    weights: Weights = None,
-    iou_thr: float = 0.55,
-    skip_box_thr: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
+def box_voting(boxes_list: Views, scores_list: Views, labels_list: Views, *, weights: Weights = None,
+               iou_thr: float = 0.55, skip_box_thr: float = 0.0) -> FusedBoxes:  # fmt: skip
     """Box voting as non-maximum weighted (ensemble-boxes' ``non_maximum_weighted``).
 
     Boxes are taken by weighted score ``s * w_v / max(w)``; each joins the cluster whose main (highest
@@ -658,20 +635,12 @@ def box_voting(
     box's score, label and the mean of its members' coordinates weighted by score x IoU with the main box.
     Shapes and ordering as :func:`nms`.
     """
-    inputs = _gather(boxes_list, scores_list, labels_list)
-    return _as_tensors(_vote(inputs, weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr), inputs)
+    return _apply(_vote, boxes_list, scores_list, labels_list, weights=weights, iou_thr=iou_thr,
+                  skip_box_thr=skip_box_thr)  # fmt: skip
 
 
-def wbf(
-    boxes_list: Sequence[Tensor],
-    scores_list: Sequence[Tensor],
-    labels_list: Sequence[Tensor],
-    *,
-    weights: Weights = None,
-    iou_thr: float = 0.55,
-    skip_box_thr: float = 0.0,
-    conf_type: ConfType = "avg",
-) -> tuple[Tensor, Tensor, Tensor]:
+def wbf(boxes_list: Views, scores_list: Views, labels_list: Views, *, weights: Weights = None, iou_thr: float = 0.55,
+        skip_box_thr: float = 0.0, conf_type: ConfType = "avg") -> FusedBoxes:  # fmt: skip
     """Weighted boxes fusion (ensemble-boxes' ``weighted_boxes_fusion``).
 
     Boxes are taken by weighted score ``s * w_v``; each joins the cluster whose current fused box (the
@@ -686,9 +655,8 @@ def wbf(
 
     ensemble-boxes' ``allows_overflow`` (scores above 1) is not offered. Shapes and ordering as :func:`nms`.
     """
-    inputs = _gather(boxes_list, scores_list, labels_list)
-    fused = _wbf(inputs, weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type)
-    return _as_tensors(fused, inputs)
+    return _apply(_wbf, boxes_list, scores_list, labels_list, weights=weights, iou_thr=iou_thr,
+                  skip_box_thr=skip_box_thr, conf_type=conf_type)  # fmt: skip
 
 
 def fuse_keypoints_mean(
