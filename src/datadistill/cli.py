@@ -150,7 +150,7 @@ TRAIN_HELP = {
     "images": "image root of --data: a folder, or an object-store prefix (s3://, gs://, az://)",
     "out": "output folder (checkpoint.pt, last.pt, metrics.jsonl, config.yaml)",
     "model": "a name from `datadistill models`, yolo:PATH_OR_YAML (Ultralytics: its trainer and recipe, "
-    "writes OUT/yolo.pt; a .pt is unpickled, only files you trust), or hf:PATH_OR_ID (a transformers detector in "
+    "writes OUT/yolo.pt; a .pt is read weights-only), or hf:PATH_OR_ID (a transformers detector in "
     "datadistill's loop with its own loss, writes OUT/hf_model/); default: the small model of the data's task",
     "epochs": "passes over the labeled images (or give --iterations; neither: 20 passes, but at least 1,000 "
     "iterations, so that a handful of labeled images trains long enough)",
@@ -245,7 +245,7 @@ def _evaluate_model(spec: str, args: argparse.Namespace) -> dict[str, typing.Any
 
 LABEL_HELP = {
     "model": "the teacher: a checkpoint.pt, a training folder (OUT of `datadistill train`), yolo:PATH.pt (an "
-    "Ultralytics .pt, unpickled: only files you trust; keypoints fused by mean; use --iou-thr 0.7), or "
+    "Ultralytics .pt, read weights-only: Ultralytics' classes; keypoints fused by mean; use --iou-thr 0.7), or "
     "hf:PATH_OR_ID (a transformers detector: a save_pretrained folder or a hub id; open-vocabulary ones such as "
     "OWLv2 take --prompts)",
     "checkpoint": "the former name of --model",
