@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,34 +86,26 @@ def _symmetric_figure(width: int = 64, height: int = 48, centre: float = 32.0) -
     return img
 
 
-def test_symmetric_image_gives_the_same_output_with_and_without_the_flip_view(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "predict", _oracle_predict)
-    monkeypatch.setattr(models, "input_size", lambda model, a, b: _null_context())
+def test_symmetric_image_gives_the_same_output_with_and_without_the_flip_view() -> None:
     meta = _meta("keypoints", 5)
     img = _symmetric_figure()
     assert torch.equal(img, img.flip(-1))
     kw = {"fuse": "wbf", "keypoint_fuse": "mean", "iou_thr": 0.5, "score_floor": 0.05}
-    (alone,) = label_images(
-        models.TorchvisionDetector(torch.nn.Identity(), meta), [img], views=parse_views("identity"), **kw
-    )
-    (both,) = label_images(
-        models.TorchvisionDetector(torch.nn.Identity(), meta), [img], views=parse_views("identity,hflip"), **kw
-    )
+    (alone,) = label_images(_Oracle(meta), [img], views=parse_views("identity"), **kw)
+    (both,) = label_images(_Oracle(meta), [img], views=parse_views("identity,hflip"), **kw)
     torch.testing.assert_close(both.boxes, alone.boxes)
     torch.testing.assert_close(both.keypoints, alone.keypoints)
     assert both.agreement.tolist() == [2] and alone.agreement.tolist() == [1]
     assert float(both.keypoints[0, 1, 0]) > float(both.keypoints[0, 2, 0])  # left hand on the image right
 
 
-def test_flip_without_swap_would_be_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flip_without_swap_would_be_caught() -> None:
     """The same scene with a flip map that does not swap: fused hands collapse to the middle."""
-    monkeypatch.setattr(models, "predict", _oracle_predict)
-    monkeypatch.setattr(models, "input_size", lambda model, a, b: _null_context())
     meta = _meta("keypoints", 5)
     wrong = models.ModelMeta(**{**meta.__dict__, "flip_index": (0, 1, 2, 3, 4)})
     kw = {"fuse": "wbf", "keypoint_fuse": "mean", "iou_thr": 0.5, "score_floor": 0.05}
     (fused,) = label_images(
-        models.TorchvisionDetector(torch.nn.Identity(), wrong),
+        _Oracle(wrong),
         [_symmetric_figure()],
         views=parse_views("identity,hflip"),
         **kw,
@@ -119,27 +113,35 @@ def test_flip_without_swap_would_be_caught(monkeypatch: pytest.MonkeyPatch) -> N
     assert abs(float(fused.keypoints[0, 1, 0]) - float(fused.keypoints[0, 2, 0])) < 1.0
 
 
-class _null_context:
-    def __enter__(self) -> None:
+class _Oracle:
+    """A stand-in Detector (label_images takes any): :func:`_oracle_predict` at every input size."""
+
+    has_heatmaps = False
+    max_det = 100
+
+    def __init__(self, meta: models.ModelMeta) -> None:
+        self.meta, self.spec = meta, "oracle"
+
+    def predict(self, images: Sequence[torch.Tensor]) -> list[Detections]:
+        return _oracle_predict(torch.nn.Identity(), list(images))
+
+    def input_size(self, min_size: int, max_size: int) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    def heatmaps(self, images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> None:
         return None
 
-    def __exit__(self, *exc: object) -> None:
+    def unfit_reason(self, height: int, width: int, *, min_size: int, max_size: int) -> None:
         return None
 
 
-def test_asymmetric_scene_maps_back_to_the_same_place(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_asymmetric_scene_maps_back_to_the_same_place() -> None:
     """A figure off-centre: the flip view's detections land exactly on the identity view's."""
-    monkeypatch.setattr(models, "predict", _oracle_predict)
-    monkeypatch.setattr(models, "input_size", lambda model, a, b: _null_context())
     img = _symmetric_figure(width=80, centre=22.0)
     meta = _meta("keypoints", 5)
     kw = {"fuse": "nms", "keypoint_fuse": "mean", "iou_thr": 0.5, "score_floor": 0.05}
-    (alone,) = label_images(
-        models.TorchvisionDetector(torch.nn.Identity(), meta), [img], views=parse_views("identity"), **kw
-    )
-    (both,) = label_images(
-        models.TorchvisionDetector(torch.nn.Identity(), meta), [img], views=parse_views("identity,hflip"), **kw
-    )
+    (alone,) = label_images(_Oracle(meta), [img], views=parse_views("identity"), **kw)
+    (both,) = label_images(_Oracle(meta), [img], views=parse_views("identity,hflip"), **kw)
     torch.testing.assert_close(both.boxes, alone.boxes)
     torch.testing.assert_close(both.keypoints, alone.keypoints)
 
