@@ -408,8 +408,10 @@ def test_owlv2_boxes_are_mapped_back_from_its_padded_square(models: dict[str, Pa
 
 
 def test_an_open_vocabulary_model_we_cannot_read_is_refused_in_one_line(tmp_path: Path) -> None:
-    transformers.GroundingDinoConfig().save_pretrained(tmp_path)  # its config only: refused before any weights
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file
+
+    transformers.GroundingDinoConfig().save_pretrained(tmp_path)  # its config: refused before its weights load
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))  # a readable file, no model's weights
     with pytest.raises(UserError, match=r"open-vocabulary grounding-dino models are not supported yet"):
         det.load_detector(f"hf:{tmp_path}?prompts=x.yaml")
 
