@@ -13,6 +13,12 @@
   map, sigmas, input size), read by the other stages;
 - ``timings.json``: seconds spent in setup, training and evaluation.
 
+The loop is this module's; a backend gives it data, never a loop (DETR's ``build_model`` shape): its
+:class:`~datadistill.models.detector.LoopBackend` (model builder, losses, detector for validation, the trained
+model's format). Ultralytics' models train with Ultralytics' own trainer, the backend's
+:class:`~datadistill.models.detector.ExternalTrainer`, which :func:`train` calls and whose model it then
+evaluates (:func:`train_external`). Every backend's ``last.pt`` is :mod:`datadistill.models.checkpoints`'.
+
 Several processes: under ``torchrun --nproc_per_node N -m datadistill train ...`` (one process per GPU,
 or per CPU slot) the model is trained with DistributedDataParallel; every rank's minibatch holds
 ``batch_size`` images with the same real:pseudo mix (the global batch is ``N * batch_size``); only rank 0
