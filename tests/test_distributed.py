@@ -31,6 +31,7 @@ from datadistill.models.detector import model_files, single_file
 from datadistill.runtime.distributed import Launch, launch_from_env, rank_device
 from datadistill.stages.label import LabelConfig, label
 from datadistill.stages.shards import plan_batches
+from slow_label import SCRIPT as SLOW_LABEL
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process groups and SIGKILL semantics")
 
@@ -292,37 +293,6 @@ def _label_args(checkpoint: Path, unlabeled: Path, out: Path, **overrides: str) 
     return args
 
 
-# A labeling whose forward passes take 200 ms longer (in this process, or in every Ray actor), so that a kill
-# lands mid-run. The seam: label() builds the teacher with the loader it is given (pickled to the Ray actors);
-# the config is parsed as the CLI parses it.
-_SLOW_LABEL = """
-import dataclasses, os, sys, time
-from datadistill.cli import build_parser
-from datadistill.config import LabelConfig
-from datadistill.models.detector import load_detector
-from datadistill.stages.label import label
-
-class Slow:
-    def __init__(self, detector):
-        self.detector = detector
-
-    def __getattr__(self, name):
-        return getattr(self.detector, name)
-
-    def predict(self, images):
-        time.sleep(0.2)
-        return self.detector.predict(images)
-
-def slow_load(spec, **kwargs):
-    return Slow(load_detector(spec, **kwargs))
-
-args = build_parser().parse_args(sys.argv[1:])
-fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(LabelConfig) if hasattr(args, f.name)}
-fields.update(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
-label(LabelConfig(**fields), load=slow_load)
-"""
-
-
 def _kill_after_shards(cmd: list[str], out: Path, count: int) -> dict[str, int]:
     """Start ``cmd``, SIGKILL everything it started once ``count`` shards exist; the shards left, with
     their modification times."""
@@ -354,9 +324,9 @@ def test_torchrun_labeling_gives_the_one_process_labels_and_resumes_after_sigkil
     assert manifest["counts"] == json.loads((reference / "manifest.json").read_text())["counts"]
 
     killed = tmp_path / "killed"
-    script = tmp_path / "slow_label.py"
-    script.write_text(_SLOW_LABEL)
-    before = _kill_after_shards([*TORCHRUN, str(script), *_label_args(checkpoint, unlabeled, killed)], killed, 2)
+    # forward passes 200 ms longer, so that the kill lands mid-run (tests/slow_label.py)
+    before = _kill_after_shards([*TORCHRUN, str(SLOW_LABEL), "0.2", *_label_args(checkpoint, unlabeled, killed)],
+                                killed, 2)  # fmt: skip
     assert 2 <= len(before) < 6
     _run([*TORCHRUN, "-m", "datadistill", *_label_args(checkpoint, unlabeled, killed)])
     _assert_same_labels(killed, reference)
@@ -373,10 +343,8 @@ def test_ray_engine_gives_the_local_labels_and_resumes_after_sigkill(
 ) -> None:
     pytest.importorskip("ray", reason="the Ray engine is optional: pip install 'datadistill[ray]'")
     out = tmp_path / "ray"
-    script = tmp_path / "slow_label.py"
-    script.write_text(_SLOW_LABEL)
     args = _label_args(checkpoint, unlabeled, out, engine="ray")
-    before = _kill_after_shards([sys.executable, str(script), *args], out, 1)
+    before = _kill_after_shards([sys.executable, str(SLOW_LABEL), "0.2", *args], out, 1)  # tests/slow_label.py
     assert 1 <= len(before) < 6
     done = _run([sys.executable, "-m", "datadistill", *args])
     assert "wrote" in done.stdout

@@ -35,6 +35,7 @@ from datadistill.stages import label as label_mod
 from datadistill.stages.label import LabelConfig, label, list_source, read_shards, shard_detections
 from datadistill.stages.label_ray import output_schema
 from datadistill.stages.multiview import label_images
+from slow_label import SCRIPT as SLOW_LABEL
 
 FLIP = (0, 2, 1, 4, 3)  # head, left_hand, right_hand, left_foot, right_foot
 
@@ -267,32 +268,7 @@ def test_heatmap_fusion_of_one_view_gives_the_model_keypoints(tmp_path: Path) ->
 def _slow_label(args: list[str], out: Path) -> list[str]:
     """`datadistill label` in a child process whose forward passes take 50 ms longer, so that a kill lands
     mid-run."""
-    return [sys.executable, "-c", _SLOW_CHILD.format(delay=0.05), "label", *args, "--out", str(out)]
-
-
-# The seam: label() builds the teacher with the loader it is given; the config is parsed as the CLI parses it.
-_SLOW_CHILD = """
-import dataclasses, sys, time
-from datadistill.cli import build_parser
-from datadistill.config import LabelConfig
-from datadistill.models.detector import load_detector
-from datadistill.stages.label import label
-
-class Slow:
-    def __init__(self, detector):
-        self.detector = detector
-
-    def __getattr__(self, name):
-        return getattr(self.detector, name)
-
-    def predict(self, images):
-        time.sleep({delay})
-        return self.detector.predict(images)
-
-args = build_parser().parse_args(sys.argv[1:])
-label(LabelConfig(**{{f.name: getattr(args, f.name) for f in dataclasses.fields(LabelConfig) if hasattr(args, f.name)}}),
-      load=lambda spec, **kwargs: Slow(load_detector(spec, **kwargs)))
-"""
+    return [sys.executable, str(SLOW_LABEL), "0.05", "label", *args, "--out", str(out)]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL semantics")

@@ -29,6 +29,7 @@ from datadistill.runtime.devices import autocast, resolve_precision
 from datadistill.stages.evaluate import evaluate_predictions
 from datadistill.stages.label import LabelConfig, label
 from datadistill.stages.train import TrainConfig, train
+from slow_label import SCRIPT as SLOW_LABEL
 
 CPU = torch.device("cpu")
 SIZE_PX = 128  # at 64 px, CPU bf16 backward of the 1x1 P7 map gives NaN weight gradients (torch 2.14, oneDNN)
@@ -174,32 +175,7 @@ def _random_images(root: Path, n: int) -> Path:
 def _slow_label(args: list[str], out: Path) -> list[str]:
     """`datadistill label` in a child process whose forward passes take 20 ms longer, so that a kill lands
     mid-run."""
-    return [sys.executable, "-c", _SLOW_CHILD.format(delay=0.02), "label", *args, "--out", str(out)]
-
-
-# The seam: label() builds the teacher with the loader it is given; the config is parsed as the CLI parses it.
-_SLOW_CHILD = """
-import dataclasses, sys, time
-from datadistill.cli import build_parser
-from datadistill.config import LabelConfig
-from datadistill.models.detector import load_detector
-from datadistill.stages.label import label
-
-class Slow:
-    def __init__(self, detector):
-        self.detector = detector
-
-    def __getattr__(self, name):
-        return getattr(self.detector, name)
-
-    def predict(self, images):
-        time.sleep({delay})
-        return self.detector.predict(images)
-
-args = build_parser().parse_args(sys.argv[1:])
-label(LabelConfig(**{{f.name: getattr(args, f.name) for f in dataclasses.fields(LabelConfig) if hasattr(args, f.name)}}),
-      load=lambda spec, **kwargs: Slow(load_detector(spec, **kwargs)))
-"""
+    return [sys.executable, str(SLOW_LABEL), "0.02", "label", *args, "--out", str(out)]
 
 
 def _shard_bytes(out: Path) -> dict[str, bytes]:
