@@ -99,4 +99,3 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 def is_checkpoint(content: Any) -> bool:
     """Whether a loaded file's content is a datadistill checkpoint (by its ``format``)."""
     return isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT
-

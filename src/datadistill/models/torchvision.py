@@ -41,7 +41,8 @@ from datadistill.models.detector import LoopBackend, ModelFiles, ModelMeta, reso
 from datadistill.models.ignore import IGNORE_LABEL, make_ignore_aware, supports_ignore
 from datadistill.models.zoo import MODELS, get_spec, list_models
 
-__all__ = ["MODELS", "ModelMeta", "get_spec", "list_models", "read_checkpoint", "save_checkpoint"]  # reached from here too
+# reached from here too (tests, benchmarks): the zoo and the checkpoint files of this backend
+__all__ = ["MODELS", "ModelMeta", "get_spec", "list_models", "read_checkpoint", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 
