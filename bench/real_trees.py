@@ -198,7 +198,7 @@ def run_seed(seed: int, tiles_dir: Path, tiles: CocoDataset, args: argparse.Name
 
     teacher = train_arm("supervised", None)
     results: dict[str, Any] = {"supervised": {"test": metrics(teacher)}}
-    for name, views in (("single_view", "identity"), ("distilled", "default")):
+    for name, views in (("single_view", "identity"), ("distilled", "auto")):
         if name in args.arms:
             pseudo, quality = pseudo_labels(name, views)
             results[name] = {"test": metrics(train_arm(name, pseudo)), "pseudo_labels": quality}

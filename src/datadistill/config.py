@@ -188,7 +188,7 @@ class LabelConfig:
     model: str | None = None
     checkpoint: str | None = None
     image_root: str | None = None
-    views: str = "default"
+    views: str = "auto"
     fuse: str = "nms"
     keypoint_fuse: str = "heatmap"
     iou_thr: float = 0.5

@@ -389,11 +389,12 @@ def views_for_scales(scales: tuple[float, ...]) -> tuple[View, ...]:
 def parse_views(text: str) -> tuple[View, ...]:
     """A comma list of views (:func:`expand_view`: ``tile:2x2`` is its 4 tiles), in which ``default`` (4
     scales x flip) and ``paper`` (18 views) stand for their views: ``default,tile:2x2`` is the default
-    views and 4 tiles."""
+    views and 4 tiles. ``auto`` parses as ``default``: the label stage first replaces it with what the data
+    calls for (:func:`datadistill.stages.defaults.auto_views`)."""
     views: list[View] = []
     for item in text.split(","):
         item = item.strip()
-        if item == "default":
+        if item in ("default", "auto"):
             views += views_for_scales(DEFAULT_SCALES)
         elif item == "paper":
             views += views_for_scales(PAPER_SCALES)

@@ -329,6 +329,16 @@ def list_models() -> list[tuple[str, str, str]]:
     return rows
 
 
+def sized_by_data(model: str) -> bool:
+    """Whether ``model`` takes its input size from the data: the small models that train from scratch (a
+    name of the torchvision zoo not meant for pretrained weights). YOLO, Hugging Face and the pretrained
+    torchvision models keep their own sizes."""
+    from datadistill.models.zoo import MODELS  # the zoo builds torchvision models: loaded only when asked
+
+    spec = MODELS.get(model)
+    return spec is not None and not spec.pretrained
+
+
 def backend_of(spec: str) -> str:
     """The backend of a model spec (see the module docstring); a folder's backend is its trained file's."""
     for prefix, backend in PREFIXES.items():

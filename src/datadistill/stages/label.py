@@ -48,6 +48,7 @@ from datadistill.models.detector import Detector, DetectorLoader, load_detector,
 from datadistill.runtime import distributed
 from datadistill.runtime.devices import resolve_device, resolve_precision
 from datadistill.runtime.io import file_sha256, provenance, remove_temporaries, write_json_atomic
+from datadistill.stages.defaults import auto_views
 from datadistill.stages.label_writer import Fusion, Job, make_writer
 from datadistill.stages.multiview import LabelTimer, label_images, run_views, unfit_reason
 from datadistill.stages.shards import ImageSource, ShardImages, collate_items, list_source, plan_batches, worker_init
@@ -209,6 +210,9 @@ def label(cfg: LabelConfig, *, load: DetectorLoader = load_detector) -> Path:
     # with Ray, the workers' devices decide; the driver's device stands in for them in the signature
     precision = resolve_precision(cfg.precision, device if device is not None else resolve_device(cfg.device))
     detector, cfg = _load_teacher(cfg, views, device if device is not None else torch.device("cpu"), load)
+    if (chosen := auto_views(cfg.views, spec=_spec(cfg), min_size=detector.meta.min_size,
+                             max_size=detector.meta.max_size)) != cfg.views:  # fmt: skip
+        cfg, views = replace(cfg, views=chosen), parse_views(chosen)  # `views: auto`, read from the teacher's data
     source = list_source(cfg.images, image_root=cfg.image_root)
     manifest = _new_manifest(cfg, source, views, detector, precision)
     num_shards = manifest["num_shards"]

@@ -95,6 +95,7 @@ from datadistill.runtime.io import (
     write_json_atomic,
     write_text_atomic,
 )
+from datadistill.stages import defaults
 from datadistill.stages.evaluate import evaluate_model
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,8 @@ def resolve_config(cfg: TrainConfig, dataset: CocoDataset, backend: LoopBackend)
     """``cfg`` with absolute paths, and the model, input size and lr filled in (by ``backend``; the
     schedule follows from the sampler: :func:`with_schedule`)."""
     model = cfg.model or DEFAULT_MODELS[dataset.task]
-    meta = backend.meta_for(model, dataset, min_size=cfg.min_size, max_size=cfg.max_size)
+    min_size = cfg.min_size if cfg.min_size is not None else defaults.input_size(model, dataset, device=cfg.device)
+    meta = backend.meta_for(model, dataset, min_size=min_size, max_size=cfg.max_size)
     init = cfg.init
     if init is not None and not init.startswith("weights:"):
         init = _abs(init)
