@@ -395,14 +395,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# `run`'s named options: the run config key each one sets (a path made absolute: the config's own paths are
+# relative to its folder).
+RUN_FLAGS = {
+    "labeled": "data.train",
+    "images": "data.train_images",
+    "unlabeled": "data.unlabeled",
+    "val": "data.val",
+    "model": "teacher.model",
+    "student_model": "student.model",
+}
+RUN_PATHS = ("labeled", "images", "unlabeled", "val")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from datadistill.config import load_run_config
+    from datadistill.data.object_store import is_uri
     from datadistill.run import run
     from datadistill.stages.evaluate import format_metrics
 
-    cfg, base = load_run_config(args.config, list(args.set or []))
-    out = args.out or str(Path("runs") / Path(args.config).stem)
-    result = run(cfg, base=base, out=out)
+    settings = {}
+    for flag, key in RUN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            settings[key] = str(Path(value).resolve()) if flag in RUN_PATHS and not is_uri(value) else value
+    if args.config is None and not {"labeled", "images", "unlabeled"} <= {f for f in RUN_FLAGS if getattr(args, f)}:
+        raise UserError("run: give a CONFIG.yaml, or --labeled L.json --images DIR --unlabeled SRC (see run --help)")
+    cfg, base = load_run_config(args.config, list(args.set or []), settings=settings)
+    name = Path(args.config).stem if args.config is not None else Path(args.labeled).stem
+    result = run(cfg, base=base, out=args.out or str(Path("runs") / name))
     if result.teacher is not None:
         print("teacher (supervised):")
         print(format_metrics(result.teacher))
@@ -410,8 +431,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         if m is not None:
             print(f"student, round {r}:")
             print(format_metrics(m))
-    print(f"wrote {result.layout.report}")
+    print(f"wrote {result.layout.results} and {result.layout.report} (config: {result.layout.config})")
     return 0
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="the run config (see examples/); or leave it "
+                   "out and name the data with --labeled, --images and --unlabeled")  # fmt: skip
+    p.add_argument("--labeled", metavar="L.json", help="the labeled COCO json (data.train)")
+    p.add_argument("--images", metavar="DIR", help="the image root of --labeled and --val (data.train_images)")
+    p.add_argument("--unlabeled", metavar="SRC", help="the unlabeled images: a folder, an s3:// prefix, a list or a "
+                   "COCO json (data.unlabeled)")  # fmt: skip
+    p.add_argument("--val", metavar="V.json", help="a labeled COCO json to evaluate on, images under --images "
+                   "(data.val; without it: no teacher check, no metrics)")  # fmt: skip
+    p.add_argument("--model", metavar="MODEL", help="the teacher's model (teacher.model; default: the small model "
+                   "of the data's task)")  # fmt: skip
+    p.add_argument("--student-model", metavar="MODEL", help="the student's model (student.model; default: the "
+                   "teacher's)")  # fmt: skip
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. teacher.epochs=5")
+    p.add_argument("--out", metavar="DIR", help="the run folder (default: runs/<config or labeled json name>)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,7 +468,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "report": ("write RUN_DIR/report.html", cmd_report),
     "review": ("send the images the views disagree on to a person (Label Studio, CVAT, COCO)", cmd_review),
     "merge": ("merge corrected images (Label Studio export or COCO json) into the labeled set", cmd_merge),
-    "run": ("teacher, label, select, student and evaluation from one YAML config", cmd_run),
+    "run": ("teacher, label, select, student and evaluation, from a YAML config or the data's paths", cmd_run),
     "demo": ("run the whole method on synthetic data and print the gain", cmd_demo),
 }
 
@@ -570,10 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_review_commands(add)
 
-    p = add("run")
-    p.add_argument("config", metavar="CONFIG.yaml", help="the run config (see examples/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. teacher.epochs=5")
-    p.add_argument("--out", metavar="DIR", help="the run folder (default: runs/<config name>)")
+    _add_run(add("run"))
     _add_demo(add("demo"))
     return parser
 

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,24 +171,14 @@ class TrainConfig:
 # the label stage's options
 
 
-@dataclass(frozen=True)
-class LabelConfig:
-    """Every option of ``datadistill label``.
+@dataclass(frozen=True, kw_only=True)
+class LabelOptions:
+    """The options of ``datadistill label`` that a run config's ``label`` section sets too (one place for their
+    defaults: :class:`LabelConfig` and :class:`LabelSection` are built on it). ``views``: ``auto`` (the default
+    views, plus tiles where the teacher's labeled data calls for them: :mod:`datadistill.stages.defaults`) or a
+    comma list of views. ``max_det``: the detections per image and view the teacher keeps (None: read from the
+    data it was trained on, :func:`datadistill.models.detector.resolve_max_det`)."""
 
-    ``rank``/``world_size``: this process's share under torchrun (the CLI reads them from ``RANK`` and
-    ``WORLD_SIZE``). ``engine``: ``"local"`` (this process, or each torchrun rank) or ``"ray"`` (a Ray
-    Data pipeline; ``ray_address`` joins a running cluster, None starts one on this machine).
-    ``model``: the model spec of the teacher (:func:`datadistill.models.detector.load_detector`: a
-    checkpoint, a training output folder, ``yolo:PATH.pt``); ``checkpoint`` is the same option under its
-    former name. Give one of them. ``max_det``: the detections per image and view the teacher keeps (None: read
-    from the data it was trained on, :func:`datadistill.models.detector.resolve_max_det`).
-    """
-
-    images: str
-    out: str
-    model: str | None = None
-    checkpoint: str | None = None
-    image_root: str | None = None
     views: str = "auto"
     fuse: str = "nms"
     keypoint_fuse: str = "heatmap"
@@ -195,6 +186,26 @@ class LabelConfig:
     score_floor: float = 0.05
     batch_size: int = 8
     shard_size: int = 1000
+    max_det: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelConfig(LabelOptions):
+    """Every option of ``datadistill label``: :class:`LabelOptions` and these.
+
+    ``rank``/``world_size``: this process's share under torchrun (the CLI reads them from ``RANK`` and
+    ``WORLD_SIZE``). ``engine``: ``"local"`` (this process, or each torchrun rank) or ``"ray"`` (a Ray
+    Data pipeline; ``ray_address`` joins a running cluster, None starts one on this machine).
+    ``model``: the model spec of the teacher (:func:`datadistill.models.detector.load_detector`: a
+    checkpoint, a training output folder, ``yolo:PATH.pt``); ``checkpoint`` is the same option under its
+    former name. Give one of them.
+    """
+
+    images: str
+    out: str
+    model: str | None = None
+    checkpoint: str | None = None
+    image_root: str | None = None
     workers: int = 2
     threads: int = 1
     device: str = "auto"
@@ -206,26 +217,38 @@ class LabelConfig:
     world_size: int = 1
     engine: str = "local"
     ray_address: str | None = None
-    max_det: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
 # the select stage's options
 
 
-@dataclass(frozen=True)
-class SelectConfig:
-    """Every option of ``datadistill select``."""
+@dataclass(frozen=True, kw_only=True)
+class SelectOptions:
+    """The options of ``datadistill select``, also a run config's ``select`` section (one place for their
+    defaults)."""
 
-    labels: str
-    reference: str
-    out: str
     policy: str = "count"
     min_agreement: int = 1
     drop_empty: bool = False
     keypoint_policy: str = "count"  # "count": match the labeled mean of visible keypoints; "count:F": F times it; "all"
     ignore_band: float = 0.0  # > 0: candidates scoring in [ignore_band * threshold, threshold) become ignore regions
     cross_class_iou: float = 0.5  # a candidate overlapping a better one of another class this much: dropped; 0: off
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectConfig(SelectOptions):
+    """Every option of ``datadistill select``: where it reads and writes, and :class:`SelectOptions`."""
+
+    labels: str
+    reference: str
+    out: str
+
+
+def options_of(config: Any, options: type) -> dict[str, Any]:
+    """The fields of the dataclass ``options`` (a base of ``config``'s class, or one with the same field names)
+    as they are set in ``config``: a run section turned into the keyword arguments of its stage config."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(options)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,36 +271,27 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TrainSection:
+    """A run's teacher or student: the defaults are :class:`TrainConfig`'s."""
+
     model: str | None = None  # None: the default small model for the data's task
     epochs: int | None = None  # passes over the labeled images; None (and no iterations): the default schedule
     iterations: int | None = None  # or minibatches; a student with neither follows the teacher's setting
-    batch_size: int = 8
+    batch_size: int = TrainConfig.batch_size
     lr: float | None = None  # None: the model's default
     init: str | None = None  # None: initial weights; "teacher" (student only), "weights:NAME" or a path
-    pseudo_ratio: float = 0.4  # student only
+    pseudo_ratio: float = TrainConfig.pseudo_ratio  # student only
 
 
-@dataclass(frozen=True)
-class LabelSection:
-    views: str = "default"
-    fuse: str = "nms"
-    keypoint_fuse: str = "heatmap"
-    iou_thr: float = 0.5
-    score_floor: float = 0.05
-    batch_size: int = 8
-    shard_size: int = 1000
-    prompts: dict[str, Any] | None = None  # an open-vocabulary teacher's category -> phrase or list of phrases
-    max_det: int | None = None  # detections per image and view; None: what the teacher's checkpoint records
+@dataclass(frozen=True, kw_only=True)
+class LabelSection(LabelOptions):
+    """A run's labeling: :class:`LabelOptions` and an open-vocabulary teacher's ``prompts`` (category -> phrase
+    or list of phrases)."""
+
+    prompts: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
-class SelectSection:
-    policy: str = "count"
-    min_agreement: int = 1
-    drop_empty: bool = False
-    ignore_band: float = 0.0
-    cross_class_iou: float = 0.5
-    keypoint_policy: str = "count"
+# A run's ``select`` section is the select stage's options.
+SelectSection = SelectOptions
 
 
 @dataclass(frozen=True)
@@ -361,9 +375,12 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[RunConfig, Path]:
-    """The config from ``path`` (YAML, ``safe_load``) with ``key=value`` overrides; also the folder that
-    relative paths in it are resolved against."""
+def load_run_config(
+    path: str | Path | None, overrides: Sequence[str] = (), *, settings: Mapping[str, Any] | None = None
+) -> tuple[RunConfig, Path]:
+    """The config from ``path`` (YAML, ``safe_load``; None: the defaults), then ``settings`` (dotted key ->
+    value, as they are: the command line's named options), then the ``key=value`` overrides (``--set``, values
+    parsed as YAML scalars); also the folder that relative paths in it are resolved against."""
     raw: Any = {}
     base = Path.cwd()
     if path is not None:
@@ -382,6 +399,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> tuple
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the config must be a mapping of settings, got {type(raw).__name__}")
         base = path.resolve().parent
+    for key, value in (settings or {}).items():
+        _set(raw, key, value)
     for item in overrides:
         key, sep, text_value = item.partition("=")
         if not sep or not key:

@@ -15,7 +15,7 @@ from typing import Any
 from datadistill.config import DataSection, LabelSection, RunConfig, SelectSection, TrainSection
 from datadistill.data.coco import CocoDataset, ImageLabels, load_coco, save_coco
 from datadistill.layout import RunLayout
-from datadistill.runtime.io import provenance, write_json_atomic
+from datadistill.runtime.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _pct(x: float | None) -> str:
 
 def format_table(results: dict[str, Any], task: str) -> str:
     metric = "keypoints" if task == "keypoints" else "bbox"
-    sup, stu = results["supervised"][metric], results["student"][metric]
+    sup, stu = results["teacher"][metric], results["student"][metric]
     lines = [
         f"{'':28}{'AP':>7}{'AP50':>7}{'AP75':>7}",
         f"{'supervised (teacher)':28}{_pct(sup['AP']):>7}{_pct(sup['AP50']):>7}{_pct(sup['AP75']):>7}",
@@ -174,7 +174,7 @@ def run_demo(*, task: str = "boxes", out: str | Path = "runs/demo", quick: bool 
              threads: int = 2, teacher_model: str | None = None, student_model: str | None = None,
              ) -> dict[str, Any]:  # fmt: skip
     """Make the data, run the method, write ``results.json`` and ``report.html``; returns the results."""
-    from datadistill.run import run
+    from datadistill.run import run, run_results
 
     started = time.time()
     plan = PLANS[(task, quick)]
@@ -186,17 +186,14 @@ def run_demo(*, task: str = "boxes", out: str | Path = "runs/demo", quick: bool 
                       student_model=student_model, quick=quick)  # fmt: skip
     result = run(cfg, base=Path.cwd(), out=out)
     quality = pseudo_label_quality(result.layout, data.unlabeled_truth)
-    seconds = {"data": data_s, **result.seconds}
     results = {
+        **run_results(result),  # what `run` writes, and what the demo adds
         "task": task,
         "quick": quick,
-        "supervised": result.teacher,
-        "student": result.students[-1],
         "pseudo_labels": quality,
-        "seconds": seconds,
+        "seconds": {"data": data_s, **result.seconds},
         "total_seconds": round(time.time() - started, 1),
         "plan": plan.__dict__,
-        "provenance": provenance(),
     }
     write_json_atomic(result.layout.results, results, indent=2)
     return results

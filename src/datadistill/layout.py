@@ -1,4 +1,4 @@
-"""Where each stage of a ``run`` writes, inside the run folder (shared by ``run`` and ``report``)."""
+"""Where each stage of a ``run`` writes, inside the run folder (shared by ``run``, ``demo`` and ``report``)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class _Under:
+    """A read-only attribute of a :class:`RunLayout`: the path ``parts`` under its root."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __get__(self, layout: RunLayout, owner: type | None = None) -> Path:
+        return layout.root.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class RunLayout:
-    """``root/teacher``, ``root/teacher/eval``, then per round ``root/round-N/{label,select,student}``."""
+    """``root/teacher``, ``root/teacher/eval``, then per round ``root/round-N/{label,select,student}``; at the
+    top the resolved ``config.yaml``, ``timings.json``, ``results.json`` and ``report.html``."""
 
     root: Path
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def teacher(self) -> Path:
-        return self.root / "teacher"
+    config = _Under("config.yaml")
+    timings = _Under("timings.json")
+    results = _Under("results.json")
+    report = _Under("report.html")
+    teacher = _Under("teacher")
 
     def teacher_metrics(self) -> Path:
         return self.teacher / "eval" / "metrics.json"
@@ -47,11 +56,3 @@ class RunLayout:
     def rounds(self) -> list[int]:
         found = sorted(int(p.name.split("-")[1]) for p in self.root.glob("round-*") if p.name.split("-")[1].isdigit())
         return found
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.html"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "results.json"

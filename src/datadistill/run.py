@@ -16,7 +16,18 @@ from typing import Any
 
 import yaml
 
-from datadistill.config import LabelConfig, RunConfig, TrainConfig, TrainSection, config_to_dict, read_recorded_config
+from datadistill.config import (
+    LabelConfig,
+    LabelOptions,
+    RunConfig,
+    SelectConfig,
+    SelectOptions,
+    TrainConfig,
+    TrainSection,
+    config_to_dict,
+    options_of,
+    read_recorded_config,
+)
 from datadistill.errors import UserError
 from datadistill.layout import RunLayout
 from datadistill.runtime.io import provenance, write_json_atomic, write_text_atomic
@@ -303,49 +314,64 @@ def run(cfg: RunConfig, *, base: Path, out: str | Path) -> RunResult:
         previous = layout.student(r)
 
     seconds = stages.seconds
-    write_json_atomic(layout.root / "timings.json", {"seconds": seconds, "provenance": provenance()}, indent=2)
+    write_json_atomic(layout.timings, {"seconds": seconds, "provenance": provenance()}, indent=2)
+    result = RunResult(layout=layout, teacher=teacher_metrics, students=tuple(students), seconds=seconds)
+    write_json_atomic(layout.results, run_results(result), indent=2)
     from datadistill.stages.report import write_report
 
     write_report(layout.root)
-    return RunResult(layout=layout, teacher=teacher_metrics, students=tuple(students), seconds=seconds)
+    return result
+
+
+# The summary metrics of results.json's gain: student minus teacher, for each task evaluated.
+GAIN_KEYS = ("AP", "AP50", "AP75")
+
+
+def run_results(result: RunResult) -> dict[str, Any]:
+    """What ``results.json`` holds (``run`` and ``demo`` write it): the validation metrics of the teacher,
+    of the last round's student and of each round's (``students``), the ``gain`` of the last student over the
+    teacher (AP, AP50, AP75 per task, as fractions; None without a validation set), the seconds of each stage
+    and the provenance."""
+    student = result.students[-1] if result.students else None
+    gain = None
+    if result.teacher and student:
+        gain = {
+            task: {k: None if student[task].get(k) is None or result.teacher[task].get(k) is None
+                   else student[task][k] - result.teacher[task][k] for k in GAIN_KEYS}
+            for task in ("bbox", "keypoints") if task in result.teacher and task in student
+        }  # fmt: skip
+    return {
+        "teacher": result.teacher,
+        "student": student,
+        "students": list(result.students),
+        "gain": gain,
+        "seconds": result.seconds,
+        "provenance": provenance(),
+    }
 
 
 def _label_config(cfg: RunConfig, base: Path, teacher: str, out: Path) -> LabelConfig:
     """The label stage of a round: ``teacher`` (a training folder) labels the unlabeled images."""
     return LabelConfig(
+        **options_of(cfg.label, LabelOptions),
         model=teacher,
         images=_path(base, cfg.data.unlabeled),  # type: ignore[arg-type]
         image_root=_path(base, cfg.data.unlabeled_images),
         out=str(out),
-        views=cfg.label.views,
-        fuse=cfg.label.fuse,
-        keypoint_fuse=cfg.label.keypoint_fuse,
-        iou_thr=cfg.label.iou_thr,
-        score_floor=cfg.label.score_floor,
-        batch_size=cfg.label.batch_size,
-        shard_size=cfg.label.shard_size,
         workers=cfg.workers,
         threads=max(1, cfg.threads),
         device=cfg.device,
         precision=cfg.precision,
         allow_weak_teacher=not cfg.teacher_check,
-        max_det=cfg.label.max_det,
     )
 
 
-def _select_config(cfg: RunConfig, base: Path, layout: RunLayout, r: int) -> Any:
-    from datadistill.stages.select import SelectConfig
-
+def _select_config(cfg: RunConfig, base: Path, layout: RunLayout, r: int) -> SelectConfig:
     return SelectConfig(
+        **options_of(cfg.select, SelectOptions),
         labels=str(layout.label(r)),
         reference=_path(base, cfg.data.train),  # type: ignore[arg-type]
         out=str(layout.pseudo(r)),
-        policy=cfg.select.policy,
-        min_agreement=cfg.select.min_agreement,
-        drop_empty=cfg.select.drop_empty,
-        ignore_band=cfg.select.ignore_band,
-        cross_class_iou=cfg.select.cross_class_iou,
-        keypoint_policy=cfg.select.keypoint_policy,
     )
 
 
