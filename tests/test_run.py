@@ -282,3 +282,29 @@ def test_a_folder_recorded_before_the_select_options_resumes_with_their_old_valu
         _record_config(layout, cfg, base)  # the default 0.5 is not what that run did
     old, _ = load_run_config(tiny / "config.yaml", ["select.cross_class_iou=0"])
     _record_config(layout, old, base)
+
+
+def test_run_without_a_config_writes_its_config_results_and_report(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tiny)  # relative paths on the command line are the working folder's
+    out = tiny / "flags"
+    argv = ["run", "--labeled", "data/labeled.json", "--images", "data/images", "--unlabeled", "data/unlabeled.json",
+            "--val", "data/val.json", "--out", str(out)]  # fmt: skip
+    for setting in ("teacher.iterations=2", "label.shard_size=4", "device=cpu", "threads=1", "workers=0",
+                    "teacher_check=false"):  # fmt: skip
+        argv += ["--set", setting]
+    assert main(argv) == 0
+    assert f"wrote {out / 'results.json'}" in capsys.readouterr().out
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["data"]["train"] == str(tiny / "data" / "labeled.json") and recorded["data"]["val_images"] is None
+    assert recorded["teacher"]["iterations"] == 2 and recorded["label"]["views"] == "auto"
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher"] == json.loads((out / "teacher" / "eval" / "metrics.json").read_text())
+    assert results["students"] == [results["student"]]
+    for key in ("AP", "AP50", "AP75"):
+        gain = results["student"]["bbox"][key] - results["teacher"]["bbox"][key]
+        assert results["gain"]["bbox"][key] == pytest.approx(gain)
+    assert "student, round 1" in (out / "report.html").read_text()
+    assert main(["run", "--labeled", "data/labeled.json"]) == 1
+    assert "give a CONFIG.yaml, or --labeled" in capsys.readouterr().err
