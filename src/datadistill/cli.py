@@ -326,6 +326,13 @@ SELECT_HELP = {
 }
 
 
+def _done(summary: str, *written: str | Path) -> int:
+    """Print a command's one-line summary and the files it wrote; the exit status of success."""
+    print(summary)
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def cmd_select(args: argparse.Namespace) -> int:
     from datadistill.data.coco import read_json
     from datadistill.stages.select import SelectConfig, select_pseudo_labels
@@ -333,12 +340,12 @@ def cmd_select(args: argparse.Namespace) -> int:
     out = select_pseudo_labels(_config_from_args(SelectConfig, args))
     sel = read_json(Path(out).parent / "selection.json")
     thr = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} none" for k, v in sel["thresholds"].items())
-    print(
+    target = sel["target_per_image"] if sel["target_per_image"] is not None else "-"
+    return _done(
         f"kept {sel['achieved_objects']} of {sel['candidates']} candidates: {sel['achieved_per_image']:.2f} per image "
-        f"(labeled data: {sel['target_per_image'] if sel['target_per_image'] is not None else '-'}); thresholds: {thr}"
+        f"(labeled data: {target}); thresholds: {thr}",
+        out,
     )
-    print(f"wrote {out}")
-    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -358,12 +365,11 @@ def cmd_review(args: argparse.Namespace) -> int:
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     summary = review(args.labels, args.reference, out=args.out, top=args.top, selection_path=args.selection,
                      formats=formats, image_url_prefix=args.image_url_prefix)  # fmt: skip
-    print(
+    return _done(
         f"sent {summary['images_sent']} of {summary['images_ranked']} images ({summary['objects_sent']} objects) "
-        f"for review; thresholds from {summary['thresholds_from']}"
+        f"for review; thresholds from {summary['thresholds_from']}",
+        *(Path(args.out) / f for f in summary["files"] + ["review.json"]),
     )
-    print(f"wrote {', '.join(str(Path(args.out) / f) for f in summary['files'] + ['review.json'])}")
-    return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -372,13 +378,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     summary = merge(args.labeled, args.corrections, out=args.out, images=args.images,
                     skip_unsupported=args.skip_unsupported)  # fmt: skip
     skipped = sum(summary["skipped"].values())
-    print(
+    return _done(
         f"added {summary['images_added']} images and {summary['annotations_added']} annotations: "
         f"{summary['images']} images, {summary['annotations']} annotations in all"
-        + (f"; left out {skipped} unsupported (--skip-unsupported)" if skipped else "")
+        + (f"; left out {skipped} unsupported (--skip-unsupported)" if skipped else ""),
+        args.out,
     )
-    print(f"wrote {args.out}")
-    return 0
 
 
 # --------------------------------------------------------------------------------------------------
