@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 # The input sizes (short side, px) read from the data for the small models, by device type: 128 px is their
 # own size (so data of 128 px or less trains as before). On a CPU at most 192 px: small_fcos at batch 8 takes
-# 0.20 s per iteration on one thread at 128 px, 0.29 at 160, 0.40 at 192 and 0.70 at 256, so with the data
-# loading (about 0.3 s per iteration at 256 px images) 192 px keeps a default schedule's time within 1.5x of
-# 128 px's; on a GPU the step is not the bottleneck up to 512 px. Sizes are rounded to SIZE_STEP_PX.
+# 0.20 s per iteration on one thread at 128 px, 0.29 at 160, 0.40 at 192 and 0.70 at 256 (forward and backward,
+# measured on the 2-core development machine), so that with the data loading a default schedule stays within
+# about 1.5x of 128 px's time. On a GPU at most 512 px: an estimate (16x the pixels of 128 px for a 2.6M
+# parameter model), not yet measured. Sizes are rounded to SIZE_STEP_PX.
 INPUT_SIZE_RANGE_PX = {"cpu": (128, 192), "cuda": (128, 512)}
 SIZE_STEP_PX = 32
 # ``views: auto`` adds tiles when the model sees the images shrunk this much or more (bench/tiles.py: 512 px
