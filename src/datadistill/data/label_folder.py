@@ -23,10 +23,11 @@ tests only.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +41,7 @@ from datadistill.errors import DataError, UserError
 from datadistill.runtime.io import write_atomic
 
 MANIFEST_FORMAT = "datadistill-labels"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: NUL, escape, line breaks, DEL
 
 
 def shard_path(out: Path, index: int) -> Path:
@@ -111,12 +113,14 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
 }
 
 
-def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """One shard's table; a file that is not a readable shard (copied in part, damaged on disk, written by
-    something else) is a one-line UserError that names it and says how to redo it. An
-    :data:`OPTIONAL_COLUMNS` column the shard lacks (an older shard) comes back as nulls, in schema order."""
+def read_shard(path: Path, columns: list[str] | None = None, *, num_classes: int | None = None) -> pa.Table:
+    """One shard's table, checked (:func:`check_shard`: with ``num_classes``, its labels too); a file that is
+    not a readable shard (copied in part, damaged on disk, written by something else) is a one-line UserError
+    that names it and says how to redo it. An :data:`OPTIONAL_COLUMNS` column the shard lacks (an older
+    shard) comes back as nulls, in schema order."""
     try:
-        present = set(pq.read_schema(path).names)
+        schema = pq.read_schema(path)
+        present = set(schema.names)
         missing = [c for c in (columns if columns is not None else list(OPTIONAL_COLUMNS)) if c not in present]
         wanted = None if columns is None else [c for c in columns if c not in missing]
         table = pq.read_table(path, columns=wanted)
@@ -125,13 +129,15 @@ def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
             nulls = pa.nulls(table.num_rows, OPTIONAL_COLUMNS[name])
             where = columns.index(name) if columns is not None else _optional_position(table, name)
             table = table.add_column(where, pa.field(name, OPTIONAL_COLUMNS[name]), nulls)
-        return table
-    except (OSError, pa.ArrowException) as exc:
+        num_keypoints = int((schema.metadata or {}).get(b"num_keypoints", b"0") or 0)
+    except (OSError, pa.ArrowException, ValueError) as exc:
         reason = " ".join(str(exc).replace(str(path), "").split())[:120]
         raise UserError(
             f"{path}: not a readable label shard ({reason}); delete it and re-run the same `datadistill label` "
             "to label its images again"
         ) from exc
+    check_shard(table, path, num_keypoints=num_keypoints, num_classes=num_classes)
+    return table
 
 
 def _check_types(table: pa.Table, path: Path) -> None:
@@ -365,9 +371,16 @@ def open_label_folder(path: str | os.PathLike[str], *, complete: bool = True) ->
     names = _field(classes, "names", list, manifest_path, default=None, where="classes.names")
     if names is not None and not all(isinstance(n, str) for n in names):
         raise UserError(f"{manifest_path}: 'classes.names' must be a list of class names")
+    bad = next((i for i, n in enumerate(names or ()) if _CONTROL.search(n)), None)
+    if bad is not None:
+        raise UserError(
+            f"{manifest_path}: 'classes.names' entry {bad} holds a control character "
+            f"({_CONTROL.search(names[bad]).group()!r}); re-run `datadistill label` with a model whose class names "
+            "are plain text"
+        )
     views = _field(config, "views", list, manifest_path, default=None, where="config.views")
-    if views is not None and not all(isinstance(v, str) for v in views):
-        raise UserError(f"{manifest_path}: 'config.views' must be a list of view names")
+    if views is not None and (not views or not all(isinstance(v, str) for v in views)):
+        raise UserError(f"{manifest_path}: 'config.views' must be a non-empty list of view names")
     root = _field(config, "image_root", str, manifest_path, default=None, where="config.image_root")
     num_shards = manifest.get("num_shards", 0)
     if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 0:
@@ -389,9 +402,11 @@ def _field(raw: dict[str, Any], key: str, kind: type, path: Path, *, default: An
 
 
 def iter_shards(folder: LabelFolder, columns: list[str]) -> Iterator[tuple[Path, pa.Table]]:
-    """Each shard's ``columns`` (:func:`read_shard`), one shard at a time, in shard order."""
+    """Each shard's ``columns`` (:func:`read_shard`, labels checked against the manifest's classes), one shard
+    at a time, in shard order."""
+    num_classes = None if folder.class_names is None else len(folder.class_names)
     for part in folder.shard_files():
-        yield part, read_shard(part, columns=columns)
+        yield part, read_shard(part, columns=columns, num_classes=num_classes)
 
 
 def list_lengths(table: pa.Table, column: str = "scores") -> np.ndarray:
@@ -426,10 +441,65 @@ def check_lengths(table: pa.Table, part: Path, columns: dict[str, int]) -> np.nd
     return lengths
 
 
-def finite_or_raise(values: np.ndarray, part: Path, column: str) -> None:
-    """A one-line UserError naming the shard and the column when ``values`` hold NaN or infinity."""
+def finite_or_raise(values: np.ndarray, part: Path, column: str, *, lengths: np.ndarray | None = None) -> None:
+    """A one-line UserError naming the shard, the column, the value and (given ``lengths`` ``[R]``, the values
+    of each row in ``column``) the row when ``values`` hold NaN or infinity."""
     if values.size and not np.isfinite(values).all():
+        i = int(np.flatnonzero(~np.isfinite(values))[0])
+        where = "" if lengths is None else f"row {_row_of(i, lengths)}: "
         raise UserError(
-            f"{part}: column {column!r} holds NaN or infinite values (a damaged shard); delete it and re-run the "
-            "same `datadistill label`"
+            f"{part}: {where}column {column!r} holds {float(values[i])!r} (a damaged shard); delete it and re-run "
+            "the same `datadistill label`"
         )
+
+
+def _row_of(value: int, lengths: np.ndarray) -> int:
+    """The row that flat value ``value`` of a list column belongs to, its rows holding ``lengths`` values."""
+    return int(np.searchsorted(np.cumsum(lengths), value, side="right"))
+
+
+# values per object of the list columns besides ``scores`` (keypoints: per keypoint)
+PER_OBJECT = {"labels": 1, "agreement": 1, "boxes": 4, "score_spread": 1, "box_spread": 1, "keypoints": 3}
+
+
+def check_shard(table: pa.Table, part: Path, *, num_keypoints: int, num_classes: int | None = None) -> None:
+    """Check what the stages rely on in each column of ``table`` that is present (a one-line UserError naming
+    the shard, the row and the column; a damaged or foreign shard): a list of one value per object in every
+    list column (:func:`check_lengths`, ``3 * num_keypoints`` keypoint values), a ``file_name`` in every row,
+    a positive ``width`` and ``height`` in every row labeled without an ``error``, finite ``scores``,
+    ``boxes`` and ``keypoints``, ``labels`` in ``[0, num_classes)`` (``[0, inf)`` without ``num_classes``)
+    and an ``agreement`` of at least 1. Vectorised: arrow and numpy over each column's flat values."""
+    names = set(table.column_names)
+    if "scores" in names:
+        per_object = {n: k * (num_keypoints if n == "keypoints" else 1) for n, k in PER_OBJECT.items()}
+        check_lengths(table, part, per_object)
+    if "file_name" in names and table["file_name"].null_count:
+        row = int(np.flatnonzero(table["file_name"].is_null().to_numpy(zero_copy_only=False))[0])
+        _damaged(part, row, "file_name", "null", "a file name")
+    labeled = np.asarray(table["error"].is_null().to_numpy(zero_copy_only=False), bool) if "error" in names else None
+    for side in ("width", "height"):
+        if side in names:
+            size = np.asarray(table[side].fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+            bad = size <= 0 if labeled is None else labeled & (size <= 0)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                _damaged(part, row, side, int(size[row]), "an image size of at least 1 px")
+    for name in ("scores", "boxes", "keypoints"):
+        if name in names:
+            finite_or_raise(flat_values(table, name, np.float64), part, name, lengths=list_lengths(table, name))
+    for name, low, high in (("labels", 0, num_classes), ("agreement", 1, None)):
+        if name not in names:
+            continue
+        values = flat_values(table, name, np.int64)
+        bad = (values < low) | (values >= high if high is not None else False)
+        if values.size and bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            want = f"a class index in [0, {high})" if name == "labels" and high else f"at least {low}"
+            _damaged(part, _row_of(i, list_lengths(table, name)), name, int(values[i]), want)
+
+
+def _damaged(part: Path, row: int, column: str, value: Any, want: str) -> NoReturn:
+    raise UserError(
+        f"{part}: row {row}: column {column!r} holds {value}, expected {want} (a damaged shard); delete it and "
+        "re-run the same `datadistill label`"
+    )

@@ -30,7 +30,6 @@ from datadistill.data.coco import Category, CocoDataset, category_to_coco, load_
 from datadistill.data.label_folder import (
     LabelFolder,
     check_lengths,
-    finite_or_raise,
     flat_values,
     list_lengths,
     open_label_folder,
@@ -321,20 +320,11 @@ class _Scan:
 
 
 def _read_checked(part: Path, columns: list[str], *, num_classes: int, num_keypoints: int = 0) -> pa.Table:
-    """A shard's ``columns``, checked for what selection relies on: one value per object in every list
-    (four per box, ``3K`` keypoint values), finite scores and boxes, labels of the data set's classes."""
-    table = read_shard(part, columns=columns)
-    check_lengths(table, part, {"labels": 1, "agreement": 1, "boxes": 4, "keypoints": 3 * num_keypoints})
-    finite_or_raise(flat_values(table, "scores", np.float64), part, "scores")
-    for name in ("boxes", "keypoints"):
-        if name in columns:
-            finite_or_raise(flat_values(table, name, np.float64), part, name)
-    labels = flat_values(table, "labels", np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise UserError(
-            f"{part}: column 'labels' holds class {int(labels.max() if labels.max() >= num_classes else labels.min())}"
-            f", outside the data set's {num_classes} classes; label with a model trained for this data set"
-        )
+    """A shard's ``columns``, checked for what selection relies on (:func:`check_shard`): one value per object
+    in every list (four per box, ``3K`` keypoint values), finite scores and boxes, labels of the data set's
+    classes, and the data set's ``num_keypoints``."""
+    table = read_shard(part, columns=columns, num_classes=num_classes)
+    check_lengths(table, part, {"keypoints": 3 * num_keypoints})
     return table
 
 
