@@ -13,7 +13,7 @@ from pathlib import Path
 
 from datadistill import __version__
 from datadistill.config import PRECISIONS
-from datadistill.errors import UserError
+from datadistill.errors import UserError, bounded_line
 
 log = logging.getLogger("datadistill")
 
@@ -413,6 +413,13 @@ RUN_FLAGS = {
 RUN_PATHS = ("labeled", "images", "unlabeled", "val")
 
 
+def _run_out(args: argparse.Namespace) -> str:
+    """``run``'s folder: ``--out``, else ``runs/`` and the config's (or the labeled json's) name."""
+    if args.out:
+        return args.out
+    return str(Path("runs") / Path(args.config if args.config is not None else args.labeled or "run").stem)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from datadistill.config import load_run_config
     from datadistill.data.object_store import is_uri
@@ -427,8 +434,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.config is None and not {"labeled", "images", "unlabeled"} <= {f for f in RUN_FLAGS if getattr(args, f)}:
         raise UserError("run: give a CONFIG.yaml, or --labeled L.json --images DIR --unlabeled SRC (see run --help)")
     cfg, base = load_run_config(args.config, list(args.set or []), settings=settings)
-    name = Path(args.config).stem if args.config is not None else Path(args.labeled).stem
-    result = run(cfg, base=base, out=args.out or str(Path("runs") / name))
+    result = run(cfg, base=base, out=_run_out(args))
     if result.teacher is not None:
         print("teacher (supervised):")
         print(format_metrics(result.teacher))
@@ -455,6 +461,84 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    "teacher's)")  # fmt: skip
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. teacher.epochs=5")
     p.add_argument("--out", metavar="DIR", help="the run folder (default: runs/<config or labeled json name>)")
+
+
+# --------------------------------------------------------------------------------------------------
+# the output rule: checked for every command that writes, before it starts its work
+
+
+def _model_path(spec: str | None) -> str | None:
+    """The file or folder of a model spec (``yolo:PATH``, ``hf:PATH``, a path); None for a name."""
+    if spec is None:
+        return None
+    for prefix in ("yolo:", "hf:"):
+        if spec.startswith(prefix):
+            return spec[len(prefix) :]
+    return None if spec.startswith("weights:") else spec
+
+
+TRAIN_WRITES = ("checkpoint.pt", "last.pt", "yolo.pt", "hf_model/", "metrics.jsonl", "config.yaml", "provenance.json",
+                "timings.json")  # fmt: skip
+RUN_WRITES = ("config.yaml", "report.html", "results.json", "timings.json", "prompts.yaml")
+
+
+def _outputs(args: argparse.Namespace) -> dict[str, typing.Any] | None:
+    """What ``args.command`` writes and reads, as :func:`datadistill.runtime.io.check_output` takes it; None
+    for a command that writes nothing."""
+    a = vars(args)
+    command = args.command
+    if command == "train":
+        inputs = {f"--{k.replace('_', '-')}": a.get(k) for k in ("data", "images", "val", "val_images", "pseudo",
+                                                                 "pseudo_images")}  # fmt: skip
+        inputs.update({"--model": _model_path(args.model), "--init": _model_path(args.init)})
+        return {"out": args.out, "folder": True, "writes": TRAIN_WRITES, "inputs": inputs}
+    if command == "label":
+        inputs = {"--model": _model_path(args.model), "--checkpoint": _model_path(args.checkpoint),
+                  "--images": args.images, "--image-root": args.image_root, "--prompts": args.prompts,
+                  "--classes": args.classes}  # fmt: skip
+        return {"out": args.out, "folder": True, "writes": ("manifest.json", "shards/"), "inputs": inputs}
+    if command == "select":
+        inputs = {"--labels": args.labels, "--reference": args.reference}
+        return {"out": args.out, "folder": False, "writes": ("selection.json", "scores.png", "pseudo.parquet"),
+                "inputs": inputs}  # fmt: skip
+    if command == "review":
+        inputs = {"--labels": args.labels, "--reference": args.reference, "--selection": args.selection}
+        writes = ("tasks.json", "label_config.xml", "coco.json", "ranking.csv", "review.json")
+        return {"out": args.out, "folder": True, "writes": writes, "inputs": inputs}
+    if command == "merge":
+        inputs = {"--labeled": args.labeled, "--corrections": args.corrections, "--images": args.images}
+        return {"out": args.out, "folder": False, "inputs": inputs}
+    if command == "evaluate":
+        inputs = {"--data": args.data, "--images": args.images, "--predictions": args.predictions,
+                  "--model": _model_path(args.model), "--checkpoint": _model_path(args.checkpoint)}  # fmt: skip
+        return {"out": args.out, "folder": False, "inputs": inputs}
+    if command == "convert":
+        folder = args.to == "yolo"
+        return {"out": args.dst, "flag": "DST", "folder": folder, "writes": ("data.yaml", "images/", "labels/")
+                if folder else (), "inputs": {"SRC": args.src, "--images": args.images}}  # fmt: skip
+    if command == "synth":
+        return {"out": args.out, "folder": True, "writes": ("annotations.json", "images/"), "inputs": {}}
+    if command == "report":
+        return {"out": args.run_dir, "flag": "RUN_DIR", "folder": True, "writes": ("report.html",), "inputs": {}}
+    if command == "demo":
+        inputs = {"--model": _model_path(args.model), "--student-model": _model_path(args.student_model)}
+        return {"out": args.out, "folder": True, "writes": RUN_WRITES, "inputs": inputs}
+    if command == "run":
+        inputs = {"CONFIG.yaml": args.config, "--labeled": args.labeled, "--images": args.images,
+                  "--unlabeled": args.unlabeled, "--val": args.val, "--model": _model_path(args.model),
+                  "--student-model": _model_path(args.student_model)}  # fmt: skip
+        return {"out": _run_out(args), "folder": True, "writes": RUN_WRITES, "inputs": inputs}
+    return None
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """The output rule (:func:`datadistill.runtime.io.check_output`) for the parsed command line; under
+    torchrun only the first process removes the temporaries of killed writes."""
+    from datadistill.runtime.io import check_output
+
+    spec = _outputs(args)
+    if spec is not None:
+        check_output(**spec, clean=os.environ.get("RANK", "0") == "0")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -577,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="datadistill",
         description="Data distillation: better object and keypoint detectors from unlabeled images.",
+        epilog="Outputs: a command refuses an --out that is one of its inputs (or would write one of them into its "
+        "folder), a FIFO, a device or a symbolic link to a file; a link to a folder is followed. The temporary "
+        "files of a killed write are removed by the next run that writes there.",
     )
     parser.add_argument("--version", action="version", version=f"datadistill {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -627,10 +714,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        check_outputs(args)
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _error(str(exc))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -639,8 +726,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as exc:  # the environment, not a bug: a full disk, a read-only or vanished folder
         where = exc.filename2 if exc.filename2 is not None else exc.filename
-        print(f"error: {f'{where}: ' if where is not None else ''}{exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _error(f"{f'{where}: ' if where is not None else ''}{exc.strerror or exc}")
+
+
+def _error(message: str) -> int:
+    """Print ``error: MESSAGE`` as one bounded line (:func:`datadistill.errors.bounded_line`); exit status 1."""
+    print(f"error: {bounded_line(message)}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

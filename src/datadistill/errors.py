@@ -60,3 +60,17 @@ def one_line_errors(items: Iterable[T]) -> Iterator[T]:
         last = lines[-1]
         message = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
         raise type(exc)(message) from None
+
+
+MESSAGE_LIMIT = 1000  # characters of the one line the CLI prints for an error
+
+
+def bounded_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` as one printable line of at most about ``limit`` characters: a longer text keeps its start
+    (two thirds of ``limit``: the file named first) and its end (the field and the advice), the middle cut
+    and counted; line breaks, escapes and other characters that are not printable are shown escaped
+    (``\\n``, ``\\x1b``). A hostile value (a 50 MB file name) gives a short line, in time linear in ``limit``."""
+    head, tail = limit * 2 // 3, limit // 3
+    if len(text) > limit + 40:
+        text = f"{text[:head]} [... {len(text) - head - tail} characters cut ...] {text[len(text) - tail :]}"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

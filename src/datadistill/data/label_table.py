@@ -64,7 +64,7 @@ from datadistill.data.coco import (
     parse_coco,
 )
 from datadistill.errors import DataError, UserError
-from datadistill.runtime.io import file_sha256, write_json_atomic
+from datadistill.runtime.io import check_writable, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class LabelTableWriter:
         self.num_keypoints = num_keypoints
         self.num_classes = len(categories)
         self.num_images = 0
+        check_writable(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)

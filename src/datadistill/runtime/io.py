@@ -1,4 +1,14 @@
-"""Files that are written whole or not at all, and the provenance every output folder records."""
+"""Files that are written whole or not at all, the one rule for every command's output, and the provenance
+every output folder records.
+
+The output rule (:func:`check_output`, called by the CLI before a command starts its work): ``--out`` is
+none of the command's inputs, nor does any file the command writes there resolve to one; what a command
+writes is a regular file or nothing yet, never a FIFO, a device or a socket; a symbolic link to a folder is
+followed (``--out runs/latest`` where ``latest`` links to a folder writes into that folder), and a file the
+command would write that is itself a link is refused (:func:`check_writable`, which every atomic write also
+calls), so that no write ever lands outside the folder the user named; the hidden temporary files that a
+killed write left (``.NAME.*.tmp``) are removed.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +17,10 @@ import hashlib
 import json
 import os
 import platform
+import stat
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +48,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     """:func:`write_atomic` for a file written piece by piece: ``with atomic_file(p) as f: ...`` renames ``f``
     into place when the block ends without an error, and removes it when the block raises."""
     path = Path(path)
+    check_writable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -75,6 +87,78 @@ def remove_temporaries(folder: str | os.PathLike[str], names: tuple[str, ...]) -
     for name in names:
         for tmp in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+def file_kind(mode: int) -> str:
+    """What ``st_mode`` is, in words (``a FIFO``, ``a character device``, ``a folder``, ...)."""
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> None:
+    """A one-line UserError when ``path`` exists and is not what a write may replace: a regular file
+    (``folder``: a folder, or a link to one); never a symbolic link to a file, a FIFO, a device or a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    if folder and os.path.isdir(path):
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); datadistill does not write through links to "
+            "files: remove the link, or name its target"
+        )
+    if not stat.S_ISREG(st.st_mode) or folder:
+        raise UserError(f"{path} is {file_kind(st.st_mode)}, not {'a folder' if folder else 'a regular file'}")
+
+
+def check_output(
+    out: str | os.PathLike[str],
+    *,
+    inputs: Mapping[str, str | os.PathLike[str] | None],
+    folder: bool,
+    writes: Sequence[str] = (),
+    flag: str = "--out",
+    clean: bool = True,
+) -> None:
+    """The output rule (see the module docstring) for a command about to write ``out``: a folder
+    (``folder``) that receives ``writes`` (names inside it; a name ending in ``/`` is a folder), or a file
+    that ``writes`` go beside. ``inputs``: what the command reads, flag -> path (None: not given; an
+    object-store URL, and a path that does not exist, such as a model's name, are skipped). A one-line
+    UserError names the path and the input it collides with. ``clean``: remove the temporary files of
+    killed writes of ``out`` and ``writes`` (not in a second process of the same command, which may have
+    started writing)."""
+    out = Path(out)
+    base = out if folder else out.parent
+    targets = [(out, folder)] + [(base / name.rstrip("/"), name.endswith("/")) for name in writes]
+    for name, given in inputs.items():
+        if given is None or "://" in str(given) or not os.path.lexists(given):
+            continue
+        for target, _ in targets:
+            if _same_path(target, Path(given)):
+                what = f"{flag} {out}" if target == out else f"{flag} {out}: {target.name}"
+                raise UserError(f"{what} would overwrite the input {name} {given}; write to another {flag}")
+    for target, is_folder in targets:
+        check_writable(target, folder=is_folder)
+    if clean:
+        files = [t for t, is_folder in targets if not is_folder]
+        for target in files:
+            remove_temporaries(target.parent, (target.name,))
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """The same file or folder: equal resolved paths, or the same inode (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> None:
