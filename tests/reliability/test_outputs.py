@@ -51,10 +51,14 @@ FILE_OUTPUTS: dict[str, Argv] = {
 }
 FOLDER_OUTPUTS: dict[str, tuple[Argv, str]] = {  # and one file it writes there
     "train": (lambda f, out: ("train", "--data", f["ref"], "--images", f["images"], "--out", out), "config.yaml"),
-    "label": (lambda f, out: ("label", "--model", f["model"], "--images", f["images"], "--out", out),
-              "manifest.json"),  # fmt: skip
-    "review": (lambda f, out: ("review", "--labels", f["labels"], "--reference", f["ref"], "--top", "1", "--out",
-                               out), "coco.json"),  # fmt: skip
+    "label": (
+        lambda f, out: ("label", "--model", f["model"], "--images", f["images"], "--out", out),
+        "manifest.json",
+    ),  # fmt: skip
+    "review": (
+        lambda f, out: ("review", "--labels", f["labels"], "--reference", f["ref"], "--top", "1", "--out", out),
+        "coco.json",
+    ),  # fmt: skip
     "convert-yolo": (lambda f, out: ("convert", f["ref"], out, "--to", "yolo", "--images", f["images"]), "data.yaml"),
     "synth": (lambda f, out: ("synth", "shapes", "--out", out, "--images", "2"), "annotations.json"),
     "report": (lambda f, out: ("report", out), "report.html"),
@@ -86,25 +90,53 @@ def _refused(files: dict[str, Path], argv: tuple[Any, ...], *fragments: str) -> 
         pytest.param(lambda f: FILE_OUTPUTS["merge"](f, f["ref"]), "--labeled", id="merge-out-is-labeled"),
         pytest.param(lambda f: FILE_OUTPUTS["merge"](f, f["fix"]), "--corrections", id="merge-out-is-corrections"),
         pytest.param(lambda f: FILE_OUTPUTS["evaluate"](f, f["ref"]), "--data", id="evaluate-out-is-data"),
-        pytest.param(lambda f: FILE_OUTPUTS["evaluate"](f, f["fix"]), "--predictions", id="evaluate-out-is-predictions"),
+        pytest.param(
+            lambda f: FILE_OUTPUTS["evaluate"](f, f["fix"]), "--predictions", id="evaluate-out-is-predictions"
+        ),
         pytest.param(lambda f: FILE_OUTPUTS["select"](f, f["ref"]), "--reference", id="select-out-is-reference"),
-        pytest.param(lambda f: FILE_OUTPUTS["select"](f, f["root"] / "x" / ".." / "ref.json"), "--reference",
-                     id="select-out-is-reference-by-another-path"),  # fmt: skip
-        pytest.param(lambda f: FILE_OUTPUTS["select"]({**f, "ref": _coco(f["root"] / "selection.json", (1,))},
-                                                      f["root"] / "pseudo.json"), "--reference",
-                     id="select-writes-its-reference-beside-out"),  # fmt: skip
+        pytest.param(
+            lambda f: FILE_OUTPUTS["select"](f, f["root"] / "x" / ".." / "ref.json"),
+            "--reference",
+            id="select-out-is-reference-by-another-path",
+        ),  # fmt: skip
+        pytest.param(
+            lambda f: FILE_OUTPUTS["select"](
+                {**f, "ref": _coco(f["root"] / "selection.json", (1,))}, f["root"] / "pseudo.json"
+            ),
+            "--reference",
+            id="select-writes-its-reference-beside-out",
+        ),  # fmt: skip
         pytest.param(lambda f: FILE_OUTPUTS["convert-coco"](f, f["labels"]), "SRC", id="convert-dst-is-src"),
         pytest.param(lambda f: FOLDER_OUTPUTS["train"][0](f, f["images"]), "--images", id="train-out-is-images"),
         pytest.param(lambda f: FOLDER_OUTPUTS["label"][0](f, f["images"]), "--images", id="label-out-is-images"),
         pytest.param(lambda f: FOLDER_OUTPUTS["review"][0](f, f["labels"]), "--labels", id="review-out-is-labels"),
-        pytest.param(lambda f: FOLDER_OUTPUTS["review"][0]({**f, "ref": _coco(f["root"] / "set" / "coco.json", (1,))},
-                                                         f["root"] / "set"), "--reference",
-                     id="review-out-holds-reference-as-coco-json"),  # fmt: skip
-        pytest.param(lambda f: ("train", "--data", f["ref"], "--images", f["images"], "--init",
-                                _coco(f["out"] / "checkpoint.pt", (1,)), "--out", f["out"]), "--init",
-                     id="train-init-is-its-own-checkpoint"),  # fmt: skip
-        pytest.param(lambda f: ("run", _coco(f["out"] / "config.yaml", (1,)), "--out", f["out"]), "CONFIG.yaml",
-                     id="run-config-in-its-out"),  # fmt: skip
+        pytest.param(
+            lambda f: FOLDER_OUTPUTS["review"][0](
+                {**f, "ref": _coco(f["root"] / "set" / "coco.json", (1,))}, f["root"] / "set"
+            ),
+            "--reference",
+            id="review-out-holds-reference-as-coco-json",
+        ),  # fmt: skip
+        pytest.param(
+            lambda f: (
+                "train",
+                "--data",
+                f["ref"],
+                "--images",
+                f["images"],
+                "--init",
+                _coco(f["out"] / "checkpoint.pt", (1,)),
+                "--out",
+                f["out"],
+            ),
+            "--init",
+            id="train-init-is-its-own-checkpoint",
+        ),  # fmt: skip
+        pytest.param(
+            lambda f: ("run", _coco(f["out"] / "config.yaml", (1,)), "--out", f["out"]),
+            "CONFIG.yaml",
+            id="run-config-in-its-out",
+        ),  # fmt: skip
     ],
 )
 def test_out_that_is_an_input_is_refused(files: dict[str, Path], argv: Callable, flag: str) -> None:
@@ -245,8 +277,11 @@ def test_a_huge_value_gives_a_short_error_line_keeping_its_start_and_end(files: 
     [
         pytest.param("short", "short", id="short-kept"),
         pytest.param("a\nb\x00c\x1bd", "a\\nb\\x00c\\x1bd", id="control-escaped"),
-        pytest.param("s" * 700 + "m" * 5000 + "e" * 333, "s" * 666 + " [... 5034 characters cut ...] " + "e" * 333,
-                     id="long-cut-keeping-start-and-end"),  # fmt: skip
+        pytest.param(
+            "s" * 700 + "m" * 5000 + "e" * 333,
+            "s" * 666 + " [... 5034 characters cut ...] " + "e" * 333,
+            id="long-cut-keeping-start-and-end",
+        ),  # fmt: skip
     ],
 )
 def test_bounded_line(text: str, expected: str) -> None:
