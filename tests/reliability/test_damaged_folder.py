@@ -162,29 +162,23 @@ COMMANDS = {
 }
 
 
+DAMAGE = [("rows", *d[1:]) for d in ROW_DAMAGE] + [("manifest", *d[1:]) for d in MANIFEST_DAMAGE]
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-@pytest.mark.parametrize(("edit", "fragments"), [d[1:] for d in ROW_DAMAGE], ids=[d[0] for d in ROW_DAMAGE])
-def test_a_damaged_shard_is_one_line_naming_the_shard_row_and_field(
-    tmp_path: Path, command: str, edit: Any, fragments: tuple[str, ...]
+@pytest.mark.parametrize(("where", "edit", "fragments"), DAMAGE, ids=[d[0] for d in ROW_DAMAGE + MANIFEST_DAMAGE])
+def test_a_damaged_folder_is_one_line_naming_the_file_row_and_field(
+    tmp_path: Path, command: str, where: str, edit: Any, fragments: tuple[str, ...]
 ) -> None:
-    before = _damaged(tmp_path, rows_edit=edit)
+    """A damaged shard: its file, the row and the column; a damaged manifest: manifest.json and the field."""
+    before = _damaged(tmp_path, **{f"{where}_edit": edit})
     result = cli(*COMMANDS[command](tmp_path))
     if command == "select" and "spread" in fragments[1]:  # select reads no spread: the shard serves it whole
         assert result.rc == 0, result
         assert json.loads((tmp_path / "sel" / "selection.json").read_text())["candidates"] == 6
         return
-    error_line(result, SHARD, *fragments)
+    error_line(result, SHARD if where == "rows" else "manifest.json", *fragments)
     assert _hashes(tmp_path) == before  # nothing written, no input changed
-
-
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-@pytest.mark.parametrize(("edit", "fragments"), [d[1:] for d in MANIFEST_DAMAGE], ids=[d[0] for d in MANIFEST_DAMAGE])
-def test_a_damaged_manifest_is_one_line_naming_the_field(
-    tmp_path: Path, command: str, edit: Any, fragments: tuple[str, ...]
-) -> None:
-    before = _damaged(tmp_path, manifest_edit=edit)
-    error_line(cli(*COMMANDS[command](tmp_path)), "manifest.json", *fragments)
-    assert _hashes(tmp_path) == before
 
 
 @pytest.mark.parametrize(("edit", "fragments"), [d[1:] for d in ROW_DAMAGE], ids=[d[0] for d in ROW_DAMAGE])

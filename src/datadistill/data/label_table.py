@@ -169,11 +169,9 @@ class LabelTableWriter:
         tasks ``keypoints [M, K, 3]`` float64. A ValueError names an array whose shape does not fit."""
         if self._writer is None:
             raise ValueError(f"{self.path}: the writer is closed")
-        batch = _record_batch(
-            self.schema, file_names=file_names, widths=widths, heights=heights, counts=counts, boxes=boxes,
-            labels=labels, iscrowd=iscrowd, scores=scores, agreement=agreement, keypoints=keypoints,
-            num_keypoints=self.num_keypoints,
-        )  # fmt: skip
+        objects = {"boxes": boxes, "labels": labels, "iscrowd": iscrowd, "scores": scores, "agreement": agreement}
+        batch = _record_batch(self.schema, file_names, widths, heights, counts, objects, keypoints=keypoints,
+                              num_keypoints=self.num_keypoints)  # fmt: skip
         if batch.num_rows == 0:
             return
         try:
@@ -218,20 +216,17 @@ def _umask() -> int:
 
 def _record_batch(
     schema: pa.Schema,
-    *,
     file_names: Sequence[str],
     widths: np.ndarray,
     heights: np.ndarray,
     counts: np.ndarray,
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    iscrowd: np.ndarray,
-    scores: np.ndarray,
-    agreement: np.ndarray,
+    objects: dict[str, np.ndarray],
+    *,
     keypoints: np.ndarray | None,
     num_keypoints: int,
 ) -> pa.RecordBatch:
-    """One shard's rows, every shape checked (ValueError naming the array)."""
+    """One shard's rows (:meth:`LabelTableWriter.write`; ``objects``: its per-object arrays by column name),
+    every shape checked (ValueError naming the array)."""
     counts = np.asarray(counts, np.int64)
     n = len(file_names)
     for name, arr in (("widths", widths), ("heights", heights), ("counts", counts)):
@@ -243,7 +238,7 @@ def _record_batch(
     np.cumsum(counts, out=offsets[1:])
     m = int(offsets[-1])
     shapes = {"boxes": (m, 4), "labels": (m,), "iscrowd": (m,), "scores": (m,), "agreement": (m,)}
-    arrays = {"boxes": boxes, "labels": labels, "iscrowd": iscrowd, "scores": scores, "agreement": agreement}
+    arrays = dict(objects)
     if num_keypoints:
         if keypoints is None:
             raise ValueError(f"keypoints [M, {num_keypoints}, 3] are required: the categories define keypoints")
