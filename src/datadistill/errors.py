@@ -27,7 +27,7 @@ def shorten(text: str, limit: int = SHORT_LIMIT) -> str:
     """``text`` fit for a one-line message: characters that are not printable (line breaks, escapes, NUL) as
     their escapes, cut to ``limit`` characters (``...`` at the end), so that a hostile value keeps an error to
     one short line."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    shown = printable(text[: limit + 1])
     return shown if len(shown) <= limit and len(text) <= limit else shown[: limit - 3] + "..."
 
 
@@ -73,4 +73,9 @@ def bounded_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
     head, tail = limit * 2 // 3, limit // 3
     if len(text) > limit + 40:
         text = f"{text[:head]} [... {len(text) - head - tail} characters cut ...] {text[len(text) - tail :]}"
+    return printable(text)
+
+
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable (line breaks, escapes, NUL) as its escape."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

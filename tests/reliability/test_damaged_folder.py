@@ -204,3 +204,47 @@ def test_the_undamaged_folder_passes(tmp_path: Path) -> None:
     result = cli(*COMMANDS["select"](tmp_path))
     assert result.rc == 0, result
     assert json.loads((tmp_path / "sel" / "selection.json").read_text())["candidates"] == 6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# class names
+
+
+def _reference_with_class(root: Path, name: str) -> None:
+    ref = json.loads((root / "ref.json").read_text())
+    ref["categories"][1]["name"] = name
+    (root / "ref.json").write_text(json.dumps(ref))
+
+
+@pytest.mark.parametrize("name", ["b\x01", "b\x1b[31m", "b\x00"], ids=["soh", "escape", "nul"])
+@pytest.mark.parametrize("command", ["review", "train"])
+def test_a_class_name_with_a_control_character_is_refused(tmp_path: Path, name: str, command: str) -> None:
+    _damaged(tmp_path)
+    _reference_with_class(tmp_path, name)
+    manifest = json.loads((tmp_path / "labels" / "manifest.json").read_text())
+    manifest["classes"]["names"] = ["a", name]  # the labeling agrees with the reference
+    (tmp_path / "labels" / "manifest.json").write_text(json.dumps(manifest))
+    before = _hashes(tmp_path)
+    argv = COMMANDS["review"](tmp_path) if command == "review" else (
+        "train", "--data", tmp_path / "ref.json", "--images", tmp_path, "--out", tmp_path / "train")  # fmt: skip
+    line = error_line(cli(*argv), "control character")
+    assert all(c not in line for c in "\x00\x01\x1b")
+    assert _hashes(tmp_path) == before
+
+
+def test_the_label_studio_config_of_hostile_class_names_is_well_formed_xml(tmp_path: Path) -> None:
+    """Names that are legal but mean something to XML (quotes, <, &, ]]>) and non-ASCII ones come back as
+    they are from the config review writes."""
+    import xml.etree.ElementTree as ET
+
+    names = ['a"<b>&amp;', "]]><!--x", "ring $x^$ é"]
+    _damaged(tmp_path)
+    ref = json.loads((tmp_path / "ref.json").read_text())
+    ref["categories"] = [{"id": 1, "name": names[0]}, {"id": 2, "name": names[1]}, {"id": 3, "name": names[2]}]
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    manifest = json.loads((tmp_path / "labels" / "manifest.json").read_text())
+    manifest["classes"]["names"] = names
+    (tmp_path / "labels" / "manifest.json").write_text(json.dumps(manifest))
+    assert cli(*COMMANDS["review"](tmp_path)).rc == 0
+    root = ET.parse(tmp_path / "rev" / "label_config.xml").getroot()
+    assert [label.get("value") for label in root.iter("Label")] == names

@@ -23,7 +23,6 @@ tests only.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +35,11 @@ import pyarrow.parquet as pq
 import torch
 
 from datadistill.core.types import Detections
-from datadistill.data.coco import read_json
+from datadistill.data.coco import control_characters, read_json
 from datadistill.errors import DataError, UserError
 from datadistill.runtime.io import write_atomic
 
 MANIFEST_FORMAT = "datadistill-labels"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: NUL, escape, line breaks, DEL
 
 
 def shard_path(out: Path, index: int) -> Path:
@@ -371,12 +369,12 @@ def open_label_folder(path: str | os.PathLike[str], *, complete: bool = True) ->
     names = _field(classes, "names", list, manifest_path, default=None, where="classes.names")
     if names is not None and not all(isinstance(n, str) for n in names):
         raise UserError(f"{manifest_path}: 'classes.names' must be a list of class names")
-    bad = next((i for i, n in enumerate(names or ()) if _CONTROL.search(n)), None)
+    bad = next((i for i, n in enumerate(names or ()) if control_characters(n)), None)
     if bad is not None:
         raise UserError(
-            f"{manifest_path}: 'classes.names' entry {bad} holds a control character "
-            f"({_CONTROL.search(names[bad]).group()!r}); re-run `datadistill label` with a model whose class names "
-            "are plain text"
+            f"{manifest_path}: 'classes.names' entry {bad} holds control characters "
+            f"{control_characters(names[bad])}; re-run `datadistill label` with a model whose class names are plain "
+            "text"
         )
     views = _field(config, "views", list, manifest_path, default=None, where="config.views")
     if views is not None and (not views or not all(isinstance(v, str) for v in views)):
