@@ -137,6 +137,21 @@ def _refused(files: dict[str, Path], argv: tuple[Any, ...], *fragments: str) -> 
             "CONFIG.yaml",
             id="run-config-in-its-out",
         ),  # fmt: skip
+        pytest.param(
+            lambda f: (
+                "run",
+                "--labeled",
+                f["ref"],
+                "--images",
+                f["images"],
+                "--unlabeled",
+                f["images"],
+                "--out",
+                f["images"],
+            ),
+            "--images",
+            id="run-without-config-out-is-images",
+        ),  # fmt: skip
     ],
 )
 def test_out_that_is_an_input_is_refused(files: dict[str, Path], argv: Callable, flag: str) -> None:
