@@ -157,6 +157,27 @@ def dying_at_write(k: int, mode: str) -> Iterator[None]:
         train_mod.MetricsFile.write = real_write
 
 
+@contextlib.contextmanager
+def calling_at_write(k: int, action: Callable[[], None]) -> Iterator[None]:
+    """Call ``action()`` right after the ``k``-th atomic write (1-based) is renamed into place, then go on."""
+    count = 0
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
+        nonlocal count
+        real_replace(src, dst, **kw)
+        if _is_temporary(src):
+            count += 1
+            if count == k:
+                action()
+
+    os.replace = replace
+    try:
+        yield
+    finally:
+        os.replace = real_replace
+
+
 def kill_at_every_write(
     run: Callable[[], Any],
     *,
@@ -282,3 +303,60 @@ def disk_full_at_write(k: int) -> contextlib.AbstractContextManager[None]:
             os.fsync = real_fsync
 
     return patched()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# process trees (torchrun's workers, a Ray cluster's processes)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by ``pid`` and by those, depth first (Linux: ``/proc/PID/task/*/children``)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def command_line(pid: int) -> str:
+    """The command line of ``pid`` as one string ('' once it has gone); Ray's workers show their actor."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_tree(proc: Any) -> None:
+    """SIGKILL a ``subprocess.Popen`` started with ``start_new_session=True``, its process group and every
+    process it started (torchrun starts its workers, and Ray its daemons, in sessions of their own), then
+    wait until they are gone."""
+    family = descendants(proc.pid)
+    for pid in (proc.pid, *family):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    for pid in family:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.02)
+
+
+def wait_for(condition: Callable[[], Any], proc: Any, what: str, timeout: float = 300) -> Any:
+    """Poll ``condition`` until it gives something true (returned); fail when ``proc`` (a Popen) ends first
+    or after ``timeout`` seconds. An event, not a time window: the timeout only bounds a hung run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.01)
