@@ -7,9 +7,9 @@ one per core for ``train``, one thread and two decoding workers for ``label``), 
 busy loop (one core), and under two ways of waiting of torch's OpenMP threads:
 
 - ``spin``: libgomp's own default (a waiting thread spins before it sleeps), what datadistill did before it
-  set ``OMP_WAIT_POLICY``: torch is imported before the CLI runs, so the CLI's setting comes too late;
-- ``cli``: the CLI as it is (``python -m datadistill``);
-- ``spin10k`` (not run by default): the CLI with ``GOMP_SPINCOUNT=10000``, a short spin before the sleep.
+  set ``GOMP_SPINCOUNT``: torch is imported before the CLI runs, so the CLI's setting comes too late;
+- ``cli``: the CLI as it is (``python -m datadistill``: a short spin, ``GOMP_SPINCOUNT=10000``);
+- ``passive`` (not run by default): ``OMP_WAIT_POLICY=PASSIVE``, no spin at all.
 
 Speeds: ``train``, the median it/s of its logged steps after the first (startup and the first steps left
 out); ``label``, images/s of its labeling loop (the manifest's ``images_per_s``). A run still going after
@@ -40,8 +40,7 @@ BUSY_LOOP = "while True:\n    pass\n"
 LAUNCH = {
     "spin": [sys.executable, "-c", "import torch\nfrom datadistill.cli import main\nraise SystemExit(main())"],
     "cli": [sys.executable, "-m", "datadistill"],
-    # the CLI with a short spin before the sleep (libgomp's GOMP_SPINCOUNT overrides the wait policy's)
-    "spin10k": ["env", "GOMP_SPINCOUNT=10000", sys.executable, "-m", "datadistill"],
+    "passive": ["env", "OMP_WAIT_POLICY=PASSIVE", sys.executable, "-m", "datadistill"],
 }
 
 
@@ -121,6 +120,7 @@ def main() -> None:
     p.add_argument("--cap", type=float, default=150, help="seconds after which a run is stopped")
     p.add_argument("--lock", default=None, help="a file to flock during each run")
     p.add_argument("--launch", default="spin,cli", help="which launches to compare")
+    p.add_argument("--commands", default="train,label", help="which commands to measure")
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
     args = p.parse_args()
     results: dict[str, float] = {}
@@ -138,7 +138,7 @@ def main() -> None:
                     checkpoint = out / "checkpoint.pt"
                 print(f"train {launch} {load}: {speed:.2f} it/s", flush=True)
         assert checkpoint is not None, "no training run finished within --cap: raise it"
-        for launch in args.launch.split(","):
+        for launch in args.launch.split(",") if "label" in args.commands else ():
             for load in ("alone", "busy"):
                 with locked(args.lock), busy(load == "busy"):
                     speed = label_speed(LAUNCH[launch], checkpoint, unlabeled, work / f"label-{launch}-{load}",
@@ -146,7 +146,7 @@ def main() -> None:
                 results[f"label {launch} {load}"] = speed
                 print(f"label {launch} {load}: {speed:.2f} images/s", flush=True)
     print(f"\nslowdown beside a busy loop (alone / busy), one core of {os.cpu_count()} taken:")
-    for command in ("train", "label"):
+    for command in args.commands.split(","):
         for launch in args.launch.split(","):
             alone, loaded = results[f"{command} {launch} alone"], results[f"{command} {launch} busy"]
             ratio = alone / loaded if loaded else float("inf")
