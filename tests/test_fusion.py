@@ -718,3 +718,14 @@ def test_wbf_counts_only_the_views_that_could_see_a_box() -> None:
     assert sorted(absent.scores.tolist()) == pytest.approx([0.9 / 5, (0.8 + 0.6) / 2])
     with pytest.raises(ValueError, match=r"crops must have shape \[5, 1, 4\]"):
         fusion.fuse(views, method="wbf", iou_thr=0.5, skip_box_thr=0.0, crops=crops[:3])
+
+
+@pytest.mark.parametrize("method", ["wbf", "vote"])
+@pytest.mark.parametrize("score", [0.0, 4.9407e-324, 1e-200])
+def test_a_box_of_a_vanishing_score_comes_back_unchanged(method: str, score: float) -> None:
+    """A weighted mean over subnormal weights keeps a few bits (hypothesis found 1.5 fused to 2.0): such
+    clusters take the unweighted mean, so a lone box is itself."""
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.5]], dtype=torch.float64)
+    view = Detections(boxes=box, scores=torch.tensor([score], dtype=torch.float64), labels=torch.tensor([0]))
+    fused = fusion.fuse([view, view], method=method, iou_thr=0.5, skip_box_thr=0.0)
+    assert fused.boxes.tolist() == [[0.0, 0.0, 1.0, 1.5]]

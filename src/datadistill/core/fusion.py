@@ -68,6 +68,12 @@ def _iou(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
     return inter / (area_a + area_b - inter)
 
 
+# Below this sum of weights a weighted mean is no mean: the products of weights under about 1e-308 with the
+# coordinates are subnormal and keep a few bits (a lone box of score 4.9e-324 came out 1.5 -> 2.0), so the
+# clusters fall back to the unweighted mean. No detector's score is that small unless it is 0.
+MIN_WEIGHT_SUM = 1e-100
+
+
 @numba.njit(cache=True, nogil=True)
 def _wbf_loop(
     boxes: np.ndarray, ws: np.ndarray, starts: np.ndarray, iou_thr: float
@@ -75,7 +81,8 @@ def _wbf_loop(
     """WBF clustering. boxes sorted by weighted score ``ws`` (descending) within each label group.
 
     Each box joins the cluster whose current fused box overlaps it most (IoU > iou_thr), else starts one.
-    A fused box is the ws-weighted mean of its members (the plain mean while all their ws are 0).
+    A fused box is the ws-weighted mean of its members (the plain mean while their ws sum to at most
+    :data:`MIN_WEIGHT_SUM`).
     Returns cluster [M], first [C] (the row that started each cluster: its highest ws) and fused [C, 4].
     """
     m = boxes.shape[0]
@@ -110,7 +117,7 @@ def _wbf_loop(
             for d in range(4):
                 if count[best] == 1:  # exactly the box, so that IoU ties with it are exact
                     fused[best, d] = boxes[j, d]
-                elif sum_w[best] > 0.0:
+                elif sum_w[best] > MIN_WEIGHT_SUM:
                     fused[best, d] = sum_wb[best, d] / sum_w[best]
                 else:
                     fused[best, d] = sum_b[best, d] / count[best]
@@ -125,8 +132,8 @@ def _vote_loop(
 
     Each box joins the cluster whose main (first, highest scored) box overlaps it most (IoU > iou_thr),
     else becomes a main box. A fused box is the mean of its members weighted by ws x IoU with the main box
-    (by IoU alone while all those weights are 0). Returns cluster [M], main [C] (row of each main box) and
-    fused [C, 4].
+    (by IoU alone while those weights sum to at most :data:`MIN_WEIGHT_SUM`). Returns cluster [M], main [C]
+    (row of each main box) and fused [C, 4].
     """
     m = boxes.shape[0]
     cluster = np.empty(m, np.int64)
@@ -161,7 +168,7 @@ def _vote_loop(
     fused = np.empty((c, 4))
     for k in range(c):
         for d in range(4):
-            if sum_w[k] > 0.0:
+            if sum_w[k] > MIN_WEIGHT_SUM:
                 fused[k, d] = sum_wb[k, d] / sum_w[k]
             else:
                 fused[k, d] = sum_ib[k, d] / sum_i[k]
