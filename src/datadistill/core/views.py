@@ -1,7 +1,9 @@
 """The views of multi-transform inference (step 2 of data distillation) and their exact inverses.
 
-A :class:`View` is a horizontal flip, a scale, a tile, or a composition of them. ``prepare`` turns an
-image into the view's input, ``invert`` maps the view's predictions back to the original image frame.
+A :class:`View` is a horizontal flip, a scale, a tile, or a composition of them: a list of transforms
+that own their inverses (:meth:`View.transforms`, :mod:`datadistill.core.transforms`). ``prepare`` turns an
+image into the view's input, ``invert`` maps the view's predictions back to the original image frame
+through the composition's inverse.
 
 Scales are *not* applied to the image: torchvision detectors resize every input so that its short side
 is ``min_size`` (capped by ``max_size``), which would undo any resize we made. A scale view instead runs
@@ -39,6 +41,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from datadistill.core.transforms import Crop, HFlip, Resize, Transform, Transforms
 from datadistill.core.types import Detections
 
 # The paper's 18 views: short side 400 to 1200 in steps of 100 (relative to 800), each with and without flip.
@@ -160,37 +163,29 @@ class View:
             return 0, 0, width, height
         return self.tile.box(height=height, width=width)
 
+    def transforms(self, *, height: int, width: int) -> Transforms:
+        """The view's geometry on an image ``height x width`` px: its tile's :class:`Crop`, then an
+        :class:`HFlip` within the tile (or the image). The scale is not among them: it is the model's input
+        size (:meth:`input_size`), whose resize the model undoes itself (:func:`model_resize`)."""
+        steps: list[Transform] = []
+        if self.tile is not None:
+            steps.append(Crop(*self.crop(height=height, width=width), height=height, width=width))
+        if self.hflip:
+            steps.append(HFlip(self.frame_size(height=height, width=width)[1]))
+        return Transforms(tuple(steps))
+
     def prepare(self, image: Tensor) -> Tensor:
         """The view's input for an image ``[C, H, W]``: the tile's crop, flipped (the scale is the model's
         business)."""
-        if self.tile is not None:
-            x0, y0, x1, y1 = self.crop(height=image.shape[-2], width=image.shape[-1])
-            image = image[..., y0:y1, x0:x1]
-        return image.flip(-1) if self.hflip else image
+        return self.transforms(height=image.shape[-2], width=image.shape[-1]).apply_image(image)
 
     def invert_boxes(self, boxes: Tensor, *, width: int, height: int) -> Tensor:
         """Boxes ``[N, 4]`` xyxy predicted in the view, in the original frame of an image ``height x width`` px."""
-        if self.tile is None and not self.hflip:
-            return boxes
-        x0, y0, x1, _ = self.crop(height=height, width=width)
-        if self.hflip:
-            w = x1 - x0
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-        if self.tile is not None:
-            boxes = boxes + boxes.new_tensor([x0, y0, x0, y0])
-        return boxes
+        return self.transforms(height=height, width=width).inverse().apply_box(boxes)
 
     def forward_boxes(self, boxes: Tensor, *, width: int, height: int) -> Tensor:
         """Original-frame boxes ``[N, 4]`` mapped into the view (into the tile, then mirrored)."""
-        if self.tile is None and not self.hflip:
-            return boxes
-        x0, y0, x1, _ = self.crop(height=height, width=width)
-        if self.tile is not None:
-            boxes = boxes - boxes.new_tensor([x0, y0, x0, y0])
-        if self.hflip:
-            w = x1 - x0
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-        return boxes
+        return self.transforms(height=height, width=width).apply_box(boxes)
 
     def invert_keypoints(self, keypoints: Tensor, *, width: int, height: int, flip_index: tuple[int, ...]) -> Tensor:
         """Keypoints ``[N, K, 3]`` from the view, in the original frame.
@@ -200,43 +195,24 @@ class View:
         data set's metadata): the view's "left hand" of a mirrored figure is the original's right hand.
         A tile then adds its offset.
         """
-        if self.tile is None and not self.hflip:
-            return keypoints
-        x0, y0, x1, _ = self.crop(height=height, width=width)
-        out = keypoints
-        if self.hflip:
-            k = keypoints.shape[1]
-            if len(flip_index) != k:
-                raise ValueError(f"flip_index has {len(flip_index)} entries but keypoints have K={k}")
-            out = keypoints[:, list(flip_index)].clone()
-            out[..., 0] = (x1 - x0) - out[..., 0]
-        if self.tile is not None:
-            out = out.clone() if out is keypoints else out
-            out[..., 0] += x0
-            out[..., 1] += y0
-        return out
+        inverse = self.transforms(height=height, width=width).inverse()
+        return inverse.apply_keypoints(keypoints, flip_index=flip_index)
 
     def forward_keypoints(self, keypoints: Tensor, *, width: int, height: int, flip_index: tuple[int, ...]) -> Tensor:
         """Original-frame keypoints ``[N, K, 3]`` mapped into the view (the inverse of :meth:`invert_keypoints`)."""
-        if self.tile is None:
-            return self.invert_keypoints(keypoints, width=width, height=height, flip_index=flip_index)  # an involution
-        x0, y0, _, _ = self.crop(height=height, width=width)
-        out = keypoints.clone()
-        out[..., 0] -= x0
-        out[..., 1] -= y0
-        h, w = self.frame_size(height=height, width=width)
-        return View(hflip=self.hflip).invert_keypoints(out, width=w, height=h, flip_index=flip_index)
+        return self.transforms(height=height, width=width).apply_keypoints(keypoints, flip_index=flip_index)
 
     def invert_heatmaps(self, heatmaps: Tensor, *, flip_index: tuple[int, ...]) -> Tensor:
         """Keypoint heatmaps ``[N, K, M, M]`` over boxes mapped into the view, back in the original frame.
 
         A heatmap covers its box; the box of a flipped view is the mirror of the original box, so the
         heatmap is mirrored along its width and its channels swapped with ``flip_index``. A tile only moves
-        the box: heatmaps are box-relative.
+        the box: heatmaps are box-relative (:meth:`Transform.apply_heatmap
+        <datadistill.core.transforms.Transform.apply_heatmap>`), so the image size does not matter.
         """
         if not self.hflip:
             return heatmaps
-        return heatmaps[:, list(flip_index)].flip(-1)
+        return HFlip(heatmaps.shape[-1]).inverse().apply_heatmap(heatmaps, flip_index=flip_index)
 
     def frame_size(self, *, height: int, width: int) -> tuple[int, int]:
         """``(H, W)`` px of the view's input for an image ``height x width`` px (the tile's, or the image's)."""
@@ -300,14 +276,11 @@ class View:
         b = detections.boxes
         if tuple(widths.shape) != (len(b),):
             raise ValueError(f"widths must have shape [{len(b)}], one per row, got {tuple(widths.shape)}")
-        widths = widths.to(b.dtype)
-        boxes = torch.stack([widths - b[:, 2], b[:, 1], widths - b[:, 0], b[:, 3]], dim=1)
+        unflip = HFlip(widths).inverse()
         keypoints = detections.keypoints
         if keypoints is not None:
-            if len(flip_index) != keypoints.shape[1]:
-                raise ValueError(f"flip_index has {len(flip_index)} entries but keypoints have K={keypoints.shape[1]}")
-            keypoints = keypoints[:, list(flip_index)].clone()
-            keypoints[..., 0] = widths.to(keypoints.dtype)[:, None] - keypoints[..., 0]
+            keypoints = unflip.apply_keypoints(keypoints, flip_index=flip_index)
+        boxes = unflip.apply_box(b)
         return replace(detections, boxes=boxes, keypoints=keypoints)
 
 
@@ -321,6 +294,13 @@ def resized_size(height: int, width: int, *, min_size: int, max_size: int) -> tu
         raise ValueError(f"image sides must be at least 1 px, got {height}x{width}")
     scale = min(min_size / min(height, width), max_size / max(height, width))
     return int(height * scale), int(width * scale)
+
+
+def model_resize(height: int, width: int, *, min_size: int, max_size: int) -> Resize:
+    """The :class:`~datadistill.core.transforms.Resize` a torchvision detector makes of an input of
+    ``height x width`` px at ``(min_size, max_size)`` (:func:`resized_size`; a scale view's
+    :meth:`View.input_size`); its post-processing maps boxes back with the inverse."""
+    return Resize(height, width, *resized_size(height, width, min_size=min_size, max_size=max_size))
 
 
 _NUMBER = r"[0-9]*\.?[0-9]+(?:e-?[0-9]+)?"

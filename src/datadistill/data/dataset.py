@@ -8,7 +8,7 @@ keypoints, and ``image_id`` (int). Crowd annotations are never targets.
 Augmentation is split into a policy (:func:`draw_augmentation`: random parameters from a generator seeded
 by ``(seed, epoch, index)``, so the augmented sample is a pure function of them, whatever the DataLoader
 workers) and an operation (:func:`apply_augmentation`: exact geometry through torchvision.transforms.v2
-on ``tv_tensors``).
+on ``tv_tensors`` for the scale and crop, the views' flip: :mod:`datadistill.core.transforms`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from datadistill.core.transforms import HFlip
 from datadistill.data.coco import CocoDataset
 from datadistill.data.images import read_image, resolve_image_path
 from datadistill.data.label_table import FlatLabels
@@ -94,9 +95,10 @@ def apply_augmentation(
     """Apply ``aug`` to an image ``[3, H, W]``, boxes ``[N, 4]`` xyxy px and keypoints ``[N, K, 3]``.
 
     Returns the image (same ``H x W``), boxes and keypoints in the new frame; rows are kept (the caller
-    sanitizes). A flip maps ``x -> W - x`` for boxes and keypoints alike (continuous pixel coordinates;
-    torchvision's KeyPoints flip uses ``W - 1 - x``, the pixel-index convention, so keypoints are flipped
-    here) and swaps the left/right keypoint channels with ``flip_index`` (``new[i] = old[flip_index[i]]``).
+    sanitizes). The flip is the views' :class:`~datadistill.core.transforms.HFlip`: ``x -> W - x`` for boxes
+    and keypoints alike (continuous pixel coordinates; torchvision's KeyPoints flip uses ``W - 1 - x``, the
+    pixel-index convention) and the left/right keypoint channels swapped with ``flip_index``
+    (``new[i] = old[flip_index[i]]``).
     Keypoint visibilities travel with their channel and are left to the caller.
     """
     height, width = image.shape[-2:]
@@ -115,22 +117,20 @@ def apply_augmentation(
         img = F.crop(img, aug.top, aug.left, canvas[0], canvas[1])
         bxs = F.crop(bxs, aug.top, aug.left, canvas[0], canvas[1])
         kps = None if kps is None else F.crop(kps, aug.top, aug.left, canvas[0], canvas[1])
-    if aug.flip:
-        img = F.horizontal_flip(img)
-        bxs = F.horizontal_flip(bxs)
+    out_img = img.as_subclass(Tensor)
     out_boxes = bxs.as_subclass(Tensor).clone()
     out_kps = None
     if keypoints is not None and kps is not None:
-        xy = kps.as_subclass(Tensor)
-        out_kps = torch.cat([xy, keypoints[..., 2:]], dim=-1).clone()
-        if aug.flip:
-            if flip_index is None or len(flip_index) != out_kps.shape[1]:
-                raise ValueError(
-                    f"a flip needs a flip_index with one entry per keypoint ({out_kps.shape[1]}), got {flip_index!r}"
-                )
-            out_kps[..., 0] = width - out_kps[..., 0]
-            out_kps = out_kps[:, list(flip_index)]
-    return img.as_subclass(Tensor), out_boxes, out_kps
+        out_kps = torch.cat([kps.as_subclass(Tensor), keypoints[..., 2:]], dim=-1).clone()
+    if aug.flip:  # the views' flip (one copy of the flip math), on the canvas
+        if out_kps is not None and (flip_index is None or len(flip_index) != out_kps.shape[1]):
+            raise ValueError(
+                f"a flip needs a flip_index with one entry per keypoint ({out_kps.shape[1]}), got {flip_index!r}"
+            )
+        flip = HFlip(int(width))
+        out_img, out_boxes = flip.apply_image(out_img), flip.apply_box(out_boxes)
+        out_kps = None if out_kps is None else flip.apply_keypoints(out_kps, flip_index=flip_index or ())
+    return out_img, out_boxes, out_kps
 
 
 def sanitize(
