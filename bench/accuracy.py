@@ -30,13 +30,10 @@ their results do not depend on ``--jobs``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import logging
 import math
 import multiprocessing
 import signal
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -45,20 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from common import Stages, cached_metrics, init_worker, label_complete, parser, work_folder
 
 from datadistill.core.views import parse_views
 from datadistill.data.coco import CocoDataset, load_coco, read_json
 from datadistill.demo import DemoPlan, make_demo_data
-from datadistill.models.detector import load_detector
 from datadistill.runtime.io import provenance, write_json_atomic
-from datadistill.stages.evaluate import evaluate_model, write_metrics
-from datadistill.stages.label import LabelConfig, label
+from datadistill.stages.label import LabelConfig
 from datadistill.stages.quality import match_objects, match_pseudo_labels
 from datadistill.stages.select import SelectConfig, select_pseudo_labels
 from datadistill.stages.train import TrainConfig, train
-
-log = logging.getLogger("bench.accuracy")
 
 
 @dataclass(frozen=True)
@@ -139,21 +132,13 @@ class Bench:
         self.task, self.work, self.seed, self.threads, self.plan = task, work, seed, threads, plan
         self.student_seed = seed if student_seed is None else student_seed
         self.seconds: dict[str, float] = {}
+        self.stages = Stages(self.seconds)
         t0 = time.time()
         self.data = make_demo_data(work / "data", task=task, plan=self.plan.data, seed=seed)
         self.seconds["data"] = round(time.time() - t0, 1)
         self.val = load_coco(self.data.val, image_root=self.data.val_images)
         self.truth = load_coco(self.data.unlabeled_truth)
         self.num_real = len(load_coco(self.data.train).images)
-
-    def _timed(self, name: str, done: Path, work: Any) -> None:
-        if done.exists():
-            return
-        log.info("%s ...", name)
-        t0 = time.time()
-        work()
-        self.seconds[name] = round(time.time() - t0, 1)
-        log.info("%s: %.0f s", name, self.seconds[name])
 
     def _train(
         self, out: Path, *, ratio: float = 0.0, pseudo: str | None = None, init: str | None = None, seed: int
@@ -166,16 +151,11 @@ class Bench:
             pseudo_ratio=ratio if pseudo else 0.4, init=init, seed=seed, threads=self.threads, workers=0,
             device="cpu", resume=(out / "last.pt").exists(),
         )  # fmt: skip
-        self._timed(f"train {out.name}", out / "checkpoint.pt", lambda: train(cfg))
+        self.stages.run(f"train {out.name}", out / "checkpoint.pt", lambda: train(cfg))
         return out / "checkpoint.pt"
 
     def _metrics(self, checkpoint: Path) -> dict[str, Any]:
-        path = checkpoint.parent / "val_metrics.json"
-        if not path.exists():
-            detector = load_detector(str(checkpoint), device="cpu")
-            write_metrics(path, evaluate_model(detector, self.val, self.data.val_images, device=torch.device("cpu"),
-                                               batch_size=8))  # fmt: skip
-        return read_json(path)
+        return cached_metrics(checkpoint.parent / "val_metrics.json", checkpoint, self.val, self.data.val_images)
 
     def teacher(self) -> Path:
         return self._train(self.work / "supervised", seed=self.seed)
@@ -189,12 +169,12 @@ class Bench:
             checkpoint=str(self.teacher()), images=self.data.unlabeled, image_root=self.data.unlabeled_images,
             out=str(folder), views=arm.views, fuse=arm.fuse, workers=0, threads=self.threads, device="cpu",
         )  # fmt: skip
-        self._timed(f"label {folder.name}", folder / "manifest.complete", lambda: _label(cfg, folder))
+        self.stages.run(f"label {folder.name}", folder / "manifest.complete", lambda: label_complete(cfg, folder))
         out = self.work / f"select-{arm.selection_key()}" / "pseudo.json"
         sel = SelectConfig(labels=str(folder), reference=self.data.train, out=str(out), policy=arm.policy,
                            ignore_band=arm.ignore_band, cross_class_iou=arm.cross_class_iou,
                            keypoint_policy=arm.keypoint_policy)  # fmt: skip
-        self._timed(f"select {out.parent.name}", out, lambda: select_pseudo_labels(sel))
+        self.stages.run(f"select {out.parent.name}", out, lambda: select_pseudo_labels(sel))
         if arm.true_keypoints:
             out = with_true_keypoints(out, self.truth, out.with_name("pseudo_true_keypoints.json"))
         matched = match_pseudo_labels(load_coco(out), self.truth).at(0.0)
@@ -230,11 +210,6 @@ def with_true_keypoints(pseudo_path: Path, truth: CocoDataset, out: Path) -> Pat
             ann["keypoints"], ann["num_keypoints"] = kt.reshape(-1).tolist(), int(labeled.sum())
     write_json_atomic(out, raw)
     return out
-
-
-def _init_worker(threads: int) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    torch.set_num_threads(threads)
 
 
 def _stage(bench_args: dict[str, Any], kind: str, name: str, arms: tuple[Arm, ...]) -> tuple[Any, dict[str, float]]:
@@ -297,7 +272,7 @@ def run_arms(bench_args: dict[str, Any], arms: dict[str, Arm], *, jobs: int, thr
         return result
 
     ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=init_worker, initargs=(threads,)) as pool:
         try:
             _schedule(pool, bench_args, arms, results, take)
         except BaseException:
@@ -325,12 +300,6 @@ def stop(pool: ProcessPoolExecutor, *, grace_s: float = 5.0) -> None:
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds through run_arms, which stops the workers
-
-
-def _label(cfg: LabelConfig, folder: Path) -> None:
-    label(cfg)
-    if read_json(folder / "manifest.json").get("status") == "complete":
-        (folder / "manifest.complete").write_text("")
 
 
 def _ap(result: dict[str, Any], metric: str) -> float:
@@ -370,12 +339,8 @@ def format_table(results: dict[str, Any], metric: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--task", choices=sorted(PLANS), required=True)
-    p.add_argument("--out", required=True, help="results json")
-    p.add_argument("--work", default=None, help="working folder (default: OUT without .json + '_work')")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (0: evaluation, 1: tuning)")
     p.add_argument(
         "--student-seed", type=int, default=None,
@@ -392,12 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--only", default=None, help="comma-separated arms to run (default: all)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
     out = Path(args.out)
-    work = Path(args.work) if args.work else out.with_name(out.stem + "_work")
+    work = work_folder(args)
     started = time.time()
-    torch.set_num_threads(args.threads)
     plan = PLANS[args.task]
     if args.iterations:
         plan = replace(plan, iterations=args.iterations)
@@ -411,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be at least 1")
+    init_worker(args.threads)
     bench_args = {"task": args.task, "work": work, "plan": plan, "seed": args.seed, "threads": args.threads,
                   "student_seed": args.student_seed}  # fmt: skip
     bench = Bench(**bench_args)  # makes the data once, before any worker starts

@@ -29,25 +29,21 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import multiprocessing
 import random
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from common import Stages, ap_text, cached_metrics, init_worker, options, parser, run_seeds, work_folder
 
 from datadistill.config import LabelConfig, SelectConfig, TrainConfig
 from datadistill.data.coco import CocoDataset, load_coco, read_json, save_coco
 from datadistill.data.label_folder import object_values, read_shards
 from datadistill.demo import DemoPlan, make_demo_data
-from datadistill.models.detector import load_detector
 from datadistill.runtime.io import provenance, write_json_atomic
-from datadistill.stages.evaluate import evaluate_model, write_metrics
 from datadistill.stages.label import label
 from datadistill.stages.quality import match_pseudo_labels
 from datadistill.stages.review import merge, review
@@ -89,16 +85,6 @@ def errors_on(pseudo: CocoDataset, truth: CocoDataset, names: set[str]) -> dict[
     return {"false_positives": len(matched.scores) - tp, "missed": matched.num_truth - tp, "true": matched.num_truth}
 
 
-def timed(name: str, done: Path, work: Any, seconds: dict[str, float]) -> None:
-    if done.exists():
-        return
-    log.info("%s ...", name)
-    t0 = time.perf_counter()
-    work()
-    seconds[name] = round(time.perf_counter() - t0, 1)
-    log.info("%s: %.0f s", name, seconds[name])
-
-
 class Seed:
     """The stages of one seed, each in its own folder under ``work/seed{seed}``."""
 
@@ -111,33 +97,25 @@ class Seed:
         self.images = self.data.train_images
         self.val = load_coco(self.data.val)
         self.truth = load_coco(self.data.unlabeled_truth)
-        self.seconds: dict[str, float] = {}
+        self.stages = Stages()
 
     def train(self, out: Path, labeled: str, pseudo: str | None) -> Path:
         cfg = TrainConfig(data=labeled, images=self.images, out=str(out), pseudo=pseudo,
                           pseudo_images=self.images if pseudo else None, iterations=self.args.iterations,
                           seed=self.seed, threads=self.args.threads, workers=0, device="cpu",
                           resume=(out / "last.pt").exists())  # fmt: skip
-        timed(
-            f"seed {self.seed}: train {out.relative_to(self.work)}",
-            out / "checkpoint.pt",
-            lambda: train(cfg),
-            self.seconds,
+        self.stages.run(
+            f"seed {self.seed}: train {out.relative_to(self.work)}", out / "checkpoint.pt", lambda: train(cfg)
         )
         return out
 
     def metrics(self, folder: Path) -> dict[str, Any]:
-        path = folder / "val_metrics.json"
-        if not path.exists():
-            detector = load_detector(str(folder), device="cpu")
-            write_metrics(path, evaluate_model(detector, self.val, self.data.val_images, device=torch.device("cpu"),
-                                               batch_size=8))  # fmt: skip
-        return read_json(path)["bbox"]
+        return cached_metrics(folder / "val_metrics.json", folder, self.val, self.data.val_images)["bbox"]
 
     def select(self, reference: str, out: Path) -> Path:
         cfg = SelectConfig(labels=str(self.work / "labels"), reference=reference, out=str(out / "pseudo.json"))
         name = f"seed {self.seed}: select {out.relative_to(self.work)}"
-        timed(name, out / "pseudo.json", lambda: select_pseudo_labels(cfg), self.seconds)
+        self.stages.run(name, out / "pseudo.json", lambda: select_pseudo_labels(cfg))
         return out
 
     def label(self, teacher: Path) -> None:
@@ -148,7 +126,7 @@ class Seed:
         done = labels / "manifest.json"
         if done.exists() and read_json(done).get("status") != "complete":
             done.unlink()  # a killed labeling: label resumes from its shards
-        timed(f"seed {self.seed}: label", done, lambda: label(cfg), self.seconds)
+        self.stages.run(f"seed {self.seed}: label", done, lambda: label(cfg))
         spreads = object_values(read_shards(labels, columns=["scores", "score_spread"]), "score_spread")
         if len(spreads) and np.isnan(spreads).all():
             raise SystemExit(f"{labels}: the shards hold no score_spread; delete the folder and run again")
@@ -181,15 +159,11 @@ class Seed:
             ranking = [row["file_name"] for row in csv.DictReader(f)]  # every image (review.json lists the top)
         arms = {name: self.arm(name, ranking, first) for name in ARMS if name in self.args.arms}
         return {"teacher": {"val": self.metrics(teacher)}, "arms": arms,
-                "doubt_formula": summary["formula"], "seconds": self.seconds}  # fmt: skip
+                "doubt_formula": summary["formula"], "seconds": self.stages.seconds}  # fmt: skip
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     return Seed(seed, args).run()
-
-
-def _ap(metrics: dict[str, Any]) -> str:
-    return f"{100 * metrics['AP']:.1f} / {100 * metrics['AP50']:.1f}"
 
 
 def format_table(per_seed: dict[int, dict[str, Any]]) -> str:
@@ -201,7 +175,7 @@ def format_table(per_seed: dict[int, dict[str, Any]]) -> str:
              for a in arms]  # fmt: skip
     lines = [head]
     for name, vals, detail in rows:
-        cells = "".join(f"{_ap(v):>20}" for v in vals)
+        cells = "".join(f"{ap_text(v):>20}" for v in vals)
         lines.append(f"{name:<10}{cells}{np.mean([100 * v['AP'] for v in vals]):9.1f}")
         if detail and detail[0]["chosen"]:
             errs = [d["pseudo_label_errors_corrected"] for d in detail]
@@ -211,16 +185,8 @@ def format_table(per_seed: dict[int, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--out", required=True, help="results json")
-    p.add_argument("--work", default=None, help="working folder (default: OUT without .json + '_work')")
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="data, split, draw and training seeds (0 1)")
     p.add_argument("--labeled", type=int, default=40, help="labeled images L (40)")
     p.add_argument("--unlabeled", type=int, default=400, help="unlabeled images U (400)")
@@ -236,27 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     args.arms = set(args.arms.split(","))
     if not args.arms <= set(ARMS) or args.budget < 1 or args.budget > args.unlabeled:
         p.error(f"--arms: a comma list of {', '.join(ARMS)}; --budget: 1 to --unlabeled")
-    args.work = args.work or str(Path(args.out).with_suffix("")) + "_work"
-    _init_worker(args.threads)
+    args.work = str(work_folder(args))
+    init_worker(args.threads)
     started = time.perf_counter()
-    if args.jobs > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker,
-                                 initargs=(args.threads,)) as pool:  # fmt: skip
-            futures = {seed: pool.submit(run_seed, seed, args) for seed in args.seeds}
-            per_seed = {seed: f.result() for seed, f in futures.items()}
-    else:
-        per_seed = {seed: run_seed(seed, args) for seed in args.seeds}
+    per_seed = run_seeds(run_seed, args.seeds, args, jobs=args.jobs, threads=args.threads)
     table = format_table(per_seed)
     minutes = (time.perf_counter() - started) / 60
     print(table)
     print(f"wall time {minutes:.1f} min ({args.jobs} process(es) of {args.threads} thread(s))")
     ahead = {s: r["arms"]["doubt"]["val"]["AP"] - r["arms"]["random"]["val"]["AP"] for s, r in per_seed.items()
              if {"doubt", "random"} <= set(r["arms"])}  # fmt: skip
-    write_json_atomic(Path(args.out), {"command": " ".join(sys.argv), "options": {k: sorted(v) if isinstance(v, set)
-                      else v for k, v in vars(args).items()}, "seeds": per_seed, "table": table,
-                      "doubt_minus_random_AP": ahead, "doubt_ahead_on_every_seed": bool(ahead) and
-                      all(v > 0 for v in ahead.values()), "wall_minutes": round(minutes, 1),
+    write_json_atomic(Path(args.out), {"command": " ".join(sys.argv), "options": options(args), "seeds": per_seed,
+                      "table": table, "doubt_minus_random_AP": ahead, "doubt_ahead_on_every_seed": bool(ahead)
+                      and all(v > 0 for v in ahead.values()), "wall_minutes": round(minutes, 1),
                       "provenance": provenance()}, indent=1)  # fmt: skip
     return 0
 

@@ -23,30 +23,23 @@ when done, so a killed run resumes; the ratios of one table come from one run.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import common
 import torch
 
-from datadistill.core.types import Detections
 from datadistill.core.views import parse_views
 from datadistill.data.coco import CocoDataset, load_coco, read_json
-from datadistill.data.label_folder import read_shards, shard_detections
 from datadistill.data.synth import SHAPE_CLASSES
 from datadistill.demo import DemoPlan, make_demo_data
 from datadistill.models.detector import load_detector, trained_file
-from datadistill.runtime.io import provenance, write_json_atomic
+from datadistill.runtime.io import write_json_atomic
 from datadistill.stages.evaluate import evaluate_model, evaluate_predictions
-from datadistill.stages.label import LabelConfig, label
+from datadistill.stages.label import LabelConfig
 from datadistill.stages.select import SelectConfig, select_pseudo_labels
 from datadistill.stages.train import TrainConfig, train
-
-log = logging.getLogger("bench.hf_views")
 
 ARMS = {"identity": "identity", "default": "default"}  # arm -> --views
 REFERENCE = "identity"
@@ -76,17 +69,6 @@ def write_model(folder: Path, *, size_px: int, width: int, queries: int, seed: i
     return folder
 
 
-def fused_candidates(folder: Path, truth: CocoDataset) -> dict[int, Detections]:
-    """Every fused candidate of a labeling folder's shards, by image id of ``truth``."""
-    ids = {im.file_name: im.id for im in truth.images}
-    return {ids[row["file_name"]]: shard_detections(row, 0) for row in read_shards(folder).to_pylist()}
-
-
-def percent(metrics: dict[str, Any]) -> dict[str, float | None]:
-    box = metrics["bbox"]
-    return {k: None if box[k] is None else round(100 * box[k], 1) for k in ("AP", "AP50", "AP75")}
-
-
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"{'views':10}{'n':>3}{'pseudo AP':>11}{'AP50':>7}{'ratio':>7}{'kept/img':>10}{'student AP':>12}"
              f"{'AP50':>7}{'ratio':>7}",
@@ -103,11 +85,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", required=True, help="results json")
-    p.add_argument("--work", default=None, help="working folder (default: OUT without .json + '_work')")
+    p = common.parser(__doc__)
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--labeled", type=int, default=300, help="labeled images L (300)")
@@ -126,41 +104,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class Stages:
-    """Runs a stage unless its marker exists, and keeps the seconds each one took in this run."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def run(self, name: str, done: Path, work: Any) -> None:
-        if done.exists():
-            return
-        log.info("%s ...", name)
-        t0 = time.time()
-        work()
-        self.seconds[name] = round(time.time() - t0, 1)
-        log.info("%s: %.0f s", name, self.seconds[name])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    torch.set_num_threads(args.threads)
+    common.init_worker(args.threads)
     out = Path(args.out)
-    work = Path(args.work) if args.work else out.with_name(out.stem + "_work")
-    started, load_start = time.time(), [round(x, 2) for x in os.getloadavg()]
-    stages = Stages()
+    work = common.work_folder(args)
+    started, load_start = time.time(), common.load_now()
+    stages = common.Stages()
     plan = DemoPlan(labeled=args.labeled, unlabeled=args.unlabeled, val=args.val, size_px=args.size, teacher_epochs=1,
                     student_epochs=1, batch_size=args.batch_size, views="default")  # fmt: skip
     data = make_demo_data(work / "data", task="boxes", plan=plan, seed=args.seed)
     model = write_model(work / "model", size_px=args.size, width=args.width, queries=args.queries, seed=args.seed)
-    common = dict(model=f"hf:{model}", iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+    train_options = dict(model=f"hf:{model}", iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                   seed=args.seed, threads=args.threads, workers=0, device="cpu", val=data.val,
                   val_images=data.val_images)  # fmt: skip
 
     def train_in(folder: Path, **kw: Any) -> Path:
         cfg = TrainConfig(data=str(data.train), images=str(data.train_images), out=str(folder),
-                          resume=(folder / "last.pt").exists(), **common, **kw)  # type: ignore[arg-type]  # fmt: skip
+                          resume=(folder / "last.pt").exists(), **train_options, **kw)  # type: ignore[arg-type]  # fmt: skip
         stages.run(f"train {folder.name}", folder / "hf_model", lambda: train(cfg))
         return folder
 
@@ -179,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = len(read_json(pseudo)["annotations"])
         results["arms"][name] = {
             "views": views, "num_views": len(parse_views(views)),
-            "pseudo_labels": percent(evaluate_predictions(truth, fused_candidates(folder, truth))),
+            "pseudo_labels": _pseudo_ap(folder, truth),
             "kept_per_image": round(kept / max(1, len(truth.images)), 2),
             "student": _val_ap(student, val, data.val_images),
             "label_seconds": read_json(folder / "manifest.json")["timings"]["total_s"],
@@ -189,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = work / f"label-{view.replace(':', '')}"
         stages.run(f"label {view}", folder / "manifest.complete",
                    lambda f=folder, v=view: _label(teacher, data, f, views=v, threads=args.threads))  # fmt: skip
-        results["single_views"][view] = percent(evaluate_predictions(truth, fused_candidates(folder, truth)))
+        results["single_views"][view] = _pseudo_ap(folder, truth)
     _finish(results, args, argv, stages.seconds, started=started, load_start=load_start, truth=truth)
     write_json_atomic(out, results, indent=2)
     print(format_table(results))
@@ -199,12 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _pseudo_ap(folder: Path, truth: CocoDataset) -> dict[str, float | None]:
+    """Box AP (percent) on U's held-back labels of every fused candidate of a labeling folder."""
+    return common.percent(evaluate_predictions(truth, common.fused_candidates(folder, truth))["bbox"])
+
+
 def _val_ap(folder: Path, val: CocoDataset, images: str | None) -> dict[str, float | None]:
     """Box AP (percent) on V of a finished training folder."""
     spec = trained_file(folder)
     assert spec is not None
     metrics = evaluate_model(load_detector(spec), val, images, device=torch.device("cpu"), batch_size=8, workers=0)
-    return percent(metrics)
+    return common.percent(metrics["bbox"])
 
 
 def _finish(results: dict[str, Any], args: argparse.Namespace, argv: list[str] | None, seconds: dict[str, float], *,
@@ -222,12 +188,7 @@ def _finish(results: dict[str, Any], args: argparse.Namespace, argv: list[str] |
                         "iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr,
                         "init": "random (from scratch)"}  # fmt: skip
     results["seconds"], results["threads"] = seconds, args.threads
-    results["total_seconds"] = round(time.time() - started, 1)
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    results["cpu_seconds"] = round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1)
-    results["load_average"] = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
-    results["command"] = " ".join(["python", "bench/hf_views.py", *(argv if argv is not None else sys.argv[1:])])
-    results["provenance"] = provenance()
+    results.update(common.run_facts(started=started, load_start=load_start, script="hf_views.py", argv=argv))
 
 
 def _label(teacher: Path, data: Any, folder: Path, *, views: str, threads: int) -> None:
@@ -235,9 +196,7 @@ def _label(teacher: Path, data: Any, folder: Path, *, views: str, threads: int) 
     cfg = LabelConfig(model=str(teacher), images=str(data.unlabeled), image_root=str(data.unlabeled_images),
                       out=str(folder), views=views, fuse="nms", workers=0, threads=threads, device="cpu",
                       allow_weak_teacher=True)  # fmt: skip
-    label(cfg)
-    if read_json(folder / "manifest.json").get("status") == "complete":
-        (folder / "manifest.complete").write_text("")
+    common.label_complete(cfg, folder)
 
 
 if __name__ == "__main__":

@@ -30,26 +30,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import random
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from common import Stages, cached_metrics, init_worker, options, parser, run_seeds, work_folder
 from PIL import Image
 
 from datadistill.config import LabelConfig, SelectConfig, TrainConfig
-from datadistill.data.coco import Category, CocoDataset, ImageLabels, ImageRecord, load_coco, read_json, save_coco
-from datadistill.models.detector import load_detector
+from datadistill.data.coco import Category, CocoDataset, ImageLabels, ImageRecord, load_coco, save_coco
 from datadistill.runtime.io import provenance, write_json_atomic
-from datadistill.stages.evaluate import evaluate_model, write_metrics
 from datadistill.stages.label import label
 from datadistill.stages.quality import match_pseudo_labels
 from datadistill.stages.select import select_pseudo_labels
@@ -153,46 +149,32 @@ def split(tiles: CocoDataset, out: Path, *, seed: int, labeled: int, unlabeled: 
 # the arms
 
 
-def timed(name: str, done: Path, work: Any, seconds: dict[str, float]) -> None:
-    if done.exists():
-        return
-    log.info("%s ...", name)
-    t0 = time.perf_counter()
-    work()
-    seconds[name] = round(time.perf_counter() - t0, 1)
-    log.info("%s: %.0f s", name, seconds[name])
-
-
 def run_seed(seed: int, tiles_dir: Path, tiles: CocoDataset, args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work) / f"seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
     paths = split(tiles, work, seed=seed, labeled=args.labeled, unlabeled=args.unlabeled)
     images = str(tiles_dir / "images")
     truth, test = load_coco(paths["unlabeled_truth"]), load_coco(paths["test"])
-    seconds: dict[str, float] = {}
+    stages = Stages()
 
     def train_arm(name: str, pseudo: str | None) -> Path:
         out = work / name
         cfg = TrainConfig(data=str(paths["labeled"]), images=images, out=str(out), pseudo=pseudo,
                           pseudo_images=images if pseudo else None, iterations=args.iterations, seed=seed,
                           threads=args.threads, device="cpu", resume=(out / "last.pt").exists())  # fmt: skip
-        timed(f"seed {seed}: train {name}", out / "checkpoint.pt", lambda: train(cfg), seconds)
+        stages.run(f"seed {seed}: train {name}", out / "checkpoint.pt", lambda: train(cfg))
         return out
 
     def metrics(folder: Path) -> dict[str, Any]:
-        path = folder / "test_metrics.json"
-        if not path.exists():
-            detector = load_detector(str(folder), device="cpu")
-            write_metrics(path, evaluate_model(detector, test, images, device=torch.device("cpu"), batch_size=8))
-        return read_json(path)["bbox"]
+        return cached_metrics(folder / "test_metrics.json", folder, test, images)["bbox"]
 
     def pseudo_labels(name: str, views: str) -> tuple[str, dict[str, Any]]:
         labels_dir, pseudo = work / f"labels-{name}", work / f"select-{name}" / "pseudo.json"
         cfg = LabelConfig(model=str(teacher), images=str(paths["unlabeled"]), image_root=images, out=str(labels_dir),
                           views=views, workers=0, threads=args.threads, device="cpu")  # fmt: skip
-        timed(f"seed {seed}: label {name}", labels_dir / "manifest.json", lambda: label(cfg), seconds)
+        stages.run(f"seed {seed}: label {name}", labels_dir / "manifest.json", lambda: label(cfg))
         sel = SelectConfig(labels=str(labels_dir), reference=str(paths["labeled"]), out=str(pseudo))
-        timed(f"seed {seed}: select {name}", pseudo, lambda: select_pseudo_labels(sel), seconds)
+        stages.run(f"seed {seed}: select {name}", pseudo, lambda: select_pseudo_labels(sel))
         matched = match_pseudo_labels(load_coco(pseudo), truth).at(0.0)
         return str(pseudo), {k: matched[k] for k in ("precision", "recall", "kept")}
 
@@ -207,7 +189,7 @@ def run_seed(seed: int, tiles_dir: Path, tiles: CocoDataset, args: argparse.Name
     counts = {name: len(load_coco(paths[name]).images) for name in ("labeled", "unlabeled", "test")}
     crowns = {name: sum(len(lab) for lab in load_coco(paths[name]).labels.values())
               for name in ("labeled", "unlabeled_truth", "test")}  # fmt: skip
-    return {"arms": results, "tiles": counts, "crowns": crowns, "seconds": seconds}
+    return {"arms": results, "tiles": counts, "crowns": crowns, "seconds": stages.seconds}
 
 
 def format_table(per_seed: dict[int, dict[str, Any]]) -> str:
@@ -230,16 +212,8 @@ def format_table(per_seed: dict[int, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--out", required=True, help="results json")
-    p.add_argument("--work", default=None, help="working folder (default: OUT without .json + '_work')")
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="split seeds (0 1)")
     p.add_argument("--tile", type=int, default=256, help="tile side in px (256: 72 tiles)")
     p.add_argument("--labeled", type=int, default=8, help="labeled tiles (8)")
@@ -251,30 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deepforest-data", default=None, help="a folder with the image and its xml (default: fetch)")
     args = p.parse_args(argv)
     args.arms = set(args.arms.split(","))
-    args.work = args.work or str(Path(args.out).with_suffix("")) + "_work"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(args.threads)
+    args.work = str(work_folder(args))
+    init_worker(args.threads)
     started = time.perf_counter()
     image, xml = fetch(Path(args.work), args.deepforest_data)
     crowns = read_crowns(xml)
     tiles_dir = Path(args.work) / f"tiles{args.tile}"
     tiles = make_tiles(image, crowns, tiles_dir, tile=args.tile)
     log.info("%d crowns, %d tiles of %d px", len(crowns), len(tiles.images), args.tile)
-    if args.jobs > 1:  # one process per seed, each with --threads torch threads
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker,
-                                 initargs=(args.threads,)) as pool:  # fmt: skip
-            futures = {seed: pool.submit(run_seed, seed, tiles_dir, tiles, args) for seed in args.seeds}
-            per_seed = {seed: f.result() for seed, f in futures.items()}
-    else:
-        per_seed = {seed: run_seed(seed, tiles_dir, tiles, args) for seed in args.seeds}
+    per_seed = run_seeds(run_seed, args.seeds, tiles_dir, tiles, args, jobs=args.jobs, threads=args.threads)
     table = format_table(per_seed)
     print(table)
     minutes = (time.perf_counter() - started) / 60
     print(f"wall time {minutes:.1f} min ({args.jobs} process(es) of {args.threads} thread(s))")
-    write_json_atomic(Path(args.out), {"command": " ".join(sys.argv), "options": {k: sorted(v) if isinstance(v, set)
-                      else v for k, v in vars(args).items()}, "seeds": per_seed, "table": table,
-                      "wall_minutes": round(minutes, 1), "provenance": provenance()}, indent=1)  # fmt: skip
+    write_json_atomic(Path(args.out), {"command": " ".join(sys.argv), "options": options(args), "seeds": per_seed,
+                      "table": table, "wall_minutes": round(minutes, 1), "provenance": provenance()},
+                      indent=1)  # fmt: skip
     return 0
 
 

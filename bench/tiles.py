@@ -24,28 +24,19 @@ resumes; the ratios of one table come from one run.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+import common
 
-from datadistill.core.types import Detections
 from datadistill.core.views import parse_views
 from datadistill.data.coco import CocoDataset, ImageLabels, load_coco, read_json, save_coco
-from datadistill.data.label_folder import read_shards, shard_detections
 from datadistill.data.synth import make_shapes
-from datadistill.runtime.io import provenance, write_json_atomic
+from datadistill.runtime.io import write_json_atomic
 from datadistill.stages.evaluate import evaluate_predictions
-from datadistill.stages.label import LabelConfig, label
+from datadistill.stages.label import LabelConfig
 from datadistill.stages.train import TrainConfig, train
-
-log = logging.getLogger("bench.tiles")
 
 # arm -> --views
 ARMS = {
@@ -56,6 +47,7 @@ ARMS = {
     "tile:3x3 alone": "tile:3x3",
 }
 REFERENCE = "default"
+SCORES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def make_data(work: Path, *, labeled: int, unlabeled: int, size_px: int, seed: int) -> dict[str, Path]:
@@ -79,17 +71,6 @@ def make_data(work: Path, *, labeled: int, unlabeled: int, size_px: int, seed: i
     return paths
 
 
-def fused_candidates(folder: Path, truth: CocoDataset) -> dict[int, Detections]:
-    """Every fused candidate of a labeling folder's shards, by image id of ``truth``."""
-    ids = {im.file_name: im.id for im in truth.images}
-    return {ids[row["file_name"]]: shard_detections(row, 0) for row in read_shards(folder).to_pylist()}
-
-
-def score(metrics: dict[str, Any]) -> dict[str, float | None]:
-    box = metrics["bbox"]
-    return {k: None if box[k] is None else round(100 * box[k], 1) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
-
-
 def format_table(results: dict[str, Any]) -> str:
     ref = results["arms"][REFERENCE]
     lines = [f"{'views':28}{'n':>4}{'AP':>7}{'AP50':>7}{'APs':>7}{'APm':>7}{'APl':>7}"
@@ -107,11 +88,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", required=True, help="results json")
-    p.add_argument("--work", default=None, help="working folder (default: OUT without .json + '_work')")
+    p = common.parser(__doc__)
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader processes decoding the teacher's images (1)")
@@ -123,24 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="teacher minibatch (8)")
     p.add_argument("--only", default=None, help="comma-separated arms (default: all; the reference always runs)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads < 1:
         p.error("--threads must be at least 1")
-    torch.set_num_threads(args.threads)
+    common.init_worker(args.threads)
     out = Path(args.out)
-    work = Path(args.work) if args.work else out.with_name(out.stem + "_work")
-    started = time.time()
-    load_start = [round(x, 2) for x in os.getloadavg()]  # other processes on the machine slow the wall time
-    seconds: dict[str, float] = {}
-
-    def timed(name: str, done: Path, run: Any) -> None:
-        if done.exists():
-            return
-        log.info("%s ...", name)
-        t0 = time.time()
-        run()
-        seconds[name] = round(time.time() - t0, 1)
-        log.info("%s: %.0f s", name, seconds[name])
+    work = common.work_folder(args)
+    started, load_start = time.time(), common.load_now()
+    stages = common.Stages()
+    timed = stages.run
 
     data: dict[str, Path] = {}
     timed("data", work / "data" / "splits.done", lambda: data.update(make_data(
@@ -166,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             model=str(teacher / "checkpoint.pt"), images=str(data["unlabeled"]), image_root=str(data["images"]),
             out=str(folder), views=views, fuse="nms", workers=0, threads=args.threads, device="cpu",
         )  # fmt: skip
-        timed(f"label {name}", folder / "manifest.complete", lambda c=label_cfg, f=folder: _label(c, f))
-        preds = fused_candidates(folder, truth)
+        timed(f"label {name}", folder / "manifest.complete", lambda c=label_cfg, f=folder: common.label_complete(c, f))
+        preds = common.fused_candidates(folder, truth)
         results["arms"][name] = {
             "views": views,
             "num_views": len(parse_views(views)),
-            "pseudo_labels": score(evaluate_predictions(truth, preds)),
+            "pseudo_labels": common.percent(evaluate_predictions(truth, preds)["bbox"], SCORES),
             "candidates_per_image": round(sum(len(d) for d in preds.values()) / max(1, len(preds)), 2),
             "label_seconds": read_json(folder / "manifest.json")["timings"]["total_s"],
         }
@@ -184,25 +151,14 @@ def main(argv: list[str] | None = None) -> int:
                        "objects_in_U": truth.num_annotations, "seed": args.seed}  # fmt: skip
     results["teacher"] = {"model": "small_fcos", "input_size": args.input_size, "iterations": args.iterations,
                           "batch_size": args.batch_size}  # fmt: skip
-    results["seconds"] = seconds
+    results["seconds"] = stages.seconds
     results["threads"], results["workers"] = args.threads, args.workers
-    results["total_seconds"] = round(time.time() - started, 1)
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    results["cpu_seconds"] = round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1)
-    results["load_average"] = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
-    results["command"] = " ".join(["python", "bench/tiles.py", *(argv if argv is not None else sys.argv[1:])])
-    results["provenance"] = provenance()
+    results.update(common.run_facts(started=started, load_start=load_start, script="tiles.py", argv=argv))
     write_json_atomic(out, results, indent=2)
     print(format_table(results))
     print(f"total {results['total_seconds'] / 60:.1f} min, {results['cpu_seconds'] / 60:.1f} CPU min (this run; stages "
           f"done earlier are not counted); load average {load_start[0]} at the start")  # fmt: skip
     return 0
-
-
-def _label(cfg: LabelConfig, folder: Path) -> None:
-    label(cfg)
-    if read_json(folder / "manifest.json").get("status") == "complete":
-        (folder / "manifest.complete").write_text("")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,16 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 def load_bench(name: str):  # noqa: ANN201 (a module)
-    """``bench/NAME.py`` as a module (``bench/`` is not a package; its scripts are loaded by path)."""
+    """``bench/NAME.py`` as a module (``bench/`` is not a package; its scripts are loaded by path, with
+    ``bench/`` on the path for the ``common`` module they share, as ``python bench/NAME.py`` has it)."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

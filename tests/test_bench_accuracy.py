@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -13,22 +12,14 @@ import pytest
 from datadistill.core.views import parse_views
 
 
-def _bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
-    spec = importlib.util.spec_from_file_location("bench_accuracy", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     ("ratio", "epochs"),
     [(0.0, 64), (0.2, 48), (0.4, 40), (0.6, 24)],  # 200 real images, batch 8: 8, 6, 5, 3 real per batch
 )
-def test_every_arm_trains_the_same_number_of_iterations(ratio: float, epochs: int) -> None:
-    bench = _bench()
+def test_every_arm_trains_the_same_number_of_iterations(
+    ratio: float, epochs: int, bench_script: Callable[[str], ModuleType]
+) -> None:
+    bench = bench_script("accuracy")
     assert bench._epochs(1600, 200, 8, ratio) == epochs
     pseudo = {0.0: 0, 0.2: 2, 0.4: 3, 0.6: 5}[ratio]
     iterations = epochs * (200 // (8 - pseudo))
@@ -39,8 +30,8 @@ def _result(ap: float) -> dict:
     return {"metrics": {"bbox": {"AP": ap}}}
 
 
-def test_summary_gap_closed_and_targets() -> None:
-    bench = _bench()
+def test_summary_gap_closed_and_targets(bench_script: Callable[[str], ModuleType]) -> None:
+    bench = bench_script("accuracy")
     results = {"supervised": _result(0.40), "single_transform": _result(0.43), "distilled": _result(0.47),
                "oracle": _result(0.55)}  # fmt: skip
     s = bench.summarize(results, "bbox")
@@ -54,8 +45,8 @@ def test_summary_gap_closed_and_targets() -> None:
     assert bench.summarize(results, "bbox")["gap_closed"] is None
 
 
-def test_arms_differ_in_one_setting_each() -> None:
-    bench = _bench()
+def test_arms_differ_in_one_setting_each(bench_script: Callable[[str], ModuleType]) -> None:
+    bench = bench_script("accuracy")
     default = bench.DEFAULT
     assert bench.MAIN["distilled"] == default
     for name, arm in bench.ABLATIONS.items():
@@ -64,8 +55,10 @@ def test_arms_differ_in_one_setting_each() -> None:
     assert len({a.selection_key() for a in bench.ABLATIONS.values() if not a.init_teacher and a.ratio == 0.4}) == 6
 
 
-def test_scheduling_trains_the_oracle_beside_the_teacher_and_labels_each_setting_once() -> None:
-    bench = _bench()
+def test_scheduling_trains_the_oracle_beside_the_teacher_and_labels_each_setting_once(
+    bench_script: Callable[[str], ModuleType],
+) -> None:
+    bench = bench_script("accuracy")
     arms = dict(bench.MAIN, **bench.ABLATIONS)
     assert [n for n, a in arms.items() if not a.needs_teacher] == ["oracle"]
     groups = bench.labeling_groups(arms)
@@ -78,12 +71,14 @@ def test_scheduling_trains_the_oracle_beside_the_teacher_and_labels_each_setting
     assert sum(len(g) for g in groups.values()) == len(set(arms.values()) - {bench.MAIN["oracle"]})
 
 
-def test_a_student_starts_as_soon_as_its_labeling_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_student_starts_as_soon_as_its_labeling_is_done(
+    monkeypatch: pytest.MonkeyPatch, bench_script: Callable[[str], ModuleType]
+) -> None:
     import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    bench = _bench()
+    bench = bench_script("accuracy")
     events: list[str] = []
     lock = threading.Lock()
 
@@ -108,11 +103,13 @@ def test_a_student_starts_as_soon_as_its_labeling_is_done(monkeypatch: pytest.Mo
     assert events.index("start label identity-nms") > events.index("end teacher supervised")
 
 
-def test_a_failed_stage_cancels_the_queued_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_stage_cancels_the_queued_ones(
+    monkeypatch: pytest.MonkeyPatch, bench_script: Callable[[str], ModuleType]
+) -> None:
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    bench = _bench()
+    bench = bench_script("accuracy")
     started: list[str] = []
 
     def stage(bench_args: dict, kind: str, name: str, arms: tuple) -> tuple[object, dict]:
@@ -130,12 +127,14 @@ def test_a_failed_stage_cancels_the_queued_ones(monkeypatch: pytest.MonkeyPatch)
     assert not [s for s in started if s.startswith("student") and s != "student oracle"]
 
 
-def test_true_keypoints_replace_the_keypoints_of_matched_pseudo_objects_only(tmp_path: Path) -> None:
+def test_true_keypoints_replace_the_keypoints_of_matched_pseudo_objects_only(
+    tmp_path: Path, bench_script: Callable[[str], ModuleType]
+) -> None:
     import json
 
     from datadistill.data.coco import load_coco
 
-    bench = _bench()
+    bench = bench_script("accuracy")
     cats = [{"id": 1, "name": "fig", "keypoints": ["a", "b"]}]
     images = [{"id": 1, "file_name": "u.png", "width": 100, "height": 100}]
     truth = {
@@ -159,12 +158,12 @@ def test_true_keypoints_replace_the_keypoints_of_matched_pseudo_objects_only(tmp
         p["bbox"] for p in pseudo["annotations"]]  # fmt: skip
 
 
-def test_stopping_the_bench_terminates_the_running_stages() -> None:
+def test_stopping_the_bench_terminates_the_running_stages(bench_script: Callable[[str], ModuleType]) -> None:
     import multiprocessing
     import time
     from concurrent.futures import ProcessPoolExecutor
 
-    bench = _bench()
+    bench = bench_script("accuracy")
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
     running = pool.submit(time.sleep, 60)
     queued = pool.submit(time.sleep, 60)
@@ -199,13 +198,15 @@ def _deaf_to_sigterm(ready: str) -> None:
     time.sleep(60)
 
 
-def test_stopping_the_bench_kills_a_worker_that_ignores_sigterm(tmp_path: Path) -> None:
+def test_stopping_the_bench_kills_a_worker_that_ignores_sigterm(
+    tmp_path: Path, bench_script: Callable[[str], ModuleType]
+) -> None:
     import multiprocessing
     import signal
     import time
     from concurrent.futures import ProcessPoolExecutor
 
-    bench = _bench()
+    bench = bench_script("accuracy")
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
     ready = tmp_path / "ready"
     pool.submit(_deaf_to_sigterm, str(ready))

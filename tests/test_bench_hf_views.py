@@ -3,9 +3,8 @@ selected and distilled, scores and ratios, resumable."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -14,18 +13,10 @@ import pytest
 pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
 
 
-def _script() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / "hf_views.py"
-    spec = importlib.util.spec_from_file_location("bench_hf_views", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tiny_bench_scores_both_arms_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _script()
+def test_tiny_bench_scores_both_arms_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bench_script: Callable[[str], ModuleType]
+) -> None:
+    bench = bench_script("hf_views")
     out = tmp_path / "hf_views.json"
     argv = ["--out", str(out), "--labeled", "8", "--unlabeled", "4", "--val", "4", "--size", "64", "--width", "8",
             "--queries", "20", "--iterations", "2", "--batch-size", "4"]  # fmt: skip

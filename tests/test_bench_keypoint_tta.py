@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -17,17 +16,9 @@ from datadistill.data.synth import make_figures
 from datadistill.models import torchvision as models
 
 
-def _script() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / "keypoint_tta.py"
-    spec = importlib.util.spec_from_file_location("bench_keypoint_tta", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_view_set_is_scored_on_the_first_images_of_u(tmp_path: Path) -> None:
+def test_every_view_set_is_scored_on_the_first_images_of_u(
+    tmp_path: Path, bench_script: Callable[[str], ModuleType]
+) -> None:
     data = tmp_path / "work" / "data"
     coco = make_figures(data, num_images=3, seed=0)
     shutil.copy(coco, data / "unlabeled_truth.json")
@@ -38,7 +29,7 @@ def test_every_view_set_is_scored_on_the_first_images_of_u(tmp_path: Path) -> No
         tmp_path / "work" / "supervised" / "checkpoint.pt", model=models.build_model(meta), meta=meta
     )
     out = tmp_path / "tta.json"
-    assert _script().main([str(tmp_path / "work"), "--images", "2", "--out", str(out)]) == 0
+    assert bench_script("keypoint_tta").main([str(tmp_path / "work"), "--images", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 2
     rows = {k: v for k, v in result.items() if isinstance(v, dict)}
@@ -49,7 +40,9 @@ def test_every_view_set_is_scored_on_the_first_images_of_u(tmp_path: Path) -> No
     assert len(boxes) == 1
 
 
-def test_a_folder_without_a_teacher_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert _script().main([str(tmp_path)]) == 2
+def test_a_folder_without_a_teacher_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, bench_script: Callable[[str], ModuleType]
+) -> None:
+    assert bench_script("keypoint_tta").main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "supervised/checkpoint.pt: not found" in err and "\n" not in err

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 
-def _script() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / "tiles.py"
-    spec = importlib.util.spec_from_file_location("bench_tiles", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tiny_bench_scores_every_arm_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _script()
+def test_tiny_bench_scores_every_arm_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bench_script: Callable[[str], ModuleType]
+) -> None:
+    bench = bench_script("tiles")
     out = tmp_path / "tiles.json"
     argv = ["--out", str(out), "--threads", "1", "--workers", "0", "--labeled", "8", "--unlabeled", "4",
             "--size", "128", "--input-size", "64", "--iterations", "2", "--batch-size", "4",
