@@ -75,17 +75,20 @@ def test_a_student_starts_as_soon_as_its_labeling_is_done(
     monkeypatch: pytest.MonkeyPatch, bench_script: Callable[[str], ModuleType]
 ) -> None:
     import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     bench = bench_script("accuracy")
     events: list[str] = []
     lock = threading.Lock()
+    single_view_student = threading.Event()
 
     def stage(bench_args: dict, kind: str, name: str, arms: tuple) -> tuple[object, dict]:
         with lock:
             events.append(f"start {kind} {name}")
-        time.sleep(0.5 if name.startswith("default-") else 0.02)  # the multi-view labeling is the slow one
+        if (kind, name) == ("student", "single_transform"):
+            single_view_student.set()
+        if name.startswith("default-"):  # the multi-view labeling is the slow one: it ends once that student runs
+            single_view_student.wait(timeout=30)
         with lock:
             events.append(f"end {kind} {name}")
         return {"stage": name}, {f"{kind} {name}": 0.0}
@@ -106,24 +109,40 @@ def test_a_student_starts_as_soon_as_its_labeling_is_done(
 def test_a_failed_stage_cancels_the_queued_ones(
     monkeypatch: pytest.MonkeyPatch, bench_script: Callable[[str], ModuleType]
 ) -> None:
-    import time
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     bench = bench_script("accuracy")
     started: list[str] = []
+    student_queued, stopped = threading.Event(), threading.Event()
+
+    class Pool(ThreadPoolExecutor):
+        """One worker, and events for what the bench does with it."""
+
+        def submit(self, fn, /, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if args[1:3] == ("student", "single_transform"):  # (bench_args, kind, name, arms)
+                student_queued.set()
+            return super().submit(fn, *args, **kwargs)
+
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+            stopped.set()
+            super().shutdown(wait, cancel_futures=cancel_futures)
 
     def stage(bench_args: dict, kind: str, name: str, arms: tuple) -> tuple[object, dict]:
         started.append(f"{kind} {name}")
         if kind == "label" and name.startswith("default-"):
-            time.sleep(0.2)
+            # The first multi-view labeling fails once the single-view labeling's student is queued; the
+            # labelings queued behind it fail once the bench has stopped the pool (the worker has taken
+            # one of them before the stop: the students are queued after every labeling).
+            (stopped if any(s.startswith("label default-") for s in started[:-1]) else student_queued).wait(30)
             raise RuntimeError(f"labeling {name} failed")
         return {}, {}
 
     monkeypatch.setattr(bench, "_stage", stage)
-    monkeypatch.setattr(bench, "ProcessPoolExecutor", lambda jobs, **_: ThreadPoolExecutor(1))
+    monkeypatch.setattr(bench, "ProcessPoolExecutor", lambda jobs, **_: Pool(1))
     with pytest.raises(RuntimeError, match="labeling .* failed"):
         bench.run_arms({}, dict(bench.MAIN, **bench.ABLATIONS), jobs=1, threads=1)
-    assert "label identity-nms" in started  # its students were queued behind the failing labelings
+    assert student_queued.is_set() and "label identity-nms" in started  # its students queued behind the failures
     assert not [s for s in started if s.startswith("student") and s != "student oracle"]
 
 

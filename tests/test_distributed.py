@@ -24,7 +24,6 @@ import pytest
 import torch
 from PIL import Image
 
-from datadistill.data.synth import make_shapes
 from datadistill.errors import UserError
 from datadistill.models import torchvision as models
 from datadistill.models.detector import model_files, single_file
@@ -155,14 +154,6 @@ def _assert_same_labels(got: Path, want: Path) -> None:
 # training
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 labeled images of 64 px: 2 steps per epoch on each of 2 ranks with 2 images each."""
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes(root, num_images=8, seed=0, size_px=SIZE_PX)
-    return root
-
-
 def _train_args(shapes: Path, out: Path) -> list[str]:
     data = str(shapes / "annotations.json")
     return ["train", "--data", data, "--images", str(shapes / "images"), "--out", str(out), "--epochs", "2",
@@ -248,17 +239,6 @@ def test_torchrun_training_writes_once_and_resumes_after_sigkill_to_the_same_wei
 
 # ---------------------------------------------------------------------------------------------------
 # labeling
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    meta = models.ModelMeta(model="small_fcos", task="boxes", class_names=("blob",), category_ids=(1,),
-                            keypoint_names=(), flip_index=(), skeleton=(), sigmas=(), min_size=SIZE_PX,
-                            max_size=SIZE_PX)  # fmt: skip
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    models.save_checkpoint(path, model=models.build_model(meta), meta=meta)
-    return path
 
 
 @pytest.fixture(scope="module")

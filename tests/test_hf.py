@@ -120,7 +120,7 @@ def write_owlvit(folder: Path, *, v2: bool = False) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def hf_shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shapes")
     synth.make_shapes(root / "labeled", num_images=8, seed=1, size_px=SIZE)
     synth.make_shapes(root / "unlabeled", num_images=6, seed=2, size_px=SIZE)
@@ -143,9 +143,11 @@ def _train_cfg(data: dict[str, Path], out: Path, model: str, **kw: Any) -> Train
 
 
 @pytest.fixture(scope="module")
-def teacher(shapes: dict[str, Path], models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def rtdetr_teacher(
+    hf_shapes: dict[str, Path], models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "run"
-    train(_train_cfg(shapes, out, f"hf:{models['rtdetr']}", val=str(shapes["labeled"] / "annotations.json")))
+    train(_train_cfg(hf_shapes, out, f"hf:{models['rtdetr']}", val=str(hf_shapes["labeled"] / "annotations.json")))
     return out
 
 
@@ -233,8 +235,8 @@ def test_a_detr_with_fewer_queries_than_the_data_needs_is_a_one_line_warning(
     assert 0 < len(found) <= 20
 
 
-def test_classes_map_by_name_to_the_data_sets_categories(models: dict[str, Path], shapes: dict[str, Path]) -> None:
-    data = shapes["labeled"] / "annotations.json"
+def test_classes_map_by_name_to_the_data_sets_categories(models: dict[str, Path], hf_shapes: dict[str, Path]) -> None:
+    data = hf_shapes["labeled"] / "annotations.json"
     detector = det.load_detector(hf.with_options(f"hf:{models['rtdetr']}", classes=str(data)), min_score=0.0)
     assert detector.meta.class_names == synth.SHAPE_CLASSES
     assert detector.meta.category_ids == tuple(c.id for c in load_coco(data).categories)
@@ -260,33 +262,35 @@ def test_views_label_and_fuse_an_hf_model(models: dict[str, Path]) -> None:
 # training in our loop: teacher, kill and resume, student, label, select, evaluate
 
 
-def test_teacher_trains_with_the_models_own_loss_and_writes_a_save_pretrained_folder(teacher: Path) -> None:
-    folder = teacher / hf.TRAINED_DIR
+def test_teacher_trains_with_the_models_own_loss_and_writes_a_save_pretrained_folder(rtdetr_teacher: Path) -> None:
+    folder = rtdetr_teacher / hf.TRAINED_DIR
     assert {"config.json", "model.safetensors", "preprocessor_config.json", hf.META_FILE} <= {
         p.name for p in folder.iterdir()
     }
-    assert det.trained_file(teacher) == f"hf:{folder}" and det.resolve_spec(str(teacher)) == f"hf:{folder}"
-    lines = [json.loads(line) for line in (teacher / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        det.trained_file(rtdetr_teacher) == f"hf:{folder}" and det.resolve_spec(str(rtdetr_teacher)) == f"hf:{folder}"
+    )
+    lines = [json.loads(line) for line in (rtdetr_teacher / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if line["type"] == "step"]
     assert steps and all(np.isfinite(s["loss_hf"]) and s["loss_hf"] == s["loss"] for s in steps)
     assert "bbox" in lines[-1]["val"]
     config = transformers.AutoConfig.from_pretrained(folder)
     assert tuple(config.id2label[i] for i in range(config.num_labels)) == synth.SHAPE_CLASSES  # head re-made for ours
-    loaded = det.load_detector(str(teacher))
+    loaded = det.load_detector(str(rtdetr_teacher))
     assert loaded.meta.class_names == synth.SHAPE_CLASSES and (loaded.meta.min_size, loaded.meta.max_size) == (64, 64)
     # the saved folder holds the trained weights of last.pt, and transformers reads it as is
-    state = read_checkpoint(teacher / "last.pt")["state_dict"]
+    state = read_checkpoint(rtdetr_teacher / "last.pt")["state_dict"]
     saved = transformers.AutoModelForObjectDetection.from_pretrained(folder, use_safetensors=True).state_dict()
     for key, value in saved.items():
         assert torch.equal(value, state[f"model.{key}"]), key
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(
-    shapes: dict[str, Path], models: dict[str, Path], tmp_path: Path
+    hf_shapes: dict[str, Path], models: dict[str, Path], tmp_path: Path
 ) -> None:
     spec = f"hf:{models['detr']}"
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    train(_train_cfg(shapes, whole, spec))
+    train(_train_cfg(hf_shapes, whole, spec))
     calls = 0
 
     def dies_in_epoch_3(model: Any, images: Any, targets: Any) -> Any:
@@ -297,11 +301,11 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(
         return hf.losses(model, images, targets)
 
     with pytest.raises(KeyboardInterrupt):  # the seam: the loop runs the LoopBackend it is given
-        train_loop(_train_cfg(shapes, killed, spec), dataclasses.replace(hf.LOOP, losses=dies_in_epoch_3))
+        train_loop(_train_cfg(hf_shapes, killed, spec), dataclasses.replace(hf.LOOP, losses=dies_in_epoch_3))
     assert read_checkpoint(killed / "last.pt")["extra"]["epoch"] == 2 and not (killed / hf.TRAINED_DIR).exists()
     with pytest.raises(UserError, match="already holds a training run"):
-        train(_train_cfg(shapes, killed, spec))
-    train(_train_cfg(shapes, killed, spec, resume=True))
+        train(_train_cfg(hf_shapes, killed, spec))
+    train(_train_cfg(hf_shapes, killed, spec, resume=True))
     a, b = read_checkpoint(whole / "last.pt")["state_dict"], read_checkpoint(killed / "last.pt")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # --init with the training folder starts a model from exactly its weights
@@ -316,20 +320,20 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(
 
 
 def test_label_select_student_and_evaluate(
-    teacher: Path, shapes: dict[str, Path], models: dict[str, Path], tmp_path: Path
+    rtdetr_teacher: Path, hf_shapes: dict[str, Path], models: dict[str, Path], tmp_path: Path
 ) -> None:
     labels = tmp_path / "labels"
-    manifest = json.loads(label(LabelConfig(model=str(teacher), images=str(shapes["unlabeled"] / "images"),
+    manifest = json.loads(label(LabelConfig(model=str(rtdetr_teacher), images=str(hf_shapes["unlabeled"] / "images"),
                                             out=str(labels), views=VIEWS, score_floor=0.0, batch_size=3, shard_size=4,
                                             workers=0, device="cpu", allow_weak_teacher=True)).read_text())  # fmt: skip
     assert manifest["status"] == "complete" and manifest["config"]["views"] == VIEWS.split(",")
     assert manifest["classes"]["names"] == list(synth.SHAPE_CLASSES)
     rows = read_shards(labels).to_pylist()
     assert len(rows) == 6 and sum(len(r["scores"]) for r in rows) > 0
-    pseudo = select_pseudo_labels(SelectConfig(labels=str(labels), reference=str(shapes["labeled"] / "annotations.json"),
+    pseudo = select_pseudo_labels(SelectConfig(labels=str(labels), reference=str(hf_shapes["labeled"] / "annotations.json"),
                                                out=str(tmp_path / "select" / "pseudo.json")))  # fmt: skip
     chosen = json.loads(pseudo.read_text())["annotations"]
-    truth = load_coco(shapes["labeled"] / "annotations.json")
+    truth = load_coco(hf_shapes["labeled"] / "annotations.json")
     target = round(sum(len(v.boxes) for v in truth.labels.values()) / len(truth.images) * 6)
     sel = json.loads((pseudo.parent / "selection.json").read_text())
     scores = np.concatenate([np.asarray(r["scores"], dtype=np.float32) for r in rows])
@@ -338,13 +342,13 @@ def test_label_select_student_and_evaluate(
     assert set(sel["thresholds"].values()) == {selection.count_threshold(scores, target)}
 
     student = tmp_path / "student"  # a DETR student (another architecture) on real + pseudo-labels
-    train(_train_cfg(shapes, student, f"hf:{models['detr']}", epochs=1, batch_size=5, pseudo=str(pseudo),
-                     pseudo_images=str(shapes["unlabeled"] / "images")))  # fmt: skip
+    train(_train_cfg(hf_shapes, student, f"hf:{models['detr']}", epochs=1, batch_size=5, pseudo=str(pseudo),
+                     pseudo_images=str(hf_shapes["unlabeled"] / "images")))  # fmt: skip
     config = yaml.safe_load((student / "config.yaml").read_text())
     assert config["pseudo_ratio"] == 0.4 and config["batch_size"] == 5  # 3 real + 2 pseudo per minibatch
     metrics = tmp_path / "metrics.json"
-    assert cli.main(["evaluate", "--model", str(student), "--data", str(shapes["unlabeled"] / "annotations.json"),
-                     "--images", str(shapes["unlabeled"] / "images"), "--out", str(metrics)]) == 0  # fmt: skip
+    assert cli.main(["evaluate", "--model", str(student), "--data", str(hf_shapes["unlabeled"] / "annotations.json"),
+                     "--images", str(hf_shapes["unlabeled"] / "images"), "--out", str(metrics)]) == 0  # fmt: skip
     assert 0.0 <= json.loads(metrics.read_text())["bbox"]["AP"] <= 1.0
 
 
@@ -353,9 +357,9 @@ def test_label_select_student_and_evaluate(
 
 
 def test_an_open_vocabulary_model_labels_with_prompts_in_our_category_ids(
-    models: dict[str, Path], shapes: dict[str, Path], tmp_path: Path
+    models: dict[str, Path], hf_shapes: dict[str, Path], tmp_path: Path
 ) -> None:
-    data = shapes["labeled"] / "annotations.json"
+    data = hf_shapes["labeled"] / "annotations.json"
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text("circle: [a circle, a round disc]\nsquare: a square\n")
     spec = hf.with_options(f"hf:{models['owlvit']}", classes=str(data), prompts=str(prompts))
@@ -365,7 +369,7 @@ def test_an_open_vocabulary_model_labels_with_prompts_in_our_category_ids(
     assert detector.module.class_of.tolist() == [0, 0, 1, *range(2, len(synth.SHAPE_CLASSES))]
     labels = tmp_path / "labels"
     assert cli.main(["label", "--model", f"hf:{models['owlvit']}", "--prompts", str(prompts), "--classes", str(data),
-                     "--images", str(shapes["unlabeled"] / "images"), "--out", str(labels), "--views", "identity,hflip",
+                     "--images", str(hf_shapes["unlabeled"] / "images"), "--out", str(labels), "--views", "identity,hflip",
                      "--score-floor", "0", "--batch-size", "3", "--workers", "0", "--device", "cpu",
                      "--allow-weak-teacher"]) == 0  # fmt: skip
     manifest = json.loads((labels / "manifest.json").read_text())
@@ -378,10 +382,10 @@ def test_an_open_vocabulary_model_labels_with_prompts_in_our_category_ids(
     assert json.loads(pseudo.read_text())["annotations"]
     prompts.write_text("circle: a wheel\nsquare: a square\n")  # other prompts: the folder's labels no longer fit
     with pytest.raises(UserError, match=r"labels made with another options_sha256"):
-        label(LabelConfig(model=spec, images=str(shapes["unlabeled"] / "images"), out=str(labels),
+        label(LabelConfig(model=spec, images=str(hf_shapes["unlabeled"] / "images"), out=str(labels),
                           views="identity,hflip", score_floor=0.0, batch_size=3, workers=0, device="cpu"))  # fmt: skip
     with pytest.raises(UserError, match="labels only"):
-        train(_train_cfg(shapes, tmp_path / "t", spec))
+        train(_train_cfg(hf_shapes, tmp_path / "t", spec))
     bad = tmp_path / "bad.yaml"
     bad.write_text("zebra: a zebra\n")
     with pytest.raises(UserError, match=r"prompts for 'zebra', which is not a category"):
@@ -532,7 +536,7 @@ def _ship(spec: str, folder: Path) -> str:
 
 
 def test_a_folder_and_its_option_files_ship_and_load_from_the_copies_alone(
-    models: dict[str, Path], shapes: dict[str, Path], tmp_path: Path
+    models: dict[str, Path], hf_shapes: dict[str, Path], tmp_path: Path
 ) -> None:
     source, classes, prompts = tmp_path / "owl", tmp_path / "coco.json", tmp_path / "prompts.yaml"
     shutil.copytree(models["owlvit"], source)
@@ -540,7 +544,7 @@ def test_a_folder_and_its_option_files_ship_and_load_from_the_copies_alone(
     (source / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (source / "checkpoint-5").mkdir()  # a subfolder, which from_pretrained never reads: left out
     (source / "checkpoint-5" / "optimizer.pt").write_bytes(b"large")
-    shutil.copyfile(shapes["labeled"] / "annotations.json", classes)
+    shutil.copyfile(hf_shapes["labeled"] / "annotations.json", classes)
     prompts.write_text("circle: [a circle, a round disc]\n")
     spec = hf.with_options(f"hf:{source}", classes=str(classes), prompts=str(prompts))
     names = [name for name, _ in det.model_files(spec).files]

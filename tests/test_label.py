@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,6 @@ from datadistill.stages import label as label_mod
 from datadistill.stages.label import LabelConfig, label, list_source, read_shards, shard_detections
 from datadistill.stages.label_ray import output_schema
 from datadistill.stages.multiview import label_images
-from slow_label import SCRIPT as SLOW_LABEL
 
 FLIP = (0, 2, 1, 4, 3)  # head, left_hand, right_hand, left_foot, right_foot
 
@@ -152,16 +149,6 @@ def test_asymmetric_scene_maps_back_to_the_same_place() -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    meta = _meta("boxes")
-    model = models.build_model(meta)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    models.save_checkpoint(path, model=model, meta=meta)
-    return path
-
-
-@pytest.fixture(scope="module")
 def unlabeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("unlabeled")
     rng = np.random.default_rng(0)
@@ -265,14 +252,10 @@ def test_heatmap_fusion_of_one_view_gives_the_model_keypoints(tmp_path: Path) ->
     torch.testing.assert_close(fused.keypoints[..., :2], pred.keypoints[order][..., :2], atol=1e-3, rtol=0)
 
 
-def _slow_label(args: list[str], out: Path) -> list[str]:
-    """`datadistill label` in a child process whose forward passes take 50 ms longer, so that a kill lands
-    mid-run."""
-    return [sys.executable, str(SLOW_LABEL), "0.05", "label", *args, "--out", str(out)]
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL semantics")
-def test_sigkill_then_resume_gives_the_uninterrupted_result(checkpoint: Path, tmp_path: Path) -> None:
+def test_sigkill_then_resume_gives_the_uninterrupted_result(
+    checkpoint: Path, tmp_path: Path, label_killed_after: Callable[..., int]
+) -> None:
     rng = np.random.default_rng(1)
     images = tmp_path / "imgs"
     images.mkdir()
@@ -280,19 +263,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(checkpoint: Path, tm
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
     args = ["--checkpoint", str(checkpoint), "--images", str(images), "--views", "identity,hflip,scale:0.75",
             "--batch-size", "2", "--shard-size", "3", "--workers", "0", "--device", "cpu"]  # fmt: skip
+    label_cmd = [sys.executable, "-m", "datadistill", "label", *args, "--out"]
     ref = tmp_path / "ref"
-    subprocess.run(_slow_label(args, ref), check=True, capture_output=True)
+    subprocess.run([*label_cmd, str(ref)], check=True, capture_output=True)
     killed = tmp_path / "killed"
-    for attempt in range(3):  # kill at different moments: after 1, 3 and 5 shards
-        proc = subprocess.Popen(_slow_label(args, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list((killed / "shards").glob("*.parquet"))) < 1 + 2 * attempt:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    done = len(list((killed / "shards").glob("*.parquet")))
-    assert 0 < done < 8
-    subprocess.run(_slow_label(args, killed), check=True, capture_output=True)
+    for attempt in range(3):  # killed once 1, 3 and 5 of the 8 shards are written
+        assert 1 + 2 * attempt <= label_killed_after(args, killed, 1 + 2 * attempt) < 8
+    subprocess.run([*label_cmd, str(killed)], check=True, capture_output=True)
     assert _tables(killed) == _tables(ref)
     assert not list(killed.rglob("*.tmp"))
     assert json.loads((killed / "manifest.json").read_text())["status"] == "complete"

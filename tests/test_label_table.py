@@ -47,7 +47,7 @@ def _with_crowd_and_scores(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def crowd_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 box images with crowd regions and scores; returns the json (images beside it)."""
     root = tmp_path_factory.mktemp("shapes")
     return _with_crowd_and_scores(Path(make_shapes(root, num_images=6, seed=1, size_px=SIZE_PX)))
@@ -117,9 +117,9 @@ def test_training_samples_are_the_same_from_the_json_and_from_the_label_table(
     assert any("ignore" in reference[i][1] for i in range(len(coco.images)))
 
 
-def test_a_dataloader_with_two_workers_gives_the_batches_of_none(shapes: Path, tmp_path: Path) -> None:
-    root = shapes.parent / "images"
-    coco = load_coco(shapes)
+def test_a_dataloader_with_two_workers_gives_the_batches_of_none(crowd_shapes: Path, tmp_path: Path) -> None:
+    root = crowd_shapes.parent / "images"
+    coco = load_coco(crowd_shapes)
     real = DetectionDataset(coco, root, train=True, seed=0)
     mapped = cache_label_table(open_label_table(save_label_table(coco, tmp_path / "p.parquet")), tmp_path / "cache")
     pseudo = DetectionDataset(mapped, root, train=True, seed=1)
@@ -143,8 +143,8 @@ def test_a_dataloader_with_two_workers_gives_the_batches_of_none(shapes: Path, t
             assert all(torch.equal(ta[k], tb[k]) if isinstance(ta[k], torch.Tensor) else ta[k] == tb[k] for k in ta)
 
 
-def test_a_memory_mapped_set_is_pickled_as_its_folder(shapes: Path, tmp_path: Path) -> None:
-    table = open_label_table(save_label_table(load_coco(shapes), tmp_path / "p.parquet"))
+def test_a_memory_mapped_set_is_pickled_as_its_folder(crowd_shapes: Path, tmp_path: Path) -> None:
+    table = open_label_table(save_label_table(load_coco(crowd_shapes), tmp_path / "p.parquet"))
     mapped = cache_label_table(table, tmp_path / "cache")
     remapped = mapped.with_categories(mapped.categories[::-1], np.arange(mapped.num_classes)[::-1])
     data = pickle.dumps(remapped)
@@ -162,8 +162,8 @@ def _convert(args: tuple[str, str]) -> str:
     return str(cache_label_table(open_label_table(table), cache).folder)
 
 
-def test_processes_that_convert_at_once_share_one_folder(shapes: Path, tmp_path: Path) -> None:
-    table = save_label_table(load_coco(shapes), tmp_path / "p.parquet")
+def test_processes_that_convert_at_once_share_one_folder(crowd_shapes: Path, tmp_path: Path) -> None:
+    table = save_label_table(load_coco(crowd_shapes), tmp_path / "p.parquet")
     with multiprocessing.get_context("fork").Pool(3) as pool:
         folders = pool.map(_convert, [(str(table), str(tmp_path / "cache"))] * 6)
     assert len(set(folders)) == 1
@@ -174,7 +174,7 @@ def test_processes_that_convert_at_once_share_one_folder(shapes: Path, tmp_path:
     with pytest.raises(DataError, match=r"boxes.bin holds 10 bytes"):
         open_flat_labels(folders[0])
     again = cache_label_table(open_label_table(table), tmp_path / "cache")
-    assert np.array_equal(again.boxes, FlatLabels.from_coco(load_coco(shapes)).boxes)
+    assert np.array_equal(again.boxes, FlatLabels.from_coco(load_coco(crowd_shapes)).boxes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,14 +355,14 @@ def _none(m: int) -> dict[str, np.ndarray]:
 # the checks of a student's inputs
 
 
-def test_pseudo_classes_are_matched_by_name_in_both_forms(shapes: Path, tmp_path: Path) -> None:
-    real = load_coco(shapes)
-    raw = json.loads(shapes.read_text())
+def test_pseudo_classes_are_matched_by_name_in_both_forms(crowd_shapes: Path, tmp_path: Path) -> None:
+    real = load_coco(crowd_shapes)
+    raw = json.loads(crowd_shapes.read_text())
     raw["categories"] = raw["categories"][::-1]  # same names, another order: category ids stay
     reordered = tmp_path / "reordered.json"
     reordered.write_text(json.dumps(raw))
     table = save_label_table(load_coco(reordered), tmp_path / "reordered.parquet")
-    root = str(shapes.parent / "images")
+    root = str(crowd_shapes.parent / "images")
     forms = [load_pseudo_labels(str(reordered), root, real), load_pseudo_labels(str(table), root, real),
              load_pseudo_labels(str(table), root, real, cache_dir=tmp_path / "cache")]  # fmt: skip
     for flat in forms:
@@ -372,21 +372,23 @@ def test_pseudo_classes_are_matched_by_name_in_both_forms(shapes: Path, tmp_path
 
 
 def test_pseudo_keypoints_that_differ_are_refused_for_a_label_table(
-    figures: Path, shapes: Path, tmp_path: Path
+    figures: Path, crowd_shapes: Path, tmp_path: Path
 ) -> None:
     table = save_label_table(load_coco(figures), tmp_path / "pseudo.parquet")
     with pytest.raises(
         UserError, match=r"pseudo.parquet: pseudo-label keypoints \[head, .*\] differ from the data's \[\]"
     ):
-        load_pseudo_labels(str(table), str(figures.parent / "images"), load_coco(shapes))
+        load_pseudo_labels(str(table), str(figures.parent / "images"), load_coco(crowd_shapes))
 
 
-def test_a_large_set_is_checked_on_a_sample_and_a_missing_file_named_when_read(shapes: Path, tmp_path: Path) -> None:
-    coco = load_coco(shapes)
+def test_a_large_set_is_checked_on_a_sample_and_a_missing_file_named_when_read(
+    crowd_shapes: Path, tmp_path: Path
+) -> None:
+    coco = load_coco(crowd_shapes)
     n = CHECKED_IMAGES + 500
     images = tmp_path / "images"
     images.mkdir()
-    source = shapes.parent / "images" / coco.images[0].file_name
+    source = crowd_shapes.parent / "images" / coco.images[0].file_name
     im = coco.images[0]
     with LabelTableWriter(tmp_path / "big.parquet", categories=coco.categories, num_keypoints=0) as writer:
         writer.write([f"{i:05d}.png" for i in range(n)], np.full(n, im.width), np.full(n, im.height),
@@ -432,9 +434,9 @@ def test_first_images_are_the_json_s_first_images_with_objects(tmp_path: Path, r
             assert np.array_equal(a.keypoints, b.keypoints)
 
 
-def test_an_empty_table_reads_as_no_images(tmp_path: Path, shapes: Path) -> None:
+def test_an_empty_table_reads_as_no_images(tmp_path: Path, crowd_shapes: Path) -> None:
     """select --drop-empty that keeps nothing writes a table without rows: it reads back empty, not a crash."""
-    coco = load_coco(shapes)
+    coco = load_coco(crowd_shapes)
     with LabelTableWriter(tmp_path / "pseudo.parquet", categories=coco.categories, num_keypoints=0) as writer:
         assert writer.num_images == 0
     flat = read_label_table(tmp_path / "pseudo.parquet")

@@ -21,7 +21,6 @@ import torch
 
 from datadistill.cli import main
 from datadistill.data import object_store
-from datadistill.data.coco import load_coco
 from datadistill.data.images import is_file, list_images, read_image, resolve_image_path
 from datadistill.data.synth import make_shapes
 from datadistill.errors import DataError, UserError, root_user_error
@@ -122,17 +121,6 @@ def data(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Data:
     client.put_object(Bucket=BUCKET, Key="unlabeled/../outside.png", Body=image)
     client.put_object(Bucket=BUCKET, Key="unlabeled-other/000001.png", Body=image)
     return Data(labeled=root / "labeled", unlabeled=unlabeled)
-
-
-@pytest.fixture(scope="module")
-def teacher(data: Data, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained small FCOS for the shapes' classes: it finds some objects, which is all labeling needs."""
-    torch.manual_seed(0)
-    meta = models.meta_for("small_fcos", load_coco(data.labeled / "annotations.json"), min_size=SIZE_PX,
-                           max_size=SIZE_PX)  # fmt: skip
-    path = tmp_path_factory.mktemp("teacher") / "checkpoint.pt"
-    models.save_checkpoint(path, model=models.build_model(meta), meta=meta)
-    return path
 
 
 def _label(teacher: Path, images: str, out: Path, *extra: str) -> list[str]:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,6 @@ from datadistill.runtime.devices import autocast, resolve_precision
 from datadistill.stages.evaluate import evaluate_predictions
 from datadistill.stages.label import LabelConfig, label
 from datadistill.stages.train import TrainConfig, train
-from slow_label import SCRIPT as SLOW_LABEL
 
 CPU = torch.device("cpu")
 SIZE_PX = 128  # at 64 px, CPU bf16 backward of the 1x1 P7 map gives NaN weight gradients (torch 2.14, oneDNN)
@@ -82,7 +80,7 @@ def test_fp16_on_a_cpu_is_refused_by_every_command_in_one_line(command: str, tmp
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def shapes_128(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Labeled shapes (``train``) and held-back ones (``held``, whose labels score the pseudo-labels)."""
     root = tmp_path_factory.mktemp("shapes")
     make_shapes(root / "train", num_images=32, seed=0, size_px=SIZE_PX)
@@ -98,9 +96,9 @@ def _train_cfg(data: Path, out: Path, **kw: object) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def teacher(shapes: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fp32_teacher(shapes_128: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small_fcos trained in fp32 for 240 iterations: good enough that its labels have an AP to compare."""
-    return train(_train_cfg(shapes["train"], tmp_path_factory.mktemp("runs") / "teacher", precision="fp32"))
+    return train(_train_cfg(shapes_128["train"], tmp_path_factory.mktemp("runs") / "teacher", precision="fp32"))
 
 
 def _steps(out: Path) -> list[dict]:
@@ -108,8 +106,10 @@ def _steps(out: Path) -> list[dict]:
     return [r for r in lines if r["type"] == "step"]
 
 
-def test_bf16_training_steps_give_finite_losses_close_to_fp32(shapes: dict[str, Path], tmp_path: Path) -> None:
-    runs = {p: train(_train_cfg(shapes["train"], tmp_path / p, iterations=12, precision=p)) for p in ("fp32", "bf16")}
+def test_bf16_training_steps_give_finite_losses_close_to_fp32(shapes_128: dict[str, Path], tmp_path: Path) -> None:
+    runs = {
+        p: train(_train_cfg(shapes_128["train"], tmp_path / p, iterations=12, precision=p)) for p in ("fp32", "bf16")
+    }
     fp32, bf16 = (_steps(runs[p]) for p in ("fp32", "bf16"))
     assert len(bf16) == len(fp32) == 12
     assert all(math.isfinite(r["loss"]) for r in bf16)
@@ -126,11 +126,13 @@ def _pseudo_label_ap(folder: Path, truth: CocoDataset) -> float:
     return 100 * metrics["bbox"]["AP"]
 
 
-def test_bf16_labels_are_within_half_a_point_of_fp32(teacher: Path, shapes: dict[str, Path], tmp_path: Path) -> None:
-    truth = load_coco(shapes["held"] / "annotations.json")
+def test_bf16_labels_are_within_half_a_point_of_fp32(
+    fp32_teacher: Path, shapes_128: dict[str, Path], tmp_path: Path
+) -> None:
+    truth = load_coco(shapes_128["held"] / "annotations.json")
     ap = {}
     for p in ("fp32", "bf16"):
-        label(LabelConfig(model=str(teacher), images=str(shapes["held"] / "images"), out=str(tmp_path / p),
+        label(LabelConfig(model=str(fp32_teacher), images=str(shapes_128["held"] / "images"), out=str(tmp_path / p),
                           views="default", batch_size=8, workers=0, device="cpu", precision=p))  # fmt: skip
         ap[p] = _pseudo_label_ap(tmp_path / p, truth)
     manifest = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
@@ -140,20 +142,20 @@ def test_bf16_labels_are_within_half_a_point_of_fp32(teacher: Path, shapes: dict
 
 
 def test_a_folder_labeled_in_another_precision_is_refused(
-    teacher: Path, shapes: dict[str, Path], tmp_path: Path
+    fp32_teacher: Path, shapes_128: dict[str, Path], tmp_path: Path
 ) -> None:
-    cfg = LabelConfig(model=str(teacher), images=str(shapes["held"] / "images"), out=str(tmp_path / "l"),
+    cfg = LabelConfig(model=str(fp32_teacher), images=str(shapes_128["held"] / "images"), out=str(tmp_path / "l"),
                       views="identity", workers=0, device="cpu", precision="fp32")  # fmt: skip
     label(cfg)
     with pytest.raises(UserError, match="another precision \\('fp32', now 'bf16'\\)"):
         label(LabelConfig(**{**cfg.__dict__, "precision": "bf16"}))
 
 
-def test_bf16_predictions_leave_autocast_in_fp32(teacher: Path, shapes: dict[str, Path]) -> None:
+def test_bf16_predictions_leave_autocast_in_fp32(fp32_teacher: Path, shapes_128: dict[str, Path]) -> None:
     from datadistill.models.detector import load_detector
     from datadistill.stages.multiview import predict
 
-    detector = load_detector(str(teacher), device=CPU)
+    detector = load_detector(str(fp32_teacher), device=CPU)
     image = torch.rand(3, SIZE_PX, SIZE_PX)
     (det,) = predict(detector, [image], precision="bf16")
     assert isinstance(det, Detections) and det.boxes.dtype == det.scores.dtype == torch.float32
@@ -172,37 +174,25 @@ def _random_images(root: Path, n: int) -> Path:
     return root
 
 
-def _slow_label(args: list[str], out: Path) -> list[str]:
-    """`datadistill label` in a child process whose forward passes take 20 ms longer, so that a kill lands
-    mid-run."""
-    return [sys.executable, str(SLOW_LABEL), "0.02", "label", *args, "--out", str(out)]
-
-
 def _shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("part-*.parquet"))}
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL semantics")
-def test_overlapped_loop_writes_the_plain_loops_bytes_killed_and_resumed(teacher: Path, tmp_path: Path) -> None:
+def test_overlapped_loop_writes_the_plain_loops_bytes_killed_and_resumed(
+    fp32_teacher: Path, tmp_path: Path, label_killed_after: Callable[..., int]
+) -> None:
     images = _random_images(tmp_path / "imgs", 200)
-    args = ["--model", str(teacher), "--images", str(images), "--views", "identity,hflip,scale:1.5",
+    args = ["--model", str(fp32_teacher), "--images", str(images), "--views", "identity,hflip,scale:1.5",
             "--batch-size", "4", "--shard-size", "20", "--workers", "1", "--device", "cpu"]  # fmt: skip
     plain = tmp_path / "plain"
     subprocess.run([sys.executable, "-m", "datadistill", "label", *args, "--sync", "--out", str(plain)], check=True,
                    capture_output=True)  # fmt: skip
     killed = tmp_path / "killed"
-    for attempt in range(2):  # kill after 2, then 5 shards
-        proc = subprocess.Popen(_slow_label(args, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while (
-            time.time() < deadline
-            and len(_shard_bytes(killed) if (killed / "shards").is_dir() else {}) < 2 + 3 * attempt
-        ):
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert 0 < len(_shard_bytes(killed)) < 11
-    done = subprocess.run(_slow_label(args, killed), check=True, capture_output=True)
+    for attempt in range(2):  # killed once 2, then 5 of the 11 shards are written
+        assert 2 + 3 * attempt <= label_killed_after(args, killed, 2 + 3 * attempt) < 11
+    done = subprocess.run([sys.executable, "-m", "datadistill", "label", *args, "--out", str(killed)], check=True,
+                          capture_output=True)  # fmt: skip
     assert json.loads((killed / "manifest.json").read_text())["timings"]["writer"] == "thread", done.stderr[-2000:]
     reference = _shard_bytes(plain)
     assert len(reference) == 11  # 201 files in shards of 20

@@ -30,14 +30,6 @@ SIZE_PX = 64
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 labeled images of 64 px."""
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes(root, num_images=8, seed=0, size_px=SIZE_PX)
-    return root
-
-
-@pytest.fixture(scope="module")
 def pseudo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 other images with their labels as pseudo-labels (with a score), as `select` writes them."""
     root = tmp_path_factory.mktemp("pseudo")
@@ -76,7 +68,7 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teacher(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
+def trained(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
     """A finished 2-epoch run with validation."""
     cfg = _cfg(shapes, tmp_path_factory.mktemp("runs") / "teacher", val=str(shapes / "annotations.json"))
     train(cfg)
@@ -87,13 +79,13 @@ def _lines(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_writes_checkpoints_metrics_config_and_provenance(teacher: TrainConfig) -> None:
-    out = Path(teacher.out)
+def test_training_writes_checkpoints_metrics_config_and_provenance(trained: TrainConfig) -> None:
+    out = Path(trained.out)
     for name in ("checkpoint.pt", "last.pt", "metrics.jsonl", "config.yaml", "provenance.json", "timings.json"):
         assert (out / name).is_file(), name
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["model"] == "small_fcos" and config["epochs"] == 2 and config["seed"] == 0
-    assert config["data"] == str(Path(teacher.data).resolve()) and config["lr_steps"] == [1]
+    assert config["data"] == str(Path(trained.data).resolve()) and config["lr_steps"] == [1]
 
     lines = _lines(out)
     epochs = [line for line in lines if line["type"] == "epoch"]
@@ -107,14 +99,14 @@ def test_training_writes_checkpoints_metrics_config_and_provenance(teacher: Trai
 
     _, meta, extra = models.load_checkpoint(out / "checkpoint.pt")
     assert meta.model == "small_fcos" and meta.min_size == SIZE_PX
-    assert meta.class_names == tuple(c["name"] for c in json.loads(Path(teacher.data).read_text())["categories"])
+    assert meta.class_names == tuple(c["name"] for c in json.loads(Path(trained.data).read_text())["categories"])
     last = models.read_checkpoint(out / "last.pt")["extra"]
     assert last["epoch"] == 2 and {"optimizer", "scheduler", "rng", "config"} <= set(last)
     assert "versions" in json.loads((out / "provenance.json").read_text())
 
 
 def test_student_mixes_pseudo_labels_and_starts_from_the_teacher(
-    shapes: Path, pseudo: Path, teacher: TrainConfig, tmp_path: Path
+    shapes: Path, pseudo: Path, trained: TrainConfig, tmp_path: Path
 ) -> None:
     cfg = _cfg(
         shapes,
@@ -122,7 +114,7 @@ def test_student_mixes_pseudo_labels_and_starts_from_the_teacher(
         epochs=1,
         pseudo=str(pseudo / "pseudo.json"),
         pseudo_images=str(pseudo / "images"),
-        init=str(Path(teacher.out) / "checkpoint.pt"),
+        init=str(Path(trained.out) / "checkpoint.pt"),
     )
     train(cfg)
     steps = [line for line in _lines(tmp_path / "student") if line["type"] == "step"]
@@ -162,21 +154,21 @@ def test_default_lr_steps_follow_the_1x_schedule(epochs: int, steps: tuple[int, 
     assert default_lr_steps(epochs) == steps
 
 
-def test_resume_of_a_finished_run_changes_nothing_and_a_changed_option_is_refused(teacher: TrainConfig) -> None:
-    before = (Path(teacher.out) / "checkpoint.pt").stat().st_mtime_ns
-    train(dataclasses.replace(teacher, resume=True, workers=0, log_every=5))  # runtime options may change
-    assert (Path(teacher.out) / "checkpoint.pt").stat().st_mtime_ns == before
+def test_resume_of_a_finished_run_changes_nothing_and_a_changed_option_is_refused(trained: TrainConfig) -> None:
+    before = (Path(trained.out) / "checkpoint.pt").stat().st_mtime_ns
+    train(dataclasses.replace(trained, resume=True, workers=0, log_every=5))  # runtime options may change
+    assert (Path(trained.out) / "checkpoint.pt").stat().st_mtime_ns == before
     with pytest.raises(UserError, match=r"^--resume: lr is 0.02 but the run .* was started with 0.01"):
-        train(dataclasses.replace(teacher, resume=True, lr=0.02))
+        train(dataclasses.replace(trained, resume=True, lr=0.02))
     with pytest.raises(UserError, match="^--resume: epochs is 3"):
-        train(dataclasses.replace(teacher, resume=True, epochs=3))
+        train(dataclasses.replace(trained, resume=True, epochs=3))
     with pytest.raises(UserError, match="^--resume: model is 'small_frcnn'"):
-        train(dataclasses.replace(teacher, resume=True, model="small_frcnn"))
+        train(dataclasses.replace(trained, resume=True, model="small_frcnn"))
 
 
-def test_an_out_folder_with_a_run_is_refused_without_resume(teacher: TrainConfig) -> None:
+def test_an_out_folder_with_a_run_is_refused_without_resume(trained: TrainConfig) -> None:
     with pytest.raises(UserError, match="already holds a training run .*use --resume to continue it, or another --out"):
-        train(teacher)
+        train(trained)
 
 
 def test_resume_without_last_pt_is_a_one_line_error(shapes: Path, tmp_path: Path) -> None:

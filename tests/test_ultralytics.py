@@ -120,7 +120,7 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def yolo_shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shapes")
     synth.make_shapes(root / "labeled", num_images=8, seed=1, size_px=IMGSZ)
     synth.make_shapes(root / "unlabeled", num_images=5, seed=2, size_px=IMGSZ)
@@ -173,10 +173,10 @@ def pose_teacher(figures: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def detect_teacher(shapes: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def detect_teacher(yolo_shapes: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not HAVE_ULTRALYTICS:
         pytest.skip("needs the yolo extra (ultralytics)")
-    return _train(shapes, tmp_path_factory.mktemp("detect") / "teacher", "yolo:yolo11n.yaml")
+    return _train(yolo_shapes, tmp_path_factory.mktemp("detect") / "teacher", "yolo:yolo11n.yaml")
 
 
 def _label_and_select(weights: Path, data: dict[str, Path], out: Path) -> tuple[Path, dict[str, Any]]:
@@ -232,11 +232,11 @@ def test_tiny_pose_model_trains_labels_with_flip_and_scales_and_gives_pseudo_lab
 
 @needs_ultralytics
 def test_tiny_detect_model_trains_labels_and_gives_pseudo_labels(
-    detect_teacher: Path, shapes: dict[str, Path], tmp_path: Path, network: NetworkAttempts
+    detect_teacher: Path, yolo_shapes: dict[str, Path], tmp_path: Path, network: NetworkAttempts
 ) -> None:
     model = ub.load_yolo(f"yolo:{detect_teacher}")
     assert model.meta.task == "boxes" and model.meta.class_names == synth.SHAPE_CLASSES
-    pseudo, manifest = _label_and_select(detect_teacher, shapes, tmp_path)
+    pseudo, manifest = _label_and_select(detect_teacher, yolo_shapes, tmp_path)
     assert manifest["counts"]["objects"] > 0
     raw = json.loads(pseudo.read_text())
     assert raw["annotations"] and all("keypoints" not in a for a in raw["annotations"])
