@@ -72,9 +72,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 labeled images of 64 px (seed 0): ``annotations.json`` and ``images/``."""
     from datadistill.data.synth import make_shapes
 
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes(root, num_images=8, seed=0, size_px=SIZE_PX)
-    return root
+    return Path(make_shapes(tmp_path_factory.mktemp("shapes"), num_images=8, seed=0, size_px=SIZE_PX)).parent
 
 
 @pytest.fixture(scope="session")

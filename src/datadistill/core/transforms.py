@@ -173,16 +173,10 @@ class Resize(Transform):
         return Resize(self.new_height, self.new_width, self.height, self.width)
 
 
-def _check_part(t: Crop | Pad) -> None:
-    """Raise ``ValueError`` unless ``[x0, x1) x [y0, y1)`` is a non-empty part of the ``height x width`` frame."""
-    if not (0 <= t.x0 < t.x1 <= t.width and 0 <= t.y0 < t.y1 <= t.height):
-        raise ValueError(f"part ({t.x0}, {t.y0}, {t.x1}, {t.y1}) is not inside a {t.height}x{t.width} frame")
-
-
 @dataclass(frozen=True)
-class Crop(Transform):
-    """Keep ``[x0, x1) x [y0, y1)`` (integer px) of a ``height x width`` px frame: coordinates move by
-    ``-(x0, y0)``."""
+class Window(Transform):
+    """The part ``[x0, x1) x [y0, y1)`` (integer px) of a ``height x width`` px frame: what :class:`Crop`
+    keeps and :class:`Pad` puts back."""
 
     x0: int
     y0: int
@@ -192,51 +186,56 @@ class Crop(Transform):
     width: int
 
     def __post_init__(self) -> None:
-        _check_part(self)
+        if not (0 <= self.x0 < self.x1 <= self.width and 0 <= self.y0 < self.y1 <= self.height):
+            raise ValueError(
+                f"part ({self.x0}, {self.y0}, {self.x1}, {self.y1}) is not inside a {self.height}x{self.width} frame"
+            )
+
+    def _check(self, image: Tensor, size: tuple[int, int]) -> None:
+        if tuple(image.shape[-2:]) != size:
+            name = type(self).__name__
+            raise ValueError(f"{name} of a {size[0]}x{size[1]} frame got an image {tuple(image.shape[-2:])}")
+
+    def _shift(self, t: Tensor, sign: int) -> Tensor:
+        """Points ``[..., 2]`` or boxes ``[N, 4]`` moved by ``sign * (x0, y0)``."""
+        offset = [self.x0, self.y0] * (t.shape[-1] // 2)
+        return t - t.new_tensor(offset) if sign < 0 else t + t.new_tensor(offset)
+
+
+@dataclass(frozen=True)
+class Crop(Window):
+    """Keep ``[x0, x1) x [y0, y1)`` of a ``height x width`` px frame: coordinates move by ``-(x0, y0)``."""
 
     def apply_image(self, image: Tensor) -> Tensor:
-        if tuple(image.shape[-2:]) != (self.height, self.width):
-            raise ValueError(f"Crop of a {self.height}x{self.width} frame got an image {tuple(image.shape[-2:])}")
+        self._check(image, (self.height, self.width))
         return image[..., self.y0 : self.y1, self.x0 : self.x1]
 
     def apply_coords(self, coords: Tensor) -> Tensor:
-        return coords - coords.new_tensor([self.x0, self.y0])
+        return self._shift(coords, -1)
 
     def apply_box(self, boxes: Tensor) -> Tensor:
-        return boxes - boxes.new_tensor([self.x0, self.y0, self.x0, self.y0])
+        return self._shift(boxes, -1)
 
     def inverse(self) -> Pad:
         return Pad(self.x0, self.y0, self.x1, self.y1, self.height, self.width)
 
 
 @dataclass(frozen=True)
-class Pad(Transform):
+class Pad(Window):
     """Put a ``(y1 - y0) x (x1 - x0)`` px frame at ``(x0, y0)`` of a ``height x width`` px frame (zeros
     around it): coordinates move by ``+(x0, y0)``. The inverse of :class:`Crop` with the same fields."""
 
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    height: int
-    width: int
-
-    def __post_init__(self) -> None:
-        _check_part(self)
-
     def apply_image(self, image: Tensor) -> Tensor:
-        h, w = self.y1 - self.y0, self.x1 - self.x0
-        if tuple(image.shape[-2:]) != (h, w):
-            raise ValueError(f"Pad of a {h}x{w} frame got an image {tuple(image.shape[-2:])}")
+        self._check(image, (self.y1 - self.y0, self.x1 - self.x0))
         out = image.new_zeros((*image.shape[:-2], self.height, self.width))
         out[..., self.y0 : self.y1, self.x0 : self.x1] = image
         return out
 
     def apply_coords(self, coords: Tensor) -> Tensor:
-        return coords + coords.new_tensor([self.x0, self.y0])
+        return self._shift(coords, 1)
 
     def apply_box(self, boxes: Tensor) -> Tensor:
-        return boxes + boxes.new_tensor([self.x0, self.y0, self.x0, self.y0])
+        return self._shift(boxes, 1)
 
     def inverse(self) -> Crop:
         return Crop(self.x0, self.y0, self.x1, self.y1, self.height, self.width)
