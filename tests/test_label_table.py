@@ -74,7 +74,7 @@ def _flat_forms(json_path: Path, tmp_path: Path) -> dict[str, FlatLabels]:
     }
 
 
-@pytest.mark.parametrize("fixture", ["shapes", "figures"])
+@pytest.mark.parametrize("fixture", ["crowd_shapes", "figures"])
 def test_flat_forms_hold_each_images_annotations_bit_for_bit(
     fixture: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -93,7 +93,7 @@ def test_flat_forms_hold_each_images_annotations_bit_for_bit(
             assert _bits(obj.keypoints) == _bits(lab.keypoints), (name, i)
 
 
-@pytest.mark.parametrize("fixture", ["shapes", "figures"])
+@pytest.mark.parametrize("fixture", ["crowd_shapes", "figures"])
 def test_training_samples_are_the_same_from_the_json_and_from_the_label_table(
     fixture: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -415,7 +415,7 @@ def test_a_large_set_is_checked_on_a_sample_and_a_missing_file_named_when_read(
     )
 
 
-@pytest.mark.parametrize("which", ["shapes", "figures"])
+@pytest.mark.parametrize("which", ["crowd_shapes", "figures"])
 @pytest.mark.parametrize("count", [1, 3, 50])
 def test_first_images_are_the_json_s_first_images_with_objects(tmp_path: Path, request, which: str, count: int) -> None:
     json_path = request.getfixturevalue(which)
@@ -423,7 +423,7 @@ def test_first_images_are_the_json_s_first_images_with_objects(tmp_path: Path, r
     head = first_images(save_label_table(coco, tmp_path / "pseudo.parquet", chunk_images=2), count=count)
     want = [im for im in coco.images if len(coco.labels[im.id])][:count]
     assert [im.file_name for im in head.images] == [im.file_name for im in want] and len(want) == min(
-        count, 6 if which == "shapes" else 4
+        count, 6 if which == "crowd_shapes" else 4
     )
     for mine, theirs in zip(head.images, want, strict=True):
         a, b = head.labels[mine.id], coco.labels[theirs.id]
