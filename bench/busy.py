@@ -4,11 +4,11 @@
 
 Each command runs as a user runs it (``python -m datadistill ...``, threads as the defaults set them: torch's
 one per core for ``train``, one thread and two decoding workers for ``label``), alone and beside a Python
-busy loop (one core), and under two ways of waiting of torch's OpenMP threads:
+busy loop (one core), and under ways of waiting of torch's OpenMP threads:
 
-- ``spin``: libgomp's own default (a waiting thread spins before it sleeps), what datadistill did before it
-  set ``GOMP_SPINCOUNT``: torch is imported before the CLI runs, so the CLI's setting comes too late;
-- ``cli``: the CLI as it is (``python -m datadistill``: a short spin, ``GOMP_SPINCOUNT=10000``);
+- ``default``: the CLI as it is (libgomp's own default: a waiting thread spins about 300,000 rounds before
+  it sleeps);
+- ``short-spin``: ``GOMP_SPINCOUNT=10000`` (a short spin, then sleep);
 - ``passive`` (not run by default): ``OMP_WAIT_POLICY=PASSIVE``, no spin at all.
 
 Speeds: ``train``, the median it/s of its logged steps after the first (startup and the first steps left
@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 SIZE_PX = 96
 BUSY_LOOP = "while True:\n    pass\n"
 LAUNCH = {
-    "spin": [sys.executable, "-c", "import torch\nfrom datadistill.cli import main\nraise SystemExit(main())"],
-    "cli": [sys.executable, "-m", "datadistill"],
+    "default": [sys.executable, "-m", "datadistill"],
+    "short-spin": ["env", "GOMP_SPINCOUNT=10000", sys.executable, "-m", "datadistill"],
     "passive": ["env", "OMP_WAIT_POLICY=PASSIVE", sys.executable, "-m", "datadistill"],
 }
 
@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=32, help="unlabeled images of each label run")
     p.add_argument("--cap", type=float, default=150, help="seconds after which a run is stopped")
     p.add_argument("--lock", default=None, help="a file to flock during each run")
-    p.add_argument("--launch", default="spin,cli", help="which launches to compare")
+    p.add_argument("--launch", default="default,short-spin", help="which launches to compare")
     p.add_argument("--commands", default="train,label", help="which commands to measure")
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
     args = p.parse_args()

@@ -14,7 +14,6 @@ from pathlib import Path
 from datadistill import __version__
 from datadistill.config import PRECISIONS
 from datadistill.errors import UserError, bounded_line
-from datadistill.runtime.threads import set_thread_waits
 
 log = logging.getLogger("datadistill")
 
@@ -707,7 +706,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    set_thread_waits()  # before any command imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
