@@ -434,5 +434,10 @@ def test_review_refuses_a_reference_with_a_control_character_in_a_class_name(bas
     raw["categories"][0]["name"] = "ring\x1b"
     reference = _export(tmp_path, raw)
     args = ("review", "--labels", tmp_path / "labels", "--reference", reference, "--top", "1", "--out", tmp_path / "r")
+    # the labeling folder's manifest is read first and refused for the same name; the reference alone below
+    error_line(cli(*args), "manifest.json", "holds control characters", "\\x1b")
+    assert not (tmp_path / "r").exists()
+    manifest["classes"] = {"names": ["ring", "b"]}
+    write_json_atomic(tmp_path / "labels" / "manifest.json", manifest)
     error_line(cli(*args), str(reference), "category 1: 'name' 'ring\\x1b' holds control characters")
     assert not (tmp_path / "r").exists()
