@@ -30,7 +30,7 @@ from datadistill.config import (
 )
 from datadistill.errors import UserError
 from datadistill.layout import RunLayout
-from datadistill.runtime.io import provenance, write_json_atomic, write_text_atomic
+from datadistill.runtime.io import provenance, remove_killed_temporaries, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +286,7 @@ def run(cfg: RunConfig, *, base: Path, out: str | Path) -> RunResult:
     _check_data(cfg, base)
     layout = RunLayout(Path(out))
     layout.root.mkdir(parents=True, exist_ok=True)
-    for tmp in layout.root.rglob(".*.tmp"):  # what write_atomic left when an earlier run was killed
-        tmp.unlink(missing_ok=True)
+    remove_killed_temporaries(layout.root)  # what an earlier, killed run left
     _record_config(layout, cfg, base)
     stages = _Stages(seconds={})
     teacher_model = cfg.teacher.model

@@ -303,3 +303,20 @@ def test_bounded_line(text: str, expected: str) -> None:
     from datadistill.errors import bounded_line
 
     assert bounded_line(text) == expected
+
+
+def test_a_killed_runs_temporary_files_and_folders_are_removed(tmp_path: Path) -> None:
+    """``run`` resumes over what a kill left: write_atomic's ``.NAME.*.tmp`` files and the label table's
+    conversion folder ``.flat-labels/.NAME.PID.tmp/`` (a folder: unlinking it failed the resumed run)."""
+    from datadistill.runtime.io import remove_killed_temporaries
+
+    folder = tmp_path / "run" / "round-1" / "student" / ".flat-labels" / ".0d76-v1.27260.tmp"
+    folder.mkdir(parents=True)
+    (folder / "boxes.bin").write_bytes(b"x" * 10)
+    (tmp_path / "run" / ".report.html.abc.tmp").write_text("partial")
+    kept = [tmp_path / "run" / "report.html", tmp_path / "run" / ".hidden", tmp_path / "run" / "round-1" / "x.tmp"]
+    for path in kept:
+        path.write_text("keep")
+    remove_killed_temporaries(tmp_path / "run")
+    assert not folder.exists() and not (tmp_path / "run" / ".report.html.abc.tmp").exists()
+    assert all(p.read_text() == "keep" for p in kept)

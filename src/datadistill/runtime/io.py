@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -86,6 +87,16 @@ def remove_temporaries(folder: str | os.PathLike[str], names: tuple[str, ...]) -
     killed process leaves them behind; a resumed stage calls this before it writes those files again."""
     for name in names:
         for tmp in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def remove_killed_temporaries(root: str | os.PathLike[str]) -> None:
+    """Delete every ``.*.tmp`` below ``root``: the files of :func:`write_atomic` and the folders of a
+    conversion (``.flat-labels/.NAME.PID.tmp/``) that a killed run left behind."""
+    for tmp in sorted(Path(root).rglob(".*.tmp"), reverse=True):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             tmp.unlink(missing_ok=True)
 
 
