@@ -1,15 +1,20 @@
 """A busy machine: how much slower ``train`` and ``label`` run beside a process that takes one core.
 
-    python bench/busy.py [--iterations 60] [--images 32] [--cap 150] [--lock /tmp/dd/cpu.lock] [--out busy.json]
+    python bench/busy.py [--iterations 200] [--launch fixed,default] [--images 32] [--cap 150] \
+        [--lock /tmp/dd/cpu.lock] [--out busy.json]
 
-Each command runs as a user runs it (``python -m datadistill ...``, threads as the defaults set them: torch's
-one per core for ``train``, one thread and two decoding workers for ``label``), alone and beside a Python
-busy loop (one core), and under ways of waiting of torch's OpenMP threads:
+Each command runs as a user runs it (``python -m datadistill ...``), alone and beside a Python busy loop
+(one core), in these launches (``--launch``):
 
-- ``default``: the CLI as it is (libgomp's own default: a waiting thread spins about 300,000 rounds before
-  it sleeps);
-- ``short-spin``: ``GOMP_SPINCOUNT=10000`` (a short spin, then sleep);
-- ``passive`` (not run by default): ``OMP_WAIT_POLICY=PASSIVE``, no spin at all.
+- ``default``: the CLI as it is: ``train`` without ``--threads`` keeps torch's threads at the cores other
+  processes leave free (:mod:`datadistill.runtime.threads`); ``label`` runs one thread and two decoding
+  workers;
+- ``fixed``: ``train --threads <cores>``, torch's one thread per core whatever the load (the default
+  before the thread governor);
+- ``one-thread``: ``OMP_NUM_THREADS=1``;
+- ``short-spin``: ``GOMP_SPINCOUNT=10000`` (libgomp's waiting threads spin about 300,000 rounds before they
+  sleep by default; this spins briefly, then sleeps);
+- ``passive``: ``OMP_WAIT_POLICY=PASSIVE``, no spin at all.
 
 Speeds: ``train``, the median it/s of its logged steps after the first (startup and the first steps left
 out); ``label``, images/s of its labeling loop (the manifest's ``images_per_s``). A run still going after
@@ -37,11 +42,15 @@ import pyarrow.parquet as pq
 
 SIZE_PX = 96
 BUSY_LOOP = "while True:\n    pass\n"
-LAUNCH = {
-    "default": [sys.executable, "-m", "datadistill"],
-    "short-spin": ["env", "GOMP_SPINCOUNT=10000", sys.executable, "-m", "datadistill"],
-    "passive": ["env", "OMP_WAIT_POLICY=PASSIVE", sys.executable, "-m", "datadistill"],
+# name: (environment, extra `train` arguments)
+LAUNCH: dict[str, tuple[dict[str, str], list[str]]] = {
+    "default": ({}, []),
+    "fixed": ({}, ["--threads", str(os.cpu_count() or 1)]),
+    "short-spin": ({"GOMP_SPINCOUNT": "10000"}, []),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
+    "one-thread": ({"OMP_NUM_THREADS": "1"}, []),
 }
+CLI = [sys.executable, "-m", "datadistill"]
 
 
 @contextlib.contextmanager
@@ -78,10 +87,11 @@ def make_data(work: Path, images: int) -> tuple[Path, Path]:
     return work / "shapes", work / "unlabeled" / "images"
 
 
-def run(cmd: list[str], cap: float) -> float:
-    """Seconds ``cmd`` ran (stopped after ``cap``)."""
+def run(cmd: list[str], cap: float, env: dict[str, str]) -> float:
+    """Seconds ``cmd`` ran with ``env`` added to the environment (stopped after ``cap``)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})  # fmt: skip
     try:
         _, err = proc.communicate(timeout=cap)
         if proc.returncode != 0:
@@ -92,20 +102,22 @@ def run(cmd: list[str], cap: float) -> float:
     return time.perf_counter() - started
 
 
-def train_speed(launch: list[str], shapes: Path, out: Path, *, iterations: int, cap: float) -> float:
-    cmd = [*launch, "train", "--data", str(shapes / "annotations.json"), "--images", str(shapes / "images"),
+def train_speed(launch: str, shapes: Path, out: Path, *, iterations: int, cap: float) -> float:
+    env, extra = LAUNCH[launch]
+    cmd = [*CLI, "train", *extra, "--data", str(shapes / "annotations.json"), "--images", str(shapes / "images"),
            "--out", str(out), "--iterations", str(iterations), "--batch-size", "4", "--min-size", str(SIZE_PX),
            "--max-size", str(SIZE_PX), "--log-every", "5", "--device", "cpu"]  # fmt: skip
-    run(cmd, cap)
+    run(cmd, cap, env)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
     speeds = [line["it_s"] for line in lines if line["type"] == "step"][1:]
     return statistics.median(speeds) if speeds else 0.0
 
 
-def label_speed(launch: list[str], checkpoint: Path, images: Path, out: Path, *, cap: float) -> float:
-    cmd = [*launch, "label", "--model", str(checkpoint), "--images", str(images), "--out", str(out), "--device",
+def label_speed(launch: str, checkpoint: Path, images: Path, out: Path, *, cap: float) -> float:
+    env, _ = LAUNCH[launch]  # label's own default is one thread
+    cmd = [*CLI, "label", "--model", str(checkpoint), "--images", str(images), "--out", str(out), "--device",
            "cpu", "--shard-size", "8", "--allow-weak-teacher"]  # fmt: skip
-    seconds = run(cmd, cap)
+    seconds = run(cmd, cap, env)
     manifest = json.loads((out / "manifest.json").read_text())
     if manifest["status"] == "complete":
         return manifest["timings"]["images_per_s"]
@@ -115,11 +127,11 @@ def label_speed(launch: list[str], checkpoint: Path, images: Path, out: Path, *,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=60, help="training iterations of each train run")
+    p.add_argument("--iterations", type=int, default=200, help="training iterations of each train run")
     p.add_argument("--images", type=int, default=32, help="unlabeled images of each label run")
     p.add_argument("--cap", type=float, default=150, help="seconds after which a run is stopped")
     p.add_argument("--lock", default=None, help="a file to flock during each run")
-    p.add_argument("--launch", default="default,short-spin", help="which launches to compare")
+    p.add_argument("--launch", default="fixed,default", help=f"which launches to compare ({','.join(LAUNCH)})")
     p.add_argument("--commands", default="train,label", help="which commands to measure")
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
     args = p.parse_args()
@@ -132,7 +144,7 @@ def main() -> None:
             for load in ("alone", "busy"):
                 out = work / f"train-{launch}-{load}"
                 with locked(args.lock), busy(load == "busy"):
-                    speed = train_speed(LAUNCH[launch], shapes, out, iterations=args.iterations, cap=args.cap)
+                    speed = train_speed(launch, shapes, out, iterations=args.iterations, cap=args.cap)
                 results[f"train {launch} {load}"] = speed
                 if checkpoint is None and (out / "checkpoint.pt").exists():
                     checkpoint = out / "checkpoint.pt"
@@ -141,7 +153,7 @@ def main() -> None:
         for launch in args.launch.split(",") if "label" in args.commands else ():
             for load in ("alone", "busy"):
                 with locked(args.lock), busy(load == "busy"):
-                    speed = label_speed(LAUNCH[launch], checkpoint, unlabeled, work / f"label-{launch}-{load}",
+                    speed = label_speed(launch, checkpoint, unlabeled, work / f"label-{launch}-{load}",
                                         cap=args.cap)  # fmt: skip
                 results[f"label {launch} {load}"] = speed
                 print(f"label {launch} {load}: {speed:.2f} images/s", flush=True)

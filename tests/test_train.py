@@ -94,6 +94,7 @@ def test_training_writes_checkpoints_metrics_config_and_provenance(trained: Trai
     assert len(steps) == 4  # 8 images / batch 4 = 2 iterations per epoch, logged every iteration
     for line in steps:
         assert {"loss", "lr", "it_s", "classification", "bbox_regression"} <= set(line)
+        assert 1 <= line["threads"] <= torch.get_num_threads()  # the governor's count (fewer on a busy machine)
     for line in epochs:
         assert "AP" in line["val"]["bbox"] and line["loss"] > 0
 

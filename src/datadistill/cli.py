@@ -175,7 +175,8 @@ TRAIN_HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "precision": PRECISION_HELP,
     "seed": "random seed of everything",
-    "threads": "torch threads of this process (0: one per core)",
+    "threads": "torch threads of this process (0: one per core that other processes leave free, followed "
+    "during the run; give N for bit-identical reruns)",
     "workers": "DataLoader worker processes (1 thread each)",
     "min_size": "input size (short side, px; imgsz of yolo: models); default: the model's",
     "max_size": "input size cap (long side, px); default: the model's",

@@ -61,8 +61,10 @@ class TrainConfig:
     ``save_every``: epochs between writes of ``last.pt`` (None: every epoch, or every ~50 iterations when
     epochs are shorter: a handful of labeled images makes epochs of one iteration).
     ``resume``: continue from ``out/last.pt``. ``device``: ``"auto"`` (cuda if available), ``"cpu"``,
-    ``"cuda"`` or ``"cuda:N"``. ``threads``: torch CPU threads of the training process (0: torch's default,
-    one per core); DataLoader worker processes always run one thread each (torch sets that).
+    ``"cuda"`` or ``"cuda:N"``. ``threads``: torch CPU threads of the training process (0: one per core that
+    other processes leave free, looked at every few seconds, :mod:`datadistill.runtime.threads`; a thread
+    count changes how float sums split, so give one for bit-identical reruns); DataLoader worker processes
+    always run one thread each (torch sets that).
     ``workers``: DataLoader worker processes (0: load in the training process). ``log_every``: iterations
     between step lines in metrics.jsonl. ``max_det``: the detections per image the trained model keeps, carried
     in its checkpoint (None: twice the 99th percentile of the labeled objects per image, at least the

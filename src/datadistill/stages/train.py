@@ -95,6 +95,7 @@ from datadistill.runtime.io import (
     write_json_atomic,
     write_text_atomic,
 )
+from datadistill.runtime.threads import ThreadGovernor
 from datadistill.stages import defaults
 from datadistill.stages.evaluate import evaluate_model
 
@@ -152,6 +153,7 @@ def train_one_epoch(
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
     losses: Callable[..., dict[str, torch.Tensor]],
+    threads: ThreadGovernor | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for one pass over ``loader`` (its first ``max_iterations`` batches when given: the
     last epoch of a schedule in iterations); returns the mean of each loss and of their sum.
@@ -161,6 +163,8 @@ def train_one_epoch(
     ``precision`` (resolved: fp32, bf16 or fp16): the forward pass and losses run under autocast; the
     losses are summed in fp32, and ``scaler`` (fp16) scales the loss for the backward pass. ``losses``:
     the backend's ``losses(model, images, targets)`` (:class:`~datadistill.models.detector.LoopBackend`).
+    ``threads``: keeps torch's CPU threads at the cores other processes leave free (polled every step); each
+    step line records the thread count in use.
     """
     sums: dict[str, float] = {}
     count = 0
@@ -198,6 +202,8 @@ def train_one_epoch(
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         count += 1
+        if threads is not None:
+            threads.poll()
         terms_f = {k: float(v.detach()) for k, v in loss_terms.items()}
         for k, v in terms_f.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -214,6 +220,7 @@ def train_one_epoch(
                     "loss": value,
                     **terms_f,
                     "it_s": (count - last_count) / max(now - last_time, 1e-9),
+                    "threads": torch.get_num_threads(),
                 }
             )
             last_time, last_count = now, count
@@ -578,6 +585,15 @@ def train_loop(cfg: TrainConfig, backend: LoopBackend) -> Path:
         torch.set_num_threads(threads_before)
 
 
+def _governor(cfg: TrainConfig, device: torch.device, launch: distributed.Launch) -> ThreadGovernor | None:
+    """Torch's threads follow the free cores (:mod:`datadistill.runtime.threads`) when the user gave no
+    ``--threads``, on a CPU, in one process (torchrun ranks on a CPU are given their threads)."""
+    if cfg.threads or device.type != "cpu" or launch.distributed:
+        return None
+    governor = ThreadGovernor()
+    return governor if governor.active else None
+
+
 @contextlib.contextmanager
 def _removed_when_refused(out: Path) -> Iterator[None]:
     """A refused run leaves no trace: the memory-mapped pseudo-labels (:data:`FLAT_CACHE`) that its checks
@@ -655,7 +671,8 @@ def fit(
     try:
         run = EpochRun(cfg=cfg, inputs=inputs, net=net, model=model, loader=loader, parts=parts, sampler=sampler,
                        schedule=schedule, optimizer=optimizer, scheduler=scheduler, device=device, launch=launch,
-                       out=out, precision=precision, scaler=scaler, backend=backend)  # fmt: skip
+                       out=out, precision=precision, scaler=scaler, backend=backend,
+                       threads=_governor(cfg, device, launch))  # fmt: skip
         val_metrics = run_epochs(run, progress, metrics)
     finally:
         if metrics is not None:
@@ -687,6 +704,7 @@ class EpochRun:
     backend: LoopBackend  # the model's losses, detector, files
     precision: str = "fp32"  # resolved: fp32, bf16 or fp16
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler (disabled otherwise)
+    threads: ThreadGovernor | None = None  # torch's CPU threads follow the free cores (no --threads given)
 
 
 def run_epochs(run: EpochRun, progress: Progress, metrics: MetricsFile | None) -> dict[str, Any] | None:
@@ -706,7 +724,7 @@ def run_epochs(run: EpochRun, progress: Progress, metrics: MetricsFile | None) -
             log_every=cfg.log_every, clip_grad_norm=cfg.clip_grad_norm,
             record=metrics.write if metrics is not None else _discard, progress=run.launch.is_main,
             max_iterations=schedule.steps_in(epoch), precision=run.precision, scaler=run.scaler,
-            losses=run.backend.losses,
+            losses=run.backend.losses, threads=run.threads,
         )  # fmt: skip
         stats = distributed.mean_over_ranks(stats)
         train_s = time.perf_counter() - t0
