@@ -277,6 +277,10 @@ LABEL_HELP = {
     "ray_address": "with --engine ray: a running Ray cluster to join (default: start one on this machine)",
     "max_det": "detections per image and view the teacher keeps (default: what its checkpoint records: twice the "
     "99th percentile of its labeled objects per image, at least the library's 100)",
+    "decode": "where JPEGs are decoded: auto (on the device if it is a GPU, else cpu), cpu (PIL, in the --workers) "
+    "or device (torchvision's decode_jpeg on --device, one call per batch; other formats and files it refuses by "
+    "PIL; --engine ray: cpu); a folder resumes only with the decoder it was made with",
+    "compile": "torch.compile the model's backbone (off by default until measured)",
 }
 
 

@@ -173,13 +173,19 @@ class TrainConfig:
 # the label stage's options
 
 
+# Where ``label`` decodes JPEGs: auto (on the device where it is a GPU, else cpu), cpu (PIL, in the DataLoader
+# workers) or device (torchvision's decode_jpeg on the labeling device, batched; other images as cpu).
+DECODES = ("auto", "cpu", "device")
+
+
 @dataclass(frozen=True, kw_only=True)
 class LabelOptions:
     """The options of ``datadistill label`` that a run config's ``label`` section sets too (one place for their
     defaults: :class:`LabelConfig` and :class:`LabelSection` are built on it). ``views``: ``auto`` (the default
     views, plus tiles where the teacher's labeled data calls for them: :mod:`datadistill.stages.defaults`) or a
     comma list of views. ``max_det``: the detections per image and view the teacher keeps (None: read from the
-    data it was trained on, :func:`datadistill.models.detector.resolve_max_det`)."""
+    data it was trained on, :func:`datadistill.models.detector.resolve_max_det`). ``decode``: where JPEGs are
+    decoded (:data:`DECODES`: ``auto`` on the device where it is a GPU, else by the DataLoader workers)."""
 
     views: str = "auto"
     fuse: str = "nms"
@@ -189,6 +195,7 @@ class LabelOptions:
     batch_size: int = 8
     shard_size: int = 1000
     max_det: int | None = None
+    decode: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,7 +207,7 @@ class LabelConfig(LabelOptions):
     Data pipeline; ``ray_address`` joins a running cluster, None starts one on this machine).
     ``model``: the model spec of the teacher (:func:`datadistill.models.detector.load_detector`: a
     checkpoint, a training output folder, ``yolo:PATH.pt``); ``checkpoint`` is the same option under its
-    former name. Give one of them.
+    former name. Give one of them. ``compile``: ``torch.compile`` the teacher's backbone (off until measured).
     """
 
     images: str
@@ -219,6 +226,7 @@ class LabelConfig(LabelOptions):
     world_size: int = 1
     engine: str = "local"
     ray_address: str | None = None
+    compile: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ import os
 import posixpath
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +132,13 @@ def _unreadable(path: str | os.PathLike[str], exc: BaseException) -> DataError:
     return DataError(f"{path}: not a readable image ({reason})")
 
 
-def _opened(path: str | os.PathLike[str]) -> str | os.PathLike[str] | io.BytesIO:
-    """What PIL opens: a local path, or an object's bytes (read whole: objects are fetched, not seeked)."""
+def _opened(path: str | os.PathLike[str], data: bytes | None = None) -> str | os.PathLike[str] | io.BytesIO:
+    """What PIL opens: a local path, or an object's bytes (read whole: objects are fetched, not seeked);
+    ``data``, the file's bytes when they were read already."""
+    if data is not None:
+        if not data:
+            raise DataError(f"{path}: not a readable image (empty file)")
+        return io.BytesIO(data)
     if not is_uri(path):
         return path
     data = object_store.read_object(str(path))
@@ -182,14 +188,123 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
+def read_image(path: str | os.PathLike[str], *, data: bytes | None = None) -> torch.Tensor:
     """Decode an image to a ``[3, H, W]`` uint8 RGB tensor, EXIF orientation applied.
 
     Raises DataError (one line, naming the file) for missing, empty, truncated, non-image or
-    oversized files.
+    oversized files. ``data``: the file's bytes, when they were read already (not read again).
     """
-    with _decoding(path), Image.open(_opened(path)) as img:
+    with _decoding(path), Image.open(_opened(path, data)) as img:
         img.load()
         rgb = _to_rgb(ImageOps.exif_transpose(img))
         arr = np.asarray(rgb, dtype=np.uint8).copy()
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# JPEGs decoded elsewhere (on the device): the bytes read and checked here, decoded in a batch there
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# What a JPEG's pixels may be for torchvision's decoder to take it: PIL decodes the rest (CMYK, MPO...).
+_DEVICE_MODES = frozenset({"RGB", "L"})
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG file's bytes, checked as :func:`read_image` checks a file before it decodes it (a safe name,
+    PIL's pixel limit, a header PIL reads), for :func:`decode_jpegs` to decode elsewhere (on the device).
+    ``orientation``: its EXIF orientation (1..8, 1: as stored); ``height``, ``width``: px as displayed."""
+
+    path: str
+    data: bytes
+    orientation: int
+    height: int
+    width: int
+
+
+def read_encoded(path: str | os.PathLike[str]) -> torch.Tensor | EncodedJpeg:
+    """A JPEG of RGB or grayscale pixels as its checked bytes (:class:`EncodedJpeg`); any other image
+    decoded by :func:`read_image` here (a ``[3, H, W]`` uint8 tensor). The same DataErrors as
+    :func:`read_image` for a file that cannot be read or whose header is refused; a JPEG whose data turn
+    out broken is refused when it is decoded (:func:`decode_jpegs` hands it back to :func:`read_image`)."""
+    with _decoding(path):
+        if is_uri(path):
+            data = object_store.read_object(str(path))
+        else:
+            with open(path, "rb") as f:
+                if f.read(len(_JPEG_MAGIC)) != _JPEG_MAGIC:
+                    return read_image(path)  # not a JPEG: today's decoder, from the file
+                f.seek(0)
+                data = f.read()
+    if not data.startswith(_JPEG_MAGIC):
+        return read_image(path, data=data)
+    with _decoding(path), Image.open(io.BytesIO(data)) as img:  # the header only: size, mode, EXIF
+        fmt, mode, (width, height) = img.format, img.mode, img.size
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    if fmt != "JPEG" or mode not in _DEVICE_MODES or orientation not in range(1, 9):  # a value PIL would ignore, too
+        return read_image(path, data=data)
+    if orientation in _SWAPPING_ORIENTATIONS:
+        width, height = height, width
+    return EncodedJpeg(path=str(path), data=data, orientation=orientation, height=height, width=width)
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """An image ``[..., H, W]`` as stored, turned as its EXIF ``orientation`` (1..8) says it is displayed:
+    the pixels of PIL's :func:`~PIL.ImageOps.exif_transpose`, on any device."""
+    if orientation == 1:
+        return image
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return image.transpose(-2, -1).flip(-1)
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return image.transpose(-2, -1).flip(-2)
+    raise ValueError(f"EXIF orientation must be in 1..8, got {orientation}")
+
+
+def decode_jpegs(encoded: Sequence[EncodedJpeg], *, device: torch.device | str) -> list[torch.Tensor | None]:
+    """Each JPEG decoded to a ``[3, H, W]`` uint8 RGB tensor on ``device`` (grayscale as three equal
+    channels, EXIF orientation applied), by torchvision's ``decode_jpeg`` in one batched call (nvJPEG on a
+    GPU, libjpeg on the CPU); None for a file it refuses or warns about (the batched call refused, each is
+    decoded alone to find which): decode that one with :func:`read_image` (``data=``), which gives its
+    DataError or, where PIL reads it, its pixels."""
+    if not encoded:
+        return []
+    device = torch.device(device)
+    decoded: list[torch.Tensor | None] | None = _decode_jpegs([e.data for e in encoded], device=device)  # type: ignore[assignment]
+    if decoded is None:
+        decoded = [(alone or [None])[0] for alone in (_decode_jpegs([e.data], device=device) for e in encoded)]
+    return [
+        None if image is None or tuple(image.shape) != (3, *_stored_size(e)) else orient(image, e.orientation)
+        for e, image in zip(encoded, decoded, strict=True)
+    ]
+
+
+def _stored_size(e: EncodedJpeg) -> tuple[int, int]:
+    """``(H, W)`` px of the pixels as stored (before the EXIF orientation turns them)."""
+    return (e.width, e.height) if e.orientation in _SWAPPING_ORIENTATIONS else (e.height, e.width)
+
+
+def _decode_jpegs(datas: list[bytes], *, device: torch.device) -> list[torch.Tensor] | None:
+    """torchvision's ``decode_jpeg`` of every JPEG in one call, or None when it raises or warns (libjpeg's
+    warnings are about damaged data: PIL has the last word on those files)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        except (RuntimeError, ValueError):
+            return None
+    if any(not issubclass(w.category, DeprecationWarning) for w in caught):  # torchvision's own notice aside
+        return None
+    return list(images)

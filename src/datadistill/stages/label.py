@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datadistill.config import LabelConfig
+from datadistill.config import DECODES, LabelConfig
 from datadistill.core.views import View, parse_views
 from datadistill.data.coco import read_json
 from datadistill.data.label_folder import (
@@ -50,8 +50,16 @@ from datadistill.runtime.devices import resolve_device, resolve_precision
 from datadistill.runtime.io import file_sha256, provenance, remove_temporaries, write_json_atomic
 from datadistill.stages.defaults import auto_views
 from datadistill.stages.label_writer import Fusion, Job, make_writer
-from datadistill.stages.multiview import LabelTimer, label_images, run_views, unfit_reason
-from datadistill.stages.shards import ImageSource, ShardImages, collate_items, list_source, plan_batches, worker_init
+from datadistill.stages.multiview import ImageBatch, LabelTimer, label_images, load_teacher, run_views, unfit_reason
+from datadistill.stages.shards import (
+    ImageSource,
+    ShardImages,
+    collate_items,
+    decode_on_device,
+    list_source,
+    plan_batches,
+    worker_init,
+)
 
 __all__ = ["LabelConfig", "label", "list_source", "read_shards", "shard_detections"]
 
@@ -61,9 +69,10 @@ BOX_FUSIONS = ("nms", "soft-nms", "vote", "wbf")
 KEYPOINT_FUSIONS = ("heatmap", "mean")
 # What must match for a re-run to resume a folder instead of refusing it.
 RESUME_KEYS = ("checkpoint_sha256", "views", "fuse", "keypoint_fuse", "iou_thr", "score_floor", "shard_size",
-               "batch_size", "files_sha256", "precision", "options_sha256", "max_det")  # fmt: skip
-# What a folder written before a key existed was made with (every backend kept 100 detections per image).
-LEGACY_VALUES: dict[str, Any] = {"precision": "fp32", "options_sha256": None, "max_det": 100}
+               "batch_size", "files_sha256", "precision", "options_sha256", "max_det", "decoder")  # fmt: skip
+# What a folder written before a key existed was made with (every backend kept 100 detections per image; PIL
+# decoded every image).
+LEGACY_VALUES: dict[str, Any] = {"precision": "fp32", "options_sha256": None, "max_det": 100, "decoder": "cpu"}
 # Batches whose fusion and writing may wait behind the one on the device (the overlapped loop); each holds
 # its images' raw predictions on the CPU only.
 PIPELINE_DEPTH = 2
@@ -81,8 +90,9 @@ def _spec(cfg: LabelConfig) -> str:
 
 
 def _signature(
-    cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], task: str, precision: str, max_det: int
-) -> dict[str, Any]:
+    cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], task: str, precision: str, max_det: int,
+    device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
     """What a labeling folder was made with; a re-run must match its :data:`RESUME_KEYS` to resume."""
     spec = resolve_spec(_spec(cfg))  # a training folder: the file it holds
     return {
@@ -103,7 +113,30 @@ def _signature(
         "batch_size": cfg.batch_size,
         "precision": precision,
         "max_det": max_det,  # the teacher's detections per image and view
+        "decoder": decoder(cfg.decode, device),
     }
+
+
+def resolve_decode(requested: str, device: torch.device, *, engine: str = "local") -> str:
+    """``cpu`` or ``device`` for ``--decode`` on ``device``. ``auto``: device on a GPU, cpu elsewhere (on a
+    CPU the DataLoader workers decode beside the model; the main process would decode in its way). The Ray
+    engine decodes in its CPU tasks: ``device`` is refused there in one line."""
+    if requested not in DECODES:
+        raise UserError(f"unknown --decode {requested!r}: choose one of {', '.join(DECODES)}")
+    if engine == "ray":
+        if requested == "device":
+            raise UserError("--decode device needs --engine local: the Ray engine decodes in its CPU tasks")
+        return "cpu"
+    if requested == "auto":
+        return "device" if device.type == "cuda" else "cpu"
+    return requested
+
+
+def decoder(decode: str, device: torch.device) -> str:
+    """What the labeling signature records of ``decode`` (resolved) on ``device``: ``cpu`` where the pixels
+    are PIL's (PIL, or torchvision's libjpeg on a CPU: the same pixels, ``tests/test_device_prep.py``), else
+    ``nvjpeg`` (a GPU's decoder may round otherwise): a resumed folder never mixes the two."""
+    return "nvjpeg" if decode == "device" and device.type == "cuda" else "cpu"
 
 
 def _options_sha256(files: tuple[Path, ...]) -> str | None:
@@ -142,6 +175,8 @@ def _check_config(cfg: LabelConfig) -> tuple[View, ...]:
         raise UserError("--engine ray runs from one process: start it without torchrun (Ray spreads the work)")
     if cfg.ray_address is not None and cfg.engine != "ray":
         raise UserError("--ray-address needs --engine ray")
+    if cfg.decode not in DECODES:
+        raise UserError(f"unknown --decode {cfg.decode!r}: choose one of {', '.join(DECODES)}")
     try:
         return parse_views(cfg.views)
     except ValueError as exc:
@@ -157,9 +192,11 @@ def _prepare_out(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
             old = {}
         differing = [k for k in RESUME_KEYS if old.get(k, LEGACY_VALUES.get(k)) != signature.get(k)]
         if differing:
+            key = differing[0]
+            hint = " (--decode cpu decodes as PIL does)" if key == "decoder" else ""
             raise UserError(
-                f"{out} holds labels made with another {differing[0]} ({old.get(differing[0])!r}, now "
-                f"{signature.get(differing[0])!r}); use another --out or --overwrite to replace them"
+                f"{out} holds labels made with another {key} ({old.get(key, LEGACY_VALUES.get(key))!r}, now "
+                f"{signature.get(key)!r}); use another --out or --overwrite to replace them{hint}"
             )
     remove_temporaries(out, ("manifest.json",))  # of writes that a kill interrupted
     if (out / "shards").is_dir():
@@ -179,7 +216,8 @@ def _load_teacher(
 ) -> tuple[Detector, LabelConfig]:
     """The teacher on ``device``, and ``cfg`` with the keypoint fusion it can do (coordinates when it gives no
     heatmaps)."""
-    detector = load(_spec(cfg), device=device, min_score=cfg.score_floor, max_det=cfg.max_det)
+    detector = load_teacher(load, _spec(cfg), device=device, min_score=cfg.score_floor, max_det=cfg.max_det,
+                            compile=cfg.compile)  # fmt: skip
     meta = detector.meta
     if meta.task == "keypoints" and cfg.keypoint_fuse == "heatmap" and not detector.has_heatmaps:
         log.warning("%s gives no keypoint heatmaps: keypoints are fused by mean (--keypoint-fuse mean)", _spec(cfg))
@@ -209,12 +247,14 @@ def label(cfg: LabelConfig, *, load: DetectorLoader = load_detector) -> Path:
     device = distributed.rank_device(resolve_device(cfg.device), launch) if cfg.engine == "local" else None
     # with Ray, the workers' devices decide; the driver's device stands in for them in the signature
     precision = resolve_precision(cfg.precision, device if device is not None else resolve_device(cfg.device))
+    cfg = replace(cfg, decode=resolve_decode(cfg.decode, device if device is not None else torch.device("cpu"),
+                                             engine=cfg.engine))  # fmt: skip
     detector, cfg = _load_teacher(cfg, views, device if device is not None else torch.device("cpu"), load)
     if (chosen := auto_views(cfg.views, spec=_spec(cfg), min_size=detector.meta.min_size,
                              max_size=detector.meta.max_size)) != cfg.views:  # fmt: skip
         cfg, views = replace(cfg, views=chosen), parse_views(chosen)  # `views: auto`, read from the teacher's data
     source = list_source(cfg.images, image_root=cfg.image_root)
-    manifest = _new_manifest(cfg, source, views, detector, precision)
+    manifest = _new_manifest(cfg, source, views, detector, precision, device or torch.device("cpu"))
     num_shards = manifest["num_shards"]
 
     def prepare() -> None:
@@ -239,7 +279,7 @@ def label(cfg: LabelConfig, *, load: DetectorLoader = load_detector) -> Path:
                 views=cfg.views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,
                 score_floor=cfg.score_floor, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
                 threads=cfg.threads, device=cfg.device, address=cfg.ray_address, precision=cfg.precision,
-                flip_index=detector.meta.flip_index, load=load, max_det=detector.max_det,
+                flip_index=detector.meta.flip_index, load=load, max_det=detector.max_det, compile=cfg.compile,
             )  # fmt: skip
         else:
             assert device is not None
@@ -268,11 +308,12 @@ def _check_found_objects(manifest_path: Path, *, score_floor: float) -> None:
 
 
 def _new_manifest(
-    cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], detector: Detector, precision: str
-) -> dict[str, Any]:
+    cfg: LabelConfig, source: ImageSource, views: tuple[View, ...], detector: Detector, precision: str,
+    device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
     """``manifest.json`` of a run in progress: the signature, the options, the classes, the shard count."""
     meta = detector.meta
-    signature = _signature(cfg, source, views, meta.task, precision, detector.max_det)
+    signature = _signature(cfg, source, views, meta.task, precision, detector.max_det, device)
     return {"format": MANIFEST_FORMAT, "version": 1, "config": signature,
             "options": asdict(cfg), "status": "running", "num_shards": source.num_shards(cfg.shard_size),
             "classes": {"names": list(meta.class_names), "category_ids": list(meta.category_ids),
@@ -334,7 +375,7 @@ def _label_local(
         start += expected[k]
     positions = [i for k in todo for i in range(expected[k])]
     loader = DataLoader(
-        ShardImages(source.root, items),
+        ShardImages(source.root, items, jpeg_bytes=cfg.decode == "device"),
         batch_sampler=batches,
         num_workers=cfg.workers,
         collate_fn=collate_items,
@@ -376,6 +417,8 @@ def _start_batch(
     row for a file that could not be read or that the detector cannot take). Keypoints fused by heatmap
     need the fused boxes for a second pass of the model, so their rows are made here."""
     meta = detector.meta
+    if cfg.decode == "device":
+        decode_on_device(batch, device)  # the JPEGs the workers left as bytes, in one call
     for b in batch:
         if b["image"] is not None:
             b["error"] = unfit_reason(detector, *b["image"].shape[-2:], views=views)
@@ -391,7 +434,7 @@ def _start_batch(
     job = Job(places=(), rows=tuple(rows), names=names, sizes=sizes)
     if not good:
         return job
-    tensors = [b["image"].to(device, non_blocking=True).float().div_(255) for b in good]
+    tensors = ImageBatch.stack([b["image"] for b in good], device=device)  # uint8 -> float once per image size
     if meta.task == "keypoints" and cfg.keypoint_fuse == "heatmap":
         fused = label_images(
             detector, tensors, views=views, fuse=cfg.fuse, keypoint_fuse=cfg.keypoint_fuse, iou_thr=cfg.iou_thr,

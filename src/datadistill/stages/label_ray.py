@@ -44,7 +44,7 @@ from datadistill.data.label_folder import TableShardWriter, detections_row, erro
 from datadistill.errors import UserError, root_user_error
 from datadistill.models.detector import DetectorLoader, ModelFiles, load_detector, model_files, write_model_files
 from datadistill.runtime.devices import resolve_precision
-from datadistill.stages.multiview import LabelTimer, label_images, unfit_reason
+from datadistill.stages.multiview import ImageBatch, LabelTimer, label_images, load_teacher, unfit_reason
 from datadistill.stages.shards import ImageSource, ShardImages, plan_batches
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ class _Labeler:
         blobs = ray.get(list(contents.values()))
         with tempfile.TemporaryDirectory(prefix="datadistill-model-") as tmp:
             write_model_files(dict(zip(contents, blobs, strict=True)), tmp)
-            self.detector = load(shipped.spec_in(tmp), device=device, min_score=settings["score_floor"],
-                                 max_det=settings["max_det"])  # fmt: skip
+            self.detector = load_teacher(load, shipped.spec_in(tmp), device=device, min_score=settings["score_floor"],
+                                         max_det=settings["max_det"], compile=settings["compile"])  # fmt: skip
         self.device = torch.device(device)
         self.precision = resolve_precision(settings["precision"], self.device)
         self.views = parse_views(settings["views"])
@@ -131,7 +131,7 @@ class _Labeler:
             timer = LabelTimer()
             results = iter(())
             if good:
-                tensors = [im.to(self.device, non_blocking=True).float().div_(255) for im in good]
+                tensors = ImageBatch.stack(good, device=self.device)
                 results = iter(label_images(self.detector, tensors, views=self.views, timer=timer,
                                             precision=self.precision, **self.fusion))  # fmt: skip
             share = {"model_s": timer.model_s / len(names), "fusion_s": timer.fusion_s / len(names)}
@@ -207,12 +207,14 @@ def label_shards(
     flip_index: tuple[int, ...] = (),
     load: DetectorLoader = load_detector,
     max_det: int | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Label ``shards`` of ``source`` into ``out/shards`` on a Ray cluster (``address``: join it; None:
     start one on this machine, and stop it at the end). Returns the timings the manifest records.
     ``flip_index``: the keypoint flip map of the driver's detector, and ``max_det`` its detections per image,
     which every actor uses. ``load``: how
-    each actor builds the detector from its copies of the model's files (a picklable function)."""
+    each actor builds the detector from its copies of the model's files (a picklable function); ``compile``:
+    ``torch.compile`` its backbone (:func:`~datadistill.stages.multiview.load_teacher`)."""
     try:
         import ray
         import ray.data
@@ -238,7 +240,7 @@ def label_shards(
         cpus = int(ray.cluster_resources().get("CPU", 1))
         settings = {"views": views, "fuse": fuse, "keypoint_fuse": keypoint_fuse, "iou_thr": iou_thr,
                     "score_floor": score_floor, "precision": precision, "flip_index": tuple(flip_index),
-                    "max_det": max_det}  # fmt: skip
+                    "max_det": max_det, "compile": compile}  # fmt: skip
         blocks = min(len(rows), max(len(shards), 4 * cpus))
         # The actors fetch the model's files themselves (a reference in a dict is not resolved by Ray), and
         # this process keeps them alive, so that a restarted actor finds them again.

@@ -6,6 +6,7 @@ heatmaps only for the boxes inside its tile)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -14,7 +15,8 @@ import torch
 from datadistill.core import fusion, uncertainty
 from datadistill.core.types import Detections, concat
 from datadistill.core.views import View
-from datadistill.models.detector import Detector
+from datadistill.errors import UserError
+from datadistill.models.detector import Detector, DetectorLoader
 from datadistill.runtime.devices import autocast
 
 
@@ -54,6 +56,88 @@ class LabelTimer:
             stop.synchronize()
             gpu += start.elapsed_time(stop) / 1000.0
         return self.cpu_model_s + gpu
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """A batch's images on one device, stacked by size so that each view is prepared in one call per size
+    (usually one size: one call). ``groups[g]``: the images of one ``H x W``, ``[B_g, 3, H, W]`` float in
+    [0, 1]; ``members[g]``: their positions in the batch, ascending. Sizes are grouped in order of first
+    appearance; :meth:`images` and :meth:`prepare` give the images back in batch order, which is the order
+    the model sees (a batch's composition changes its floating-point results: the model pads to the largest)."""
+
+    groups: tuple[torch.Tensor, ...]
+    members: tuple[tuple[int, ...], ...]
+
+    @staticmethod
+    def stack(images: Sequence[torch.Tensor], *, device: torch.device | str | None = None) -> ImageBatch:
+        """The images ``[3, H, W]`` (uint8 in 0..255, or float in [0, 1]) grouped by size, each group moved
+        to ``device`` (default: the first image's) and stacked there; a uint8 group becomes float in [0, 1]
+        in one op (the values of ``image.float().div_(255)`` image by image, bit for bit)."""
+        if not images:
+            raise ValueError("ImageBatch.stack needs at least one image")
+        for i, image in enumerate(images):
+            if image.dim() != 3:
+                raise ValueError(f"image {i} must have shape [C, H, W], got {tuple(image.shape)}")
+        where = torch.device(device) if device is not None else images[0].device
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault((int(image.shape[-2]), int(image.shape[-1])), []).append(i)
+        groups = []
+        for members in by_size.values():
+            moved = [images[i].to(where, non_blocking=True) for i in members]
+            group = moved[0][None] if len(moved) == 1 else torch.stack(moved)
+            groups.append(group.float().div_(255) if group.dtype == torch.uint8 else group)
+        return ImageBatch(groups=tuple(groups), members=tuple(tuple(m) for m in by_size.values()))
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.members)
+
+    @property
+    def device(self) -> torch.device:
+        return self.groups[0].device
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """``(height, width)`` of each image, in batch order."""
+        out: list[tuple[int, int]] = [(0, 0)] * len(self)
+        for group, members in zip(self.groups, self.members, strict=True):
+            for i in members:
+                out[i] = (int(group.shape[-2]), int(group.shape[-1]))
+        return tuple(out)
+
+    def images(self) -> list[torch.Tensor]:
+        """Each image ``[3, H, W]`` (a view into its group), in batch order."""
+        return self._in_order(self.groups)
+
+    def prepare(self, view: View) -> list[torch.Tensor]:
+        """The view's input of each image, in batch order: the view's transforms
+        (:meth:`View.transforms <datadistill.core.views.View.transforms>`: the tile's crop, the flip) applied
+        to each whole group ``[B_g, 3, H, W]`` in one call; the values of :meth:`View.prepare
+        <datadistill.core.views.View.prepare>` image by image. The scale is the model's input size."""
+        prepared = tuple(view.transforms(height=g.shape[-2], width=g.shape[-1]).apply_image(g) for g in self.groups)
+        return self._in_order(prepared)
+
+    def _in_order(self, groups: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(self)
+        for group, members in zip(groups, self.members, strict=True):
+            for image, i in zip(group.unbind(0), members, strict=True):
+                out[i] = image
+        return out  # type: ignore[return-value]
+
+
+def load_teacher(load: DetectorLoader, spec: str, *, compile: bool = False, **kwargs: Any) -> Detector:
+    """``load(spec, **kwargs)``, with ``compile=True`` where it is asked for (a loader that predates the
+    keyword, such as a benchmark's stand-in, is called as before); a loader that cannot compile is a
+    one-line UserError."""
+    if not compile:
+        return load(spec, **kwargs)
+    try:
+        return load(spec, compile=True, **kwargs)  # type: ignore[call-arg]
+    except TypeError as exc:
+        if "compile" not in str(exc):
+            raise
+        raise UserError(f"--compile: this datadistill cannot compile {spec} yet ({exc})") from None
 
 
 def unfit_reason(detector: Detector, height: int, width: int, *, views: tuple[View, ...]) -> str | None:
@@ -150,22 +234,24 @@ class ViewRows:
 
 def run_views(
     detector: Detector,
-    images: list[torch.Tensor],
+    images: Sequence[torch.Tensor] | ImageBatch,
     *,
     views: tuple[View, ...],
     precision: str = "fp32",
     timer: LabelTimer | None = None,
 ) -> ViewOutputs:
-    """Every view of each image ``[3, H, W]`` (float in [0, 1], on the model's device) through
-    ``detector``, back to back, the outputs kept on the device until one copy of them all to the CPU.
-    Nothing here waits for the GPU beyond what the model's own post-processing does."""
+    """Every view of each image ``[3, H, W]`` (float in [0, 1], on the model's device; or an
+    :class:`ImageBatch`, each view prepared in one call per image size) through ``detector``, back to back,
+    the outputs kept on the device until one copy of them all to the CPU. Nothing here waits for the GPU
+    beyond what the model's own post-processing does."""
     timer = timer or LabelTimer()
     meta = detector.meta
-    device = images[0].device
+    batch = images if isinstance(images, ImageBatch) else ImageBatch.stack(images)
+    device = batch.device
     token = timer.model_start(device)
     dets: list[Detections] = []
     for view in views:
-        prepared = [view.prepare(img) for img in images]
+        prepared = batch.prepare(view)
         with detector.input_size(*view.input_size(meta.min_size, meta.max_size)):
             dets += predict(detector, prepared, precision=precision)
     timer.model_stop(token)
@@ -181,8 +267,8 @@ def run_views(
     if device.type == "cuda":
         ready = torch.cuda.Event()
         ready.record()
-    return ViewOutputs(**packed, keypoints=keypoints, counts=tuple(len(d) for d in dets),
-                       sizes=tuple((int(im.shape[-2]), int(im.shape[-1])) for im in images), ready=ready)  # fmt: skip
+    return ViewOutputs(**packed, keypoints=keypoints, counts=tuple(len(d) for d in dets), sizes=batch.sizes,
+                       ready=ready)  # fmt: skip
 
 
 def fuse_views(
@@ -204,7 +290,7 @@ def fuse_views(
 
 def label_images(
     detector: Detector,
-    images: list[torch.Tensor],
+    images: Sequence[torch.Tensor] | ImageBatch,
     *,
     views: tuple[View, ...],
     fuse: str = "nms",
@@ -215,10 +301,10 @@ def label_images(
     precision: str = "fp32",
     flip_index: tuple[int, ...] | None = None,
 ) -> list[Detections]:
-    """Run ``detector`` on every view of each image ``[3, H, W]`` (float in [0, 1]), map the predictions
-    back to the original frame and fuse them. Returns one :class:`Detections` per image (on the CPU), with
-    ``agreement`` and keypoints (``[N, K, 3]`` x, y, score) for keypoint models; objects below
-    ``score_floor`` dropped. ``precision``: of the forward passes (resolved: fp32, bf16 or fp16).
+    """Run ``detector`` on every view of each image ``[3, H, W]`` (float in [0, 1]; or an :class:`ImageBatch`),
+    map the predictions back to the original frame and fuse them. Returns one :class:`Detections` per image
+    (on the CPU), with ``agreement`` and keypoints (``[N, K, 3]`` x, y, score) for keypoint models; objects
+    below ``score_floor`` dropped. ``precision``: of the forward passes (resolved: fp32, bf16 or fp16).
     ``flip_index``: the keypoint flip map (default: the detector's own; a Ray actor gets the driver's).
     """
     timer = timer or LabelTimer()
@@ -226,10 +312,11 @@ def label_images(
     if meta.task == "keypoints" and keypoint_fuse == "heatmap" and not detector.has_heatmaps:
         raise ValueError(f"{meta.model} gives no keypoint heatmaps: use keypoint_fuse='mean'")
     flip = meta.flip_index if flip_index is None else tuple(flip_index)
-    outputs = run_views(detector, images, views=views, precision=precision, timer=timer)
+    batch = images if isinstance(images, ImageBatch) else ImageBatch.stack(images)
+    outputs = run_views(detector, batch, views=views, precision=precision, timer=timer)
     fused = fuse_views(outputs.invert(views, flip), fuse=fuse, iou_thr=iou_thr, score_floor=score_floor, timer=timer)
     if meta.task == "keypoints" and keypoint_fuse == "heatmap":
-        fused = fuse_heatmaps(detector, images, fused, views, timer=timer, precision=precision, flip_index=flip)
+        fused = fuse_heatmaps(detector, batch.images(), fused, views, timer=timer, precision=precision, flip_index=flip)
     return fused
 
 

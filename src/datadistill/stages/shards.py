@@ -9,6 +9,7 @@ read, is the labeling folder's format: :mod:`datadistill.data.label_folder`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,16 @@ import torch
 from torch.utils.data import Dataset
 
 from datadistill.data.coco import load_coco, read_json
-from datadistill.data.images import as_image_root, is_uri, list_images, read_image, resolve_image_path
+from datadistill.data.images import (
+    EncodedJpeg,
+    as_image_root,
+    decode_jpegs,
+    is_uri,
+    list_images,
+    read_encoded,
+    read_image,
+    resolve_image_path,
+)
 from datadistill.errors import DataError, UserError
 
 
@@ -94,25 +104,50 @@ def list_source(src: str | os.PathLike[str], *, image_root: str | os.PathLike[st
 class ShardImages(Dataset):
     """Decodes images for the DataLoader workers; a broken file gives its error instead of a crash, but a
     store that cannot be read (a UserError that is no DataError: credentials, bucket, network) stops the run
-    rather than skipping every image."""
+    rather than skipping every image.
 
-    def __init__(self, root: Path | str, items: list[tuple[int, str]]) -> None:
-        self.root, self.items = root, items
+    ``jpeg_bytes``: JPEGs come back undecoded, as their checked bytes under ``"encoded"``
+    (:func:`~datadistill.data.images.read_encoded`; ``"image"`` None), for :func:`decode_on_device` to decode
+    the batch in the main process; every other image is decoded here."""
+
+    def __init__(self, root: Path | str, items: list[tuple[int, str]], *, jpeg_bytes: bool = False) -> None:
+        self.root, self.items, self.jpeg_bytes = root, items, jpeg_bytes
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         shard, name = self.items[i]
-        try:
-            image = read_image(resolve_image_path(self.root, name))
-            return {"shard": shard, "file_name": name, "image": image, "error": None}
-        except DataError as exc:
-            return {"shard": shard, "file_name": name, "image": None, "error": str(exc).split(": ", 1)[-1]}
-        except UserError:
-            raise
-        except Exception as exc:  # a decoder bug on a hostile file must not kill the run
-            return {"shard": shard, "file_name": name, "image": None, "error": f"{type(exc).__name__}: {exc}"}
+        read = read_encoded if self.jpeg_bytes else read_image
+        item = {"shard": shard, "file_name": name, "image": None, "encoded": None, "error": None}
+        found, item["error"] = _read(lambda: read(resolve_image_path(self.root, name)))
+        item["encoded" if isinstance(found, EncodedJpeg) else "image"] = found
+        return item
+
+
+def _read(read: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(what read() gives, None)``, or ``(None, the error)`` for a file that could not be read: an error
+    row names the file, its error says why."""
+    try:
+        return read(), None
+    except DataError as exc:
+        return None, str(exc).split(": ", 1)[-1]
+    except UserError:
+        raise
+    except Exception as exc:  # a decoder bug on a hostile file must not kill the run
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def decode_on_device(items: list[dict[str, Any]], device: torch.device) -> None:
+    """Decode the JPEGs that :class:`ShardImages` left as bytes (``"encoded"``) on ``device``, in one batched
+    call (:func:`~datadistill.data.images.decode_jpegs`), into each item's ``"image"`` (uint8 ``[3, H, W]``);
+    a file that decoder refuses is decoded by PIL, as the workers would have: its pixels, or its error."""
+    todo = [item for item in items if item.get("encoded") is not None]
+    for item, image in zip(todo, decode_jpegs([item["encoded"] for item in todo], device=device), strict=True):
+        encoded, item["encoded"] = item["encoded"], None
+        if image is None:
+            image, item["error"] = _read(lambda e=encoded: read_image(e.path, data=e.data))
+        item["image"] = image
 
 
 def worker_init(_: int) -> None:
