@@ -120,7 +120,9 @@ def test_run_views_gives_the_model_each_views_images_and_maps_boxes_back_as_befo
     rows = b.invert(views, ())
     # hflip: the box [1, 2, 32, 9] of a 64 px wide image is [32, 2, 63, 9] back in the original frame
     assert rows.per_view[1].boxes[0].tolist() == [32.0, 2.0, 63.0, 9.0]
-    assert torch.equal(a.boxes, b.boxes) and a.counts == b.counts and a.sizes == b.sizes == ((48, 64), (50, 60), (48, 64))
+    assert (
+        torch.equal(a.boxes, b.boxes) and a.counts == b.counts and a.sizes == b.sizes == ((48, 64), (50, 60), (48, 64))
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,7 +148,9 @@ def _jpeg(path: Path, *, mode: str = "RGB", size: tuple[int, int] = (64, 48), or
     [("RGB", 2, 1), ("RGB", 0, 1), ("RGB", 1, 1), ("L", 2, 1)] + [("RGB", 2, o) for o in range(2, 9)],
     ids=lambda v: str(v),
 )
-def test_decode_jpeg_on_the_cpu_gives_pils_pixels(tmp_path: Path, mode: str, subsampling: int, orientation: int) -> None:
+def test_decode_jpeg_on_the_cpu_gives_pils_pixels(
+    tmp_path: Path, mode: str, subsampling: int, orientation: int
+) -> None:
     """On this machine's libraries torchvision's libjpeg and PIL's give the same pixels (max difference 0),
     for 4:2:0, 4:4:4 and 4:2:2 chroma, grayscale, and every EXIF orientation (turned after decoding)."""
     path = _jpeg(tmp_path / "a.jpg", mode=mode, subsampling=subsampling, orientation=orientation)
@@ -162,9 +166,15 @@ def test_decode_jpeg_on_the_cpu_gives_pils_pixels(tmp_path: Path, mode: str, sub
 def test_orient_turns_as_pil_does() -> None:
     stored = Image.fromarray(np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3))
     tensor = torch.from_numpy(np.asarray(stored).copy()).permute(2, 0, 1)
-    methods = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-               8: Image.Transpose.ROTATE_90}  # fmt: skip  (PIL's exif_transpose)
+    methods = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }  # PIL's exif_transpose
     for orientation, method in methods.items():
         turned = torch.from_numpy(np.asarray(stored.transpose(method)).copy()).permute(2, 0, 1)
         assert torch.equal(orient(tensor, orientation), turned), orientation
@@ -305,7 +315,9 @@ def test_label_decode_device_on_the_cpu_writes_the_shards_of_pil_and_resumes_the
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["decoder"] == "cpu" and manifest["options"]["decode"] == "device"
     assert [s["file_name"] for s in manifest["skipped"]] == ["t.jpg"]
-    turned = next(r for r in pq.read_table(out / "shards" / "part-00001.parquet").to_pylist() if r["file_name"] == "4.jpg")
+    turned = next(
+        r for r in pq.read_table(out / "shards" / "part-00001.parquet").to_pylist() if r["file_name"] == "4.jpg"
+    )
     assert (turned["width"], turned["height"]) == (48, 64)  # EXIF orientation 6: displayed on its side
     (out / "shards" / "part-00001.parquet").unlink()
     label(LabelConfig(out=str(out), decode="cpu", **base), load=load)  # resumes: PIL's pixels either way
