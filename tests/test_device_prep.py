@@ -324,7 +324,7 @@ def test_label_decode_device_on_the_cpu_writes_the_shards_of_pil_and_resumes_the
     assert _shards(out) == _shards(tmp_path / "cpu")
     manifest["config"]["decoder"] = "nvjpeg"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match=r"another decoder \('nvjpeg', now 'cpu'\).*--decode cpu decodes as PIL does"):
+    with pytest.raises(UserError, match=r"another decoder \('nvjpeg', now 'cpu'\).*on a GPU with --decode device\)$"):
         label(LabelConfig(out=str(out), decode="device", **base), load=load)
 
 

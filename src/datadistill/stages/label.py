@@ -73,6 +73,9 @@ RESUME_KEYS = ("checkpoint_sha256", "views", "fuse", "keypoint_fuse", "iou_thr",
 # What a folder written before a key existed was made with (every backend kept 100 detections per image; PIL
 # decoded every image).
 LEGACY_VALUES: dict[str, Any] = {"precision": "fp32", "options_sha256": None, "max_det": 100, "decoder": "cpu"}
+# How to resume a folder made with the other decoder (the recorded one is the key).
+DECODER_HINTS = {"cpu": " (or --decode cpu, which decodes as PIL did)",
+                 "nvjpeg": " (or resume on a GPU with --decode device)"}  # fmt: skip
 # Batches whose fusion and writing may wait behind the one on the device (the overlapped loop); each holds
 # its images' raw predictions on the CPU only.
 PIPELINE_DEPTH = 2
@@ -175,8 +178,6 @@ def _check_config(cfg: LabelConfig) -> tuple[View, ...]:
         raise UserError("--engine ray runs from one process: start it without torchrun (Ray spreads the work)")
     if cfg.ray_address is not None and cfg.engine != "ray":
         raise UserError("--ray-address needs --engine ray")
-    if cfg.decode not in DECODES:
-        raise UserError(f"unknown --decode {cfg.decode!r}: choose one of {', '.join(DECODES)}")
     try:
         return parse_views(cfg.views)
     except ValueError as exc:
@@ -193,7 +194,7 @@ def _prepare_out(out: Path, signature: dict[str, Any], overwrite: bool) -> None:
         differing = [k for k in RESUME_KEYS if old.get(k, LEGACY_VALUES.get(k)) != signature.get(k)]
         if differing:
             key = differing[0]
-            hint = " (--decode cpu decodes as PIL does)" if key == "decoder" else ""
+            hint = DECODER_HINTS.get(old.get(key, "cpu"), "") if key == "decoder" else ""
             raise UserError(
                 f"{out} holds labels made with another {key} ({old.get(key, LEGACY_VALUES.get(key))!r}, now "
                 f"{signature.get(key)!r}); use another --out or --overwrite to replace them{hint}"
@@ -247,14 +248,14 @@ def label(cfg: LabelConfig, *, load: DetectorLoader = load_detector) -> Path:
     device = distributed.rank_device(resolve_device(cfg.device), launch) if cfg.engine == "local" else None
     # with Ray, the workers' devices decide; the driver's device stands in for them in the signature
     precision = resolve_precision(cfg.precision, device if device is not None else resolve_device(cfg.device))
-    cfg = replace(cfg, decode=resolve_decode(cfg.decode, device if device is not None else torch.device("cpu"),
-                                             engine=cfg.engine))  # fmt: skip
-    detector, cfg = _load_teacher(cfg, views, device if device is not None else torch.device("cpu"), load)
+    driver = device if device is not None else torch.device("cpu")  # where the model loads in this process
+    cfg = replace(cfg, decode=resolve_decode(cfg.decode, driver, engine=cfg.engine))
+    detector, cfg = _load_teacher(cfg, views, driver, load)
     if (chosen := auto_views(cfg.views, spec=_spec(cfg), min_size=detector.meta.min_size,
                              max_size=detector.meta.max_size)) != cfg.views:  # fmt: skip
         cfg, views = replace(cfg, views=chosen), parse_views(chosen)  # `views: auto`, read from the teacher's data
     source = list_source(cfg.images, image_root=cfg.image_root)
-    manifest = _new_manifest(cfg, source, views, detector, precision, device or torch.device("cpu"))
+    manifest = _new_manifest(cfg, source, views, detector, precision, driver)
     num_shards = manifest["num_shards"]
 
     def prepare() -> None:
