@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -347,3 +348,29 @@ def test_jpeg_bytes_travel_through_a_pickle_as_the_workers_send_them(tmp_path: P
     again = pickle.loads(pickle.dumps(encoded))
     assert again == encoded and len(again.data) == (tmp_path / "a.jpg").stat().st_size
     assert io.BytesIO(again.data).read(3) == b"\xff\xd8\xff"
+
+
+def test_a_jpeg_torchvision_warns_about_is_left_to_pil_and_other_warnings_are_not_its(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warning from torchvision's decoder (damaged data) hands the file to PIL (None); a warning raised
+    meanwhile by other code (another thread: the writer) does not."""
+    import os
+
+    import torchvision
+    import torchvision.io
+
+    real = torchvision.io.decode_jpeg
+    where = {"filename": os.path.join(os.path.dirname(torchvision.__file__), "io", "image.py")}
+
+    def warning_decoder(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn_explicit("Corrupt JPEG data", UserWarning, where["filename"], 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", warning_decoder)
+    encoded = read_encoded(_jpeg(tmp_path / "a.jpg"))
+    assert isinstance(encoded, EncodedJpeg)
+    assert decode_jpegs([encoded], device="cpu") == [None]
+    where["filename"] = __file__
+    (image,) = decode_jpegs([encoded], device="cpu")
+    assert image is not None and torch.equal(image, read_image(tmp_path / "a.jpg"))

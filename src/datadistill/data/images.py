@@ -294,8 +294,10 @@ def _stored_size(e: EncodedJpeg) -> tuple[int, int]:
 
 
 def _decode_jpegs(datas: list[bytes], *, device: torch.device) -> list[torch.Tensor] | None:
-    """torchvision's ``decode_jpeg`` of every JPEG in one call, or None when it raises or warns (libjpeg's
-    warnings are about damaged data: PIL has the last word on those files)."""
+    """torchvision's ``decode_jpeg`` of every JPEG in one call, or None when it raises or warns (a decoder's
+    warnings are about damaged data: PIL has the last word on those files). Only torchvision's own warnings
+    count, not its deprecation notice, nor what another thread warns meanwhile (the labeling writer's)."""
+    import torchvision
     from torchvision.io import ImageReadMode, decode_jpeg
 
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
@@ -305,6 +307,7 @@ def _decode_jpegs(datas: list[bytes], *, device: torch.device) -> list[torch.Ten
             images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
         except (RuntimeError, ValueError):
             return None
-    if any(not issubclass(w.category, DeprecationWarning) for w in caught):  # torchvision's own notice aside
+    package = os.path.dirname(torchvision.__file__)
+    if any(w.filename.startswith(package) and not issubclass(w.category, DeprecationWarning) for w in caught):
         return None
     return list(images)
