@@ -75,20 +75,24 @@ MIN_WEIGHT_SUM = 1e-100
 
 
 @numba.njit(cache=True, nogil=True)
-def _wbf_loop(
-    boxes: np.ndarray, ws: np.ndarray, starts: np.ndarray, iou_thr: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """WBF clustering. boxes sorted by weighted score ``ws`` (descending) within each label group.
+def _cluster_loop(
+    boxes: np.ndarray, ws: np.ndarray, starts: np.ndarray, iou_thr: float, follow_mean: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The clustering of WBF and box voting. boxes sorted by weighted score ``ws`` (descending) within each
+    label group.
 
-    Each box joins the cluster whose current fused box overlaps it most (IoU > iou_thr), else starts one.
-    A fused box is the ws-weighted mean of its members (the plain mean while their ws sum to at most
-    :data:`MIN_WEIGHT_SUM`).
-    Returns cluster [M], first [C] (the row that started each cluster: its highest ws) and fused [C, 4].
+    Each box joins the cluster whose reference box overlaps it most (IoU > iou_thr, the first of equals),
+    else starts a cluster with itself as the reference box. Box voting keeps that first (main) box as the
+    reference; WBF (``follow_mean``) moves it to the ws-weighted mean of the members so far (the plain mean
+    while their ws sum to at most :data:`MIN_WEIGHT_SUM`): WBF's fused box.
+    Returns cluster [M], first [C] (the row that started each cluster: its highest ws), iou [M] (each row's
+    IoU with the reference box it joined; 1 for the first row) and the reference boxes [C, 4].
     """
     m = boxes.shape[0]
     cluster = np.empty(m, np.int64)
     first = np.empty(m, np.int64)
-    fused = np.empty((m, 4))
+    iou = np.empty(m)
+    reference = np.empty((m, 4))
     sum_wb = np.zeros((m, 4))
     sum_b = np.zeros((m, 4))
     sum_w = np.zeros(m)
@@ -100,79 +104,79 @@ def _wbf_loop(
             best = -1
             best_iou = iou_thr
             for k in range(group_first, c):
-                iou = _iou(fused, k, boxes, j)
-                if iou > best_iou:
-                    best_iou = iou
+                overlap = _iou(reference, k, boxes, j)
+                if overlap > best_iou:
+                    best_iou = overlap
                     best = k
             if best < 0:
                 best = c
+                best_iou = 1.0
                 first[c] = j
+                for d in range(4):  # exactly the box, so that IoU ties with it are exact
+                    reference[c, d] = boxes[j, d]
                 c += 1
             cluster[j] = best
-            sum_w[best] += ws[j]
-            count[best] += 1
-            for d in range(4):
-                sum_wb[best, d] += ws[j] * boxes[j, d]
-                sum_b[best, d] += boxes[j, d]
-            for d in range(4):
-                if count[best] == 1:  # exactly the box, so that IoU ties with it are exact
-                    fused[best, d] = boxes[j, d]
-                elif sum_w[best] > MIN_WEIGHT_SUM:
-                    fused[best, d] = sum_wb[best, d] / sum_w[best]
-                else:
-                    fused[best, d] = sum_b[best, d] / count[best]
-    return cluster, first[:c].copy(), fused[:c].copy()
+            iou[j] = best_iou
+            if follow_mean:
+                sum_w[best] += ws[j]
+                count[best] += 1
+                for d in range(4):
+                    sum_wb[best, d] += ws[j] * boxes[j, d]
+                    sum_b[best, d] += boxes[j, d]
+                if count[best] > 1:
+                    for d in range(4):
+                        if sum_w[best] > MIN_WEIGHT_SUM:
+                            reference[best, d] = sum_wb[best, d] / sum_w[best]
+                        else:
+                            reference[best, d] = sum_b[best, d] / count[best]
+    return cluster, first[:c].copy(), iou, reference[:c].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def _vote_means(
+    boxes: np.ndarray, ws: np.ndarray, iou: np.ndarray, cluster: np.ndarray, num_clusters: int
+) -> np.ndarray:
+    """Box voting's fused boxes [C, 4]: the mean of each cluster's boxes weighted by ws x IoU with its main
+    box (by IoU alone while those weights sum to at most :data:`MIN_WEIGHT_SUM`)."""
+    sum_wb = np.zeros((num_clusters, 4))
+    sum_w = np.zeros(num_clusters)
+    sum_ib = np.zeros((num_clusters, 4))
+    sum_i = np.zeros(num_clusters)
+    for j in range(boxes.shape[0]):
+        k = cluster[j]
+        weight = ws[j] * iou[j]
+        sum_w[k] += weight
+        sum_i[k] += iou[j]
+        for d in range(4):
+            sum_wb[k, d] += weight * boxes[j, d]
+            sum_ib[k, d] += iou[j] * boxes[j, d]
+    fused = np.empty((num_clusters, 4))
+    for k in range(num_clusters):
+        for d in range(4):
+            if sum_w[k] > MIN_WEIGHT_SUM:
+                fused[k, d] = sum_wb[k, d] / sum_w[k]
+            else:
+                fused[k, d] = sum_ib[k, d] / sum_i[k]
+    return fused
+
+
+@numba.njit(cache=True, nogil=True)
+def _wbf_loop(
+    boxes: np.ndarray, ws: np.ndarray, starts: np.ndarray, iou_thr: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """WBF's clusters (:func:`_cluster_loop` with ``follow_mean``): cluster [M], first [C] and fused [C, 4]."""
+    cluster, first, _, fused = _cluster_loop(boxes, ws, starts, iou_thr, True)
+    return cluster, first, fused
 
 
 @numba.njit(cache=True, nogil=True)
 def _vote_loop(
     boxes: np.ndarray, ws: np.ndarray, starts: np.ndarray, iou_thr: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Non-maximum weighted clustering. boxes sorted by ws (descending) within each label group.
-
-    Each box joins the cluster whose main (first, highest scored) box overlaps it most (IoU > iou_thr),
-    else becomes a main box. A fused box is the mean of its members weighted by ws x IoU with the main box
-    (by IoU alone while those weights sum to at most :data:`MIN_WEIGHT_SUM`). Returns cluster [M], main [C]
-    (row of each main box) and fused [C, 4].
-    """
-    m = boxes.shape[0]
-    cluster = np.empty(m, np.int64)
-    main = np.empty(m, np.int64)
-    sum_wb = np.zeros((m, 4))
-    sum_w = np.zeros(m)
-    sum_ib = np.zeros((m, 4))
-    sum_i = np.zeros(m)
-    c = 0
-    for g in range(starts.shape[0] - 1):
-        group_first = c
-        for j in range(starts[g], starts[g + 1]):
-            best = -1
-            best_iou = iou_thr
-            for k in range(group_first, c):
-                iou = _iou(boxes, main[k], boxes, j)
-                if iou > best_iou:
-                    best_iou = iou
-                    best = k
-            if best < 0:
-                best = c
-                main[c] = j
-                best_iou = 1.0
-                c += 1
-            cluster[j] = best
-            weight = ws[j] * best_iou
-            sum_w[best] += weight
-            sum_i[best] += best_iou
-            for d in range(4):
-                sum_wb[best, d] += weight * boxes[j, d]
-                sum_ib[best, d] += best_iou * boxes[j, d]
-    fused = np.empty((c, 4))
-    for k in range(c):
-        for d in range(4):
-            if sum_w[k] > MIN_WEIGHT_SUM:
-                fused[k, d] = sum_wb[k, d] / sum_w[k]
-            else:
-                fused[k, d] = sum_ib[k, d] / sum_i[k]
-    return cluster, main[:c].copy(), fused
+    """Box voting's clusters (:func:`_cluster_loop`): cluster [M], main [C] (row of each main box) and the
+    fused boxes [C, 4] (:func:`_vote_means`)."""
+    cluster, main, iou, _ = _cluster_loop(boxes, ws, starts, iou_thr, False)
+    return cluster, main, _vote_means(boxes, ws, iou, cluster, main.shape[0])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -451,14 +455,12 @@ def _as_tensors(fused: _Fused, inputs: _Inputs) -> tuple[Tensor, Tensor, Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The four methods over concatenated inputs.
+# The four methods over concatenated inputs, run through :func:`_run` (which checks the thresholds they share).
 
 
 def _nms(
     inputs: _Inputs, weights: Weights, *, iou_thr: float, skip_box_thr: float, with_clusters: bool = False
 ) -> _Fused:
-    iou_thr = _check_unit("iou_thr", iou_thr)
-    skip_box_thr = _check_unit("skip_box_thr", skip_box_thr)
     w = _view_weights(weights, inputs.num_views)
     ws = inputs.scores if weights is None else inputs.scores * w[inputs.views] / w.sum()
     rows, starts = _by_label_then_score(_candidates(inputs, skip_box_thr), inputs.labels, ws)
@@ -480,8 +482,6 @@ def _soft_nms(
     decayed_scores: bool = True,
     with_clusters: bool = False,
 ) -> _Fused:
-    iou_thr = _check_unit("iou_thr", iou_thr)
-    skip_box_thr = _check_unit("skip_box_thr", skip_box_thr)
     min_score = _check_unit("min_score", min_score)
     if decay not in ("gaussian", "linear"):
         raise ValueError(f"decay must be 'gaussian' or 'linear', got {decay!r}")
@@ -508,8 +508,6 @@ def _soft_nms(
 def _vote(
     inputs: _Inputs, weights: Weights, *, iou_thr: float, skip_box_thr: float, with_clusters: bool = False
 ) -> _Fused:
-    iou_thr = _check_unit("iou_thr", iou_thr)
-    skip_box_thr = _check_unit("skip_box_thr", skip_box_thr)
     w = _view_weights(weights, inputs.num_views)
     ws = inputs.scores * (w / w.max())[inputs.views] if inputs.num_views else inputs.scores
     rows, starts = _by_label_then_score(_candidates(inputs, skip_box_thr), inputs.labels, ws)
@@ -545,8 +543,6 @@ def _wbf(
     conf_type: ConfType = "avg",
     with_clusters: bool = False,
 ) -> _Fused:
-    iou_thr = _check_unit("iou_thr", iou_thr)
-    skip_box_thr = _check_unit("skip_box_thr", skip_box_thr)
     if conf_type not in ("avg", "max", "box_and_model_avg", "absent_model_aware_avg"):
         raise ValueError(
             f"conf_type must be 'avg', 'max', 'box_and_model_avg' or 'absent_model_aware_avg', got {conf_type!r}"
@@ -580,6 +576,14 @@ def _wbf(
     return _ranked(fused)
 
 
+def _run(method: Callable[..., _Fused], inputs: _Inputs, weights: Weights, *, iou_thr: float, skip_box_thr: float,
+         **options: Any) -> _Fused:  # fmt: skip
+    """``method`` (one of the four above) with its thresholds checked."""
+    iou_thr = _check_unit("iou_thr", iou_thr)
+    skip_box_thr = _check_unit("skip_box_thr", skip_box_thr)
+    return method(inputs, weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, **options)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public functions.
 
@@ -591,7 +595,7 @@ def _apply(method: Callable[..., _Fused], boxes_list: Views, scores_list: Views,
            **options: Any) -> FusedBoxes:  # fmt: skip
     """``method`` (one of the four over concatenated inputs) on the views' union, as tensors."""
     inputs = _gather(boxes_list, scores_list, labels_list)
-    return _as_tensors(method(inputs, **options), inputs)
+    return _as_tensors(_run(method, inputs, **options), inputs)
 
 
 def nms(boxes_list: Views, scores_list: Views, labels_list: Views, *, weights: Weights = None, iou_thr: float = 0.5,
@@ -812,7 +816,7 @@ def fuse_images(
     whole-image views and the one tile that holds it is not marked down for the tiles that never saw it.
     The other methods' scores take no view count. ``score_floor``: fused objects scoring below it are dropped."""
     try:
-        run = _METHODS[method]
+        chosen = _METHODS[method]
     except KeyError:
         raise ValueError(f"method must be one of {sorted(_METHODS)}, got {method!r}") from None
     unknown = sorted(set(options) - set(_OPTIONS[method]))
@@ -826,7 +830,7 @@ def fuse_images(
     grouped = _Inputs(inputs.boxes, inputs.scores, group.reshape(-1).astype(np.int64), inputs.views,
                       inputs.num_views, inputs.dtype, inputs.device, _crops(crops, len(views), num_images),
                       pairs)  # fmt: skip
-    fused = run(grouped, weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, with_clusters=True, **options)
+    fused = _run(chosen, grouped, weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, with_clusters=True, **options)
     boxes, scores, _ = _as_tensors(fused, inputs)
     c = len(fused.scores)
     v = max(inputs.num_views, 1)
