@@ -8,6 +8,7 @@ conversion happens here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -15,10 +16,10 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
@@ -273,25 +274,44 @@ def show_value(value: Any, limit: int = 60) -> str:
     return shorten(repr(value), limit)
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Parse a json file; a DataError names the file, line and column of a syntax error."""
+@contextlib.contextmanager
+def open_text(path: str | os.PathLike[str], kind: str) -> Iterator[TextIO]:
+    """``path`` open as UTF-8 text for a parser of ``kind`` (``"json"``, ``"YAML"``): a file that is missing, a
+    folder, unreadable or not UTF-8 (found as the parser reads it) raises a one-line DataError naming it."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            yield f
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
     except IsADirectoryError as exc:
-        raise DataError(f"{path}: is a folder, expected a json file") from exc
+        raise DataError(f"{path}: is a folder, expected a {kind} file") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: invalid {kind}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def read_json(path: str | os.PathLike[str], *, hint: str = "") -> Any:
+    """Parse a json file; a DataError names the file, line and column of a syntax error, followed by ``hint``
+    (what to do about it) where given."""
+    try:
+        return _parse_json_file(path)
+    except DataError as exc:
+        if not hint:
+            raise
+        raise DataError(f"{exc}; {hint}") from exc
+
+
+def _parse_json_file(path: str | os.PathLike[str]) -> Any:
+    try:
+        with open_text(path, "json") as f:
+            return json.load(f)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid json at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: invalid json: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except RecursionError as exc:
         raise DataError(f"{path}: invalid json: nested too deeply to read") from exc
     except ValueError as exc:  # an integer of more than 4300 digits (Python's limit on int parsing)
         raise DataError(f"{path}: invalid json: {str(exc).split(';')[0]}") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
 
 
 def _parse_categories(raw: Any, problems: list[str]) -> tuple[Category, ...]:
@@ -657,10 +677,7 @@ def load_coco(path: str | os.PathLike[str], *, image_root: str | os.PathLike[str
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    try:
-        raw = read_json(path)
-    except DataError as exc:
-        raise DataError(f"{exc}; run `datadistill validate {path}` to see every problem") from exc
+    raw = read_json(path, hint=f"run `datadistill validate {path}` to see every problem")
     dataset, problems = parse_coco(raw, image_root=image_root, path=path)
     if problems:
         images_hint = f" --images {image_root}" if image_root is not None else " --images DIR"

@@ -36,7 +36,7 @@ import torch
 
 from datadistill.core.types import Detections
 from datadistill.data.coco import control_characters, read_json
-from datadistill.errors import DataError, UserError
+from datadistill.errors import UserError
 from datadistill.runtime.io import write_atomic
 
 MANIFEST_FORMAT = "datadistill-labels"
@@ -356,10 +356,7 @@ def open_label_folder(path: str | os.PathLike[str], *, complete: bool = True) ->
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
         raise UserError(f"{folder}: no manifest.json (run `datadistill label` first)")
-    try:
-        manifest = read_json(manifest_path)
-    except DataError as exc:
-        raise UserError(f"{exc}; re-run `datadistill label` into another --out") from exc
+    manifest = read_json(manifest_path, hint="re-run `datadistill label` into another --out")
     if not isinstance(manifest, dict):
         raise UserError(f"{manifest_path}: not a labeling manifest; re-run `datadistill label` into another --out")
     if complete and manifest.get("status") != "complete":

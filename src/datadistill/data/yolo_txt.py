@@ -39,6 +39,7 @@ from datadistill.data.coco import (
     derive_flip_index,
     is_int,
     load_coco,
+    open_text,
     parse_sigmas,
     parse_skeleton,
     save_coco,
@@ -404,7 +405,7 @@ def read_data_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     """
     yaml_path = _find_yaml(Path(path))
     try:
-        with open(yaml_path, encoding="utf-8") as f:
+        with open_text(yaml_path, "YAML") as f:
             data = yaml.safe_load(f)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
@@ -412,10 +413,6 @@ def read_data_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
         raise DataError(f"{yaml_path}: invalid YAML{at}: {exc.problem or exc.context}") from exc
     except yaml.YAMLError as exc:
         raise DataError(f"{yaml_path}: invalid YAML: {' '.join(str(exc).split())}") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{yaml_path}: invalid YAML: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except OSError as exc:
-        raise DataError(f"{yaml_path}: cannot read: {exc.strerror or exc}") from exc
     if not isinstance(data, dict):
         raise DataError(f"{yaml_path}: expected a mapping with 'train' and 'names', got {type(data).__name__}")
     return data, yaml_path
