@@ -550,39 +550,23 @@ def check_outputs(args: argparse.Namespace) -> None:
 # the parser
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
-    "validate": ("check a COCO json (and its images) and list every problem", cmd_validate),
-    "convert": ("convert between COCO json and Ultralytics YOLO txt", cmd_convert),
-    "synth": ("make a synthetic data set (shapes: boxes, figures: keypoints)", cmd_synth),
-    "models": ("list the available detector models", cmd_models),
-    "train": ("train a teacher, or a student with --pseudo", cmd_train),
-    "evaluate": ("COCO AP of a trained model or of a predictions file", cmd_evaluate),
-    "label": ("run the teacher on every view of the unlabeled images and fuse", cmd_label),
-    "select": ("choose the score threshold and write the pseudo-labels", cmd_select),
-    "report": ("write RUN_DIR/report.html", cmd_report),
-    "review": ("send the images the views disagree on to a person (Label Studio, CVAT, COCO)", cmd_review),
-    "merge": ("merge corrected images (Label Studio export or COCO json) into the labeled set", cmd_merge),
-    "run": ("teacher, label, select, student and evaluation, from a YAML config or the data's paths", cmd_run),
-    "demo": ("run the whole method on synthetic data and print the gain", cmd_demo),
-}
-
-
-Adder = Callable[[str], argparse.ArgumentParser]
+Command = Callable[[argparse.Namespace], int]
+Adder = Callable[[str, Command, str], argparse.ArgumentParser]  # name, the function it runs, its help
 
 
 def _add_file_commands(add: Adder) -> None:
     """validate, convert, synth: the data files."""
-    p = add("validate")
+    p = add("validate", cmd_validate, "check a COCO json (and its images) and list every problem")
     p.add_argument("coco", metavar="COCO.json", help="the COCO json to check")
     p.add_argument("--images", metavar="DIR", help="image root: also check every image file and its size")
 
-    p = add("convert")
+    p = add("convert", cmd_convert, "convert between COCO json and Ultralytics YOLO txt")
     p.add_argument("src", metavar="SRC", help="a COCO json (--to yolo) or a YOLO data.yaml or folder (--to coco)")
     p.add_argument("dst", metavar="DST", help="the YOLO folder (--to yolo) or COCO json (--to coco) to write")
     p.add_argument("--to", choices=("yolo", "coco"), required=True, help="the format to write")
     p.add_argument("--images", metavar="DIR", help="image root of the COCO json (needed with --to yolo)")
 
-    p = add("synth")
+    p = add("synth", cmd_synth, "make a synthetic data set (shapes: boxes, figures: keypoints)")
     p.add_argument("kind", choices=("shapes", "figures"), help="shapes: 5+ classes of boxes; figures: keypoints")
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/images/*.png and DIR/annotations.json")
     p.add_argument("--images", type=_positive_int, default=100, metavar="N", help="number of images (100)")
@@ -629,7 +613,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 def _add_review_commands(add: Adder) -> None:
     """review and merge: the human in the loop."""
-    p = add("review")
+    p = add("review", cmd_review, "send the images the views disagree on to a person (Label Studio, CVAT, COCO)")
     p.add_argument("--labels", required=True, metavar="LABEL_DIR", help="a folder written by `datadistill label`")
     p.add_argument("--reference", required=True, metavar="LABELED.json", help="the labeled COCO json (classes, counts)")
     p.add_argument("--selection", metavar="SELECTION.json", help="the thresholds (default: the count rule)")
@@ -640,7 +624,7 @@ def _add_review_commands(add: Adder) -> None:
     p.add_argument("--image-url-prefix", metavar="PREFIX", help="image URL = PREFIX + file_name (default: Label "
                    "Studio local files, /data/local-files/?d=FILE_NAME)")  # fmt: skip
 
-    p = add("merge")
+    p = add("merge", cmd_merge, "merge corrected images (Label Studio export or COCO json) into the labeled set")
     p.add_argument("--labeled", required=True, metavar="LABELED.json", help="the labeled COCO json")
     p.add_argument("--corrections", required=True, metavar="EXPORT", help="a Label Studio JSON export or a COCO json")
     p.add_argument("--out", required=True, metavar="MERGED.json", help="the merged COCO json to write")
@@ -674,39 +658,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str) -> argparse.ArgumentParser:
-        help_text, func = COMMANDS[name]
+    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         p.set_defaults(func=func)
         return p
 
     _add_file_commands(add)
-    add("models")
+    add("models", cmd_models, "list the available detector models")
 
     from datadistill.config import LabelConfig, SelectConfig, TrainConfig
 
-    p = add("train")
+    p = add("train", cmd_train, "train a teacher, or a student with --pseudo")
     _add_config_options(p, TrainConfig, TRAIN_HELP)
 
-    _add_evaluate(add("evaluate"))
+    _add_evaluate(add("evaluate", cmd_evaluate, "COCO AP of a trained model or of a predictions file"))
 
-    p = add("label")
+    p = add("label", cmd_label, "run the teacher on every view of the unlabeled images and fuse")
     _add_config_options(p, LabelConfig, LABEL_HELP, skip=("rank", "world_size"))
     p.add_argument("--prompts", metavar="FILE", help="hf: open-vocabulary teachers: a YAML/JSON mapping of category "
                    "name -> phrase or list of phrases (default: each category's name)")  # fmt: skip
     p.add_argument("--classes", metavar="COCO.json", help="hf: teachers: label the categories of this data set (ids, "
                    "names, order; the labeled json), a closed-set model's classes matched by name")  # fmt: skip
 
-    p = add("select")
+    p = add("select", cmd_select, "choose the score threshold and write the pseudo-labels")
     _add_config_options(p, SelectConfig, SELECT_HELP)
 
-    p = add("report")
+    p = add("report", cmd_report, "write RUN_DIR/report.html")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `datadistill run` or `demo`")
 
     _add_review_commands(add)
 
-    _add_run(add("run"))
-    _add_demo(add("demo"))
+    p = add("run", cmd_run, "teacher, label, select, student and evaluation, from a YAML config or the data's paths")
+    _add_run(p)
+    _add_demo(add("demo", cmd_demo, "run the whole method on synthetic data and print the gain"))
     return parser
 
 
