@@ -56,7 +56,7 @@ import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from datadistill.config import RUNTIME_KEYS, TrainConfig
@@ -107,8 +107,11 @@ log = logging.getLogger(__name__)
 SAVE_EVERY_ITERATIONS = 50
 # Where, in the output folder, a label table's flat arrays are memory-mapped from during the run.
 FLAT_CACHE = ".flat-labels"
-# DataLoader workers start anew every epoch: below this many iterations per epoch they cost more than they give.
-MIN_WORKER_EPOCH = 10
+# DataLoader workers live for the whole run, but each epoch starts with their queues empty: an epoch of one
+# batch gives them nothing to load ahead, so below this many iterations per epoch images load in the training process.
+MIN_WORKER_EPOCH = 2
+# Batches each DataLoader worker loads ahead of the loop (torch's default, said once here).
+PREFETCH_BATCHES = 2
 
 # ----------------------------------------------------------------------------------------------------
 # learning rate schedule
@@ -506,11 +509,59 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """The batches of a :class:`MixedBatchSampler`, each index paired with the epoch the sampler is set to.
+
+    DataLoader workers that live across epochs hold the copies of the data sets made when they started, where
+    ``set_epoch`` in the training process does not reach; the epoch travels with each index instead, and
+    :class:`EpochDataset` sets it wherever the sample is read, so the augmentation stays a pure function of
+    ``(seed, epoch, index)`` with persistent workers, without them and after a resume."""
+
+    def __init__(self, sampler: MixedBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(epoch, index) for index in batch]
+
+
+class EpochDataset(Dataset[tuple[torch.Tensor, dict[str, Any]]]):
+    """``ConcatDataset(parts)`` read by ``(epoch, index)`` (:class:`EpochBatches`): each part is set to
+    ``epoch`` before the sample is read, in whichever process reads it."""
+
+    def __init__(self, parts: list[DetectionDataset]) -> None:
+        self.parts = parts
+        self.concat = ConcatDataset(parts)
+
+    def __len__(self) -> int:
+        return len(self.concat)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        epoch, index = key
+        for part in self.parts:
+            if part.epoch != epoch:
+                part.set_epoch(epoch)
+        return self.concat[index]
+
+
 def build_loader(
     cfg: TrainConfig, inputs: TrainInputs, sampler: MixedBatchSampler, *, device: torch.device
 ) -> tuple[DataLoader, list[DetectionDataset]]:
     """The DataLoader over the real images then the pseudo-labeled ones (the sampler's indices), and the
-    data sets whose augmentation follows the epoch."""
+    data sets whose augmentation follows the epoch.
+
+    ``cfg.workers`` processes load the images (in the training process when an epoch is shorter than
+    :data:`MIN_WORKER_EPOCH` iterations); they start once and live across epochs (``persistent_workers``:
+    no restart, no re-import per epoch; the epoch reaches them with every index, :class:`EpochBatches`),
+    each loading :data:`PREFETCH_BATCHES` batches ahead, into pinned memory on CUDA (the copy to the
+    device does not wait). The loader draws its workers' base seed from its own generator, seeded from
+    ``cfg.seed``, not from torch's global one, whose stream the model's own sampling (Faster R-CNN's
+    anchors and proposals) uses: with or without workers, and resumed at any epoch, a run draws the same
+    random numbers."""
     augment = dict(train=True, min_scale=cfg.min_scale, max_scale=cfg.max_scale, flip_prob=cfg.flip_prob)
     parts = [DetectionDataset(inputs.dataset, cfg.images, seed=cfg.seed, **augment)]  # type: ignore[arg-type]
     if inputs.pseudo is not None:
@@ -518,11 +569,13 @@ def build_loader(
         parts.append(DetectionDataset(inputs.pseudo, cfg.pseudo_images, seed=cfg.seed + 1, **augment))  # type: ignore[arg-type]
     workers = cfg.workers
     if workers and len(sampler) < MIN_WORKER_EPOCH:
-        log.info("epochs of %d iterations: images are loaded in the training process (DataLoader workers would "
-                 "start again every epoch)", len(sampler))  # fmt: skip
+        log.info("epochs of %d iteration: images are loaded in the training process (DataLoader workers could "
+                 "not load ahead)", len(sampler))  # fmt: skip
         workers = 0
-    loader = DataLoader(ConcatDataset(parts), batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda")  # fmt: skip
+    loader = DataLoader(EpochDataset(parts), batch_sampler=EpochBatches(sampler), num_workers=workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        prefetch_factor=PREFETCH_BATCHES if workers else None,
+                        generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
     return loader, parts
 
 
