@@ -319,7 +319,7 @@ def ratios(row: dict[str, Any]) -> None:
 def bench_label(model: str, data: Path, work: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """(a), (b), (c) of one model (a row that says why where a part could not run)."""
     precision = resolve_precision(args.precision, device)
-    row: dict[str, Any] = {"model": model, "precision": precision}
+    row: dict[str, Any] = {"model": model, "precision": precision, "images": args.images}
     try:
         bench = prepare_model(model, data, args.size, work)
     except Exception as exc:  # a missing package, a YAML Ultralytics does not bundle: one row says why
@@ -373,7 +373,11 @@ def train_speed(
 
 def bench_train(model: str, data: Path, work: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Training it/s of one model in each of ``--train-precisions`` (a cell that says why where one failed)."""
-    row: dict[str, Any] = {"model": model, "batch_size": args.train_batch_size or args.batch_size}
+    row: dict[str, Any] = {
+        "model": model,
+        "batch_size": args.train_batch_size or args.batch_size,
+        "images": args.images,
+    }
     for p in args.train_precisions:
         log.info("%s: training in %s", model, p)
         measured(row, f"train_{p}", lambda p=p: train_speed(
@@ -398,15 +402,15 @@ def format_table(results: dict[str, Any]) -> str:
     """The printed table: one line per labeled model ((a), (b), (c), (c)/(a), (c)/(b), peak memory), one
     per trained model (fp32 and bf16 it/s, their ratio), and one per part that could not run (why)."""
     lines = [
-        f"device {results['device']} ({results['device_name']}), torch {results['torch']}, {results['images']} "
-        f"images of {results['size']} px, {results['num_views']} views (mean view px {results['view_px']:.2f}x), "
+        f"device {results['device']} ({results['device_name']}), torch {results['torch']}, images of "
+        f"{results['size']} px, {results['num_views']} views (mean view px {results['view_px']:.2f}x), "
         f"label batch {results['batch_size']}, (a) batch {results['limit_batch']}",
     ]
     errors = []
     rows = results.get("models", [])
     if rows:
-        lines.append(f"{'model':28}{'prec':>6}{'(a) img/s':>11}{'(b) iv/s':>10}{'(c) iv/s':>10}{'(c)/(a)':>9}"
-                     f"{'(c)/(b)':>9}{'peak GiB a/b/c':>17}  (a) runs")  # fmt: skip
+        lines.append(f"{'model':28}{'prec':>6}{'imgs':>6}{'(a) img/s':>11}{'(b) iv/s':>10}{'(c) iv/s':>10}"
+                     f"{'(c)/(a)':>9}{'(c)/(b)':>9}{'peak GiB a/b/c':>17}  (a) runs")  # fmt: skip
     for r in rows:
         if "error" in r:
             errors.append(f"{r['model']}: not measured: {r['error']}")
@@ -416,14 +420,14 @@ def format_table(results: dict[str, Any]) -> str:
         peaks = "/".join(_num(parts[p].get("peak_gib"), 0, 1).strip() for p in PARTS)
         a, b, c = parts["limit"], parts["forward"], parts["label"]
         lines.append(
-            f"{r['model']:28}{r['precision']:>6}{_num(a.get('images_per_s'), 11, 1)}"
+            f"{r['model']:28}{r['precision']:>6}{r.get('images', ''):>6}{_num(a.get('images_per_s'), 11, 1)}"
             f"{_num(b.get('image_views_per_s'), 10, 1)}{_num(c.get('image_views_per_s'), 10, 1)}"
             f"{_num(r.get('label_over_limit'), 9, 2)}{_num(r.get('label_over_forward'), 9, 2)}{peaks:>17}  "
             f"{r.get('core_part', '')}"
         )
     trained = results.get("training", [])
     if trained:
-        lines.append(f"{'training':28}{'batch':>6}{'fp32 it/s':>11}{'bf16 it/s':>10}{'bf16/fp32':>10}"
+        lines.append(f"{'training':28}{'batch':>6}{'imgs':>6}{'fp32 it/s':>11}{'bf16 it/s':>10}{'bf16/fp32':>10}"
                      f"{'peak GiB fp32/bf16':>20}")  # fmt: skip
     for r in trained:
         f32, b16 = r.get("train_fp32", {}), r.get("train_bf16", {})
@@ -431,10 +435,9 @@ def format_table(results: dict[str, Any]) -> str:
             f"{r['model']} training {k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v
         ]
         peaks = f"{_num(f32.get('peak_gib'), 0, 1).strip()}/{_num(b16.get('peak_gib'), 0, 1).strip()}"
-        speeds = [_num(f32.get("iterations_per_s"), 11, 2), _num(b16.get("iterations_per_s"), 10, 2)]
-        lines.append(
-            f"{r['model']:28}{r['batch_size']:>6}{''.join(speeds)}{_num(r.get('bf16_speedup'), 10, 2)}{peaks:>20}"
-        )
+        speeds = [_num(f32.get("iterations_per_s"), 11, 2), _num(b16.get("iterations_per_s"), 10, 2),
+                  _num(r.get("bf16_speedup"), 10, 2)]  # fmt: skip
+        lines.append(f"{r['model']:28}{r['batch_size']:>6}{r.get('images', ''):>6}{''.join(speeds)}{peaks:>20}")
     lines.append("(a): images/s of the network alone; (b) eager forward, (c) datadistill label: images x views per s")
     lines += errors
     return "\n".join(lines)

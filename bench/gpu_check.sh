@@ -1,41 +1,103 @@
 #!/bin/bash
-# The device check of the GPU issue in one command, for a session lent a GPU machine (about 8 minutes on an
-# H200). Run from the repository root; results go to $OUT (default: bench/results/gpu_check/):
+# The device check of the GPU issues in one command, for a session lent a GPU machine. Run from the
+# repository root; results go to $OUT (default: bench/results/gpu_check/), the synthetic data and labeling
+# folders to $WORK (default: /tmp/datadistill-gpu-check, not copied back):
 #
-#     bash bench/gpu_check.sh
+#     bash bench/gpu_check.sh                 # on the GPU machine
+#     QUICK=1 bash bench/gpu_check.sh         # every step on a few tiny images: a smoke run, on a CPU too
 #
-# The machine's own torch is used (PYTHONPATH=src, no install). Wheels it lacks (faster-coco-eval,
-# pycocotools, ensemble-boxes for the fusion test) are installed from WHEELS (default: .whl/, download them
-# here first with `pip download --python-version 3.12 --only-binary=:all: --no-deps -d .whl ...`).
-# QUICK=1 runs every step on a few images (a smoke run of the script itself, on a CPU too).
+# Steps, each under its own timeout (the sum is 540 s, under the device tool's 600 s per command; a step
+# that runs out loses its own row only, and the table says so):
+#   1. bench/gpu.py, one model per step (128 images of 640 px, the 8 default views, label batch 8): (a) the
+#      network alone at batch 32, bf16, channels-last; (b) the eager forward; (c) `datadistill label`:
+#      fasterrcnn_resnet50_fpn_v2 100 s (it makes the data), small_fcos 70 s, yolo:yolo11n.yaml 70 s,
+#      hf:rtdetr 100 s;
+#   2. training, R50-FPN v2 at batch 32 (256 images), fp32 vs bf16 it/s: 120 s;
+#   3. the CUDA tests (tests/test_cuda.py): 80 s;
+#   4. one table of all rows: $OUT/gpu.json and $OUT/gpu_table.txt.
+#
+# The machine's own Python and torch are used (PYTHONPATH=src, no install of datadistill). Wheels it lacks
+# are installed from WHEELS (default: .whl/; --no-deps, into /tmp/site), downloaded beforehand on a machine
+# with internet for the device's Python (3.12) and platform, for example:
+#     pip download --python-version 3.12 --only-binary=:all: --no-deps -d .whl \
+#         faster-coco-eval pycocotools ensemble-boxes \
+#         ultralytics ultralytics-thop opencv-python-headless polars polars-runtime-32 py-cpuinfo \
+#         transformers tokenizers huggingface-hub safetensors regex hf-xet \
+#         pytest pluggy iniconfig
+# (faster-coco-eval, pycocotools, ensemble-boxes: the CUDA tests; ultralytics and its dependencies: the
+# YOLO row; transformers and its: the RT-DETR row; pytest where the machine has none. Add any of numpy, pillow, pyyaml, pyarrow, scipy,
+# numba, matplotlib, psutil, requests, tqdm, packaging, filelock, fsspec, typer that the machine lacks:
+# `python3 -c "import X"` tells.) A row whose package is missing says so and the others go on.
 set -u
 OUT=${OUT:-bench/results/gpu_check}
+WORK=${WORK:-/tmp/datadistill-gpu-check}
 WHEELS=${WHEELS:-.whl}
 QUICK=${QUICK:-0}
-mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+mkdir -p "$OUT" "$WORK"
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS"/*.whl || exit 1
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS"/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/env.txt"
+"$PY" - <<'EOF' | tee "$OUT/env.txt"
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+for name in ("torchvision", "ultralytics", "transformers", "faster_coco_eval", "numba", "pyarrow", "cv2"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as exc:
+        print(name, "missing:", type(exc).__name__, exc)
+EOF
 
 if [ "$QUICK" = 1 ]; then
-    LABEL=(--images 4 --size 128 --batch-size 2 --repeat 1 --views identity,hflip --workers 0 --threads 1)
-    TRAIN=(--train-iterations 2 --train-warmup 1)
-    BIG=(--train-batch-size 3)
+    LABEL=(--images 4 --size 128 --views identity,hflip --batch-size 2 --limit-batch 2 --limit-iterations 2
+           --limit-warmup 1 --workers 0 --threads 1)
+    TRAIN=(--images 4 --size 128 --train-batch-size 3 --train-iterations 2 --train-warmup 1 --workers 0 --threads 1)
 else
-    LABEL=(--images 256 --workers 8 --threads 4)
-    TRAIN=(--train-iterations 30 --train-warmup 5)
-    BIG=(--train-batch-size 32)
+    LABEL=(--images 128 --workers 8 --threads 4)
+    TRAIN=(--images 256 --train-batch-size 32 --train-iterations 20 --train-warmup 5 --workers 8 --threads 4)
 fi
+STATUS="$OUT/steps.txt"
+: >"$STATUS"
 
-echo "== 1. CUDA tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -3 | tee "$OUT/tests.txt"
+step() {  # step SECONDS NAME COMMAND...: run it under a timeout, record how it ended
+    local seconds=$1 name=$2
+    shift 2
+    local t0=$SECONDS
+    timeout -k 10 "$seconds" "$@"
+    local rc=$?
+    local how="ok"
+    [ $rc = 124 ] || [ $rc = 137 ] && how="TIMED OUT after $seconds s"
+    [ $rc != 0 ] && [ "$how" = ok ] && how="failed (exit $rc)"
+    echo "$name: $how, $((SECONDS - t0)) s" | tee -a "$STATUS"
+}
 
-echo "== 2. bench/gpu.py: labeling efficiency and training, both models, batch 8"
-timeout 330 python3 bench/gpu.py --out "$OUT/gpu.json" "${LABEL[@]}" "${TRAIN[@]}" 2>"$OUT/gpu.log" | tee "$OUT/gpu_table.txt"
+echo "== 1. bench/gpu.py: (a) the network alone, (b) the eager forward, (c) label; one model per step"
+NAMES=()
+for entry in fasterrcnn_resnet50_fpn_v2:100 small_fcos:70 yolo:yolo11n.yaml:70 hf:rtdetr:100; do
+    model=${entry%:*}
+    seconds=${entry##*:}
+    name=label_$(echo "$model" | tr ':/.' '___')
+    NAMES+=("$name")
+    step "$seconds" "label $model" "$PY" bench/gpu.py --models "$model" --train-models --work "$WORK" \
+        --out "$OUT/$name.json" "${LABEL[@]}" 2>"$OUT/$name.log" | tee "$OUT/$name.txt"
+done
 
-echo "== 3. training only, R50 at a larger batch: less of each step is Python"
-timeout 200 python3 bench/gpu.py --out "$OUT/gpu_train_big.json" --models fasterrcnn_resnet50_fpn_v2 --skip-label \
-    "${LABEL[@]}" "${TRAIN[@]}" "${BIG[@]}" 2>"$OUT/gpu_train_big.log" | tee "$OUT/gpu_train_big_table.txt"
+echo "== 2. training, R50-FPN v2 at batch 32: fp32 vs bf16"
+step 120 "train fasterrcnn_resnet50_fpn_v2" "$PY" bench/gpu.py --models --train-models fasterrcnn_resnet50_fpn_v2 \
+    --work "$WORK" --out "$OUT/train_r50.json" "${TRAIN[@]}" 2>"$OUT/train_r50.log" | tee "$OUT/train_r50.txt"
+
+echo "== 3. CUDA tests"
+step 80 "tests/test_cuda.py" "$PY" -m pytest -q -p no:cacheprovider -o addopts= tests/test_cuda.py 2>&1 | tail -3 | tee "$OUT/tests.txt"
+
+echo "== 4. the table"
+results=()
+for name in "${NAMES[@]}" train_r50; do
+    [ -f "$OUT/$name.json" ] && results+=("$OUT/$name.json")
+done
+if [ ${#results[@]} -gt 0 ]; then
+    "$PY" bench/gpu.py --merge "${results[@]}" --out "$OUT/gpu.json" 2>>"$OUT/merge.log" | tee "$OUT/gpu_table.txt"
+fi
+tee -a "$OUT/gpu_table.txt" <"$STATUS"
 echo "done"

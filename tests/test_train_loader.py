@@ -43,7 +43,8 @@ def _epochs(cfg: TrainConfig, epochs: int) -> list[list[tuple[int, torch.Tensor,
         sampler.set_epoch(epoch)
         for part in parts:
             part.set_epoch(epoch)
-        out.append([(t["image_id"], im, int(t["pid"])) for images, targets in loader for im, t in zip(images, targets)])
+        batches = [zip(images, targets, strict=True) for images, targets in loader]
+        out.append([(t["image_id"], im, int(t["pid"])) for batch in batches for im, t in batch])
     return out
 
 
