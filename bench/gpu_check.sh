@@ -51,9 +51,9 @@ for name in ("torchvision", "ultralytics", "transformers", "faster_coco_eval", "
 EOF
 
 if [ "$QUICK" = 1 ]; then
-    LABEL=(--images 4 --size 128 --views identity,hflip --batch-size 2 --limit-batch 2 --limit-iterations 2
+    LABEL=(--images 4 --size 64 --views identity,hflip --batch-size 2 --limit-batch 2 --limit-iterations 2
            --limit-warmup 1 --workers 0 --threads 1)
-    TRAIN=(--images 4 --size 128 --train-batch-size 3 --train-iterations 2 --train-warmup 1 --workers 0 --threads 1)
+    TRAIN=(--images 4 --size 64 --train-batch-size 2 --train-iterations 1 --train-warmup 1 --workers 0 --threads 1)
 else
     LABEL=(--images 128 --workers 8 --threads 4)
     TRAIN=(--images 256 --train-batch-size 32 --train-iterations 20 --train-warmup 5 --workers 8 --threads 4)
