@@ -80,8 +80,10 @@ for entry in fasterrcnn_resnet50_fpn_v2:100 small_fcos:70 yolo:yolo11n.yaml:70 h
     seconds=${entry##*:}
     name=label_$(echo "$model" | tr ':/.' '___')
     NAMES+=("$name")
+    extra=()  # RT-DETR picks its 300 queries among the encoder's positions: at least 128 px (336 of them)
+    [ "$QUICK" = 1 ] && [ "$model" = hf:rtdetr ] && extra=(--size 128)
     step "$seconds" "label $model" "$PY" bench/gpu.py --models "$model" --train-models --work "$WORK" \
-        --out "$OUT/$name.json" "${LABEL[@]}" 2>"$OUT/$name.log" | tee "$OUT/$name.txt"
+        --out "$OUT/$name.json" "${LABEL[@]}" ${extra[@]+"${extra[@]}"} 2>"$OUT/$name.log" | tee "$OUT/$name.txt"
 done
 
 echo "== 2. training, R50-FPN v2 at batch 32: fp32 vs bf16"
