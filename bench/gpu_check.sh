@@ -49,6 +49,7 @@ for name in ("torchvision", "ultralytics", "transformers", "faster_coco_eval", "
     except Exception as exc:
         print(name, "missing:", type(exc).__name__, exc)
 EOF
+df -h /dev/shm | tee -a "$OUT/env.txt"  # DataLoader workers hand batches over in it (batch 32 at 640 px: 157 MB each)
 
 if [ "$QUICK" = 1 ]; then
     LABEL=(--images 4 --size 64 --views identity,hflip --batch-size 2 --limit-batch 2 --limit-iterations 2
