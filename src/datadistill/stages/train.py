@@ -177,7 +177,7 @@ def train_one_epoch(
                disable=None if progress else True, leave=False, dynamic_ncols=True)  # fmt: skip
     for images, targets in bar:
         images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device) for k, v in t.items() if k != "image_id"} for t in targets]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k != "image_id"} for t in targets]
         with autocast(device, precision):
             loss_terms = losses(model, images, targets)
         loss_terms = {k: v.float() for k, v in loss_terms.items()}
