@@ -237,7 +237,7 @@ def compute_limit(
 
 
 def eager_forward(
-    spec: str, data: Path, *, views: str, batch_size: int, precision: str, device: torch.device, repeat: int
+    spec: str, folder: Path, *, views: str, batch_size: int, precision: str, device: torch.device, repeat: int
 ) -> dict[str, float]:
     """(b): images x views per second of ``Detector.predict`` on inputs already prepared on the device;
     the first batch of each view is run once before the clock starts (kernel choice, allocator)."""
@@ -245,7 +245,7 @@ def eager_forward(
 
     detector = load_detector(spec, device=device, min_score=0.05)
     meta = detector.meta
-    images = [read_image(p).to(device).float().div_(255) for p in sorted((data / "images").glob("*.png"))]
+    images = [read_image(p).to(device).float().div_(255) for p in sorted(folder.iterdir())]
     parsed = parse_views(views)
     batches = {
         view.name: [[view.prepare(im) for im in images[i : i + batch_size]] for i in range(0, len(images), batch_size)]
@@ -271,12 +271,12 @@ def eager_forward(
 
 
 def label_speed(
-    spec: str, data: Path, out: Path, *, views: str, batch_size: int, precision: str, device: torch.device,
+    spec: str, folder: Path, out: Path, *, views: str, batch_size: int, precision: str, device: torch.device,
     workers: int, threads: int, sync_loop: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """(c): images x views per second of ``datadistill label`` (the loop's wall time, from its manifest)."""
     reset_peak(device)
-    cfg = LabelConfig(model=spec, images=str(data / "images"), out=str(out), views=views, batch_size=batch_size,
+    cfg = LabelConfig(model=spec, images=str(folder), out=str(out), views=views, batch_size=batch_size,
                       shard_size=10**6, workers=workers, threads=threads, device=str(device), precision=precision,
                       sync=sync_loop, allow_weak_teacher=True, overwrite=True)  # fmt: skip
     manifest = json.loads(label(cfg).read_text())
@@ -289,11 +289,29 @@ def label_speed(
             "peak_gib": peak_gib(device)}  # fmt: skip
 
 
-def warm_then_label(spec: str, data: Path, warm: Path, out: Path, **kwargs: Any) -> dict[str, float]:
-    """(c) on ``data`` after a first run on the few images of ``warm`` (numba's cache, cuDNN's kernel choice,
-    the first worker start: what one labeling run pays once, whatever its size)."""
+def warm_then_label(spec: str, folder: Path, warm: Path, out: Path, **kwargs: Any) -> dict[str, float]:
+    """(c) on the images of ``folder`` after a first run on the few images of ``warm`` (numba's cache, cuDNN's
+    kernel choice, the first worker start: what one labeling run pays once, whatever its size)."""
     label_speed(spec, warm, out.with_name(out.name + "-warm"), **kwargs)
-    return label_speed(spec, data, out, **kwargs)
+    return label_speed(spec, folder, out, **kwargs)
+
+
+def label_images(data: Path, image_format: str) -> Path:
+    """The folder (b) and (c) read: the data set's PNGs, or JPEG copies of them (quality 95, as cameras and
+    crawls give; ``label --decode auto`` decodes JPEGs on a GPU), made once."""
+    if image_format == "png":
+        return data / "images"
+    from PIL import Image
+
+    out = data / "images-jpg"
+    if not out.is_dir():
+        tmp = data / "images-jpg.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for path in sorted((data / "images").glob("*.png")):
+            Image.open(path).convert("RGB").save(tmp / f"{path.stem}.jpg", quality=95)
+        tmp.rename(out)
+    return out
 
 
 def measured(row: dict[str, Any], part: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -319,7 +337,7 @@ def ratios(row: dict[str, Any]) -> None:
 def bench_label(model: str, data: Path, work: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """(a), (b), (c) of one model (a row that says why where a part could not run)."""
     precision = resolve_precision(args.precision, device)
-    row: dict[str, Any] = {"model": model, "precision": precision, "images": args.images}
+    row: dict[str, Any] = {"model": model, "precision": precision, "images": args.images, "format": args.image_format}
     try:
         bench = prepare_model(model, data, args.size, work)
     except Exception as exc:  # a missing package, a YAML Ultralytics does not bundle: one row says why
@@ -333,19 +351,21 @@ def bench_label(model: str, data: Path, work: Path, args: argparse.Namespace, de
                                                  iterations=args.limit_iterations, warmup=args.limit_warmup,
                                                  precision=precision, device=device))  # fmt: skip
     log.info("%s: (b) eager forward", model)
-    measured(row, "forward", lambda: eager_forward(bench.spec, data, repeat=args.repeat, **common))  # type: ignore[arg-type]
+    measured(row, "forward", lambda: eager_forward(bench.spec, label_images(data, args.image_format),
+                                                   repeat=args.repeat, **common))  # fmt: skip  # type: ignore[arg-type]
     safe = model.replace(":", "_").replace("/", "_")
-    warm = work / "warm"  # one batch of the images, labeled before each (c)
+    folder = label_images(data, args.image_format)
+    warm = work / f"warm-{args.image_format}"  # one batch of the images, labeled before each (c)
     if not warm.is_dir():
-        (warm / "images").mkdir(parents=True)
-        for path in sorted((data / "images").glob("*.png"))[: args.batch_size]:
-            shutil.copy(path, warm / "images" / path.name)
+        warm.mkdir(parents=True)
+        for path in sorted(folder.iterdir())[: args.batch_size]:
+            shutil.copy(path, warm / path.name)
     loops = [("label", False)] + ([("label_sync", True)] if args.label_sync else [])
     for part, sync_loop in loops:
         log.info("%s: (c) datadistill label%s", model, " --sync" if sync_loop else "")
         kwargs = dict(workers=args.workers, threads=args.threads, sync_loop=sync_loop, **common)
-        measured(row, part, lambda out=work / f"{safe}-{part}", kw=kwargs: warm_then_label(bench.spec, data, warm, out,
-                                                                                           **kw))  # fmt: skip
+        out = work / f"{safe}-{part}"
+        measured(row, part, lambda out=out, kw=kwargs: warm_then_label(bench.spec, folder, warm, out, **kw))
     ratios(row)
     return row
 
@@ -403,8 +423,8 @@ def format_table(results: dict[str, Any]) -> str:
     per trained model (fp32 and bf16 it/s, their ratio), and one per part that could not run (why)."""
     lines = [
         f"device {results['device']} ({results['device_name']}), torch {results['torch']}, images of "
-        f"{results['size']} px, {results['num_views']} views (mean view px {results['view_px']:.2f}x), "
-        f"label batch {results['batch_size']}, (a) batch {results['limit_batch']}",
+        f"{results['size']} px ({results.get('image_format', 'png')}), {results['num_views']} views (mean view px "
+        f"{results['view_px']:.2f}x), label batch {results['batch_size']}, (a) batch {results['limit_batch']}",
     ]
     errors = []
     rows = results.get("models", [])
@@ -481,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-iterations", type=int, default=20, help="timed batches of (a) (20)")
     p.add_argument("--limit-warmup", type=int, default=5, help="untimed batches of (a) first (5)")
     p.add_argument("--repeat", type=int, default=1, help="timed passes of (b) over every view (1)")
+    p.add_argument(
+        "--image-format",
+        choices=("png", "jpg"),
+        default="png",
+        help="what (b) and (c) read: the synthetic PNGs, or JPEG copies (jpg: device decoding on a GPU)",
+    )
     p.add_argument("--label-sync", action="store_true", help="also (c) with --sync (the plain loop)")
     p.add_argument("--train-models", nargs="*", default=list(TRAIN_MODELS),
                    help=f"models trained in fp32 and bf16 ({' '.join(TRAIN_MODELS)}); none: no training")  # fmt: skip
@@ -517,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": args.images,
         "size": args.size,
         "views": args.views,
+        "image_format": args.image_format,
         "num_views": len(parse_views(args.views)),
         "view_px": view_pixels(args.views, args.size),
         "batch_size": args.batch_size,

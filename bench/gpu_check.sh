@@ -33,6 +33,7 @@ OUT=${OUT:-bench/results/gpu_check}
 WORK=${WORK:-/tmp/datadistill-gpu-check}
 WHEELS=${WHEELS:-.whl}
 QUICK=${QUICK:-0}
+FORMAT=${FORMAT:-png}  # what (b) and (c) read: png, or jpg (JPEG copies: label decodes them on the GPU)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
@@ -52,11 +53,11 @@ EOF
 df -h /dev/shm | tee -a "$OUT/env.txt"  # DataLoader workers hand batches over in it (batch 32 at 640 px: 157 MB each)
 
 if [ "$QUICK" = 1 ]; then
-    LABEL=(--images 4 --size 64 --views identity,hflip --batch-size 2 --limit-batch 2 --limit-iterations 2
-           --limit-warmup 1 --workers 0 --threads 1)
+    LABEL=(--image-format "$FORMAT" --images 4 --size 64 --views identity,hflip --batch-size 2 --limit-batch 2
+           --limit-iterations 2 --limit-warmup 1 --workers 0 --threads 1)
     TRAIN=(--images 4 --size 64 --train-batch-size 2 --train-iterations 1 --train-warmup 1 --workers 0 --threads 1)
 else
-    LABEL=(--images 128 --workers 8 --threads 4)
+    LABEL=(--image-format "$FORMAT" --images 128 --workers 8 --threads 4)
     TRAIN=(--images 256 --train-batch-size 32 --train-iterations 20 --train-warmup 5 --workers 8 --threads 4)
 fi
 STATUS="$OUT/steps.txt"
