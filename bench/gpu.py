@@ -374,12 +374,13 @@ def train_speed(
     model: str, data: Path, out: Path, *, size: int, batch_size: int, iterations: int, warmup: int, precision: str,
     device: torch.device, workers: int, threads: int,
 ) -> dict[str, float]:  # fmt: skip
-    """Training iterations per second after ``warmup`` iterations (from the run's step lines)."""
+    """Training iterations per second after ``warmup`` iterations (from the run's step lines). The lr warms up
+    over the whole run: the speed does not depend on it, and a run that diverged would end early."""
     reset_peak(device)
     cfg = TrainConfig(data=str(data / "annotations.json"), images=str(data / "images"), out=str(out), model=model,
                       iterations=warmup + iterations, batch_size=batch_size, min_size=size, max_size=size,
-                      warmup_iters=0, lr_steps=(), log_every=1, eval_every=10**6, save_every=10**6, device=str(device),
-                      precision=precision, workers=workers, threads=threads)  # fmt: skip
+                      warmup_iters=warmup + iterations, lr_steps=(), log_every=1, eval_every=10**6, save_every=10**6,
+                      device=str(device), precision=precision, workers=workers, threads=threads)  # fmt: skip
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
