@@ -355,7 +355,7 @@ def bench_label(model: str, data: Path, work: Path, args: argparse.Namespace, de
                                                    repeat=args.repeat, **common))  # fmt: skip  # type: ignore[arg-type]
     safe = model.replace(":", "_").replace("/", "_")
     folder = label_images(data, args.image_format)
-    warm = work / f"warm-{args.image_format}"  # one batch of the images, labeled before each (c)
+    warm = work / f"warm-{folder.parent.name}-{folder.name}"  # a batch of the same images, labeled before each (c)
     if not warm.is_dir():
         warm.mkdir(parents=True)
         for path in sorted(folder.iterdir())[: args.batch_size]:
