@@ -68,7 +68,7 @@ def test_tiny_gpu_bench_on_a_cpu_measures_a_model_and_says_why_another_cannot_ru
 ) -> None:
     out = tmp_path / "gpu.json"
     argv = ["--out", str(out), "--device", "cpu", "--models", "small_fcos", "hf:not-a-bench-model", "--images", "2",
-            "--size", "64", "--views", "identity,hflip", "--batch-size", "2", "--limit-batch", "2",
+            "--size", "128", "--views", "identity,hflip", "--batch-size", "2", "--limit-batch", "2",
             "--limit-iterations", "1", "--limit-warmup", "1", "--train-models", "small_fcos", "--train-batch-size",
             "2", "--train-iterations", "1", "--train-warmup", "1", "--workers", "0", "--threads", "1",
             "--work", str(tmp_path / "work")]  # fmt: skip
