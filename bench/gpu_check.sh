@@ -18,16 +18,20 @@
 #
 # The machine's own Python and torch are used (PYTHONPATH=src, no install of datadistill). Wheels it lacks
 # are installed from WHEELS (default: .whl/; --no-deps, into /tmp/site), downloaded beforehand on a machine
-# with internet for the device's Python (3.12) and platform, for example:
-#     pip download --python-version 3.12 --only-binary=:all: --no-deps -d .whl \
+# with internet for the device's Python 3.12 on x86_64 Linux (here: the dev environment's versions):
+#     pip download --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: --no-deps -d .whl \
 #         faster-coco-eval pycocotools ensemble-boxes \
-#         ultralytics ultralytics-thop opencv-python-headless polars polars-runtime-32 py-cpuinfo \
-#         transformers tokenizers huggingface-hub safetensors regex hf-xet \
-#         pytest pluggy iniconfig
-# (faster-coco-eval, pycocotools, ensemble-boxes: the CUDA tests; ultralytics and its dependencies: the
-# YOLO row; transformers and its: the RT-DETR row; pytest where the machine has none. Add any of numpy, pillow, pyyaml, pyarrow, scipy,
-# numba, matplotlib, psutil, requests, tqdm, packaging, filelock, fsspec, typer that the machine lacks:
-# `python3 -c "import X"` tells.) A row whose package is missing says so and the others go on.
+#         ultralytics==8.4.190 \
+#         transformers==5.25.0 huggingface-hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 regex==2026.11.19 \
+#         kernels==0.19.1 httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 anyio==4.16.0 idna==3.20 \
+#         truststore==0.10.5 charset-normalizer==3.5.3 jinja2==3.1.6 markupsafe==3.0.4 filelock==4.3.2 \
+#         packaging==26.4 fsspec==2026.9.0
+# faster-coco-eval, pycocotools, ensemble-boxes: the CUDA tests (as before). ultralytics: the YOLO row (its
+# model, predictor and NMS import nothing else beyond what datadistill's labeling already imports: numpy,
+# opencv, pyyaml, pillow, torchvision). transformers and the rest: the RT-DETR row (what loading and running
+# it imported here, transformers 5.25 needs kernels). pytest, pluggy, iniconfig, and opencv-python-headless
+# (cv2: faster-coco-eval and ultralytics import it) where the machine has none.
+# A row whose package is missing says so in the table and the other rows go on; env.txt lists what imports.
 set -u
 OUT=${OUT:-bench/results/gpu_check}
 WORK=${WORK:-/tmp/datadistill-gpu-check}
