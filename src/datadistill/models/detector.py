@@ -317,7 +317,13 @@ class DetectorLoader(Protocol):
     takes in its place (a benchmark's fake detector; pickled to the workers of the Ray engine)."""
 
     def __call__(
-        self, spec: str, *, device: Any = "cpu", min_score: float | None = None, max_det: int | None = None
+        self,
+        spec: str,
+        *,
+        device: Any = "cpu",
+        min_score: float | None = None,
+        max_det: int | None = None,
+        compile: bool = False,
     ) -> Detector: ...
 
 
@@ -529,7 +535,7 @@ def max_det_reason(meta: ModelMeta, *, override: int | None) -> str:
 
 
 def load_detector(
-    spec: str, *, device: Any = "cpu", min_score: float | None = None, max_det: int | None = None
+    spec: str, *, device: Any = "cpu", min_score: float | None = None, max_det: int | None = None, compile: bool = False
 ) -> Detector:
     """The :class:`Detector` of a model spec, in eval mode on ``device``.
 
@@ -538,10 +544,12 @@ def load_detector(
     image to keep (None: read from the data the model was trained on, :func:`resolve_max_det`), applied to
     every backend's output and to the proposals feeding a two-stage head. A one-line UserError for a
     missing, foreign or unsafe file, or a spec that names an architecture rather than a trained model.
+    ``compile``: ``torch.compile`` the model's backbone where the backend can (torchvision: backbone and FPN);
+    a backend that cannot logs a warning and runs eagerly.
     """
     spec = resolve_spec(spec)
     module = backend_module(backend_of(spec))
-    detector: Detector = module.load(spec, device=device, min_score=min_score, max_det=max_det)
+    detector: Detector = module.load(spec, device=device, min_score=min_score, max_det=max_det, compile=compile)
     log.info("%s keeps at most %d detections per image (%s)", spec, detector.max_det,
              max_det_reason(detector.meta, override=max_det))  # fmt: skip
     return detector

@@ -517,9 +517,19 @@ def load_module(spec: str, *, device: Any = "cpu") -> tuple[HfModule, ModelMeta]
     return module, meta
 
 
-def load(spec: str, *, device: Any = "cpu", min_score: float | None = None, max_det: int | None = None) -> HfDetector:
+def load(
+    spec: str,
+    *,
+    device: Any = "cpu",
+    min_score: float | None = None,
+    max_det: int | None = None,
+    compile: bool = False,
+) -> HfDetector:
     """The detector of ``hf:PATH_OR_ID``, keeping raw detections down to ``min_score`` (a labeling floor), at
-    most ``max_det`` per image (:class:`HfDetector`)."""
+    most ``max_det`` per image (:class:`HfDetector`). ``compile`` is not supported for this backend: a
+    warning, and the model runs eagerly."""
+    if compile:
+        log.warning("%s: --compile is not supported for Hugging Face models; running it eagerly", spec)
     module, meta = load_module(spec, device=device)
     threshold = DEFAULT_THRESHOLD if min_score is None else min(DEFAULT_THRESHOLD, min_score)
     return HfDetector(module, meta, spec=spec, threshold=threshold, max_det=max_det)

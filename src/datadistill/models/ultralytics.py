@@ -399,11 +399,19 @@ def load_yolo(spec: str, *, device: torch.device | str = "cpu") -> YoloDetector:
 
 
 def load(
-    spec: str, *, device: torch.device | str = "cpu", min_score: float | None = None, max_det: int | None = None
+    spec: str,
+    *,
+    device: torch.device | str = "cpu",
+    min_score: float | None = None,
+    max_det: int | None = None,
+    compile: bool = False,
 ) -> YoloDetector:
     """:func:`load_yolo`, keeping the raw predictions down to ``min_score`` (a labeling run's floor) and at
     most ``max_det`` per image (Ultralytics' ``max_det``; None: read from the meta,
-    :func:`~datadistill.models.detector.resolve_max_det`, at least :data:`DEFAULT_MAX_DET`)."""
+    :func:`~datadistill.models.detector.resolve_max_det`, at least :data:`DEFAULT_MAX_DET`). ``compile`` is
+    not supported for this backend: a warning, and the model runs eagerly."""
+    if compile:
+        log.warning("%s: --compile is not supported for Ultralytics models; running it eagerly", spec)
     detector = load_yolo(spec, device=device)
     detector.max_det = resolve_max_det(detector.meta, default=DEFAULT_MAX_DET, override=max_det)
     if min_score is not None:
