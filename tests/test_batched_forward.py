@@ -4,6 +4,8 @@ per-image code: the same tensors and the same detections."""
 from __future__ import annotations
 
 import copy
+import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from datadistill.models import batched
 from datadistill.models.batched import BatchedRoIHeads, BatchedTransform, dense_detections
+from datadistill.models.detector import BACKENDS, backend_module, load_detector
 from datadistill.models.zoo import MODELS
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,6 +76,7 @@ def test_transform_equals_torchvision_per_image(name: str) -> None:
     theirs, _ = transform(images)
     batched.install_transform(transform)
     assert type(transform) is BatchedTransform
+    transform.one_call = True  # batched on a CPU too (by default only on a GPU)
     ours, _ = transform(images)
     assert torch.equal(ours.tensors, theirs.tensors)
     assert ours.image_sizes == theirs.image_sizes
@@ -84,6 +88,7 @@ def test_transform_falls_back_to_torchvision() -> None:
     """Images of several sizes, targets, or training mode: torchvision's own path, the same result."""
     theirs = _build("small_fcos").transform
     ours = batched.install_transform(copy.deepcopy(theirs))
+    ours.one_call = True
     g = torch.Generator().manual_seed(2)
     same = list(torch.rand(2, 3, 70, 90, generator=g))
     mixed = [torch.rand(3, 70, 90, generator=g), torch.rand(3, 90, 70, generator=g)]
@@ -113,7 +118,7 @@ def test_model_equals_torchvision(name: str) -> None:
     mixed = [torch.rand(3, 70, 90, generator=g), torch.rand(3, 90, 70, generator=g)]
     with torch.no_grad():
         theirs = [model(same), model(mixed)]
-        batched.install(model)
+        batched.configure(batched.install(model), one_call=True, per_image_nms=True)
         ours = [model(same), model(mixed)]
     for a, b in zip(ours, theirs, strict=True):
         assert sum(len(d["scores"]) for d in b) >= 10
@@ -157,7 +162,7 @@ def test_rcnn_postprocess_equals_torchvision(counts: tuple[int, ...], one_call: 
     box_regression = torch.zeros(rows, 16)  # decoded boxes are the proposals, exactly
     args = (class_logits, box_regression, proposals, shapes)
     theirs = RoIHeads.postprocess_detections(heads, *args)
-    heads.__class__, heads.one_call = BatchedRoIHeads, one_call
+    heads.__class__, heads.one_call, heads.per_image_nms = BatchedRoIHeads, True, not one_call
     ours = heads.postprocess_detections(*args)
     as_dicts = [
         [dict(zip(("boxes", "scores", "labels"), d, strict=True)) for d in zip(*r, strict=True)] for r in (ours, theirs)
@@ -211,7 +216,7 @@ def test_dense_postprocess_equals_torchvision(case: tuple[int, bool], name: str,
         outputs["cls_logits"] = [x + torch.rand(x.shape, generator=g) / 4 for x in outputs["cls_logits"]]
     shapes = [(60, 80), (40, 70), (60, 80)]
     theirs = type(model).postprocess_detections(model, outputs, anchors, shapes)
-    model.one_call = one_call
+    model.per_image_nms = not one_call
     ours = dense_detections(model, outputs, anchors, shapes)
     assert [len(d["scores"]) for d in theirs] == [25, 25, 25]
     assert all(len(d["scores"].unique()) < 25 for d in theirs) == ties
@@ -226,3 +231,45 @@ def test_dense_postprocess_equals_torchvision(case: tuple[int, bool], name: str,
         if not ties:
             assert torch.equal(a["labels"], b["labels"])
             torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-6, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# load-time options
+
+
+@pytest.mark.slow  # inductor compiles the backbone on a CPU in about 35 s
+def test_compiled_small_fcos_gives_the_eager_detections(checkpoint: Path) -> None:
+    """``load_detector(compile=True)``: torch.compile's CPU backend (inductor, gcc) gives the eager model's
+    detections within 1e-4 px and score."""
+    images = list(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6)))
+    eager = load_detector(str(checkpoint)).predict(images)
+    compiled = load_detector(str(checkpoint), compile=True)
+    assert compiled.module.backbone._compiled_call_impl is not None
+    for a, b in zip(compiled.predict(images), eager, strict=True):
+        assert len(b.scores) > 0 and torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-4)
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=1e-4)
+
+
+def test_backends_take_compile() -> None:
+    """Every backend's ``load`` takes ``compile`` (the keyword ``label --compile`` passes), off by default."""
+    for backend in BACKENDS:
+        load = backend_module(backend).load
+        assert inspect.signature(load).parameters["compile"].default is False, backend
+    assert inspect.signature(load_detector).parameters["compile"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_channels_last_gives_the_same_detections(checkpoint: Path) -> None:
+    """What ``load`` does on a GPU, here on a CPU: weights and input batch channels-last, the same detections
+    (within float rounding: the convolutions sum in another order)."""
+    images = list(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(7)))
+    detector = load_detector(str(checkpoint))
+    assert detector.module.transform.memory_format == torch.contiguous_format  # a CPU: left as it is
+    eager = detector.predict(images)
+    batched.channels_last(detector.module)
+    batch, _ = detector.module.transform(images)
+    assert batch.tensors.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(detector.predict(images), eager, strict=True):
+        assert len(b.scores) > 0 and torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=1e-3)
