@@ -22,7 +22,9 @@ Differences from torchvision's per-image post-processing (``tests/test_batched_f
 rest): among equal scores at the edge of a top-k (``topk_candidates``, ``detections_per_img``) another of
 the tied boxes may be kept, and equal scores may come in another order; on a GPU, where NMS runs once for
 all images (:func:`nms_per_image`), a pair whose IoU lies within float32 rounding of ``nms_thresh`` may be
-suppressed where torchvision keeps it, or the reverse.
+suppressed where torchvision keeps it, or the reverse; batched on a CPU (:func:`configure`), the one-stage
+heads' scores and boxes may differ by an ulp (a CPU's vectorised sigmoid and exp take the scalar formula
+for a tensor's last elements).
 
 :func:`install` swaps these classes into a built model in place (methods only, no new state: the weights
 and the state dict are unchanged), as :func:`datadistill.models.ignore.make_ignore_aware` does.
@@ -267,11 +269,12 @@ def dense_detections(
     return _detections(boxes, scores, labels, kept)
 
 
-class BatchedFCOS(FCOS):
-    """FCOS whose eval post-processing runs on all images and levels at once (:func:`dense_detections`) when
-    ``one_call`` says so (None: on a GPU). On a CPU torchvision's own loop is as fast, and exact: its
-    vectorised sigmoid computes the last elements of a tensor with the scalar formula, so a batched sigmoid
-    can differ from the per-image one by an ulp."""
+class DenseBatched:
+    """The eval post-processing of a one-stage detector (FCOS, RetinaNet) on all images and levels at once
+    (:func:`dense_detections`) where ``one_call`` says so (None: on a GPU). On a CPU torchvision's own loop
+    is as fast, and exact: a CPU's vectorised sigmoid and exp compute the last elements of a tensor with the
+    scalar formula, so a batched sigmoid can differ from the per-image one by an ulp. Mixed in before the
+    torchvision class."""
 
     one_call: bool | None = None
     per_image_nms: bool = False  # torchvision's batched_nms image by image (the tests' exact reference)
@@ -280,23 +283,16 @@ class BatchedFCOS(FCOS):
         self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
         if _one_call(self.one_call, head_outputs["cls_logits"][0]):
-            return dense_detections(self, head_outputs, anchors, image_shapes)
-        return super().postprocess_detections(head_outputs, anchors, image_shapes)
+            return dense_detections(self, head_outputs, anchors, image_shapes)  # type: ignore[arg-type]
+        return super().postprocess_detections(head_outputs, anchors, image_shapes)  # type: ignore[misc]
 
 
-class BatchedRetinaNet(RetinaNet):
-    """RetinaNet whose eval post-processing runs on all images and levels at once (:func:`dense_detections`)
-    when ``one_call`` says so (None: on a GPU; see :class:`BatchedFCOS`)."""
+class BatchedFCOS(DenseBatched, FCOS):
+    """FCOS with :class:`DenseBatched`'s post-processing."""
 
-    one_call: bool | None = None
-    per_image_nms: bool = False  # torchvision's batched_nms image by image (the tests' exact reference)
 
-    def postprocess_detections(
-        self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
-    ) -> list[dict[str, Tensor]]:
-        if _one_call(self.one_call, head_outputs["cls_logits"][0]):
-            return dense_detections(self, head_outputs, anchors, image_shapes)
-        return super().postprocess_detections(head_outputs, anchors, image_shapes)
+class BatchedRetinaNet(DenseBatched, RetinaNet):
+    """RetinaNet with :class:`DenseBatched`'s post-processing."""
 
 
 def _one_call(setting: bool | None, tensor: Tensor) -> bool:
@@ -338,7 +334,7 @@ def configure(model: nn.Module, *, one_call: bool | None = None, per_image_nms: 
     """Set where an installed model batches (``one_call``; None: on a GPU, True: everywhere, False: never) and
     whether its NMS runs image by image (torchvision's exact result; the tests' reference). In place."""
     for part in (getattr(model, "transform", None), getattr(model, "roi_heads", None), model):
-        if isinstance(part, BatchedTransform | BatchedRoIHeads | BatchedFCOS | BatchedRetinaNet):
+        if isinstance(part, BatchedTransform | BatchedRoIHeads | DenseBatched):
             part.one_call = one_call
             if not isinstance(part, BatchedTransform):
                 part.per_image_nms = per_image_nms
