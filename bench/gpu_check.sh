@@ -15,6 +15,10 @@
 #   2. training, R50-FPN v2 at batch 32 (256 images), fp32 vs bf16 it/s: 120 s;
 #   3. the CUDA tests (tests/test_cuda.py): 80 s;
 #   4. one table of all rows: $OUT/gpu.json and $OUT/gpu_table.txt.
+# Then, in a second call if device time is left (about a minute): torchvision's per-image transform and
+# post-processing against datadistill.models.batched's (the GPU default), and channels-last:
+#     python3 bench/batched_forward.py --device cuda --images 32 --size 640 --repeats 5 \
+#         --models small_fcos fasterrcnn_resnet50_fpn_v2
 #
 # The machine's own Python and torch are used (PYTHONPATH=src, no install of datadistill). Wheels it lacks
 # are installed from WHEELS (default: .whl/; --no-deps, into /tmp/site), downloaded beforehand on a machine
