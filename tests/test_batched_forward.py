@@ -273,3 +273,21 @@ def test_channels_last_gives_the_same_detections(checkpoint: Path) -> None:
         assert len(b.scores) > 0 and torch.equal(a.labels, b.labels)
         torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
         torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_one_call_nms_of_half_precision_boxes_keeps_the_fp32_result(dtype: torch.dtype) -> None:
+    """8 images x 60 classes, a box and its near-duplicate in each (image, class): NMS keeps one of each pair.
+    The one-call offsets of (image, class) groups overflow fp16 (no suppression after the first image) and
+    round bf16 boxes by 32 px or more; the boxes go through NMS in float32."""
+    num_images, classes = 8, 60
+    pair = torch.tensor([[1000.0, 500.0, 1300.0, 800.0], [1002.0, 502.0, 1302.0, 802.0]])
+    boxes = pair.repeat(num_images * classes, 1)
+    scores = torch.tensor([0.9, 0.8]).repeat(num_images * classes)
+    labels = torch.arange(classes).repeat_interleave(2).repeat(num_images)
+    image = torch.arange(num_images).repeat_interleave(2 * classes)
+    args = {"num_images": num_images, "iou_thr": 0.5, "count": 10_000, "one_call": True}
+    kept = batched.nms_per_image(boxes.to(dtype), scores.to(dtype), labels, image, **args)
+    assert [len(k) for k in kept] == [classes] * num_images
+    reference = batched.nms_per_image(boxes, scores, labels, image, **args)
+    assert all(torch.equal(a, b) for a, b in zip(kept, reference, strict=True))

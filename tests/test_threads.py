@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -101,3 +103,16 @@ def test_read_sample_counts_this_process() -> None:
     assert after.own_s - before.own_s == pytest.approx(0.3, abs=0.05)
     assert after.busy_s - before.busy_s >= 0.25  # the machine saw it
     assert after.cpus >= 1
+
+
+def test_read_sample_counts_children_that_ended_as_ours() -> None:
+    """An evaluation's DataLoader workers end and are waited for: their CPU time is this process's
+    (``cutime``), not another process's."""
+    before = read_sample()
+    if before is None:
+        pytest.skip("no /proc on this system")
+    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end:\n    pass\n"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    after = read_sample()
+    assert after is not None
+    assert after.own_s - before.own_s >= 0.35

@@ -154,7 +154,9 @@ def nms_per_image(
             start += n
         return kept
     groups = image * (int(labels.max()) + 1 if len(labels) else 1) + labels
-    keep = box_ops.batched_nms(boxes, scores, groups, iou_thr).sort().values
+    # in float32 whatever the autocast: the offsets of (image, class) groups overflow fp16 and round bf16
+    # boxes by 32 px or more, where torchvision's offsets of class alone stay smaller
+    keep = box_ops.batched_nms(boxes.float(), scores.float(), groups, iou_thr).sort().values
     keep = keep[torch.sort(scores[keep], descending=True, stable=True).indices]
     return first_per_image(keep, image, num_images=num_images, count=count)
 

@@ -48,10 +48,15 @@ def _tick() -> float:
     return float(os.sysconf("SC_CLK_TCK"))
 
 
-def _process_seconds(stat: str, tick: float) -> float:
-    """utime + stime of a ``/proc/PID/stat`` line, in seconds (the fields after the command's ``)``)."""
+def _process_seconds(stat: str, tick: float, *, reaped: bool = False) -> float:
+    """utime + stime of a ``/proc/PID/stat`` line, in seconds (the fields after the command's ``)``); with
+    ``reaped``, plus cutime + cstime: the CPU time of its children that have ended and been waited for (an
+    evaluation's DataLoader workers), which would otherwise count as another process's."""
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / tick
+    used = int(fields[11]) + int(fields[12])
+    if reaped:
+        used += int(fields[13]) + int(fields[14])
+    return used / tick
 
 
 def _children_seconds(pid: int, tick: float) -> float:
@@ -84,7 +89,7 @@ def read_sample(cpus: frozenset[int] | None = None) -> CpuSample | None:
             ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
             busy += (sum(ticks) - ticks[3] - ticks[4]) / tick
         pid = os.getpid()
-        own = _process_seconds(Path(f"/proc/{pid}/stat").read_text(), tick) + _children_seconds(pid, tick)
+        own = _process_seconds(Path(f"/proc/{pid}/stat").read_text(), tick, reaped=True) + _children_seconds(pid, tick)
     except (OSError, ValueError, AttributeError, IndexError):
         return None
     return CpuSample(busy_s=busy, own_s=own, wall_s=time.monotonic(), cpus=len(cpus))

@@ -26,8 +26,10 @@ writes the files above and logs; ``--resume`` continues with the same number of 
 
 Determinism: torch, numpy and random are seeded from ``cfg.seed``; the batches of an epoch are a pure
 function of ``(seed, epoch)`` (:class:`~datadistill.data.dataset.MixedBatchSampler`), and so is each sample's
-augmentation (:class:`~datadistill.data.dataset.DetectionDataset`). On a CPU a resumed run ends with exactly the
-weights of an uninterrupted one.
+augmentation (:class:`~datadistill.data.dataset.DetectionDataset`). On a CPU with ``threads`` given
+(``--threads N``) a resumed run ends with exactly the weights of an uninterrupted one; without it the thread
+count follows the machine's load (:mod:`datadistill.runtime.threads`), and a thread count changes how float
+sums split.
 
 A student is trained by giving ``pseudo`` (a COCO json of pseudo-labels, as written by ``select``):
 every minibatch then mixes real and pseudo-labeled images at ``pseudo_ratio`` (the paper's 6:4). The
