@@ -102,7 +102,7 @@ def _detections(boxes: int, keypoints: int, size: int, seed: int) -> Detections:
 
 
 def load_fake(spec: str, *, device: Any = "cpu", min_score: float | None = None, max_det: int | None = None,
-              boxes: int = 100, keypoints: int = 0, size: int = 32) -> FakeDetector:  # fmt: skip
+              compile: bool = False, boxes: int = 100, keypoints: int = 0, size: int = 32) -> FakeDetector:  # fmt: skip
     return FakeDetector(spec, boxes=boxes, keypoints=keypoints, size=size)
 
 

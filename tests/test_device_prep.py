@@ -27,7 +27,7 @@ from datadistill.data.images import EncodedJpeg, decode_jpegs, orient, read_enco
 from datadistill.errors import UserError
 from datadistill.models.detector import ModelMeta, load_detector
 from datadistill.stages.label import decoder, label, resolve_decode
-from datadistill.stages.multiview import ImageBatch, load_teacher, run_views
+from datadistill.stages.multiview import ImageBatch, run_views
 from datadistill.stages.shards import ShardImages, decode_on_device
 
 VIEWS = parse_views("default,tile:2x2,hflip+tile:2x2@0.1")  # 8 scales x flip, 4 tiles, 4 flipped tiles
@@ -261,23 +261,6 @@ def test_the_cli_takes_decode_and_compile() -> None:
     assert (args.decode, args.compile) == ("auto", False) == (LabelConfig.decode, LabelConfig.compile)
 
 
-def test_compile_reaches_a_loader_that_takes_it_and_others_are_called_as_before() -> None:
-    calls: list[dict[str, Any]] = []
-
-    def takes_compile(spec: str, **kwargs: Any) -> str:
-        calls.append(kwargs)
-        return spec
-
-    def old_loader(spec: str, *, device: Any = "cpu") -> str:
-        return spec
-
-    assert load_teacher(takes_compile, "m", device="cpu", compile=True) == "m"  # type: ignore[arg-type]
-    assert load_teacher(old_loader, "m", device="cpu") == "m"  # type: ignore[arg-type]
-    assert calls == [{"compile": True, "device": "cpu"}]
-    with pytest.raises(UserError, match="--compile: this datadistill cannot compile m yet"):
-        load_teacher(old_loader, "m", device="cpu", compile=True)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """7 JPEGs of two sizes (one turned by EXIF, one grayscale), a PNG and a truncated JPEG."""
@@ -311,7 +294,7 @@ def test_label_decode_device_on_the_cpu_writes_the_shards_of_pil_and_resumes_the
     label(LabelConfig(out=str(tmp_path / "cpu"), decode="cpu", **base), load=load)
     out = tmp_path / "device"
     label(LabelConfig(out=str(out), decode="device", compile=True, **base), load=load)
-    assert [s.get("compile") for s in seen] == [None, True]
+    assert [s["compile"] for s in seen] == [False, True]
     assert _shards(out) == _shards(tmp_path / "cpu") and len(_shards(out)) == 3
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["decoder"] == "cpu" and manifest["options"]["decode"] == "device"

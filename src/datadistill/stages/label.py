@@ -50,7 +50,7 @@ from datadistill.runtime.devices import resolve_device, resolve_precision
 from datadistill.runtime.io import file_sha256, provenance, remove_temporaries, write_json_atomic
 from datadistill.stages.defaults import auto_views
 from datadistill.stages.label_writer import Fusion, Job, make_writer
-from datadistill.stages.multiview import ImageBatch, LabelTimer, label_images, load_teacher, run_views, unfit_reason
+from datadistill.stages.multiview import ImageBatch, LabelTimer, label_images, run_views, unfit_reason
 from datadistill.stages.shards import (
     ImageSource,
     ShardImages,
@@ -217,8 +217,7 @@ def _load_teacher(
 ) -> tuple[Detector, LabelConfig]:
     """The teacher on ``device``, and ``cfg`` with the keypoint fusion it can do (coordinates when it gives no
     heatmaps)."""
-    detector = load_teacher(load, _spec(cfg), device=device, min_score=cfg.score_floor, max_det=cfg.max_det,
-                            compile=cfg.compile)  # fmt: skip
+    detector = load(_spec(cfg), device=device, min_score=cfg.score_floor, max_det=cfg.max_det, compile=cfg.compile)
     meta = detector.meta
     if meta.task == "keypoints" and cfg.keypoint_fuse == "heatmap" and not detector.has_heatmaps:
         log.warning("%s gives no keypoint heatmaps: keypoints are fused by mean (--keypoint-fuse mean)", _spec(cfg))

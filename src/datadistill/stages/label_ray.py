@@ -44,7 +44,7 @@ from datadistill.data.label_folder import TableShardWriter, detections_row, erro
 from datadistill.errors import UserError, root_user_error
 from datadistill.models.detector import DetectorLoader, ModelFiles, load_detector, model_files, write_model_files
 from datadistill.runtime.devices import resolve_precision
-from datadistill.stages.multiview import ImageBatch, LabelTimer, label_images, load_teacher, unfit_reason
+from datadistill.stages.multiview import ImageBatch, LabelTimer, label_images, unfit_reason
 from datadistill.stages.shards import ImageSource, ShardImages, plan_batches
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ class _Labeler:
         blobs = ray.get(list(contents.values()))
         with tempfile.TemporaryDirectory(prefix="datadistill-model-") as tmp:
             write_model_files(dict(zip(contents, blobs, strict=True)), tmp)
-            self.detector = load_teacher(load, shipped.spec_in(tmp), device=device, min_score=settings["score_floor"],
-                                         max_det=settings["max_det"], compile=settings["compile"])  # fmt: skip
+            self.detector = load(shipped.spec_in(tmp), device=device, min_score=settings["score_floor"],
+                                 max_det=settings["max_det"], compile=settings["compile"])  # fmt: skip
         self.device = torch.device(device)
         self.precision = resolve_precision(settings["precision"], self.device)
         self.views = parse_views(settings["views"])
@@ -214,7 +214,7 @@ def label_shards(
     ``flip_index``: the keypoint flip map of the driver's detector, and ``max_det`` its detections per image,
     which every actor uses. ``load``: how
     each actor builds the detector from its copies of the model's files (a picklable function); ``compile``:
-    ``torch.compile`` its backbone (:func:`~datadistill.stages.multiview.load_teacher`)."""
+    passed to ``load`` (``torch.compile`` of the backbone)."""
     try:
         import ray
         import ray.data

@@ -15,8 +15,7 @@ import torch
 from datadistill.core import fusion, uncertainty
 from datadistill.core.types import Detections, concat
 from datadistill.core.views import View
-from datadistill.errors import UserError
-from datadistill.models.detector import Detector, DetectorLoader
+from datadistill.models.detector import Detector
 from datadistill.runtime.devices import autocast
 
 
@@ -124,20 +123,6 @@ class ImageBatch:
             for image, i in zip(group.unbind(0), members, strict=True):
                 out[i] = image
         return out  # type: ignore[return-value]
-
-
-def load_teacher(load: DetectorLoader, spec: str, *, compile: bool = False, **kwargs: Any) -> Detector:
-    """``load(spec, **kwargs)``, with ``compile=True`` where it is asked for (a loader that predates the
-    keyword, such as a benchmark's stand-in, is called as before); a loader that cannot compile is a
-    one-line UserError."""
-    if not compile:
-        return load(spec, **kwargs)
-    try:
-        return load(spec, compile=True, **kwargs)  # type: ignore[call-arg]
-    except TypeError as exc:
-        if "compile" not in str(exc):
-            raise
-        raise UserError(f"--compile: this datadistill cannot compile {spec} yet ({exc})") from None
 
 
 def unfit_reason(detector: Detector, height: int, width: int, *, views: tuple[View, ...]) -> str | None:
