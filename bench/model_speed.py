@@ -1,9 +1,10 @@
 """Training and inference speed of the small models on a CPU: iterations/s at batch 8, 128 px, 1 thread.
 
-    python bench/model_speed.py [--models small_fcos,small_keypointrcnn] [--iters 10] [--threads 1]
+    python bench/model_speed.py [--models small_fcos,small_keypointrcnn] [--size-px 128,160,192] [--iters 10]
 
-Prints one row per model with train it/s (forward + backward + SGD step), predict images/s, and the
-ratio of each to the first model of the table (the reference). Speeds are per CPU second of this process
+Prints one row per model and input size with train it/s (forward + backward + SGD step), predict images/s,
+and the ratio of each to the first row of the table (the reference): the cost of an input size read from
+the data (:mod:`datadistill.stages.defaults`) is the ratio of its row to the 128 px row. Speeds are per CPU second of this process
 (``time.process_time``), so that a machine shared with other jobs still gives comparable numbers; with
 one thread that is the speed of one dedicated core. Each image holds 1-4 random boxes (keypoint models:
 5 keypoints per box).
@@ -81,16 +82,18 @@ def main() -> None:
     small = [n for n, s in MODELS.items() if not s.pretrained]
     parser.add_argument("--models", default=",".join(small), help="comma-separated names from MODELS")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--size-px", type=int, default=128)
+    parser.add_argument("--size-px", default="128", help="input sizes in px, a comma list (128)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models.split(","):
-        rows.append((name, *measure(name, batch_size=args.batch_size, size_px=args.size_px, iters=args.iters)))
+        for size in (int(s) for s in args.size_px.split(",")):
+            row = measure(name, batch_size=args.batch_size, size_px=size, iters=args.iters)
+            rows.append((f"{name} {size} px", *row))
     ref_train, ref_pred = rows[0][1], rows[0][2]
-    print(f"batch {args.batch_size}, {args.size_px} px, {args.threads} thread(s); ratios against {rows[0][0]}")
+    print(f"batch {args.batch_size}, {args.threads} thread(s); ratios against {rows[0][0]}")
     print(f"{'model':<28} {'params':>9} {'train it/s':>11} {'ratio':>6} {'predict img/s':>14} {'ratio':>6}")
     for name, train_its, predict_ips, params in rows:
         print(

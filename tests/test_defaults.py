@@ -45,7 +45,7 @@ def test_data_sizes_are_medians_without_crowds() -> None:
         pytest.param(64, "cpu", 128, "clamped to at least 128 px", id="small-images-at-least-the-own-size"),
         pytest.param(160, "cpu", 160, "(160 px)", id="within-the-range"),
         pytest.param(170, "cpu", 160, "(170 px)", id="rounded-to-32"),
-        pytest.param(256, "cpu", 192, "clamped to at most (on a CPU) 192 px", id="cpu-cap"),
+        pytest.param(256, "cpu", 160, "clamped to at most (on a CPU) 160 px", id="cpu-cap"),
         pytest.param(256, "cuda", 256, "(256 px)", id="gpu-range"),
         pytest.param(1080, "cuda", 512, "clamped to at most (on a GPU) 512 px", id="gpu-cap"),
     ],
@@ -75,8 +75,8 @@ def test_only_the_small_models_take_their_size_from_the_data(caplog: pytest.LogC
         pytest.param(DataSizes(1024, 1024, 60), 256, "default,tile:4x4", id="shrunk-4x"),
         # the shapes data (128 px, objects of about 21 px) at the model's own size: no tiles
         pytest.param(DataSizes(128, 128, 21.5), 128, "default", id="shapes-128px"),
-        # bench/real_trees.py: 256 px tiles, crowns of about 40 px, at 192 px: no tiles
-        pytest.param(DataSizes(256, 256, 39.7), 192, "default", id="real-trees"),
+        # bench/real_trees.py: 256 px tiles, crowns of about 40 px, at the CPU's 160 px (1.6x): no tiles
+        pytest.param(DataSizes(256, 256, 39.7), 160, "default", id="real-trees"),
         pytest.param(DataSizes(256, 256, 39.7), 128, "default,tile:2x2", id="real-trees-at-128-shrunk-2x"),
         pytest.param(DataSizes(160, 160, 8.0), 160, "default,tile:2x2", id="tiny-objects-at-full-size"),
         pytest.param(DataSizes(0, 0, 0), 128, "default", id="no-images"),

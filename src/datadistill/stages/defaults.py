@@ -20,12 +20,13 @@ from datadistill.models.detector import sized_by_data
 log = logging.getLogger(__name__)
 
 # The input sizes (short side, px) read from the data for the small models, by device type: 128 px is their
-# own size (so data of 128 px or less trains as before). On a CPU at most 192 px: small_fcos at batch 8 takes
-# 0.20 s per iteration on one thread at 128 px, 0.29 at 160, 0.40 at 192 and 0.70 at 256 (forward and backward,
-# measured on the 2-core development machine), so that with the data loading a default schedule stays within
-# about 1.5x of 128 px's time. On a GPU at most 512 px: an estimate (16x the pixels of 128 px for a 2.6M
+# own size (so data of 128 px or less trains as before). On a CPU at most 160 px, so that a default schedule
+# takes at most 1.5x the time of 128 px: small_fcos at batch 8 on one thread trains 1.49x slower at 160 px than
+# at 128, 2.05x at 192 and 3.8x at 256 (``bench/model_speed.py --models small_fcos --size-px 128,160,192,256``
+# on the 2-core development machine; in datadistill's training loop on 256 px tiles, with the data loading,
+# 1.35x at 160 and 1.78x at 192). On a GPU at most 512 px: an estimate (16x the pixels of 128 px for a 2.6M
 # parameter model), not yet measured. Sizes are rounded to SIZE_STEP_PX.
-INPUT_SIZE_RANGE_PX = {"cpu": (128, 192), "cuda": (128, 512)}
+INPUT_SIZE_RANGE_PX = {"cpu": (128, 160), "cuda": (128, 512)}
 SIZE_STEP_PX = 32
 # ``views: auto`` adds tiles when the model sees the images shrunk this much or more (bench/tiles.py: 512 px
 # images at a 192 px input, 2.7x, tiles raised APs from 21.7 to 32.1) ...
