@@ -4,10 +4,10 @@
 
 Prints one row per model and input size with train it/s (forward + backward + SGD step), predict images/s,
 and the ratio of each to the first row of the table (the reference): the cost of an input size read from
-the data (:mod:`datadistill.stages.defaults`) is the ratio of its row to the 128 px row. Speeds are per CPU second of this process
-(``time.process_time``), so that a machine shared with other jobs still gives comparable numbers; with
-one thread that is the speed of one dedicated core. Each image holds 1-4 random boxes (keypoint models:
-5 keypoints per box).
+the data (:mod:`datadistill.stages.defaults`) is the ratio of its row to the 128 px row. Speeds are per CPU
+second of this process (``time.process_time``), so that a machine shared with other jobs still gives
+comparable numbers; with one thread that is the speed of one dedicated core. Each image holds 1-4 random
+boxes (keypoint models: 5 keypoints per box).
 """
 
 from __future__ import annotations
