@@ -178,8 +178,9 @@ TRAIN_HELP = {
     "threads": "torch threads of this process (0: one per core that other processes leave free, followed "
     "during the run; give N for bit-identical reruns)",
     "workers": "DataLoader worker processes (1 thread each)",
-    "min_size": "input size (short side, px; imgsz of yolo: models); default: the model's",
-    "max_size": "input size cap (long side, px); default: the model's",
+    "min_size": "input size (short side, px; imgsz of yolo: models); default: the model's own; the small "
+    "models: the labeled images' median short side, 128-160 px on a CPU, 128-512 on a GPU (logged)",
+    "max_size": "input size cap (long side, px); default: the model's (the small models: --min-size's)",
     "max_det": "detections per image the model keeps, recorded in its checkpoint (default: twice the 99th "
     "percentile of the labeled objects per image, at least the library's 100)",
 }
