@@ -318,6 +318,7 @@ def test_torchrun_labeling_gives_the_one_process_labels_and_resumes_after_sigkil
     _assert_same_labels(killed, reference)  # and nothing was touched
 
 
+@pytest.mark.slow  # 40 s of two Ray starts; the default run keeps the Ray engine's bytes (the next test)
 def test_ray_engine_gives_the_local_labels_and_resumes_after_sigkill(
     checkpoint: Path, unlabeled: Path, reference: Path, tmp_path: Path
 ) -> None:
