@@ -272,13 +272,13 @@ def eager_forward(
 
 def label_speed(
     spec: str, folder: Path, out: Path, *, views: str, batch_size: int, precision: str, device: torch.device,
-    workers: int, threads: int, sync_loop: bool = False,
+    workers: int, threads: int,
 ) -> dict[str, float]:  # fmt: skip
     """(c): images x views per second of ``datadistill label`` (the loop's wall time, from its manifest)."""
     reset_peak(device)
     cfg = LabelConfig(model=spec, images=str(folder), out=str(out), views=views, batch_size=batch_size,
                       shard_size=10**6, workers=workers, threads=threads, device=str(device), precision=precision,
-                      sync=sync_loop, allow_weak_teacher=True, overwrite=True)  # fmt: skip
+                      allow_weak_teacher=True, overwrite=True)  # fmt: skip
     manifest = json.loads(label(cfg).read_text())
     sync(device)
     t = manifest["timings"]
@@ -350,22 +350,19 @@ def bench_label(model: str, data: Path, work: Path, args: argparse.Namespace, de
     measured(row, "limit", lambda: compute_limit(bench.core(), size=args.size, batch_size=args.limit_batch,
                                                  iterations=args.limit_iterations, warmup=args.limit_warmup,
                                                  precision=precision, device=device))  # fmt: skip
-    log.info("%s: (b) eager forward", model)
-    measured(row, "forward", lambda: eager_forward(bench.spec, label_images(data, args.image_format),
-                                                   repeat=args.repeat, **common))  # fmt: skip  # type: ignore[arg-type]
-    safe = model.replace(":", "_").replace("/", "_")
     folder = label_images(data, args.image_format)
+    log.info("%s: (b) eager forward", model)
+    measured(row, "forward", lambda: eager_forward(bench.spec, folder, repeat=args.repeat, **common))  # type: ignore[arg-type]
+    safe = model.replace(":", "_").replace("/", "_")
     warm = work / f"warm-{folder.parent.name}-{folder.name}"  # a batch of the same images, labeled before each (c)
     if not warm.is_dir():
         warm.mkdir(parents=True)
         for path in sorted(folder.iterdir())[: args.batch_size]:
             shutil.copy(path, warm / path.name)
-    loops = [("label", False)] + ([("label_sync", True)] if args.label_sync else [])
-    for part, sync_loop in loops:
-        log.info("%s: (c) datadistill label%s", model, " --sync" if sync_loop else "")
-        kwargs = dict(workers=args.workers, threads=args.threads, sync_loop=sync_loop, **common)
-        out = work / f"{safe}-{part}"
-        measured(row, part, lambda out=out, kw=kwargs: warm_then_label(bench.spec, folder, warm, out, **kw))
+    log.info("%s: (c) datadistill label", model)
+    out = work / f"{safe}-label"
+    measured(row, "label", lambda: warm_then_label(bench.spec, folder, warm, out, workers=args.workers,
+                                                   threads=args.threads, **common))  # fmt: skip  # type: ignore[arg-type]
     ratios(row)
     return row
 
@@ -508,7 +505,6 @@ def main(argv: list[str] | None = None) -> int:
         default="png",
         help="what (b) and (c) read: the synthetic PNGs, or JPEG copies (jpg: device decoding on a GPU)",
     )
-    p.add_argument("--label-sync", action="store_true", help="also (c) with --sync (the plain loop)")
     p.add_argument("--train-models", nargs="*", default=list(TRAIN_MODELS),
                    help=f"models trained in fp32 and bf16 ({' '.join(TRAIN_MODELS)}); none: no training")  # fmt: skip
     p.add_argument("--train-batch-size", type=int, default=0, help="images per training step (0: --batch-size)")

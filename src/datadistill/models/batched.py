@@ -115,9 +115,9 @@ class BatchedTransform(GeneralizedRCNNTransform):
         b, c, h, w = images.shape
         stride = float(self.size_divisible)
         padded_h, padded_w = int(math.ceil(float(h) / stride) * stride), int(math.ceil(float(w) / stride) * stride)
-        padded = images.new_full((b, c, padded_h, padded_w), 0)
-        padded[:, :, :h, :w].copy_(images)
-        return ImageList(padded, [(int(h), int(w))] * b)
+        if (padded_h, padded_w) != (h, w):  # zeros at the bottom and right, as torchvision's batch_images
+            images = F.pad(images, (0, padded_w - w, 0, padded_h - h))
+        return ImageList(images, [(int(h), int(w))] * b)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,8 +344,8 @@ def configure(model: nn.Module, *, one_call: bool | None = None, per_image_nms: 
 
 
 def uninstall(model: nn.Module) -> nn.Module:
-    """Undo :func:`install` (in place; returns it): torchvision's own classes again (what the tests compare
-    against)."""
+    """Undo :func:`install` (in place; returns it): torchvision's own classes again (what
+    ``bench/batched_forward.py`` compares against)."""
     for part, batched, base in (
         (getattr(model, "transform", None), BatchedTransform, GeneralizedRCNNTransform),
         (getattr(model, "roi_heads", None), BatchedRoIHeads, RoIHeads),

@@ -112,8 +112,6 @@ FLAT_CACHE = ".flat-labels"
 # DataLoader workers live for the whole run, but each epoch starts with their queues empty: an epoch of one
 # batch gives them nothing to load ahead, so below this many iterations per epoch images load in the training process.
 MIN_WORKER_EPOCH = 2
-# Batches each DataLoader worker loads ahead of the loop (torch's default, said once here).
-PREFETCH_BATCHES = 2
 
 # ----------------------------------------------------------------------------------------------------
 # learning rate schedule
@@ -559,7 +557,7 @@ def build_loader(
     ``cfg.workers`` processes load the images (in the training process when an epoch is shorter than
     :data:`MIN_WORKER_EPOCH` iterations); they start once and live across epochs (``persistent_workers``:
     no restart, no re-import per epoch; the epoch reaches them with every index, :class:`EpochBatches`),
-    each loading :data:`PREFETCH_BATCHES` batches ahead, into pinned memory on CUDA (the copy to the
+    each loading torch's default of 2 batches ahead, into pinned memory on CUDA (the copy to the
     device does not wait). The loader draws its workers' base seed from its own generator, seeded from
     ``cfg.seed``, not from torch's global one, whose stream the model's own sampling (Faster R-CNN's
     anchors and proposals) uses: with or without workers, and resumed at any epoch, a run draws the same
@@ -576,7 +574,6 @@ def build_loader(
         workers = 0
     loader = DataLoader(EpochDataset(parts), batch_sampler=EpochBatches(sampler), num_workers=workers,
                         collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=PREFETCH_BATCHES if workers else None,
                         generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
     return loader, parts
 
